@@ -1,0 +1,1 @@
+"""Channel providers: sms (Aliyun Dysmsapi), email (SMTP), push (FCM), and sandboxes."""

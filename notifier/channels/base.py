@@ -1,0 +1,64 @@
+"""What every channel provider is: it sends one message and raises a classified error.
+
+A channel knows nothing of retries, rate limits, breakers, fallback or the ledger.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import redis
+
+from notifier.models import Outgoing, Receipt
+
+AddressKind = Literal["phone", "email", "push_token"]
+
+
+@dataclass(frozen=True)
+class ChannelLimits:
+    """Per-channel facts as data (Apprise's body_maxlen / default_batch_size)."""
+
+    address: AddressKind
+    body_maxlen: int  # longest text worth sending; the renderer cuts to it
+    title_maxlen: int = 0  # 0: the channel has no title
+    max_batch: int = 1  # recipients one provider request may carry
+
+
+@dataclass(frozen=True)
+class ChannelContext:
+    """What a provider may use besides its own config, handed in so nothing reaches for globals."""
+
+    redis: redis.Redis
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+class Channel(ABC):
+    """One provider of one channel (e.g. sms via aliyun)."""
+
+    channel: ClassVar[str]  # "sms" | "email" | "push"
+    limits: ClassVar[ChannelLimits]
+
+    def __init__(self, provider_name: str) -> None:
+        self.provider_name = provider_name
+
+    @property
+    def breaker_name(self) -> str:
+        return f"{self.channel}:{self.provider_name}"
+
+    @abstractmethod
+    async def send(self, message: Outgoing) -> Receipt:
+        """Send one message. Raise a `notifier.errors.DeliveryError` subclass on failure."""
+
+    async def lookup(self, message: Outgoing, sent_after: float) -> Receipt | None:
+        """After a MaybeSentError: did `message` go out after `sent_after` (epoch seconds)?
+
+        Providers that cannot tell return None, and the pipeline resends.
+        """
+        del message, sent_after
+        return None
+
+    async def aclose(self) -> None:
+        """Release connections; called when the worker process shuts down."""

@@ -1,0 +1,338 @@
+"""notifier.yaml -> typed, validated settings. Secrets come only from the environment.
+
+A bad file raises `ConfigError` whose message names the key path and the problem, e.g.
+``routes[0].channels[1]: unknown channel 'fax' (configured: email, sms)``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import phonenumbers
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from notifier.errors import ConfigError
+
+CHANNEL_NAMES = ("sms", "email", "push")
+LOCALES = ("en", "zh-CN")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+def parse_duration(value: object) -> float:
+    """'500ms', '1s', '10m', '2h', '7d' or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like '10s', got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"expected a duration like '500ms', '10s', '5m', '2h', '7d', got {value!r}")
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def normalise_phone(raw: str, default_region: str = "CN") -> str:
+    """Any of '+8613800138000', '8613800138000', '13800138000' -> '+8613800138000' (E.164).
+
+    Aliyun pushes numbers with or without the country code, so bare and '86'-prefixed numbers
+    are read as mainland China unless they parse as something else.
+    """
+    text = re.sub(r"[\s\-()]", "", str(raw))
+    candidates = [text] if text.startswith("+") else [f"+{text}", text]
+    for candidate in candidates:
+        try:
+            number = phonenumbers.parse(candidate, default_region)
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_valid_number(number):
+            return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    raise ValueError(f"not a valid phone number: {raw!r}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RateLimit(_Strict):
+    """A token bucket: `rate` tokens refill every `per`; at most `burst` banked."""
+
+    rate: float = Field(gt=0)
+    per: Duration = 1.0
+    burst: float | None = Field(default=None, gt=0)
+
+    @property
+    def capacity(self) -> float:
+        return self.burst if self.burst is not None else self.rate
+
+    @property
+    def refill_per_second(self) -> float:
+        return self.rate / self.per if self.per > 0 else float("inf")
+
+
+class RetryPolicy(_Strict):
+    max_attempts: int = Field(default=5, ge=1, le=50)
+    base_delay: Duration = 1.0
+    max_delay: Duration = 60.0
+    jitter: float = Field(default=0.5, ge=0, le=1)  # +/- this fraction of the delay
+
+
+class BreakerPolicy(_Strict):
+    fail_max: int = Field(default=5, ge=1)
+    reset_timeout: Duration = 30.0
+    half_open_trials: int = Field(default=1, ge=1)
+
+
+class AliyunSmsProvider(_Strict):
+    provider: Literal["aliyun"]
+    name: str = "aliyun"
+    endpoint: str = "dysmsapi.aliyuncs.com"
+    protocol: Literal["https", "http"] = "https"
+    region_id: str = "cn-hangzhou"
+    sign_name: str
+    templates: dict[str, str] = Field(min_length=1)  # event kind -> TemplateCode
+    # Names of the env variables holding this account's key (two accounts => two pairs).
+    access_key_id_env: str = "ALIBABA_CLOUD_ACCESS_KEY_ID"
+    access_key_secret_env: str = "ALIBABA_CLOUD_ACCESS_KEY_SECRET"
+    connect_timeout: Duration = 5.0
+    read_timeout: Duration = 10.0
+    # Longest value Aliyun accepts for one template variable.
+    param_max_chars: int = Field(default=35, ge=1)
+
+
+class SmtpProvider(_Strict):
+    provider: Literal["smtp"]
+    name: str = "smtp"
+    host: str = "127.0.0.1"
+    port: int = Field(default=25, ge=1, le=65535)
+    tls: Literal["none", "starttls", "tls"] = "none"
+    sender: str
+    username: str | None = None
+    password_env: str = "NOTIFIER_SMTP_PASSWORD"
+    timeout: Duration = 10.0
+    validate_certs: bool = True
+
+
+class FcmProvider(_Strict):
+    provider: Literal["fcm"]
+    name: str = "fcm"
+    project_id: str
+    endpoint: str = "https://fcm.googleapis.com"
+    credentials_file: str
+    timeout: Duration = 10.0
+
+
+class SandboxProvider(_Strict):
+    """Writes messages to a Redis outbox instead of sending them (`notifier outbox`)."""
+
+    provider: Literal["sandbox"]
+    name: str = "sandbox"
+    # SMS only: push an SmsReport to this URL after each send, as Aliyun would.
+    report_url: str | None = None
+
+
+ProviderConfig = Annotated[
+    AliyunSmsProvider | SmtpProvider | FcmProvider | SandboxProvider,
+    Field(discriminator="provider"),
+]
+
+_PROVIDERS_BY_CHANNEL: dict[str, tuple[str, ...]] = {
+    "sms": ("aliyun", "sandbox"),
+    "email": ("smtp", "sandbox"),
+    "push": ("fcm", "sandbox"),
+}
+_CHANNEL_POLICY_KEYS = ("rate_limit", "recipient_limits", "retry", "breaker", "providers")
+
+
+class ChannelConfig(_Strict):
+    """One channel. The flat form of DESIGN.md (provider keys beside the policy keys) is the
+    primary provider; `providers:` lists more, tried in order before the channel fails."""
+
+    providers: list[ProviderConfig] = Field(min_length=1)
+    rate_limit: RateLimit | None = None
+    # Per recipient address on this channel, every bucket must have a token.
+    recipient_limits: list[RateLimit] = Field(default_factory=list)
+    retry: RetryPolicy = RetryPolicy()
+    breaker: BreakerPolicy = BreakerPolicy()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_primary(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "provider" not in data:
+            return data
+        primary = {k: v for k, v in data.items() if k not in _CHANNEL_POLICY_KEYS}
+        rest = {k: v for k, v in data.items() if k in _CHANNEL_POLICY_KEYS}
+        rest["providers"] = [primary, *rest.get("providers", [])]
+        return rest
+
+
+class Recipient(_Strict):
+    phone: str | None = None
+    email: str | None = None
+    push_tokens: list[str] = Field(default_factory=list)
+    locale: Literal["en", "zh-CN"] | None = None
+
+    @field_validator("phone")
+    @classmethod
+    def _e164(cls, value: str | None) -> str | None:
+        return None if value is None else normalise_phone(value)
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[^@\s]+@[^@\s]+", value):
+            raise ValueError(f"not an email address: {value!r}")
+        return value
+
+
+class Route(_Strict):
+    match: dict[str, str] = Field(default_factory=dict)  # label == value (and `receiver`)
+    match_re: dict[str, str] = Field(default_factory=dict)  # label ~ anchored regex
+    to: list[str] = Field(min_length=1)
+    channels: list[str] = Field(min_length=1)
+    fallback: list[str] = Field(default_factory=list)
+
+    @field_validator("match_re")
+    @classmethod
+    def _regexes_compile(cls, value: dict[str, str]) -> dict[str, str]:
+        for label, pattern in value.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{label}: bad regex {pattern!r}: {exc}") from exc
+        return value
+
+
+class DrillSettings(_Strict):
+    reply_code_ttl: Duration = 72 * 3600.0
+    default_deadline: Duration = 300.0
+    escalation_rounds: int = Field(default=2, ge=0)
+    # Targets of the drill report (seconds).
+    target_notify: Duration = 30.0
+    target_switch: Duration = 60.0
+    target_reply: Duration = 300.0
+
+
+class Settings(_Strict):
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    locale: Literal["en", "zh-CN"] = "en"
+    retention: Duration = 7 * 86400.0
+    dedup_window: Duration = 600.0
+    idempotency_ttl: Duration = 86400.0
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    public_url: str = "http://127.0.0.1:9095"  # where providers' callbacks reach the API
+    scheduler_interval: Duration = 0.2
+    reconcile_after: Duration = 600.0  # ask QuerySendDetails about SMS without a receipt
+    channels: dict[str, ChannelConfig] = Field(min_length=1)
+    recipients: dict[str, Recipient] = Field(default_factory=dict)
+    groups: dict[str, list[str]] = Field(default_factory=dict)
+    routes: list[Route] = Field(min_length=1)
+    drills: DrillSettings = DrillSettings()
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Settings:
+        problems: list[str] = []
+        configured = sorted(self.channels)
+        for name, channel in self.channels.items():
+            if name not in CHANNEL_NAMES:
+                problems.append(f"channels.{name}: unknown channel (known: {', '.join(CHANNEL_NAMES)})")
+                continue
+            seen: set[str] = set()
+            for i, provider in enumerate(channel.providers):
+                if provider.provider not in _PROVIDERS_BY_CHANNEL[name]:
+                    allowed = ", ".join(_PROVIDERS_BY_CHANNEL[name])
+                    problems.append(
+                        f"channels.{name}.providers[{i}].provider: {provider.provider!r} "
+                        f"cannot carry {name} (use one of: {allowed})"
+                    )
+                if provider.name in seen:
+                    problems.append(
+                        f"channels.{name}.providers[{i}].name: duplicate provider name "
+                        f"{provider.name!r}; give each provider a unique `name`"
+                    )
+                seen.add(provider.name)
+        for group, members in self.groups.items():
+            if group in self.recipients:
+                problems.append(f"groups.{group}: a recipient has the same name")
+            for j, member in enumerate(members):
+                if member not in self.recipients:
+                    problems.append(f"groups.{group}[{j}]: unknown recipient {member!r}")
+        for i, route in enumerate(self.routes):
+            for j, target in enumerate(route.to):
+                if target not in self.recipients and target not in self.groups:
+                    problems.append(f"routes[{i}].to[{j}]: unknown recipient or group {target!r}")
+            for key in ("channels", "fallback"):
+                for j, channel_name in enumerate(getattr(route, key)):
+                    if channel_name not in self.channels:
+                        problems.append(
+                            f"routes[{i}].{key}[{j}]: unknown channel {channel_name!r} "
+                            f"(configured: {', '.join(configured)})"
+                        )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def provider_names(self, channel: str) -> list[str]:
+        return [p.name for p in self.channels[channel].providers]
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        path = ""
+        for part in item["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif part in ("aliyun", "smtp", "fcm", "sandbox"):
+                continue  # discriminator branch, not a key the user wrote
+            else:
+                path += f".{part}" if path else str(part)
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {message}" if path else message)
+    return "; ".join(lines)
+
+
+def settings_from_mapping(data: Any, source: str = "config") -> Settings:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+    url = os.environ.get("NOTIFIER_REDIS_URL")
+    return settings.model_copy(update={"redis_url": url}) if url else settings
+
+
+def config_path(explicit: str | None = None) -> Path:
+    return Path(explicit or os.environ.get("NOTIFIER_CONFIG") or "notifier.yaml")
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    file = Path(path) if path is not None else config_path()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read config file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+    return settings_from_mapping(data, str(file))

@@ -1,0 +1,1 @@
+"""Disaster-recovery drills: phases, reply codes, escalation, report."""

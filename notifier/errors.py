@@ -1,0 +1,88 @@
+"""Classified failures. A channel raises one of these; the pipeline decides what happens next.
+
+Each protocol's table (channels/*_errors.py) maps its raw failures onto `DeliveryError` with an
+`ErrorClass`; nothing else in the code base inspects provider error codes.
+"""
+
+from __future__ import annotations
+
+from notifier.models import ErrorClass
+
+
+class NotifierError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(NotifierError):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+class BrokerUnavailable(NotifierError):
+    """Redis (ledger or broker) could not be reached; nothing was accepted."""
+
+
+class InvalidEvent(NotifierError):
+    """The event cannot be accepted as given; the message names the field."""
+
+
+class IdempotencyConflict(NotifierError):
+    """The idempotency key was used before with a different body."""
+
+
+class DeliveryError(NotifierError):
+    """A send failed. `code` is the provider's own code (e.g. `isv.AMOUNT_NOT_ENOUGH`, `550`)."""
+
+    error_class: ErrorClass = ErrorClass.PERMANENT
+
+    def __init__(
+        self,
+        code: str,
+        message: str = "",
+        *,
+        error_class: ErrorClass | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+        if error_class is not None:
+            self.error_class = error_class
+        # Seconds the provider asked us to wait (Retry-After, x-acs-retry-after), if any.
+        self.retry_after = retry_after
+
+    @property
+    def trips_breaker(self) -> bool:
+        """Failures that say the provider (not this one message) is unwell."""
+        return self.error_class in (ErrorClass.TRANSIENT, ErrorClass.MAYBE_SENT, ErrorClass.ACCOUNT)
+
+
+class TransientError(DeliveryError):
+    error_class = ErrorClass.TRANSIENT
+
+
+class MaybeSentError(DeliveryError):
+    """The request may have reached the provider; look it up before sending again."""
+
+    error_class = ErrorClass.MAYBE_SENT
+
+
+class PermanentError(DeliveryError):
+    error_class = ErrorClass.PERMANENT
+
+
+class RateLimited(NotifierError):
+    """Our own fleet-wide bucket is empty; retry after `retry_after` seconds."""
+
+    def __init__(self, bucket: str, retry_after: float) -> None:
+        super().__init__(f"rate limited on {bucket}; retry in {retry_after:.3f}s")
+        self.bucket = bucket
+        self.retry_after = retry_after
+
+
+class CircuitOpen(NotifierError):
+    """The provider's breaker is open; the delivery goes to fallback without a call."""
+
+    def __init__(self, breaker: str, retry_after: float | None = None) -> None:
+        super().__init__(f"circuit {breaker} is open")
+        self.breaker = breaker
+        self.retry_after = retry_after

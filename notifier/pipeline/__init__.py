@@ -1,0 +1,1 @@
+"""Delivery pipeline: routing, fan-out, delivery stages and fallback (plain Python)."""

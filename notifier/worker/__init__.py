@@ -1,0 +1,1 @@
+"""Celery shell: the app and thin tasks over the pipeline."""
