@@ -159,7 +159,8 @@ _PROVIDERS_BY_CHANNEL: dict[str, tuple[str, ...]] = {
     "email": ("smtp", "sandbox"),
     "push": ("fcm", "sandbox"),
 }
-_CHANNEL_POLICY_KEYS = ("rate_limit", "recipient_limits", "retry", "breaker", "providers")
+_CHANNEL_POLICY_KEYS = ("rate_limit", "recipient_limits", "retry", "breaker", "providers",
+                        "max_defer")
 
 
 class ChannelConfig(_Strict):
@@ -172,6 +173,9 @@ class ChannelConfig(_Strict):
     recipient_limits: list[RateLimit] = Field(default_factory=list)
     retry: RetryPolicy = RetryPolicy()
     breaker: BreakerPolicy = BreakerPolicy()
+    # A recipient limit that would hold a message longer than this sends it down the fallback
+    # chain instead (a spent day budget must not delay a page by hours).
+    max_defer: Duration = 600.0
 
     @model_validator(mode="before")
     @classmethod

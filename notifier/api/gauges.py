@@ -1,0 +1,58 @@
+"""Gauges computed from Redis at scrape time: backlog, timers, dead letters, breakers, workers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import redis
+
+from notifier.breaker import list_breakers
+from notifier.ledger import DEADLETTERS, OUTBOX
+from notifier.metrics import Gauges
+from notifier.scheduler import TIMERS
+from notifier.tasks_spec import ALL_QUEUES
+
+WORKER_HEARTBEAT = "ntf:worker:"
+BREAKER_STATES = ("closed", "open", "half_open", "forced_open", "forced_closed")
+
+Row = tuple[str, str, Mapping[str, str], float]
+
+
+def backlog(client: redis.Redis) -> list[Row]:
+    pipe = client.pipeline(transaction=False)
+    for queue in ALL_QUEUES:
+        pipe.llen(queue)
+    pipe.zcard(TIMERS)
+    pipe.zcard(OUTBOX)
+    pipe.zcard(DEADLETTERS)
+    *lengths, timers, outbox, dead = pipe.execute()
+    rows: list[Row] = [
+        ("notifier_queue_backlog", "Tasks waiting in each broker queue.", {"queue": q}, float(n))
+        for q, n in zip(ALL_QUEUES, lengths, strict=True)
+    ]
+    rows.append(("notifier_timers_pending", "Retries, deferrals and deadlines waiting to fire.",
+                 {}, float(timers)))
+    rows.append(("notifier_outbox_pending", "Accepted transactions not yet fanned out.", {},
+                 float(outbox)))
+    rows.append(("notifier_dead_letters", "Failed transactions awaiting replay.", {}, float(dead)))
+    return rows
+
+
+def breakers(client: redis.Redis) -> list[Row]:
+    rows: list[Row] = []
+    for status in list_breakers(client):
+        for state in BREAKER_STATES:
+            rows.append(("notifier_breaker_state",
+                         "1 for the state each provider's circuit breaker is in.",
+                         {"breaker": status.name, "state": state},
+                         1.0 if status.state.value == state else 0.0))
+    return rows
+
+
+def workers(client: redis.Redis) -> list[Row]:
+    alive = sum(1 for _ in client.scan_iter(match=f"{WORKER_HEARTBEAT}*", count=200))
+    return [("notifier_workers_alive", "Worker processes that sent a heartbeat lately.", {},
+             float(alive))]
+
+
+FLEET_GAUGES: list[Gauges] = [backlog, breakers, workers]

@@ -1,0 +1,51 @@
+"""JSON views of ledger records for the API and `notifier status --json` (no secrets stored)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from notifier.ledger import Ledger
+
+
+def transaction_view(ledger: Ledger, txid: str) -> dict[str, Any] | None:
+    tx = ledger.transaction(txid)
+    if tx is None:
+        return None
+    deliveries = ledger.deliveries(txid)
+    attempts = ledger.attempts_of(d.id for d in deliveries)
+    return {
+        "transaction_id": tx.id,
+        "status": tx.status,
+        "source": tx.source,
+        "receiver": tx.receiver or None,
+        "created_at": tx.created_at,
+        "updated_at": tx.updated_at,
+        "finished_at": tx.finished_at,
+        "suppressed_duplicates": tx.suppressed_count,
+        "event": tx.event.to_json(),
+        "deliveries": [
+            {
+                "delivery_id": d.id,
+                "channel": d.channel,
+                "provider": d.provider or None,
+                "recipient": d.recipient,
+                "address": d.address,
+                "status": d.status,
+                "attempt": d.attempt,
+                "fallback_of": d.fallback_of or None,
+                "fallback_chain": d.fallback_chain,
+                "reason": d.reason or None,
+                "error_code": d.error_code or None,
+                "error_class": d.error_class or None,
+                "provider_message_id": d.provider_message_id or None,
+                "request_id": d.request_id or None,
+                "digest_id": d.digest_id or None,
+                "next_at": d.next_at,
+                "sent_at": d.sent_at,
+                "delivered_at": d.delivered_at,
+                "attempts": attempts.get(d.id, []),
+            }
+            for d in deliveries
+        ],
+        "history": ledger.history(txid),
+    }

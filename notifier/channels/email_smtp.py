@@ -1,0 +1,144 @@
+"""Email over SMTP (aiosmtplib): one multipart/alternative message per send.
+
+No SMTP client, socket or event loop exists before `send()` runs: Celery forks its workers
+after importing this module and constructing channels, and a connection (or a loop) made
+in the parent would be shared by every child. Each send opens its own connection; it is
+correct on any loop and costs one handshake, which alert volumes can afford.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+from datetime import UTC, datetime
+from email.errors import MessageError
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime, parseaddr
+
+import aiosmtplib
+
+from notifier.channels.base import Channel, ChannelContext, ChannelLimits
+from notifier.channels.smtp_errors import classify
+from notifier.config import SmtpProvider
+from notifier.errors import DeliveryError, PermanentError
+from notifier.models import ErrorClass, Outgoing, Receipt
+
+# Characters allowed in the left part of a Message-ID (RFC 5322 dot-atom-text, minus a few
+# that confuse some mail clients).
+_MSGID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+# socket.getfqdn() may block on a reverse DNS lookup; aiosmtplib would run it for every
+# connection, so it is looked up once per process, off the event loop.
+_local_hostname: str | None = None
+
+
+async def _helo_name() -> str:
+    global _local_hostname  # noqa: PLW0603 - a per-process cache, set once
+    if _local_hostname is None:
+        name = await asyncio.to_thread(socket.getfqdn)
+        _local_hostname = name if name and "." in name else "localhost.localdomain"
+    return _local_hostname
+
+
+class SmtpEmail(Channel):
+    channel = "email"
+    # Subjects stay readable in a mail list at ~200 characters; bodies have no SMTP limit
+    # worth hitting, the cap only stops a runaway template.
+    limits = ChannelLimits(address="email", body_maxlen=200_000, title_maxlen=200)
+
+    def __init__(self, config: SmtpProvider, context: ChannelContext) -> None:
+        super().__init__(config.name)
+        self._config = config
+        self._password: str | None = None
+        if config.username is not None:
+            self._password = context.env.get(config.password_env)
+        sender = parseaddr(config.sender)[1] or config.sender
+        self._envelope_from = sender
+        self._domain = sender.rpartition("@")[2] or "localhost"
+
+    def __repr__(self) -> str:
+        c = self._config
+        user = f", user={c.username!r}" if c.username else ""
+        return f"SmtpEmail({c.name!r}, {c.host}:{c.port}, tls={c.tls}{user})"
+
+    def message_id(self, message: Outgoing) -> str:
+        """Stable per delivery: a retry after an unclear failure carries the same Message-ID,
+        so mail clients that de-duplicate on it show the alert once."""
+        left = _MSGID_UNSAFE.sub("-", message.delivery_id) or "delivery"
+        return f"<notifier.{left}@{self._domain}>"
+
+    def build(self, message: Outgoing) -> EmailMessage:
+        """The email exactly as it goes on the wire (minus transport encoding)."""
+        rendered = message.rendered
+        email = EmailMessage()
+        email["Subject"] = rendered.subject
+        email["From"] = self._config.sender
+        email["To"] = Address(addr_spec=message.address)
+        email["Date"] = format_datetime(datetime.now(UTC))
+        email["Message-ID"] = self.message_id(message)
+        email["X-Notifier-Transaction-Id"] = message.transaction_id
+        email["X-Notifier-Delivery-Id"] = message.delivery_id
+        # RFC 3834: vacation responders and list servers must not answer machine mail.
+        email["Auto-Submitted"] = "auto-generated"
+        email.set_content(rendered.text)
+        if rendered.html is not None:
+            email.add_alternative(rendered.html, subtype="html")
+        return email
+
+    async def send(self, message: Outgoing) -> Receipt:
+        try:
+            email = self.build(message)
+        except (ValueError, TypeError, IndexError, MessageError) as exc:
+            # A header with CR/LF or an address the email package cannot parse.
+            raise PermanentError("INVALID_MESSAGE", str(exc)) from None
+        config = self._config
+        if config.username is not None and not self._password:
+            raise PermanentError(
+                "NO_PASSWORD",
+                f"SMTP username is set but ${config.password_env} is empty",
+                error_class=ErrorClass.ACCOUNT,
+            )
+        client = aiosmtplib.SMTP(
+            hostname=config.host,
+            port=config.port,
+            use_tls=config.tls == "tls",
+            # False, not None: "none" must never upgrade on its own, "starttls" must
+            # fail rather than fall back to plain text when the server lacks it.
+            start_tls=config.tls == "starttls",
+            validate_certs=config.validate_certs,
+            timeout=config.timeout,
+            username=config.username,
+            password=self._password,
+            local_hostname=await _helo_name(),
+        )
+        try:
+            await self._deliver(client, email, message.address)
+        except Exception as exc:
+            raise self._scrub(classify(exc)) from None
+        return Receipt(provider_message_id=str(email["Message-ID"]))
+
+    async def _deliver(self, client: aiosmtplib.SMTP, email: EmailMessage, to: str) -> None:
+        try:
+            async with asyncio.timeout(self._config.timeout * 4):  # connect+ehlo+auth+data
+                await client.connect()
+                await client.send_message(email, sender=self._envelope_from, recipients=[to])
+                # The message is accepted; a rude goodbye changes nothing.
+                with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                    await client.quit()
+        finally:
+            client.close()
+
+    def _scrub(self, error: DeliveryError) -> DeliveryError:
+        """Servers sometimes echo what they got; the password must not reach a log."""
+        password = self._password
+        if password and (password in error.message or password in error.code):
+            return type(error)(
+                error.code.replace(password, "***"),
+                error.message.replace(password, "***"),
+                error_class=error.error_class,
+                retry_after=error.retry_after,
+            )
+        return error

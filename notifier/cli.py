@@ -1,0 +1,229 @@
+"""The `notifier` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import redis
+import uvicorn
+
+from notifier.api.app import create_app
+from notifier.api.gauges import WORKER_HEARTBEAT
+from notifier.api.views import transaction_view
+from notifier.celery_app import CeleryPublisher, make_celery
+from notifier.channels.base import ChannelContext
+from notifier.channels.sandbox import read_outbox
+from notifier.cli_up import run_up
+from notifier.client import as_event, intake_for
+from notifier.config import Settings, config_path, load_settings
+from notifier.errors import NotifierError
+from notifier.ledger import Ledger
+from notifier.logs import configure_logging
+from notifier.models import Source, TxStatus
+from notifier.operations import BreakerControl, replay_dead_letter
+from notifier.scheduler import Scheduler
+from notifier.tasks_spec import ALL_QUEUES, DISPATCH, DISPATCH_QUEUE
+from notifier.timeline import render_timeline
+from notifier.worker.app import create_worker_app
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _redis(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
+
+
+def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
+    channels = ", ".join(f"{n} ({'/'.join(p.provider for p in c.providers)})"
+                         for n, c in settings.channels.items())
+    print(f"{config_path(args.config)}: OK — channels: {channels}; "
+          f"{len(settings.recipients)} recipients, {len(settings.groups)} groups, "
+          f"{len(settings.routes)} routes")
+    return 0
+
+
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    # No access log: callback URLs carry ?token=, which must never reach a log.
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning",
+                access_log=False)
+    return 0
+
+
+def _heartbeat(settings: Settings, name: str) -> None:
+    client = _redis(settings)
+    while True:
+        try:
+            client.set(f"{WORKER_HEARTBEAT}{name}", str(time.time()), ex=15)
+        except redis.RedisError:
+            pass  # the worker itself reports Redis trouble; the gauge simply drops
+        time.sleep(5)
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    app = create_worker_app(settings)
+    name = f"notifier-{socket.gethostname()}-{os.getpid()}"
+    threading.Thread(target=_heartbeat, args=(settings, name), daemon=True).start()
+    app.worker_main(["worker", "--concurrency", str(args.concurrency), "--pool", "prefork",
+                     "-Q", args.queues, "-n", f"{name}@%h", "--loglevel", args.loglevel,
+                     "--without-gossip", "--without-mingle", "--quiet"])
+    return 0
+
+
+def cmd_scheduler(args: argparse.Namespace, settings: Settings) -> int:
+    client = _redis(settings)
+    ledger = Ledger(client, settings.retention)
+    publisher = CeleryPublisher(make_celery(settings.redis_url))
+
+    def sweep_outbox() -> None:
+        for txid in ledger.outbox_older_than(5.0):
+            publisher.publish(DISPATCH, [txid], DISPATCH_QUEUE)
+
+    Scheduler(client, publisher, interval=settings.scheduler_interval,
+              periodic=[(2.0, sweep_outbox)]).run_forever()
+    return 0
+
+
+def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
+    event = as_event({
+        "kind": args.kind, "title": args.title, "body": args.body, "severity": args.severity,
+        "labels": dict(kv.split("=", 1) for kv in args.label), "to": args.to,
+        "channels": args.channel,
+    })
+    accepted = intake_for(settings).submit(event, Source.CLIENT,
+                                           idempotency_key=args.idempotency_key)
+    print(accepted.transaction_id)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    ledger = Ledger(_redis(settings), settings.retention)
+    deadline = time.monotonic() + args.wait
+    view = transaction_view(ledger, args.txid)
+    while view is not None and not TxStatus(view["status"]).terminal and time.monotonic() < deadline:
+        time.sleep(0.2)
+        view = transaction_view(ledger, args.txid)
+    if view is None:
+        print(f"no transaction {args.txid!r}", file=sys.stderr)
+        return 1
+    print(json.dumps(view, ensure_ascii=False, indent=2) if args.json else render_timeline(view))
+    return 0
+
+
+def cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:
+    context = ChannelContext(redis=_redis(settings))
+    for channel in args.channel or list(settings.channels):
+        for entry in read_outbox(context, channel, args.limit):
+            shown = entry["params"] if channel == "sms" else entry["subject"]
+            print(f"{channel:<5} {entry['to']}  {entry['kind']}  {json.dumps(shown, ensure_ascii=False)}")
+            if args.verbose:
+                print(f"      {entry['text']}")
+    return 0
+
+
+def cmd_breakers(args: argparse.Namespace, settings: Settings) -> int:
+    control = BreakerControl(_redis(settings), settings)
+    if args.action != "list":
+        if args.name not in control.known():
+            print(f"no breaker {args.name!r} (known: {', '.join(control.known())})", file=sys.stderr)
+            return 2
+        control.apply(args.name, args.action, args.by, args.reason)
+    for status in control.list():
+        print(f"{status.name:<24} {status.state.value:<14} failures={status.failures}"
+              + (f" by={status.changed_by}" if status.changed_by else "")
+              + (f" reason={status.reason}" if status.reason else ""))
+    return 0
+
+
+def cmd_deadletters(args: argparse.Namespace, settings: Settings) -> int:
+    client = _redis(settings)
+    ledger = Ledger(client, settings.retention)
+    if args.action == "replay":
+        new = replay_dead_letter(ledger, intake_for(settings), args.txid)
+        if new is None:
+            print(f"{args.txid!r} is not a dead letter", file=sys.stderr)
+            return 1
+        print(new)
+        return 0
+    for txid, at in ledger.dead_letters(args.limit):
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))}  {txid}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="notifier", description=__doc__)
+    parser.add_argument("--config", help="config file (default: $NOTIFIER_CONFIG or ./notifier.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("api", help="run the HTTP API")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9095)
+    p = sub.add_parser("worker", help="run a Celery worker of this app")
+    p.add_argument("--concurrency", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--queues", default=",".join(ALL_QUEUES))
+    p.add_argument("--loglevel", default="WARNING")
+    sub.add_parser("scheduler", help="run the timer process (one per fleet; leader-elected)")
+    p = sub.add_parser("up", help="api + worker + scheduler (+ private redis) in one process tree")
+    p.add_argument("--sandbox", action="store_true", help="sandbox providers, demo recipients")
+    p.add_argument("--demo", action="store_true", help="send a demo alert and show its timeline")
+    p.add_argument("--exit-after-demo", action="store_true")
+    p.add_argument("--port", type=int, default=9095)
+    p.add_argument("--concurrency", type=int, default=2)
+    p = sub.add_parser("send", help="send an event; prints its transaction ID")
+    p.add_argument("--title", required=True)
+    p.add_argument("--body", default="")
+    p.add_argument("--kind", default="alert")
+    p.add_argument("--severity", default="info")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--to", action="append", default=[])
+    p.add_argument("--channel", action="append", default=[])
+    p.add_argument("--idempotency-key")
+    p = sub.add_parser("status", help="a transaction's delivery timeline")
+    p.add_argument("txid")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--wait", type=float, default=0.0, help="wait up to N s for a final status")
+    sub.add_parser("check-config", help="validate the config file")
+    p = sub.add_parser("outbox", help="messages the sandbox providers 'sent'")
+    p.add_argument("--channel", action="append")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("breakers", help="list or force circuit breakers")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "open", "close", "reset"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--by", default=os.environ.get("USER", "cli"))
+    p.add_argument("--reason", default="")
+    p = sub.add_parser("deadletters", help="list failed transactions or replay one")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "replay"])
+    p.add_argument("txid", nargs="?")
+    p.add_argument("--limit", type=int, default=50)
+    return parser
+
+
+HANDLERS: dict[str, Handler] = {
+    "api": cmd_api, "worker": cmd_worker, "scheduler": cmd_scheduler, "send": cmd_send,
+    "status": cmd_status, "check-config": cmd_check_config, "outbox": cmd_outbox,
+    "breakers": cmd_breakers, "deadletters": cmd_deadletters,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(os.environ.get("NOTIFIER_LOG_LEVEL", "INFO"))
+    if args.config:
+        os.environ["NOTIFIER_CONFIG"] = args.config
+    try:
+        if args.command == "up":
+            return run_up(args)
+        settings = load_settings(config_path(args.config))
+        return HANDLERS[args.command](args, settings)
+    except NotifierError as exc:
+        print(f"notifier: {exc}", file=sys.stderr)
+        return 2
+    except redis.RedisError as exc:
+        print(f"notifier: redis unavailable: {exc}", file=sys.stderr)
+        return 3

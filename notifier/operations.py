@@ -1,0 +1,50 @@
+"""Operator actions shared by the API and the CLI: breakers and dead-letter replay."""
+
+from __future__ import annotations
+
+import redis
+
+from notifier.breaker import BreakerStatus, FleetBreaker, list_breakers
+from notifier.config import Settings
+from notifier.intake import Intake
+from notifier.ledger import Ledger
+from notifier.models import Source
+
+
+class BreakerControl:
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+
+    def known(self) -> list[str]:
+        return [f"{channel}:{p.name}" for channel, cfg in self.settings.channels.items()
+                for p in cfg.providers]
+
+    def breaker(self, name: str) -> FleetBreaker:
+        channel = name.split(":", 1)[0]
+        return FleetBreaker(self.redis, name, self.settings.channels[channel].breaker)
+
+    def list(self) -> list[BreakerStatus]:
+        seen = {s.name: s for s in list_breakers(self.redis)}
+        return [seen.get(name) or self.breaker(name).status() for name in self.known()]
+
+    def apply(self, name: str, action: str, by: str, reason: str) -> BreakerStatus:
+        breaker = self.breaker(name)
+        if action == "open":
+            breaker.force_open(by, reason)
+        elif action == "close":
+            breaker.force_close(by, reason)
+        else:
+            breaker.reset(by)
+        return breaker.status()
+
+
+def replay_dead_letter(ledger: Ledger, intake: Intake, txid: str) -> str | None:
+    """Send a failed transaction's event again as a new transaction linked to the old one."""
+    tx = ledger.transaction(txid)
+    if tx is None or not ledger.clear_dead_letter(txid):
+        return None
+    accepted = intake.submit(tx.event, Source.REPLAY, receiver=tx.receiver)
+    ledger.log(txid, "replayed", new_transaction=accepted.transaction_id)
+    ledger.log(accepted.transaction_id, "replay_of", original=txid)
+    return accepted.transaction_id

@@ -1,0 +1,111 @@
+"""One delivery step: claim → (look up a maybe-sent) → render → rate limit → breaker → send.
+
+Plain Python: the Celery task calls `deliver(deps, delivery_id, token)` and nothing more.
+"""
+
+from __future__ import annotations
+
+import time
+
+from notifier.config import AliyunSmsProvider, ChannelConfig
+from notifier.errors import CircuitOpen, DeliveryError, PermanentError, TransientError
+from notifier.ledger import ClaimResult, DeliveryRecord, TransactionRecord
+from notifier.models import Outgoing, Rendered
+from notifier.pipeline.deps import PipelineDeps
+from notifier.pipeline.outcomes import Outcomes
+from notifier.ratelimit import Bucket
+from notifier.templates import TemplateContext
+
+
+def deliver(deps: PipelineDeps, did: str, token: str) -> str:
+    """Advance one delivery by one step; returns what happened (for logs and tests)."""
+    claim = deps.ledger.claim(did, token, deps.claim_lease)
+    if claim not in (ClaimResult.CLAIMED, ClaimResult.RECLAIMED):
+        return claim.value
+    rec = deps.ledger.delivery(did)
+    tx = deps.ledger.transaction(rec.transaction_id) if rec else None
+    outcomes = Outcomes(deps)
+    if rec is None or tx is None:
+        return "missing"
+    if not rec.address:
+        return outcomes.fall_back(rec, "no_address")
+    providers = deps.providers[rec.channel]
+    if rec.provider_index >= len(providers):
+        return outcomes.fall_back(rec, "no_provider")
+    cfg = deps.settings.channels[rec.channel]
+    provider = providers[rec.provider_index]
+    try:
+        message = _message(deps, rec, tx, cfg)
+    except PermanentError as exc:
+        return outcomes.fall_back(rec, "template", exc.message)
+
+    maybe_since = rec.maybe_sent_at
+    if claim is ClaimResult.RECLAIMED and maybe_since is None:
+        # The last holder died mid-send: the provider may have the message already.
+        maybe_since = (rec.claim_at or time.time()) - deps.claim_lease * 2
+    if maybe_since is not None:
+        found = deps.runner.run(provider.lookup(message, maybe_since))
+        if found is not None:
+            return outcomes.sent(rec, provider.provider_name, found, latency=None,
+                                 outcome="found_after_timeout", accepted_at=tx.created_at)
+
+    decision = deps.buckets.take(_buckets(rec, cfg))
+    if not decision.allowed:
+        scope = "recipient" if decision.limiting != rec.channel else "channel"
+        if scope == "recipient" and decision.retry_after > cfg.max_defer:
+            return outcomes.fall_back(rec, "recipient_budget", decision.limiting or "")
+        return outcomes.deferred(rec, time.time() + decision.retry_after, scope)
+
+    breaker = deps.breaker_for(provider.breaker_name, cfg.breaker)
+    try:
+        permit = breaker.acquire()
+    except CircuitOpen:
+        deps.ledger.uncount_attempt(rec.id)
+        return outcomes.next_provider(rec, "circuit_open", provider.breaker_name)
+
+    started_wall, started = time.time(), time.monotonic()
+    try:
+        receipt = deps.runner.run(provider.send(message))
+    except DeliveryError as exc:
+        (breaker.record_failure if exc.trips_breaker else breaker.record_success)(permit)
+        return outcomes.failed_send(rec, provider.provider_name, exc,
+                                    time.monotonic() - started, started_wall)
+    except Exception as exc:  # a provider bug must not lose the message: retry, then fall back
+        breaker.record_failure(permit)
+        error = TransientError("unexpected", type(exc).__name__)
+        return outcomes.failed_send(rec, provider.provider_name, error,
+                                    time.monotonic() - started, started_wall)
+    breaker.record_success(permit)
+    deps.metrics.inc("notifier_send_attempts", channel=rec.channel,
+                     provider=provider.provider_name, result="sent")
+    return outcomes.sent(rec, provider.provider_name, receipt,
+                         latency=time.monotonic() - started, accepted_at=tx.created_at)
+
+
+def _buckets(rec: DeliveryRecord, cfg: ChannelConfig) -> list[Bucket]:
+    buckets = [Bucket(rec.channel, cfg.rate_limit)] if cfg.rate_limit else []
+    buckets += [Bucket(f"{rec.channel}:{rec.address}:{i}", limit)
+                for i, limit in enumerate(cfg.recipient_limits)]
+    return buckets
+
+
+def _message(deps: PipelineDeps, rec: DeliveryRecord, tx: TransactionRecord,
+             cfg: ChannelConfig) -> Outgoing:
+    recipient = deps.settings.recipients.get(rec.recipient)
+    locale = (recipient.locale if recipient else None) or deps.settings.locale
+    provider_cfg = cfg.providers[rec.provider_index]
+    limits = deps.providers[rec.channel][rec.provider_index].limits
+    rendered: Rendered = deps.renderer.render(
+        rec.channel,
+        TemplateContext(event=tx.event, transaction_id=tx.id, recipient=rec.recipient,
+                        locale=locale),
+        param_max_chars=provider_cfg.param_max_chars
+        if isinstance(provider_cfg, AliyunSmsProvider) else 35,
+        body_maxlen=limits.body_maxlen,
+        title_maxlen=limits.title_maxlen,
+    )
+    data = {"transaction_id": tx.id, "delivery_id": rec.id, "kind": rec.kind}
+    if "sms_up_extend_code" in tx.event.extra:
+        data["sms_up_extend_code"] = tx.event.extra["sms_up_extend_code"]
+    return Outgoing(delivery_id=rec.id, transaction_id=tx.id, address=rec.address, kind=rec.kind,
+                    rendered=rendered, data=data)

@@ -1,0 +1,193 @@
+"""Fleet-wide rate limits: token buckets in Redis, taken all-or-nothing by one Lua script.
+
+Celery's own `rate_limit` is per worker process, so the fleet shares its buckets here. One
+script call takes `cost` from every bucket of a send (e.g. the channel bucket plus this
+recipient's minute and day buckets) or from none of them, and when it refuses it says how long
+until *all* of them would say yes, so the delivery is deferred by that much instead of slept on.
+
+Each bucket enforces two rules, both on Redis' clock (`redis.call('TIME')`), so worker clocks
+and their skew never matter:
+
+* a token bucket: holds at most `capacity` (= burst) tokens and refills `rate` per `per`,
+  continuously; this gives the steady rate and lets capacity come back gradually;
+* a rolling window: at most `max(rate, capacity)` taken in any window of length `per`.
+  A token bucket alone lets `capacity + rate` through in one `per` (drain the burst, then
+  spend what refills meanwhile), so "50 per 1d, burst 50" would let a recipient receive ~100
+  SMS in 24 h and trip the provider's own per-number day limit. The window (a sorted set of
+  recent takes, at most `max(rate, capacity)/cost` members) closes that gap: it is exactly
+  "never more than 50 in any rolling day", and each slot comes back 24 h after it was used
+  rather than all at midnight.
+
+A refused take writes nothing. Both keys of a bucket expire once the bucket would be full and
+its window empty again, so idle recipients cost no memory (a missing key *is* a full bucket).
+Redis errors propagate: nobody is let through on a guess.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+
+from notifier.config import RateLimit
+
+# Float noise from refill arithmetic must not turn "exactly one token" into a refusal.
+_EPSILON = 1e-9
+
+_COMMON = """
+local now
+do
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local EPS = 1e-9
+
+-- State of bucket i as of `now`: tokens after refill, the window's recent takes and their sum.
+local function load(i)
+  local hkey, zkey = KEYS[2 * i - 1], KEYS[2 * i]
+  local base = 1 + (i - 1) * 4
+  local cap, rate = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
+  local per, wcap = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
+  local h = redis.call('HMGET', hkey, 'tokens', 'ts')
+  local tokens = cap
+  if h[1] then
+    tokens = math.min(cap, tonumber(h[1]) + math.max(0, now - tonumber(h[2])) * rate)
+  end
+  -- A take at time ts counts while ts > now - per. Members are "<seq>:<cost>".
+  local since = '(' .. string.format('%.6f', now - per)
+  local recent = redis.call('ZRANGEBYSCORE', zkey, since, '+inf', 'WITHSCORES')
+  local used = 0
+  for j = 1, #recent, 2 do
+    used = used + tonumber(string.match(recent[j], ':(.*)$'))
+  end
+  return {hkey = hkey, zkey = zkey, cap = cap, rate = rate, per = per, wcap = wcap,
+          tokens = tokens, recent = recent, used = used}
+end
+"""
+
+# KEYS: per bucket, its state hash and its window zset.
+# ARGV: cost, then per bucket: capacity, refill per second, per (s), window capacity.
+# Returns {1, "0", 0} when taken, or {0, wait_seconds, index of the bucket that waits longest}.
+_TAKE = (
+    _COMMON
+    + """
+local cost = tonumber(ARGV[1])
+local n = #KEYS / 2
+local buckets = {}
+local wait, limiting = 0, 0
+for i = 1, n do
+  local b = load(i)
+  buckets[i] = b
+  local w = 0
+  if b.tokens + EPS < cost then
+    w = (cost - b.tokens) / b.rate
+  end
+  local excess = b.used + cost - b.wcap
+  if excess > EPS then
+    -- Wait until enough of the oldest takes have left the window.
+    local freed = 0
+    for j = 1, #b.recent, 2 do
+      freed = freed + tonumber(string.match(b.recent[j], ':(.*)$'))
+      if freed + EPS >= excess then
+        w = math.max(w, tonumber(b.recent[j + 1]) + b.per - now)
+        break
+      end
+    end
+  end
+  if w > wait then
+    wait, limiting = w, i
+  end
+end
+if limiting > 0 then
+  return {0, string.format('%.6f', wait), limiting}
+end
+for i = 1, n do
+  local b = buckets[i]
+  local left = b.tokens - cost
+  local seq = redis.call('HINCRBY', b.hkey, 'seq', 1)
+  local stamp = string.format('%.6f', now)
+  redis.call('HSET', b.hkey, 'tokens', string.format('%.17g', left), 'ts', stamp)
+  redis.call('ZREMRANGEBYSCORE', b.zkey, '-inf', string.format('%.6f', now - b.per))
+  redis.call('ZADD', b.zkey, stamp, seq .. ':' .. string.format('%.17g', cost))
+  -- Idle keys go once the bucket is full and the window empty: absent == full.
+  local ttl = math.ceil(math.max((b.cap - left) / b.rate, b.per) * 1000)
+  redis.call('PEXPIRE', b.hkey, ttl)
+  redis.call('PEXPIRE', b.zkey, ttl)
+end
+return {1, '0', 0}
+"""
+)
+
+# Read-only: what could be taken from bucket 1 right now (min of tokens and window room).
+_LEVEL = (
+    _COMMON
+    + """
+local b = load(1)
+return string.format('%.17g', math.max(0, math.min(b.tokens, b.wcap - b.used)))
+"""
+)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    key: str  # e.g. "sms" or "sms:+8613800138000:0"
+    limit: RateLimit
+
+    def __post_init__(self) -> None:
+        if not self.limit.per > 0:
+            raise ValueError(f"bucket {self.key}: `per` must be a positive duration")
+
+    @property
+    def window_capacity(self) -> float:
+        """Most that may be taken in any rolling `per` (see the module docstring)."""
+        return max(self.limit.rate, self.limit.capacity)
+
+    def _args(self) -> list[str]:
+        limit = self.limit
+        return [repr(float(v)) for v in (limit.capacity, limit.refill_per_second, limit.per)] + [
+            repr(float(self.window_capacity))
+        ]
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    retry_after: float  # seconds until it would be allowed (0 when allowed)
+    limiting: str | None  # key of the bucket that said no
+
+
+class TokenBuckets:
+    def __init__(self, redis: redis.Redis, prefix: str = "ntf:tb:") -> None:
+        self._redis = redis
+        self._prefix = prefix
+        # register_script: EVALSHA, with a NOSCRIPT fallback to load it (e.g. after a restart).
+        self._take = redis.register_script(_TAKE)
+        self._level = redis.register_script(_LEVEL)
+
+    def _keys(self, bucket: Bucket) -> list[str]:
+        return [f"{self._prefix}{bucket.key}", f"{self._prefix}{bucket.key}:w"]
+
+    def take(self, buckets: Sequence[Bucket], cost: float = 1.0) -> Decision:
+        """Take `cost` from every bucket, or from none and say how long until all would allow."""
+        if not buckets:
+            return Decision(True, 0.0, None)
+        if cost <= 0:
+            raise ValueError("cost must be positive")
+        for bucket in buckets:
+            if cost > min(bucket.limit.capacity, bucket.window_capacity) + _EPSILON:
+                return Decision(False, math.inf, bucket.key)  # can never fit: don't defer forever
+        keys: list[str] = []
+        args: list[str] = [repr(float(cost))]
+        for bucket in buckets:
+            keys += self._keys(bucket)
+            args += bucket._args()
+        allowed, wait, index = self._take(keys=keys, args=args)
+        if int(allowed):
+            return Decision(True, 0.0, None)
+        return Decision(False, float(wait), buckets[int(index) - 1].key)
+
+    def level(self, bucket: Bucket) -> float:
+        """How much could be taken from `bucket` now (tokens, capped by its rolling window)."""
+        return float(self._level(keys=self._keys(bucket), args=["0", *bucket._args()]))

@@ -1,0 +1,138 @@
+"""Timers in a Redis ZSET (retries, deferrals, drill deadlines), fired by one leader process.
+
+Long waits never become Celery ETA tasks: on Redis those are redelivered and duplicated once
+they outlive the visibility timeout (kombu#337, celery#4400).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from notifier.tasks_spec import Publisher
+
+TIMERS = "ntf:timers"
+LEADER = "ntf:scheduler:leader"
+log = logging.getLogger(__name__)
+
+_POP_DUE = """
+local items = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
+return items
+"""
+_REMOVE_IF_UNCHANGED = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then
+  return redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+"""
+
+
+@dataclass(frozen=True)
+class Timer:
+    task: str
+    queue: str
+    arg: str
+    due: float
+
+    @property
+    def member(self) -> str:
+        return f"{self.task}|{self.queue}|{self.arg}"
+
+
+class Timers:
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._pop = client.register_script(_POP_DUE)
+        self._remove = client.register_script(_REMOVE_IF_UNCHANGED)
+
+    def schedule(self, task: str, queue: str, arg: str, due: float) -> None:
+        self.redis.zadd(TIMERS, {Timer(task, queue, arg, due).member: due})
+
+    def cancel(self, task: str, queue: str, arg: str) -> None:
+        self.redis.zrem(TIMERS, Timer(task, queue, arg, 0).member)
+
+    def due(self, now: float, limit: int = 500) -> list[Timer]:
+        raw = self._pop(keys=[TIMERS], args=[repr(now), limit])
+        timers = []
+        for member, score in zip(raw[::2], raw[1::2], strict=True):
+            task, queue, arg = member.decode().split("|", 2)
+            timers.append(Timer(task, queue, arg, float(score)))
+        return timers
+
+    def done(self, timer: Timer) -> None:
+        """Remove a fired timer unless it was rescheduled meanwhile."""
+        self._remove(keys=[TIMERS], args=[timer.member, repr(timer.due)])
+
+    def pending(self) -> int:
+        return int(self.redis.zcard(TIMERS))
+
+
+class Scheduler:
+    """Fires due timers and periodic jobs while it holds the fleet-wide leader lease.
+
+    Publish first, remove after: a crash in between re-fires the timer, and the delivery claim
+    turns that duplicate into a no-op. Two schedulers never fire together (the lease).
+    """
+
+    def __init__(self, client: redis.Redis, publisher: Publisher, *, interval: float = 0.2,
+                 lease: float = 5.0, periodic: list[tuple[float, Callable[[], None]]] | None = None
+                 ) -> None:
+        self.redis = client
+        self.timers = Timers(client)
+        self.publisher = publisher
+        self.interval = interval
+        self.lease_ms = int(lease * 1000)
+        self.token = secrets.token_hex(8)
+        self._renew = client.register_script(_RENEW)
+        self.periodic = [(every, job, 0.0) for every, job in (periodic or [])]
+        self.fired = 0
+
+    def is_leader(self) -> bool:
+        return bool(self._renew(keys=[LEADER], args=[self.token, self.lease_ms]))
+
+    def tick(self) -> int:
+        """One round: fire due timers and periodic jobs if leader. Returns timers fired."""
+        if not self.is_leader():
+            return 0
+        fired = 0
+        for timer in self.timers.due(time.time()):
+            self.publisher.publish(timer.task, [timer.arg], timer.queue)
+            self.timers.done(timer)
+            fired += 1
+        now = time.monotonic()
+        for i, (every, job, last) in enumerate(self.periodic):
+            if now - last >= every:
+                self.periodic[i] = (every, job, now)
+                try:
+                    job()
+                except Exception:  # a failing job must not stop timers firing
+                    log.exception("periodic job %s failed", getattr(job, "__name__", job))
+        self.fired += fired
+        return fired
+
+    def run_forever(self, stop: Callable[[], bool] = lambda: False) -> None:
+        while not stop():
+            try:
+                fired = self.tick()
+            except redis.RedisError as exc:
+                log.warning("scheduler: redis unavailable (%s); retrying", type(exc).__name__)
+                fired = 0
+                time.sleep(1.0)
+            if not fired:
+                time.sleep(self.interval)
+
+    def release(self) -> None:
+        if self.redis.get(LEADER) == self.token.encode():
+            self.redis.delete(LEADER)

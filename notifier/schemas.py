@@ -1,0 +1,51 @@
+"""Request bodies: Alertmanager webhook v4 and the generic event."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Name = Field(pattern=r"^[A-Za-z0-9_.@+\-]{1,64}$")
+
+
+class AlertmanagerAlert(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    status: Literal["firing", "resolved"]
+    labels: dict[str, str]
+    annotations: dict[str, str] = Field(default_factory=dict)
+    startsAt: str = ""  # noqa: N815 - Alertmanager's field names
+    endsAt: str = ""  # noqa: N815
+    generatorURL: str = ""  # noqa: N815
+    fingerprint: str = ""
+
+
+class AlertmanagerWebhook(BaseModel):
+    """Alertmanager's webhook payload, version 4 (0.25)."""
+
+    model_config = ConfigDict(extra="allow")
+    version: str
+    receiver: str
+    status: Literal["firing", "resolved"]
+    alerts: list[AlertmanagerAlert] = Field(min_length=1, max_length=5000)
+    groupLabels: dict[str, str] = Field(default_factory=dict)  # noqa: N815
+    commonLabels: dict[str, str] = Field(default_factory=dict)  # noqa: N815
+    commonAnnotations: dict[str, str] = Field(default_factory=dict)  # noqa: N815
+    externalURL: str = ""  # noqa: N815
+    groupKey: str  # noqa: N815
+    truncatedAlerts: int = Field(default=0, ge=0)  # noqa: N815
+
+
+class EventIn(BaseModel):
+    """The body of POST /v1/events and what `notify()` takes."""
+
+    model_config = ConfigDict(extra="forbid")
+    # `kind` names a template family, so it is restricted to a safe file-name alphabet.
+    kind: str = Field(default="alert", pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    title: str = Field(min_length=1, max_length=500)
+    body: str = Field(default="", max_length=20_000)
+    severity: str = Field(default="info", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    labels: dict[str, str] = Field(default_factory=dict, max_length=100)
+    annotations: dict[str, str] = Field(default_factory=dict, max_length=100)
+    to: list[str] = Field(default_factory=list, max_length=200)
+    channels: list[Literal["sms", "email", "push"]] = Field(default_factory=list)

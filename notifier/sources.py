@@ -1,0 +1,65 @@
+"""Turning what senders post into Events (and the dedup key of an Alertmanager group)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from notifier.schemas import AlertmanagerWebhook, EventIn
+from notifier.models import Alert, Event
+
+SEVERITY_ORDER = ("critical", "error", "warning", "info", "none")
+
+
+def _severity(payload: AlertmanagerWebhook) -> str:
+    if "severity" in payload.commonLabels:
+        return payload.commonLabels["severity"]
+    found = {a.labels.get("severity", "") for a in payload.alerts if a.status == payload.status}
+    for level in SEVERITY_ORDER:
+        if level in found:
+            return level
+    return next(iter(sorted(found - {""})), "warning")
+
+
+def from_alertmanager(payload: AlertmanagerWebhook) -> Event:
+    alerts = tuple(
+        Alert(status=a.status, labels=a.labels, annotations=a.annotations, starts_at=a.startsAt,
+              ends_at=a.endsAt, generator_url=a.generatorURL, fingerprint=a.fingerprint)
+        for a in payload.alerts
+    )
+    firing = sum(1 for a in alerts if a.status == "firing")
+    shown = firing if payload.status == "firing" else len(alerts) - firing
+    group = " ".join(payload.groupLabels.values()) or payload.commonLabels.get("alertname", "")
+    first = payload.alerts[0].annotations
+    body = (payload.commonAnnotations.get("summary") or first.get("summary")
+            or first.get("description", ""))
+    return Event(
+        kind="alert" if payload.status == "firing" else "resolved",
+        title=f"[{payload.status.upper()}:{shown + payload.truncatedAlerts}] {group}".strip(),
+        body=body,
+        severity=_severity(payload),
+        labels=dict(payload.commonLabels),
+        annotations=dict(payload.commonAnnotations),
+        alerts=alerts,
+        truncated_alerts=payload.truncatedAlerts,
+        external_url=payload.externalURL,
+    )
+
+
+def alertmanager_dedup_key(payload: AlertmanagerWebhook) -> str:
+    """Same group, same status, same alerts (fingerprint + status) -> same key.
+
+    Alertmanager re-sends an identical body on retry and at repeat_interval; a changed set of
+    alerts gives a new key and so a new notification.
+    """
+    alerts = sorted(f"{a.fingerprint or json.dumps(a.labels, sort_keys=True)}:{a.status}"
+                    for a in payload.alerts)
+    material = json.dumps([payload.receiver, payload.groupKey, payload.status, alerts,
+                           payload.truncatedAlerts], ensure_ascii=False)
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def from_event_in(body: EventIn) -> Event:
+    return Event(kind=body.kind, title=body.title, body=body.body, severity=body.severity,
+                 labels=body.labels, annotations=body.annotations, to=tuple(body.to),
+                 channels=tuple(body.channels))

@@ -1,0 +1,34 @@
+"""The worker's Celery app and its tasks: thin shells over the pipeline."""
+
+from __future__ import annotations
+
+from celery import Celery, Task
+
+from notifier.celery_app import make_celery
+from notifier.config import Settings
+from notifier.pipeline.deliver import deliver
+from notifier.pipeline.dispatch import dispatch
+from notifier.tasks_spec import DELIVER, DISPATCH, TIMER
+from notifier.worker.runtime import Runtime
+from notifier.worker.timers import fire_timer
+
+
+def create_worker_app(settings: Settings) -> Celery:
+    app = make_celery(settings.redis_url)
+    runtime = Runtime(settings, app)
+
+    @app.task(name=DISPATCH, bind=True)  # type: ignore[untyped-decorator]
+    def dispatch_task(self: Task, txid: str) -> str:
+        return dispatch(runtime.deps(), txid)
+
+    @app.task(name=DELIVER, bind=True)  # type: ignore[untyped-decorator]
+    def deliver_task(self: Task, delivery_id: str) -> str:
+        # The task id is the claim token: a redelivery of this very message may take over.
+        return deliver(runtime.deps(), delivery_id, str(self.request.id))
+
+    @app.task(name=TIMER, bind=True)  # type: ignore[untyped-decorator]
+    def timer_task(self: Task, timer: str) -> str:
+        return fire_timer(runtime.deps(), timer)
+
+    app.conf.notifier_runtime = runtime
+    return app

@@ -1,0 +1,65 @@
+"""The pipeline's dependencies, built once per worker process (after Celery forks)."""
+
+from __future__ import annotations
+
+import os
+
+import redis
+
+from notifier.aio import ProcessLoop
+from notifier.breaker import FleetBreaker
+from notifier.celery_app import CeleryPublisher
+from notifier.channels.base import ChannelContext
+from notifier.channels.registry import build_providers
+from notifier.config import BreakerPolicy, Settings
+from notifier.ledger import Ledger
+from notifier.metrics import Metrics
+from notifier.pipeline.deps import PipelineDeps
+from notifier.ratelimit import TokenBuckets
+from notifier.scheduler import Timers
+from notifier.templates import Renderer
+from celery import Celery
+
+
+def redis_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10,
+                                health_check_interval=30)
+
+
+def build_deps(settings: Settings, app: Celery) -> PipelineDeps:
+    client = redis_client(settings.redis_url)
+    breakers: dict[str, FleetBreaker] = {}
+
+    def breaker_for(name: str, policy: BreakerPolicy) -> FleetBreaker:
+        if name not in breakers:
+            breakers[name] = FleetBreaker(client, name, policy)
+        return breakers[name]
+
+    return PipelineDeps(
+        settings=settings,
+        ledger=Ledger(client, settings.retention),
+        timers=Timers(client),
+        publisher=CeleryPublisher(app),
+        metrics=Metrics(client),
+        buckets=TokenBuckets(client),
+        breaker_for=breaker_for,
+        renderer=Renderer(),
+        providers=build_providers(settings, ChannelContext(redis=client, env=dict(os.environ))),
+        runner=ProcessLoop(),
+    )
+
+
+class Runtime:
+    """Lazily built per process: nothing that holds a socket or a loop exists before the fork."""
+
+    def __init__(self, settings: Settings, app: Celery) -> None:
+        self.settings = settings
+        self.app = app
+        self._deps: PipelineDeps | None = None
+        self._pid = 0
+
+    def deps(self) -> PipelineDeps:
+        if self._deps is None or self._pid != os.getpid():
+            self._deps = build_deps(self.settings, self.app)
+            self._pid = os.getpid()
+        return self._deps
