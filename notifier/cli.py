@@ -20,6 +20,7 @@ from notifier.api.views import transaction_view
 from notifier.celery_app import CeleryPublisher, make_celery
 from notifier.channels.base import ChannelContext
 from notifier.channels.sandbox import read_outbox
+from notifier import cli_drill
 from notifier.cli_up import run_up
 from notifier.client import as_event, intake_for
 from notifier.config import Settings, config_path, load_settings
@@ -28,8 +29,9 @@ from notifier.ledger import Ledger
 from notifier.logs import configure_logging
 from notifier.models import Source, TxStatus
 from notifier.operations import BreakerControl, replay_dead_letter
+from notifier.periodic import periodic_jobs
 from notifier.scheduler import Scheduler
-from notifier.tasks_spec import ALL_QUEUES, DISPATCH, DISPATCH_QUEUE
+from notifier.tasks_spec import ALL_QUEUES
 from notifier.timeline import render_timeline
 from notifier.worker.app import create_worker_app
 
@@ -78,15 +80,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_scheduler(args: argparse.Namespace, settings: Settings) -> int:
     client = _redis(settings)
-    ledger = Ledger(client, settings.retention)
     publisher = CeleryPublisher(make_celery(settings.redis_url))
-
-    def sweep_outbox() -> None:
-        for txid in ledger.outbox_older_than(5.0):
-            publisher.publish(DISPATCH, [txid], DISPATCH_QUEUE)
-
     Scheduler(client, publisher, interval=settings.scheduler_interval,
-              periodic=[(2.0, sweep_outbox)]).run_forever()
+              periodic=periodic_jobs(settings, client, publisher)).run_forever()
     return 0
 
 
@@ -201,13 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", default="list", choices=["list", "replay"])
     p.add_argument("txid", nargs="?")
     p.add_argument("--limit", type=int, default=50)
+    cli_drill.add_parsers(sub)
     return parser
 
 
 HANDLERS: dict[str, Handler] = {
     "api": cmd_api, "worker": cmd_worker, "scheduler": cmd_scheduler, "send": cmd_send,
     "status": cmd_status, "check-config": cmd_check_config, "outbox": cmd_outbox,
-    "breakers": cmd_breakers, "deadletters": cmd_deadletters,
+    "breakers": cmd_breakers, "deadletters": cmd_deadletters, **cli_drill.HANDLERS,
 }
 
 

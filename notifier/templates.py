@@ -1,10 +1,10 @@
 """Rendering of every outgoing message: Jinja2 in a sandbox, event text only ever as data.
 
-Files live in ``templates/{channel}/{kind}.{locale}.{ext}`` (ext ``j2`` for sms and push,
-``txt.j2`` + ``html.j2`` for email); a kind without a template of its own falls back to
-``alert`` and a locale without one to ``en``. Top-level Jinja blocks carry meaning: for SMS
-each block is one Aliyun TemplateParam variable, for push and email the ``subject`` block is
-the title and everything else the body. ``templates/README.md`` is the operator's reference.
+Files live in ``templates/{channel}/{kind}.{locale}.{ext}`` (``j2`` for sms and push, ``txt.j2``
+plus ``html.j2`` for email). A kind without a template of its own falls back to ``alert``, a
+locale without one to ``en``. Top-level blocks carry meaning: for SMS each block is one Aliyun
+TemplateParam variable; for push and email the ``subject`` block is the title and the rest the
+body. ``templates/README.md`` is the operator's reference for blocks and variables.
 """
 
 from __future__ import annotations
@@ -30,22 +30,17 @@ DEFAULT_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 DEFAULT_LOCALE = "en"
 FALLBACK_KIND = "alert"
 ELLIPSIS = "…"
-_EXTENSIONS: dict[str, tuple[str, ...]] = {
-    "sms": ("j2",),
-    "push": ("j2",),
-    "email": ("txt.j2", "html.j2"),
-}
-# Kinds and locales become file names: anything else (a path, a dot, a leading underscore
-# that names a partial) is treated as "no such template" and falls back.
+_EXTENSIONS = {"sms": "j2", "push": "j2", "email": "txt.j2"}
+# Kinds and locales become file names: anything else (a path, a dot, a leading "_" naming a
+# partial) is treated as "no such template" and falls back.
 _KIND = re.compile(r"[a-z][a-z0-9_-]{0,63}")
-_LOCALE = re.compile(r"([A-Za-z]{2,3})(?:[-_]([A-Za-z0-9]{2,8}))?")
-# C0/C1 controls (tab and newline are handled separately) and the bidi overrides/isolates that
-# can make a label value render as something else ("Trojan Source" spoofing).
+_LOCALE = re.compile(r"([A-Za-z]{2,3})(?:[-_]([A-Za-z]{2}|[0-9]{3}))?")
+# C0/C1 controls (tab and newline are handled by the callers) and the bidi overrides/isolates
+# that make a label value display as something else ("Trojan Source" spoofing).
 _CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _URL = re.compile(r"(?i)\b(?:https?://|www\.)\S+")
 _TIMESTAMP = re.compile(r"(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.\d+)?(Z|[+-]\d{2}:\d{2})?")
 _SEVERITY_RANK = {"critical": 0, "page": 0, "error": 1, "high": 1, "warning": 2, "warn": 2}
-_ERROR_REASON_MAX = 200
 
 BlockHook = Callable[[str, str], str]
 
@@ -62,13 +57,13 @@ class TemplateContext:
 
 
 def text_units(text: str) -> int:
-    """Length as SMS gateways count it: one per character (a Chinese character is one), two for
-    characters outside the BMP, which Java-based gateways see as a UTF-16 surrogate pair."""
+    """Length as the SMS gateway counts it: a Chinese character is one; a character outside the
+    BMP is two, because Java-based gateways see a UTF-16 surrogate pair."""
     return len(text) + sum(1 for ch in text if ord(ch) > 0xFFFF)
 
 
 def clip(text: str, limit: int) -> str:
-    """Cut `text` to at most `limit` units, ending in an ellipsis when cut. 0 means no limit."""
+    """Cut `text` to at most `limit` units, ending in an ellipsis when cut. 0: no limit."""
     if limit <= 0 or text_units(text) <= limit:
         return text
     kept: list[str] = []
@@ -82,7 +77,8 @@ def clip(text: str, limit: int) -> str:
 
 
 def one_line(text: str) -> str:
-    """Subjects, titles and SMS values: no controls, whitespace runs (newlines too) as one space."""
+    """Subjects, titles, SMS: no controls; any whitespace run (newlines too) is one space, which
+    also keeps a label value from smuggling a header line into an email subject."""
     return re.sub(r"\s+", " ", _CONTROLS.sub("", text)).strip()
 
 
@@ -94,19 +90,18 @@ def multi_line(text: str) -> str:
 
 
 def sms_value(text: str, limit: int) -> str:
-    """One Aliyun TemplateParam value. Aliyun rejects variables carrying links
-    (isv.PARAM_NOT_SUPPORT_URL) and 【】 reads as a forged signature, so both are neutralised."""
+    """One TemplateParam value. Aliyun rejects variables carrying links
+    (isv.PARAM_NOT_SUPPORT_URL), and 【】 inside a value would pass for a forged signature."""
     text = _URL.sub("", one_line(text)).replace("【", "[").replace("】", "]")
     return clip(re.sub(r"\s+", " ", text).strip(), limit)
 
 
 def _timefmt(value: object, offset_hours: float = 0) -> str:
-    """Template filter: RFC 3339 (nanoseconds allowed) -> 'YYYY-MM-DD HH:MM:SS' at UTC+offset.
+    """Filter: RFC 3339 (nanoseconds too) -> 'YYYY-MM-DD HH:MM:SS' at UTC+offset_hours.
     Alertmanager's zero time (a firing alert's endsAt) becomes ''."""
-    raw = str(value)
-    match = _TIMESTAMP.fullmatch(raw.strip())
+    match = _TIMESTAMP.fullmatch(str(value).strip())
     if not match:
-        return raw
+        return str(value)
     day, clock, zone = match.groups()
     if day.startswith("0001-"):
         return ""
@@ -114,28 +109,19 @@ def _timefmt(value: object, offset_hours: float = 0) -> str:
     return stamp.astimezone(timezone(timedelta(hours=offset_hours))).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _clip_filter(value: object, limit: int) -> str:
-    return clip(str(value), limit)
-
-
 def _web_url(url: str) -> str:
     """Only http(s) links reach a template: a `javascript:` generatorURL must never be an href."""
     return url if re.match(r"(?i)https?://[^\s\"'<>]+$", url) else ""
 
 
-def _worst_severity(severities: list[str]) -> str:
-    return min(severities, key=lambda s: _SEVERITY_RANK.get(s.lower(), 3), default="info")
-
-
 def _alert_view(alert: Alert) -> dict[str, Any]:
     notes = alert.annotations
-    summary = notes.get("summary") or notes.get("description") or notes.get("message") or ""
     return {
         "status": alert.status or "firing",
         "name": alert.labels.get("alertname", ""),
         "labels": dict(sorted(alert.labels.items())),
         "annotations": dict(notes),
-        "summary": summary,
+        "summary": notes.get("summary") or notes.get("description") or notes.get("message", ""),
         "description": notes.get("description", ""),
         "starts_at": alert.starts_at,
         "ends_at": "" if alert.ends_at.startswith("0001-") else alert.ends_at,
@@ -149,15 +135,19 @@ def _digest_view(events: tuple[Event, ...]) -> dict[str, Any]:
     groups: dict[str, int] = {}
     for event in events:
         groups[event.title] = groups.get(event.title, 0) + 1
-    ranked = sorted(groups.items(), key=lambda item: -item[1])  # stable: first seen wins ties
     return {
         "digest": [
             {"title": e.title, "severity": e.severity, "kind": e.kind, "alerts": len(e.alerts)}
             for e in events
         ],
         "digest_count": len(events),
-        "digest_groups": [{"title": title, "count": n} for title, n in ranked],
-        "digest_severity": _worst_severity([e.severity for e in events]),
+        # Most frequent first; sorted() is stable, so ties keep arrival order.
+        "digest_groups": [
+            {"title": t, "count": n} for t, n in sorted(groups.items(), key=lambda i: -i[1])
+        ],
+        "digest_severity": min(
+            (e.severity for e in events), key=lambda s: _SEVERITY_RANK.get(s.lower(), 3)
+        ),
     }
 
 
@@ -181,7 +171,9 @@ def template_vars(ctx: TemplateContext) -> dict[str, Any]:
         "truncated": event.truncated_alerts,
         "firing_count": sum(1 for a in alerts if a["status"] != "resolved"),
         "resolved_count": sum(1 for a in alerts if a["status"] == "resolved"),
-        "summary": event.annotations.get("summary") or first_summary or event.body
+        "summary": event.annotations.get("summary")
+        or first_summary
+        or event.body
         or event.annotations.get("description", ""),
         "external_url": _web_url(event.external_url),
         "transaction_id": ctx.transaction_id,
@@ -198,22 +190,28 @@ def template_vars(ctx: TemplateContext) -> dict[str, Any]:
     return data
 
 
-def _normalise_locale(locale: str) -> str | None:
+def _event_strings(ctx: TemplateContext) -> list[str]:
+    """Every value an event carries, longest first: redacted from error messages."""
+    found: set[str] = set()
+    for event in (ctx.event, *ctx.digest):
+        found.update((event.title, event.body, *event.labels.values(), *event.extra.values()))
+        found.update(event.annotations.values())
+        for alert in event.alerts:
+            found.update((*alert.labels.values(), *alert.annotations.values()))
+    return sorted((s for s in found if len(s) >= 3), key=len, reverse=True)
+
+
+def _locales(locale: str) -> list[str]:
     match = _LOCALE.fullmatch(locale.strip())
     if not match:
-        return None
+        return [DEFAULT_LOCALE]
     language, region = match.groups()
-    if region is None:
-        return language.lower()
-    return f"{language.lower()}-{region.upper() if len(region) == 2 else region}"
-
-
-def _autoescape(name: str | None) -> bool:
-    return name is not None and name.endswith(".html.j2")
+    wanted = f"{language.lower()}-{region.upper()}" if region else language.lower()
+    return list(dict.fromkeys((wanted, DEFAULT_LOCALE)))
 
 
 class Renderer:
-    """Renders messages from the template directory; safe to share between threads."""
+    """Renders messages from one template directory; safe to share between threads."""
 
     def __init__(self, template_dir: Path | None = None) -> None:
         env_dir = os.environ.get("NOTIFIER_TEMPLATES")
@@ -224,11 +222,11 @@ class Renderer:
         self._env = ImmutableSandboxedEnvironment(
             loader=FileSystemLoader(self.template_dir),
             undefined=StrictUndefined,
-            autoescape=_autoescape,
+            autoescape=lambda name: bool(name and name.endswith(".html.j2")),
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self._env.filters["clip"] = _clip_filter
+        self._env.filters["clip"] = lambda value, limit: clip(str(value), limit)
         self._env.filters["timefmt"] = _timefmt
 
     def render(
@@ -258,14 +256,13 @@ class Renderer:
         def drop_subject(name: str, output: str) -> str:
             return "" if name == "subject" else output
 
-        ext = _EXTENSIONS[channel][0]
-        body, blocks = self._render(channel, ctx, ext, data, drop_subject)
+        body, blocks = self._render(channel, ctx, _EXTENSIONS[channel], data, drop_subject)
         subject = clip(one_line(blocks.get("subject") or ctx.event.title), title_maxlen)
         text = clip(multi_line(body), body_maxlen)
         if channel == "push":
             return Rendered(subject=subject, text=text)
         html, _ = self._render(channel, ctx, "html.j2", {**data, "subject": subject}, None)
-        # No cutting here: a cut would break the markup; body_maxlen bounds the text part.
+        # Not cut: cutting would break the markup. body_maxlen bounds the text part.
         return Rendered(subject=subject, text=text, html=_CONTROLS.sub("", html).strip())
 
     def check(self) -> list[str]:
@@ -275,29 +272,16 @@ class Renderer:
             try:
                 self._env.get_template(name)
             except TemplateError as exc:
-                problems.append(str(self._error(name, exc)))
+                problems.append(str(self._error(name, exc, [])))
         return problems
 
-    def _candidates(self, channel: str, kind: str, locale: str, ext: str) -> Iterator[str]:
-        kinds = [k for k in (kind, FALLBACK_KIND) if _KIND.fullmatch(k)]
-        wanted = _normalise_locale(locale)
-        locales = [loc for loc in (wanted, DEFAULT_LOCALE) if loc]
-        for k in dict.fromkeys(kinds):
-            for loc in dict.fromkeys(locales):
-                yield f"{channel}/{k}.{loc}.{ext}"
-
     def _render(
-        self,
-        channel: str,
-        ctx: TemplateContext,
-        ext: str,
-        data: dict[str, Any],
-        hook: BlockHook | None,
+        self, channel: str, ctx: TemplateContext, ext: str, data: dict[str, Any], hook: BlockHook | None
     ) -> tuple[str, dict[str, str]]:
         """Render the first template found; return its output and its top-level blocks' output.
 
         `hook(name, output)` sees each top-level block's output and returns what the template
-        emits in its place; nested blocks stay part of the block that encloses them.
+        emits in its place; nested blocks stay part of the block enclosing them.
         """
         name = f"{channel}/*.{ext}"
         try:
@@ -316,47 +300,47 @@ class Renderer:
         except PermanentError:
             raise
         except Exception as exc:
-            # `from None`: the cause's message may quote event data; ours names only the template.
-            raise self._error(name, exc) from None
+            # `from None`: the cause may quote event data; ours names only template and reason.
+            raise self._error(name, exc, _event_strings(ctx)) from None
 
     def _find(self, channel: str, ctx: TemplateContext, ext: str) -> Template:
-        for candidate in self._candidates(channel, ctx.event.kind, ctx.locale, ext):
+        kinds = dict.fromkeys(k for k in (ctx.event.kind, FALLBACK_KIND) if _KIND.fullmatch(k))
+        tried = [f"{channel}/{k}.{loc}.{ext}" for k in kinds for loc in _locales(ctx.locale)]
+        for candidate in tried:
             try:
                 return self._env.get_template(candidate)
             except TemplateNotFound as exc:
-                if exc.name != candidate:  # an include inside it is missing: a real error
+                if exc.name != candidate:  # an import inside it is missing: a real error
                     raise
-        # Names only what was tried: an unusable kind/locale (event data) never makes it in.
-        tried = ", ".join(self._candidates(channel, ctx.event.kind, ctx.locale, ext))
-        raise PermanentError("template", f"{channel}: no template found (tried {tried})")
+        # Names only sanitised candidates: an unusable kind/locale (event data) never shows.
+        raise PermanentError("template", f"{channel}: no template found (tried {', '.join(tried)})")
 
-    def _error(self, name: str, exc: Exception) -> PermanentError:
+    def _error(self, name: str, exc: Exception, redact: list[str]) -> PermanentError:
         where = name
         if isinstance(exc, _SyntaxError):
             where = f"{exc.name or name} line {exc.lineno}"
         else:
             root = str(self.template_dir)
-            trace = traceback.extract_tb(exc.__traceback__)
-            frames = [f for f in trace if f.filename.startswith(root)]
+            frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.startswith(root)]
             if frames:
                 relative = Path(frames[-1].filename).relative_to(self.template_dir).as_posix()
                 where = f"{relative} line {frames[-1].lineno}"
         if isinstance(exc, TemplateError):
+            # Jinja's messages name template things, but a lookup keyed by a label value
+            # ("has no attribute '<value>'") would quote it: redact whatever the event carries.
             reason = f"{type(exc).__name__}: {exc.message or ''}"
+            for value in redact:
+                reason = reason.replace(value, "<data>")
         else:
             # Python's own messages (int('...'), KeyError(...)) may quote label values.
             reason = f"{type(exc).__name__} raised while rendering"
-        return PermanentError("template", f"{where}: {clip(reason, _ERROR_REASON_MAX)}")
+        return PermanentError("template", f"{where}: {clip(reason, 200)}")
 
 
 def _capture(
-    name: str,
-    block: Callable[..., Iterator[str]],
-    hook: BlockHook,
-    blocks: dict[str, str],
-    depth: list[int],
+    name: str, block: Callable[..., Iterator[str]], hook: BlockHook, out: dict[str, str], depth: list[int]
 ) -> Callable[..., Iterator[str]]:
-    """Wrap a compiled block function: Jinja calls `context.blocks[name][0](context)`."""
+    """Wrap a compiled block function (compiled templates call `context.blocks[name][0]`)."""
 
     def run(context: Context, *args: Any, **kwargs: Any) -> Iterator[str]:
         depth[0] += 1
@@ -364,10 +348,10 @@ def _capture(
             output = "".join(block(context, *args, **kwargs))
         finally:
             depth[0] -= 1
-        if depth[0]:
+        if depth[0]:  # nested: part of the enclosing block's value
             yield output
             return
-        blocks[name] = output
+        out[name] = output
         yield hook(name, output)
 
     return run

@@ -9,6 +9,7 @@ from notifier.config import Settings
 from notifier.pipeline.deliver import deliver
 from notifier.pipeline.dispatch import dispatch
 from notifier.tasks_spec import DELIVER, DISPATCH, TIMER
+from notifier.worker import extra_tasks
 from notifier.worker.runtime import Runtime
 from notifier.worker.timers import fire_timer
 
@@ -30,5 +31,6 @@ def create_worker_app(settings: Settings) -> Celery:
     def timer_task(self: Task, timer: str) -> str:
         return fire_timer(runtime.deps(), timer)
 
+    extra_tasks.register(app, runtime)
     app.conf.notifier_runtime = runtime
     return app

@@ -160,9 +160,9 @@ def test_clip_counts_characters_not_bytes() -> None:
 
 
 def test_sms_values_lose_links_controls_and_fake_signatures(renderer: Renderer) -> None:
-    body = "see https://evil.example.com/x\x1b[31m now\n【银行】\u202eok"
+    body = "\x1b[31mred\n【银行】\u202eok see https://x.io/a"
     out = renderer.render("sms", ctx(Event(kind="alert", title="t\r\nx", body=body)))
-    assert out.params["content"] == "see [31m now [银行]ok"
+    assert out.params["content"] == "[31mred [银行]ok see"
     assert out.params["title"] == "t x"
     push = renderer.render("push", ctx(Event(kind="alert", title="a\x00b", body=body)))
     assert "\x1b" not in push.text and "\u202e" not in push.text and "\x00" not in push.subject
@@ -196,11 +196,18 @@ def test_missing_variable_is_permanent_and_leaks_no_event_data(tmp_path: Path) -
     assert caught.value.__suppress_context__
 
 
-def test_python_errors_in_templates_do_not_quote_data(tmp_path: Path) -> None:
-    r = Renderer(hostile_dir(tmp_path, "{% block title %}{{ summary | int(base=None) }}{% endblock %}"))
+@pytest.mark.parametrize(
+    ("source", "reason"),
+    [
+        ("{{ {}[summary] }}", "UndefinedError: 'dict object' has no attribute '<data>'"),
+        ("{{ summary.index('not there') }}", "ValueError raised while rendering"),
+    ],
+)
+def test_errors_do_not_quote_event_data(tmp_path: Path, source: str, reason: str) -> None:
+    r = Renderer(hostile_dir(tmp_path, "{% block title %}" + source + "{% endblock %}"))
     with pytest.raises(PermanentError) as caught:
         r.render("sms", ctx(fixture_event("alertmanager-firing.json")))
-    assert "latency" not in str(caught.value) and "sms/alert.en.j2" in str(caught.value)
+    assert str(caught.value) == f"template: sms/alert.en.j2 line 1: {reason}"
 
 
 def test_syntax_error_and_missing_templates_are_permanent(tmp_path: Path) -> None:

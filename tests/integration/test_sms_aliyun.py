@@ -1,0 +1,306 @@
+"""AliyunSms through the real Dysmsapi SDK against the signature-checking fake."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import urllib.request
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+import redis
+
+from notifier.channels.aliyun_errors import TABLE
+from notifier.channels.base import ChannelContext
+from notifier.channels.sms_aliyun import CHINA_TZ, AliyunSms, send_dates
+from notifier.config import AliyunSmsProvider
+from notifier.errors import ConfigError, DeliveryError, MaybeSentError, PermanentError, TransientError
+from notifier.models import ErrorClass, Outgoing, Receipt, Rendered
+from tests.fakes.dysmsapi import FakeDysmsapi
+from tests.support.servers import clean_env, free_port
+
+AK_ID, AK_SECRET = "LTAI5tFakeKeyId0001", "s3cr3t-VALUE-never-printed"
+TEMPLATES = {"alert": "SMS_100001", "resolved": "SMS_100002", "drill": "SMS_100003"}
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeDysmsapi]:
+    with FakeDysmsapi(AK_ID, AK_SECRET) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _clean(fake: FakeDysmsapi) -> None:
+    fake.reset()
+
+
+def make_channel(endpoint: str, secret: str = AK_SECRET, **overrides: Any) -> AliyunSms:
+    config = AliyunSmsProvider.model_validate({
+        "provider": "aliyun", "endpoint": endpoint, "protocol": "http", "sign_name": "运维告警",
+        "templates": TEMPLATES, "connect_timeout": 0.5, "read_timeout": 0.5, **overrides,
+    })
+    # The SMS channel never touches Redis; the client object connects lazily and is unused.
+    context = ChannelContext(
+        redis=redis.Redis(port=1),
+        env={"ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": secret},
+    )
+    return AliyunSms(config, context)
+
+
+@pytest.fixture
+def channel(fake: FakeDysmsapi) -> AliyunSms:
+    return make_channel(fake.endpoint)
+
+
+def outgoing(delivery_id: str = "dlv-1", address: str = "+8613800138000", kind: str = "alert",
+             **params: str) -> Outgoing:
+    return Outgoing(delivery_id=delivery_id, transaction_id="tx-1", address=address, kind=kind,
+                    rendered=Rendered(params=params or {"title": "DiskFull db-1"}))
+
+
+def send(channel: AliyunSms, message: Outgoing) -> Receipt:
+    return asyncio.run(channel.send(message))
+
+
+def send_error(channel: AliyunSms, message: Outgoing) -> DeliveryError:
+    with pytest.raises(DeliveryError) as info:
+        send(channel, message)
+    return info.value
+
+
+def test_send_puts_the_right_parameters_on_the_wire(fake: FakeDysmsapi, channel: AliyunSms) -> None:
+    params = {"title": "磁盘满 db-1", "value": "97% & +5 = ~x"}  # needs careful URL-encoding
+    message = Outgoing(delivery_id="dlv-42", transaction_id="tx-9", address="+8613800138000",
+                       kind="resolved", rendered=Rendered(params=params),
+                       data={"sms_up_extend_code": "0427"})
+    receipt = send(channel, message)
+
+    [record] = fake.messages
+    assert record["phone_numbers"] == "13800138000"  # mainland: bare 11 digits
+    assert record["sign_name"] == "运维告警"
+    assert record["template_code"] == "SMS_100002"
+    assert record["template_param"] == params
+    assert record["template_param_raw"] == json.dumps(params, ensure_ascii=False)
+    assert record["out_id"] == "dlv-42"
+    assert record["sms_up_extend_code"] == "0427"
+    assert record["access_key_id"] == AK_ID
+    assert receipt.provider_message_id == record["biz_id"] and receipt.provider_message_id.endswith("^0")
+    assert receipt.request_id == record["request_id"]
+
+
+def test_international_number_goes_out_as_country_code_and_number(
+    fake: FakeDysmsapi, channel: AliyunSms
+) -> None:
+    send(channel, outgoing(address="+85251234567"))
+    assert fake.messages[0]["phone_numbers"] == "85251234567"
+
+
+def test_kind_without_template_falls_back_to_alert(fake: FakeDysmsapi, channel: AliyunSms) -> None:
+    send(channel, outgoing(kind="digest"))
+    assert fake.messages[0]["template_code"] == "SMS_100001"
+
+
+def test_no_template_at_all_is_permanent_and_sends_nothing(fake: FakeDysmsapi) -> None:
+    channel = make_channel(fake.endpoint, templates={"drill": "SMS_100003"})
+    error = send_error(channel, outgoing(kind="alert"))
+    assert isinstance(error, PermanentError) and error.code == "NoTemplate"
+    assert fake.requests.total() == 0
+
+
+@pytest.mark.parametrize(("secret", "key_id", "code"), [
+    ("wrong-secret", AK_ID, "SignatureDoesNotMatch"),
+    (AK_SECRET, "LTAI5tUnknownKeyId", "InvalidAccessKeyId.NotFound"),
+])
+def test_bad_credentials_are_an_account_error_that_never_shows_the_secret(
+    fake: FakeDysmsapi, secret: str, key_id: str, code: str
+) -> None:
+    channel = make_channel(fake.endpoint, secret=secret)
+    channel = AliyunSms(channel.config, ChannelContext(redis=redis.Redis(port=1), env={
+        "ALIBABA_CLOUD_ACCESS_KEY_ID": key_id, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": secret}))
+    error = send_error(channel, outgoing())
+    assert isinstance(error, PermanentError)
+    assert (error.error_class, error.code) == (ErrorClass.ACCOUNT, code)
+    assert error.trips_breaker
+    text = "".join(traceback.format_exception(error)) + repr(error) + repr(channel)
+    assert secret not in text and AK_SECRET not in text
+    assert fake.messages == []
+
+
+def test_missing_key_env_is_a_config_error_naming_the_variable(fake: FakeDysmsapi) -> None:
+    config = make_channel(fake.endpoint).config
+    with pytest.raises(ConfigError, match="ALIBABA_CLOUD_ACCESS_KEY_SECRET") as info:
+        AliyunSms(config, ChannelContext(redis=redis.Redis(port=1),
+                                         env={"ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID}))
+    assert AK_ID not in str(info.value)
+
+
+@pytest.mark.parametrize(("behaviour", "error_class", "code", "retry_after"), [
+    ({"kind": "business", "code": "isv.BUSINESS_LIMIT_CONTROL", "message": "触发分钟级流控Permits:1"},
+     ErrorClass.TRANSIENT, "isv.BUSINESS_LIMIT_CONTROL", 60.0),
+    ({"kind": "business", "code": "isv.BUSINESS_LIMIT_CONTROL", "message": "触发小时级流控Permits:5"},
+     ErrorClass.RECIPIENT_BUDGET, "isv.BUSINESS_LIMIT_CONTROL", None),
+    ({"kind": "business", "code": "isv.BUSINESS_LIMIT_CONTROL", "message": "触发天级流控Permits:10"},
+     ErrorClass.RECIPIENT_BUDGET, "isv.BUSINESS_LIMIT_CONTROL", None),
+    ({"kind": "gateway", "status": 400, "code": "Throttling.User", "retry_after": 3000},
+     ErrorClass.TRANSIENT, "Throttling.User", 3.0),
+    ({"kind": "gateway", "status": 400, "code": "Throttling.Api"},
+     ErrorClass.TRANSIENT, "Throttling.Api", None),
+    ({"kind": "gateway", "status": 503, "code": "ServiceUnavailable"},
+     ErrorClass.TRANSIENT, "ServiceUnavailable", None),
+    ({"kind": "gateway", "status": 500, "code": "InternalError"},
+     ErrorClass.TRANSIENT, "InternalError", None),
+    ({"kind": "gateway", "status": 502, "code": "Gateway.Unknown"},
+     ErrorClass.TRANSIENT, "Gateway.Unknown", None),
+    ({"kind": "gateway", "status": 400, "code": "InvalidTimeStamp.Expired"},
+     ErrorClass.ACCOUNT, "InvalidTimeStamp.Expired", None),
+    ({"kind": "non_json", "status": 502},
+     ErrorClass.MAYBE_SENT, "InvalidResponse", None),
+])
+def test_scripted_failures_are_classified(
+    fake: FakeDysmsapi, channel: AliyunSms, behaviour: dict[str, Any],
+    error_class: ErrorClass, code: str, retry_after: float | None,
+) -> None:
+    fake.script(behaviour)
+    error = send_error(channel, outgoing())
+    assert (error.error_class, error.code, error.retry_after) == (error_class, code, retry_after)
+    assert fake.messages == []
+
+
+def test_every_business_code_of_the_table_classifies_as_the_table_says(
+    fake: FakeDysmsapi, channel: AliyunSms
+) -> None:
+    fake.script(*({"kind": "business", "code": code, "message": "x"} for code in TABLE))
+    for code, expected in TABLE.items():
+        error = send_error(channel, outgoing())
+        assert (error.code, error.error_class) == (code, expected)
+
+
+def test_fake_validation_reaches_the_table(fake: FakeDysmsapi, channel: AliyunSms) -> None:
+    error = send_error(channel, outgoing(title="x" * 36))  # longer than a variable may be
+    assert (error.code, error.error_class) == ("isv.PARAM_LENGTH_LIMIT", ErrorClass.PERMANENT)
+
+
+def test_read_timeout_after_send_is_maybe_sent_and_lookup_finds_it(
+    fake: FakeDysmsapi, channel: AliyunSms
+) -> None:
+    sent_after = time.time()
+    fake.script({"kind": "stall", "seconds": 2})
+    message = outgoing(delivery_id="dlv-stalled")
+    error = send_error(channel, message)
+    assert isinstance(error, MaybeSentError) and error.code == "ReadTimeout"
+    assert [m["out_id"] for m in fake.messages] == ["dlv-stalled"]  # it did go out
+
+    found = asyncio.run(channel.lookup(message, sent_after))
+    assert found is not None
+    assert found.detail["OutId"] == "dlv-stalled" and found.detail["SendStatus"] == "3"
+
+
+def test_hang_is_maybe_sent_and_lookup_then_finds_nothing(
+    fake: FakeDysmsapi, channel: AliyunSms
+) -> None:
+    # The request left and no answer came: from here a hang and a stall are the same thing,
+    # so it must be MaybeSent; the lookup is what tells them apart.
+    sent_after = time.time()
+    fake.script({"kind": "hang", "seconds": 2})
+    message = outgoing(delivery_id="dlv-hung")
+    assert isinstance(send_error(channel, message), MaybeSentError)
+    assert asyncio.run(channel.lookup(message, sent_after)) is None
+
+
+def test_lookup_pages_through_a_busy_number(fake: FakeDysmsapi, channel: AliyunSms) -> None:
+    sent_after = time.time()
+
+    async def send_many() -> None:
+        for i in range(60):
+            await channel.send(outgoing(delivery_id=f"dlv-{i}"))
+
+    asyncio.run(send_many())
+    first = asyncio.run(channel.lookup(outgoing(delivery_id="dlv-0"), sent_after))
+    assert first is not None and first.detail["OutId"] == "dlv-0"
+    assert fake.requests["QuerySendDetails"] == 2  # newest first: dlv-0 sits on page 2
+
+
+def test_connection_refused_is_transient() -> None:
+    channel = make_channel(f"127.0.0.1:{free_port()}")
+    error = send_error(channel, outgoing())
+    assert isinstance(error, TransientError) and error.code == "ConnectionError"
+
+
+def test_scripted_refusal_then_recovery(fake: FakeDysmsapi, channel: AliyunSms) -> None:
+    fake.script({"kind": "refuse", "seconds": 0.5})
+    assert isinstance(send_error(channel, outgoing()), TransientError)
+    time.sleep(0.7)
+    send(channel, outgoing())
+    assert len(fake.messages) == 1
+
+
+def test_connect_timeout_is_transient() -> None:
+    # A listener whose accept queue is full drops new SYNs: a real connect timeout on loopback.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        fillers = [socket.create_connection(listener.getsockname(), timeout=1) for _ in range(2)]
+        try:
+            channel = make_channel("127.0.0.1:%d" % listener.getsockname()[1])
+            error = send_error(channel, outgoing())
+        finally:
+            for sock in fillers:
+                sock.close()
+    assert isinstance(error, TransientError) and error.code == "ConnectTimeout"
+
+
+def test_query_status_reports_the_delivery_outcome(fake: FakeDysmsapi, channel: AliyunSms) -> None:
+    fake.script({"kind": "ok", "send_status": 2, "err_code": "IC:0001"})
+    failed = send(channel, outgoing(delivery_id="dlv-failed"))
+    delivered = send(channel, outgoing(delivery_id="dlv-ok"))
+    today = datetime.now(CHINA_TZ).date()
+
+    [record] = asyncio.run(channel.query_status("+8613800138000", today, failed.provider_message_id))
+    assert (record["SendStatus"], record["ErrCode"], record["OutId"]) == (2, "IC:0001", "dlv-failed")
+    records = asyncio.run(channel.query_status("+8613800138000", today.strftime("%Y%m%d")))
+    assert {r["OutId"]: r["ErrCode"] for r in records} == {
+        "dlv-failed": "IC:0001", "dlv-ok": "DELIVERED"}
+    assert records[0]["ReceiveDate"] and delivered.provider_message_id
+
+
+def test_send_dates_cover_midnight_in_beijing() -> None:
+    before_midnight = datetime(2026, 11, 23, 23, 59, 30, tzinfo=CHINA_TZ).timestamp()
+    assert send_dates(before_midnight, now=before_midnight + 10) == ["20261123"]
+    assert send_dates(before_midnight, now=before_midnight + 60) == ["20261123", "20261124"]
+
+
+def test_standalone_fake_with_control_api() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.dysmsapi", "--port", "0",
+         "--access-key-id", AK_ID, "--access-key-secret", AK_SECRET],
+        stdout=subprocess.PIPE, text=True, env=clean_env(),
+    )
+    try:
+        assert process.stdout is not None
+        url = json.loads(process.stdout.readline())["url"]
+
+        def control(path: str, body: Any = None) -> Any:
+            data = None if body is None else json.dumps(body).encode()
+            with urllib.request.urlopen(urllib.request.Request(url + path, data=data), timeout=5) as r:
+                return json.load(r)
+
+        assert control("/_fake/script", [{"kind": "business", "code": "isv.OUT_OF_SERVICE"}]) == {
+            "queued": 1}
+        channel = make_channel(url.removeprefix("http://"))
+        assert send_error(channel, outgoing()).error_class is ErrorClass.ACCOUNT
+        send(channel, outgoing(delivery_id="dlv-e2e"))
+        assert [m["out_id"] for m in control("/_fake/messages")] == ["dlv-e2e"]
+        assert control("/_fake/stats")["requests"] == {"SendSms": 2}
+        control("/_fake/reset", {})
+        assert control("/_fake/messages") == []
+    finally:
+        process.terminate()
+        process.wait(10)
+    assert process.returncode == 0
