@@ -156,6 +156,8 @@ def template_vars(ctx: TemplateContext) -> dict[str, Any]:
     event = ctx.event
     alerts = [_alert_view(a) for a in event.alerts]
     first_summary = next((a["summary"] for a in alerts if a["summary"]), "")
+    notes = event.annotations
+    summary = notes.get("summary") or first_summary or event.body or notes.get("description", "")
     data: dict[str, Any] = {
         "event": event,
         "kind": event.kind,
@@ -171,10 +173,7 @@ def template_vars(ctx: TemplateContext) -> dict[str, Any]:
         "truncated": event.truncated_alerts,
         "firing_count": sum(1 for a in alerts if a["status"] != "resolved"),
         "resolved_count": sum(1 for a in alerts if a["status"] == "resolved"),
-        "summary": event.annotations.get("summary")
-        or first_summary
-        or event.body
-        or event.annotations.get("description", ""),
+        "summary": summary,
         "external_url": _web_url(event.external_url),
         "transaction_id": ctx.transaction_id,
         "recipient": ctx.recipient,
@@ -188,6 +187,16 @@ def template_vars(ctx: TemplateContext) -> dict[str, Any]:
     if "reply_code" in event.extra:
         data["reply_code"] = event.extra["reply_code"]
     return data
+
+
+def _without_links(value: Any) -> Any:
+    if isinstance(value, str):
+        return _URL.sub("", value)
+    if isinstance(value, dict):
+        return {k: _without_links(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_links(v) for v in value]
+    return value
 
 
 def _event_strings(ctx: TemplateContext) -> list[str]:
@@ -242,6 +251,8 @@ class Renderer:
             raise PermanentError("template", f"no templates for channel {channel!r}")
         data = template_vars(ctx)
         if channel == "sms":
+            # Links go before the templates clip values: a cut "https:…" no longer looks like one.
+            data = {k: v if k == "event" else _without_links(v) for k, v in data.items()}
             params: dict[str, str] = {}
 
             def to_param(name: str, output: str) -> str:
@@ -276,7 +287,12 @@ class Renderer:
         return problems
 
     def _render(
-        self, channel: str, ctx: TemplateContext, ext: str, data: dict[str, Any], hook: BlockHook | None
+        self,
+        channel: str,
+        ctx: TemplateContext,
+        ext: str,
+        data: dict[str, Any],
+        hook: BlockHook | None,
     ) -> tuple[str, dict[str, str]]:
         """Render the first template found; return its output and its top-level blocks' output.
 
@@ -321,7 +337,9 @@ class Renderer:
             where = f"{exc.name or name} line {exc.lineno}"
         else:
             root = str(self.template_dir)
-            frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.startswith(root)]
+            frames = [
+                f for f in traceback.extract_tb(exc.__traceback__) if f.filename.startswith(root)
+            ]
             if frames:
                 relative = Path(frames[-1].filename).relative_to(self.template_dir).as_posix()
                 where = f"{relative} line {frames[-1].lineno}"
@@ -338,7 +356,11 @@ class Renderer:
 
 
 def _capture(
-    name: str, block: Callable[..., Iterator[str]], hook: BlockHook, out: dict[str, str], depth: list[int]
+    name: str,
+    block: Callable[..., Iterator[str]],
+    hook: BlockHook,
+    out: dict[str, str],
+    depth: list[int],
 ) -> Callable[..., Iterator[str]]:
     """Wrap a compiled block function (compiled templates call `context.blocks[name][0]`)."""
 

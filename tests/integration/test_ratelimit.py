@@ -13,7 +13,7 @@ from notifier.config import RateLimit
 from notifier.ratelimit import Bucket, TokenBuckets
 
 
-def bucket(key: str, rate: float, per: float | str = 1.0, burst: float | None = None) -> Bucket:
+def bucket(key: str, rate: float, per: float = 1.0, burst: float | None = None) -> Bucket:
     return Bucket(key, RateLimit(rate=rate, per=per, burst=burst))
 
 
@@ -67,7 +67,7 @@ def test_retry_after_is_when_it_is_allowed(redis_client: redis.Redis) -> None:
 def test_day_budget_holds_in_any_rolling_window(redis_client: redis.Redis) -> None:
     """'5 per 2s, burst 5' is a scaled-down '50 per 1d, burst 50' recipient budget."""
     buckets = TokenBuckets(redis_client)
-    day = bucket("sms:+8613800138000:day", rate=5, per="2s", burst=5)
+    day = bucket("sms:+8613800138000:day", rate=5, per=2.0, burst=5)
     assert all(buckets.take([day]).allowed for _ in range(5))
     time.sleep(1.0)
     # A bare token bucket would have refilled 2.5 tokens by now, letting 7-8 through in 2 s.
@@ -96,8 +96,8 @@ def test_rolling_window_gives_slots_back_one_by_one(redis_client: redis.Redis) -
 def test_multi_take_is_all_or_nothing(redis_client: redis.Redis) -> None:
     buckets = TokenBuckets(redis_client)
     channel = bucket("sms", rate=100, burst=100)
-    minute = bucket("sms:+8613800138000:0", rate=1, per="1m")
-    day = bucket("sms:+8613800138000:1", rate=3, per="1d")
+    minute = bucket("sms:+8613800138000:0", rate=1, per=60.0)
+    day = bucket("sms:+8613800138000:1", rate=3, per=86400.0)
     assert buckets.take([channel, minute, day]).allowed
     assert buckets.level(channel) == 99
 
@@ -113,7 +113,7 @@ def test_multi_take_is_all_or_nothing(redis_client: redis.Redis) -> None:
     assert buckets.level(day) == 2
 
     # The wait reported is the longest one: every bucket must be able to give.
-    other = bucket("sms:+8613900139000:0", rate=1, per="1m")
+    other = bucket("sms:+8613900139000:0", rate=1, per=60.0)
     assert buckets.take([other, day]).allowed
     assert buckets.take([day]).allowed  # day budget now spent (3 of 3)
     decision = buckets.take([channel, other, day])
@@ -146,7 +146,9 @@ def test_idle_buckets_expire(redis_client: redis.Redis) -> None:
     assert buckets.level(quick) == 5  # a missing key is a full bucket
 
 
-def _hammer(url: str, barrier: Barrier, seconds: float, out: mp.Queue[tuple[int, float, float]]) -> None:
+def _hammer(
+    url: str, barrier: Barrier, seconds: float, out: mp.Queue[tuple[int, float, float]]
+) -> None:
     client = redis.Redis.from_url(url)
     buckets = TokenBuckets(client)
     shared = bucket("fleet", rate=10, burst=10)
@@ -167,7 +169,9 @@ def test_limit_holds_fleet_wide_across_processes(redis_url: str) -> None:
     workers = 4
     barrier = ctx.Barrier(workers)
     out: mp.Queue[tuple[int, float, float]] = ctx.Queue()
-    procs = [ctx.Process(target=_hammer, args=(redis_url, barrier, 2.0, out)) for _ in range(workers)]
+    procs = [
+        ctx.Process(target=_hammer, args=(redis_url, barrier, 2.0, out)) for _ in range(workers)
+    ]
     for proc in procs:
         proc.start()
     results = [out.get(timeout=60) for _ in procs]

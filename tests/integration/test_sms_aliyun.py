@@ -21,7 +21,13 @@ from notifier.channels.aliyun_errors import TABLE
 from notifier.channels.base import ChannelContext
 from notifier.channels.sms_aliyun import CHINA_TZ, AliyunSms, send_dates
 from notifier.config import AliyunSmsProvider
-from notifier.errors import ConfigError, DeliveryError, MaybeSentError, PermanentError, TransientError
+from notifier.errors import (
+    ConfigError,
+    DeliveryError,
+    MaybeSentError,
+    PermanentError,
+    TransientError,
+)
 from notifier.models import ErrorClass, Outgoing, Receipt, Rendered
 from tests.fakes.dysmsapi import FakeDysmsapi
 from tests.support.servers import clean_env, free_port
@@ -91,7 +97,8 @@ def test_send_puts_the_right_parameters_on_the_wire(fake: FakeDysmsapi, channel:
     assert record["out_id"] == "dlv-42"
     assert record["sms_up_extend_code"] == "0427"
     assert record["access_key_id"] == AK_ID
-    assert receipt.provider_message_id == record["biz_id"] and receipt.provider_message_id.endswith("^0")
+    assert receipt.provider_message_id == record["biz_id"]
+    assert receipt.provider_message_id.endswith("^0")  # BizId looks like 900619746936498440^0
     assert receipt.request_id == record["request_id"]
 
 
@@ -141,12 +148,15 @@ def test_missing_key_env_is_a_config_error_naming_the_variable(fake: FakeDysmsap
     assert AK_ID not in str(info.value)
 
 
+LIMIT = {"kind": "business", "code": "isv.BUSINESS_LIMIT_CONTROL"}
+
+
 @pytest.mark.parametrize(("behaviour", "error_class", "code", "retry_after"), [
-    ({"kind": "business", "code": "isv.BUSINESS_LIMIT_CONTROL", "message": "触发分钟级流控Permits:1"},
+    ({**LIMIT, "message": "触发分钟级流控Permits:1"},
      ErrorClass.TRANSIENT, "isv.BUSINESS_LIMIT_CONTROL", 60.0),
-    ({"kind": "business", "code": "isv.BUSINESS_LIMIT_CONTROL", "message": "触发小时级流控Permits:5"},
+    ({**LIMIT, "message": "触发小时级流控Permits:5"},
      ErrorClass.RECIPIENT_BUDGET, "isv.BUSINESS_LIMIT_CONTROL", None),
-    ({"kind": "business", "code": "isv.BUSINESS_LIMIT_CONTROL", "message": "触发天级流控Permits:10"},
+    ({**LIMIT, "message": "触发天级流控Permits:10"},
      ErrorClass.RECIPIENT_BUDGET, "isv.BUSINESS_LIMIT_CONTROL", None),
     ({"kind": "gateway", "status": 400, "code": "Throttling.User", "retry_after": 3000},
      ErrorClass.TRANSIENT, "Throttling.User", 3.0),
@@ -246,9 +256,13 @@ def test_connect_timeout_is_transient() -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(0)
-        fillers = [socket.create_connection(listener.getsockname(), timeout=1) for _ in range(2)]
+        fillers = [socket.socket() for _ in range(4)]
         try:
-            channel = make_channel("127.0.0.1:%d" % listener.getsockname()[1])
+            for sock in fillers:
+                sock.setblocking(False)
+                sock.connect_ex(listener.getsockname())
+            time.sleep(0.1)
+            channel = make_channel(f"127.0.0.1:{listener.getsockname()[1]}")
             error = send_error(channel, outgoing())
         finally:
             for sock in fillers:
@@ -262,9 +276,11 @@ def test_query_status_reports_the_delivery_outcome(fake: FakeDysmsapi, channel: 
     delivered = send(channel, outgoing(delivery_id="dlv-ok"))
     today = datetime.now(CHINA_TZ).date()
 
-    [record] = asyncio.run(channel.query_status("+8613800138000", today, failed.provider_message_id))
-    assert (record["SendStatus"], record["ErrCode"], record["OutId"]) == (2, "IC:0001", "dlv-failed")
-    records = asyncio.run(channel.query_status("+8613800138000", today.strftime("%Y%m%d")))
+    phone = "+8613800138000"
+    [record] = asyncio.run(channel.query_status(phone, today, failed.provider_message_id))
+    assert (record["SendStatus"], record["ErrCode"], record["OutId"]) == (2, "IC:0001",
+                                                                        "dlv-failed")
+    records = asyncio.run(channel.query_status(phone, today.strftime("%Y%m%d")))
     assert {r["OutId"]: r["ErrCode"] for r in records} == {
         "dlv-failed": "IC:0001", "dlv-ok": "DELIVERED"}
     assert records[0]["ReceiveDate"] and delivered.provider_message_id
@@ -288,8 +304,9 @@ def test_standalone_fake_with_control_api() -> None:
 
         def control(path: str, body: Any = None) -> Any:
             data = None if body is None else json.dumps(body).encode()
-            with urllib.request.urlopen(urllib.request.Request(url + path, data=data), timeout=5) as r:
-                return json.load(r)
+            request = urllib.request.Request(url + path, data=data)
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                return json.load(answer)
 
         assert control("/_fake/script", [{"kind": "business", "code": "isv.OUT_OF_SERVICE"}]) == {
             "queued": 1}
@@ -303,4 +320,6 @@ def test_standalone_fake_with_control_api() -> None:
     finally:
         process.terminate()
         process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()
     assert process.returncode == 0

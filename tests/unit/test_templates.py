@@ -136,7 +136,11 @@ def test_truncated_group_counts_and_says_more(renderer: Renderer) -> None:
     assert "磁盘 /data 使用率 97%" in email.text and "磁盘 /data 使用率 95%" in email.text
     assert "http://prometheus:9090/graph?g0.expr=disk" in (email.html or "")
     zh = renderer.render("sms", ctx(event, "zh-CN"))
-    assert zh.params == {"severity": "严重", "title": "DiskFull 等3条", "content": "磁盘 /data 使用率 97%"}
+    assert zh.params == {
+        "severity": "严重",
+        "title": "DiskFull 等3条",
+        "content": "磁盘 /data 使用率 97%",
+    }
     assert zh.text == "告警（严重）：DiskFull 等3条，磁盘 /data 使用率 97%"
 
 
@@ -169,8 +173,12 @@ def test_sms_values_lose_links_controls_and_fake_signatures(renderer: Renderer) 
 
 
 def test_unsafe_links_never_become_hrefs(renderer: Renderer) -> None:
-    alert = Alert(status="firing", labels={"alertname": "X"}, annotations={"summary": "s"},
-                  generator_url="javascript:alert(1)")
+    alert = Alert(
+        status="firing",
+        labels={"alertname": "X"},
+        annotations={"summary": "s"},
+        generator_url="javascript:alert(1)",
+    )
     event = Event(kind="alert", title="X", alerts=(alert,), external_url="javascript:alert(2)")
     html = renderer.render("email", ctx(event)).html or ""
     assert "javascript:" not in html
@@ -186,7 +194,9 @@ def test_hostile_template_is_stopped_by_the_sandbox(tmp_path: Path) -> None:
 
 
 def test_missing_variable_is_permanent_and_leaks_no_event_data(tmp_path: Path) -> None:
-    source = "{% block title %}{{ summary }}{% endblock %}\n{% block content %}{{ nope }}{% endblock %}"
+    source = (
+        "{% block title %}{{ summary }}{% endblock %}\n{% block content %}{{ nope }}{% endblock %}"
+    )
     r = Renderer(hostile_dir(tmp_path, source))
     with pytest.raises(PermanentError) as caught:
         r.render("sms", ctx(fixture_event("alertmanager-firing.json")))
@@ -213,7 +223,7 @@ def test_errors_do_not_quote_event_data(tmp_path: Path, source: str, reason: str
 def test_syntax_error_and_missing_templates_are_permanent(tmp_path: Path) -> None:
     r = Renderer(hostile_dir(tmp_path, "{% block title %}{{ oops {% endblock %}"))
     assert r.check() and "sms/alert.en.j2 line 1" in r.check()[0]
-    with pytest.raises(PermanentError, match="sms/alert.en.j2 line 1"):
+    with pytest.raises(PermanentError, match=r"sms/alert\.en\.j2 line 1"):
         r.render("sms", ctx(Event(kind="alert", title="t")))
     with pytest.raises(PermanentError, match="no template found"):
         r.render("push", ctx(Event(kind="alert", title="t")))
@@ -276,7 +286,9 @@ def test_digest_of_40_fits_one_sms(renderer: Renderer, locale: str) -> None:
 @pytest.mark.parametrize("locale", LOCALES)
 def test_drill_carries_the_reply_code(renderer: Renderer, locale: str) -> None:
     event = Event(
-        kind="drill", title="DR 2026Q4", body="switching DB to standby",
+        kind="drill",
+        title="DR 2026Q4",
+        body="switching DB to standby",
         extra={"reply_code": "4721", "phase": "phase 2", "deadline": "12:00"},
     )
     sms = renderer.render("sms", ctx(event, locale))
@@ -323,3 +335,25 @@ def test_nested_blocks_belong_to_their_parent(tmp_path: Path) -> None:
     source = "{% block a %}<{% block b %}{{ title }}{% endblock %}>{% endblock %}"
     out = Renderer(hostile_dir(tmp_path, source)).render("sms", ctx(Event(kind="alert", title="x")))
     assert out.params == {"a": "<x>"}
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("kind", ["alert", "resolved", "drill", "digest", "test"])
+def test_worst_case_sms_fits_one_segment(renderer: Renderer, locale: str, kind: str) -> None:
+    """Long everything: the whole SMS, signature included, still bills as one message."""
+    alerts = tuple(
+        Alert(status="firing", labels={"alertname": "A"}, annotations={"summary": "x" * 200})
+        for _ in range(2)
+    )
+    event = Event(
+        kind=kind,
+        title="数据库集群主备切换失败" * 9,
+        body="磁盘" * 100,
+        severity="catastrophic",
+        alerts=alerts,
+        truncated_alerts=98,
+        extra={"reply_code": "472193", "phase": "第二阶段：切换" * 9},
+    )
+    digest = tuple(Event(kind="alert", title=f"Alert{i:03d}" * 4) for i in range(999))
+    out = renderer.render("sms", ctx(event, locale, digest if kind == "digest" else ()))
+    assert text_units(SIGN + out.text) <= SMS_SEGMENT, out.text

@@ -1,0 +1,175 @@
+"""The HTTP API against a real redis-server: acceptance, dedup, idempotency, auth, bad input."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from notifier.api.app import create_app
+from notifier.config import settings_from_mapping
+from notifier.tasks_spec import DISPATCH_QUEUE
+from tests.support.servers import RedisServer
+
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
+TOKEN = "s3cret-token-value"
+
+CONFIG: dict[str, Any] = {
+    "channels": {"sms": {"provider": "sandbox"}, "email": {"provider": "sandbox"}},
+    "recipients": {"alice": {"phone": "+8613800138000", "email": "alice@example.com"}},
+    "groups": {"oncall": ["alice"]},
+    "routes": [{"match": {}, "to": ["oncall"], "channels": ["email"]}],
+    "max_body_bytes": 64 * 1024,
+}
+
+
+def fixture(name: str) -> dict[str, Any]:
+    return dict(json.loads((FIXTURES / name).read_text()))
+
+
+@pytest.fixture
+def client(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    monkeypatch.setenv("NOTIFIER_API_TOKEN", TOKEN)
+    app = create_app(settings_from_mapping({**CONFIG, "redis_url": redis_url}))
+    with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as test_client:
+        yield test_client
+
+
+def test_alertmanager_fixture_is_stored_and_its_dispatch_published(client: TestClient,
+                                                                    redis_client: Any) -> None:
+    response = client.post("/v1/alertmanager", json=fixture("alertmanager-firing.json"))
+    assert response.status_code == 200
+    txid = response.json()["transaction_id"]
+    assert "suppressed" not in response.json()
+    view = client.get(f"/v1/transactions/{txid}").json()
+    assert view["status"] == "accepted" and view["source"] == "alertmanager"
+    assert view["event"]["kind"] == "alert" and view["receiver"] == "notifier"
+    assert view["event"]["alerts"][0]["fingerprint"] == "cdb42a40decd3214"
+    queued = [json.loads(m) for m in redis_client.lrange(DISPATCH_QUEUE, 0, -1)]
+    assert [m["headers"]["argsrepr"] for m in queued] == [repr([txid])]
+
+
+def test_identical_resend_is_suppressed_and_points_at_the_original(client: TestClient) -> None:
+    body = fixture("alertmanager-critical-truncated.json")
+    first = client.post("/v1/alertmanager", json=body).json()
+    again = client.post("/v1/alertmanager", json=body)
+    assert again.status_code == 200
+    assert again.json() == {"transaction_id": first["transaction_id"], "suppressed": True}
+    view = client.get(f"/v1/transactions/{first['transaction_id']}").json()
+    assert view["suppressed_duplicates"] == 1
+    assert any(h["event"] == "duplicate_suppressed" for h in view["history"])
+    resolved = client.post("/v1/alertmanager", json=fixture("alertmanager-resolved.json")).json()
+    assert resolved["transaction_id"] != first["transaction_id"] and "suppressed" not in resolved
+
+
+def test_changed_alert_set_is_a_new_notification(client: TestClient) -> None:
+    body = fixture("alertmanager-critical-truncated.json")
+    first = client.post("/v1/alertmanager", json=body).json()
+    body["alerts"] = body["alerts"][:1]
+    second = client.post("/v1/alertmanager", json=body).json()
+    assert second["transaction_id"] != first["transaction_id"] and "suppressed" not in second
+
+
+def test_events_idempotency_key(client: TestClient) -> None:
+    event = {"title": "DiskFull on db-1", "severity": "critical", "body": "磁盘 97%"}
+    first = client.post("/v1/events", json=event, headers={"Idempotency-Key": "k-1"})
+    assert first.status_code == 202
+    same = client.post("/v1/events", json=event, headers={"Idempotency-Key": "k-1"})
+    assert same.status_code == 202 and same.json() == first.json()
+    other = client.post("/v1/events", json={**event, "title": "else"},
+                        headers={"Idempotency-Key": "k-1"})
+    assert other.status_code == 422 and "Idempotency-Key" in other.text
+    fresh = client.post("/v1/events", json=event)
+    assert fresh.json()["transaction_id"] != first.json()["transaction_id"]
+
+
+BAD_INPUTS = [
+    ("/v1/alertmanager", b"{not json", 400, "not valid JSON"),
+    ("/v1/alertmanager", b"", 400, "empty"),
+    ("/v1/alertmanager", json.dumps({**fixture("alertmanager-firing.json"), "version": "3"}).encode(),
+     422, "version"),
+    ("/v1/alertmanager", json.dumps({"version": "4", "receiver": "x", "status": "firing",
+                                     "groupKey": "k", "alerts": []}).encode(), 422, "alerts"),
+    ("/v1/alertmanager", json.dumps({**fixture("alertmanager-firing.json"), "status": "boom"}).encode(),
+     422, "status"),
+    ("/v1/events", json.dumps({"severity": "critical"}).encode(), 422, "title"),
+    ("/v1/events", json.dumps({"title": "t", "kind": "../../etc"}).encode(), 422, "kind"),
+    ("/v1/events", json.dumps({"title": "t", "to": ["nobody"]}).encode(), 422, "nobody"),
+    ("/v1/events", json.dumps({"title": "t", "channels": ["fax"]}).encode(), 422, "channels"),
+    ("/v1/events", json.dumps({"title": "t", "channels": ["push"]}).encode(), 422, "push"),
+    ("/v1/events", json.dumps({"title": "t", "colour": "red"}).encode(), 422, "colour"),
+    ("/v1/events", json.dumps([1, 2]).encode(), 422, "body"),
+    ("/v1/events", json.dumps({"title": "x" * 70_000}).encode(), 413, "larger than"),
+]
+
+
+@pytest.mark.parametrize(("path", "raw", "status", "names"), BAD_INPUTS)
+def test_bad_input_gets_a_4xx_naming_the_problem(client: TestClient, path: str, raw: bytes,
+                                                 status: int, names: str) -> None:
+    response = client.post(path, content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    assert names in response.text
+
+
+def test_oversized_body_without_content_length_is_413(client: TestClient) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(100):
+            yield b" " * 1024
+
+    response = client.post("/v1/events", content=chunks())
+    assert response.status_code == 413
+
+
+def test_auth_required_on_v1_bearer_or_basic(client: TestClient) -> None:
+    body = fixture("alertmanager-firing.json")
+    assert client.post("/v1/alertmanager", json=body, headers={"Authorization": ""}).status_code == 401
+    wrong = client.post("/v1/alertmanager", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and TOKEN not in wrong.text
+    basic = base64.b64encode(f"alertmanager:{TOKEN}".encode()).decode()
+    ok = client.post("/v1/alertmanager", json=body, headers={"Authorization": f"Basic {basic}"})
+    assert ok.status_code == 200
+    txid = ok.json()["transaction_id"]
+    assert client.get(f"/v1/transactions/{txid}", headers={"Authorization": ""}).status_code == 401
+    assert client.get("/healthz", headers={"Authorization": ""}).status_code == 200
+
+
+def test_unknown_transaction_is_404(client: TestClient) -> None:
+    response = client.get("/v1/transactions/tx-nope")
+    assert response.status_code == 404 and "tx-nope" in response.text
+
+
+def test_metrics_count_events_by_source_and_outcome(client: TestClient) -> None:
+    body = fixture("alertmanager-firing.json")
+    client.post("/v1/alertmanager", json=body)
+    client.post("/v1/alertmanager", json=body)
+    text = client.get("/metrics").text
+    assert 'notifier_events_received_total{outcome="new",source="alertmanager"} 1.0' in text
+    assert 'notifier_events_received_total{outcome="duplicate",source="alertmanager"} 1.0' in text
+    assert "notifier_redis_up 1.0" in text
+    assert 'notifier_queue_backlog{queue="notifier.dispatch"} 1.0' in text
+
+
+def test_redis_down_answers_503_and_nothing_is_half_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFIER_API_TOKEN", raising=False)
+    server = RedisServer()
+    server.start()
+    try:
+        app = create_app(settings_from_mapping({**CONFIG, "redis_url": server.url}))
+        with TestClient(app) as client:
+            body = fixture("alertmanager-firing.json")
+            server.stop()
+            down = client.post("/v1/alertmanager", json=body)
+            assert down.status_code == 503 and down.headers["Retry-After"] == "1"
+            assert client.get("/readyz").status_code == 503
+            assert "notifier_redis_up 0.0" in client.get("/metrics").text
+            server.start()
+            assert client.get("/readyz").status_code == 200
+            up = client.post("/v1/alertmanager", json=body)
+            assert up.status_code == 200 and "suppressed" not in up.json()
+    finally:
+        server.close()

@@ -1,0 +1,81 @@
+"""The pipeline driven synchronously, without Celery: published tasks are run in order.
+
+The broker is the only part replaced (by a list); the ledger, buckets, breakers, renderer and
+providers are the real ones on a real redis-server.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any
+
+import redis
+
+from notifier.aio import ProcessLoop
+from notifier.breaker import FleetBreaker
+from notifier.channels.base import ChannelContext
+from notifier.channels.registry import build_providers
+from notifier.config import BreakerPolicy, Settings, settings_from_mapping
+from notifier.intake import Intake
+from notifier.ledger import Ledger
+from notifier.metrics import Metrics
+from notifier.pipeline.deliver import deliver
+from notifier.pipeline.deps import PipelineDeps
+from notifier.pipeline.dispatch import dispatch
+from notifier.ratelimit import TokenBuckets
+from notifier.scheduler import Timers
+from notifier.tasks_spec import DELIVER, DISPATCH
+from notifier.templates import Renderer
+
+
+class ListPublisher:
+    def __init__(self) -> None:
+        self.tasks: list[tuple[str, list[str], str]] = []
+
+    def publish(self, task: str, args: list[str], queue: str) -> None:
+        self.tasks.append((task, args, queue))
+
+
+class InlineFleet:
+    def __init__(self, redis_url: str, config: dict[str, Any], env: dict[str, str] | None = None
+                 ) -> None:
+        self.settings: Settings = settings_from_mapping({**config, "redis_url": redis_url})
+        self.redis = redis.Redis.from_url(redis_url)
+        self.publisher = ListPublisher()
+        breakers: dict[str, FleetBreaker] = {}
+
+        def breaker_for(name: str, policy: BreakerPolicy) -> FleetBreaker:
+            return breakers.setdefault(name, FleetBreaker(self.redis, name, policy))
+
+        context = ChannelContext(redis=self.redis, env={**os.environ, **(env or {})})
+        self.deps = PipelineDeps(
+            settings=self.settings, ledger=Ledger(self.redis, self.settings.retention),
+            timers=Timers(self.redis), publisher=self.publisher, metrics=Metrics(self.redis),
+            buckets=TokenBuckets(self.redis), breaker_for=breaker_for, renderer=Renderer(),
+            providers=build_providers(self.settings, context), runner=ProcessLoop(),
+        )
+        self.intake = Intake(self.settings, self.deps.ledger, self.publisher, self.deps.metrics)
+        self.outcomes: list[tuple[str, str]] = []
+
+    def drain(self, timers_until: float = 0.0) -> list[tuple[str, str]]:
+        """Run queued tasks; fire timers due within `timers_until` seconds from now (waiting)."""
+        deadline = time.time() + timers_until
+        while True:
+            while self.publisher.tasks:
+                task, args, _ = self.publisher.tasks.pop(0)
+                if task == DISPATCH:
+                    self.outcomes.append((args[0], dispatch(self.deps, args[0])))
+                elif task == DELIVER:
+                    token = uuid.uuid4().hex
+                    self.outcomes.append((args[0], deliver(self.deps, args[0], token)))
+            due = self.deps.timers.due(time.time())
+            for timer in due:
+                self.publisher.publish(timer.task, [timer.arg], timer.queue)
+                self.deps.timers.done(timer)
+            if due:
+                continue
+            if time.time() >= deadline or self.deps.timers.pending() == 0:
+                return self.outcomes
+            time.sleep(0.02)

@@ -1,0 +1,106 @@
+"""A bad config names the key and the problem; a good one loads with defaults filled in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from notifier.config import load_settings, normalise_phone, parse_duration, settings_from_mapping
+from notifier.errors import ConfigError
+
+GOOD: dict[str, Any] = {
+    "channels": {
+        "sms": {"provider": "aliyun", "sign_name": "运维告警", "templates": {"alert": "SMS_1"},
+                "rate_limit": {"rate": 50, "per": "1s", "burst": 100}},
+        "email": {"provider": "smtp", "sender": "n@example.com"},
+    },
+    "recipients": {"alice": {"phone": "13800138000", "email": "alice@example.com"}},
+    "groups": {"oncall": ["alice"]},
+    "routes": [{"match": {"severity": "critical"}, "to": ["oncall"], "channels": ["sms"],
+                "fallback": ["email"]}],
+}
+
+
+def with_change(path: str, value: Any) -> dict[str, Any]:
+    import copy
+
+    data = copy.deepcopy(GOOD)
+    node: Any = data
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if part.isdigit() else node[part]
+    last = parts[-1]
+    if value is DELETE:
+        del node[last]
+    elif last.isdigit():
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return data
+
+
+DELETE = object()
+
+BAD_CASES = [
+    ("routes.0.channels", ["fax"], "routes[0].channels[0]: unknown channel 'fax'"),
+    ("routes.0.to", ["nobody"], "routes[0].to[0]: unknown recipient or group 'nobody'"),
+    ("groups.oncall", ["ghost"], "groups.oncall[0]: unknown recipient 'ghost'"),
+    ("recipients.alice.phone", "12", "recipients.alice.phone: not a valid phone number"),
+    ("recipients.alice.email", "not-an-email", "recipients.alice.email: not an email"),
+    ("channels.sms.provider", "smtp", "channels.sms.providers[0]"),
+    ("channels.sms.sign_name", DELETE, "channels.sms.providers[0].sign_name: Field required"),
+    ("channels.sms.rate_limit.per", "soon", "channels.sms.rate_limit.per: expected a duration"),
+    ("channels.sms.rate_limit.rate", 0, "channels.sms.rate_limit.rate"),
+    ("channels.email.port", 70000, "channels.email.providers[0].port"),
+    ("channels.email.tls", "ssl3", "channels.email.providers[0].tls"),
+    ("routes", [], "routes: List should have at least 1 item"),
+    ("surprise", 1, "surprise: Extra inputs are not permitted"),
+    ("routes.0.match_re", {"x": "("}, "routes[0].match_re: x: bad regex"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "message"), BAD_CASES)
+def test_bad_config_names_key_and_problem(path: str, value: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        settings_from_mapping(with_change(path, value))
+    assert message.split(": ")[0] in str(err.value)
+    assert message.split(": ", 1)[-1] in str(err.value)
+
+
+def test_good_config_normalises_and_defaults() -> None:
+    settings = settings_from_mapping(GOOD)
+    assert settings.recipients["alice"].phone == "+8613800138000"
+    sms = settings.channels["sms"]
+    assert sms.providers[0].name == "aliyun"
+    assert sms.rate_limit is not None and sms.rate_limit.capacity == 100
+    assert settings.dedup_window == 600 and settings.retention == 7 * 86400
+
+
+def test_redis_url_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFIER_REDIS_URL", "redis://10.0.0.9:6380/2")
+    assert settings_from_mapping(GOOD).redis_url == "redis://10.0.0.9:6380/2"
+
+
+def test_load_settings_reports_yaml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("channels: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(bad)
+
+
+@pytest.mark.parametrize(("raw", "e164"), [
+    ("+8613800138000", "+8613800138000"), ("8613800138000", "+8613800138000"),
+    ("13800138000", "+8613800138000"), ("+1 415 555 2671", "+14155552671"),
+])
+def test_phone_numbers_normalise_to_e164(raw: str, e164: str) -> None:
+    assert normalise_phone(raw) == e164
+
+
+@pytest.mark.parametrize(("raw", "seconds"), [("500ms", 0.5), ("10s", 10), ("5m", 300),
+                                               ("2h", 7200), ("7d", 604800), (3, 3.0)])
+def test_durations(raw: object, seconds: float) -> None:
+    assert parse_duration(raw) == seconds
