@@ -237,7 +237,8 @@ class FleetBreaker:
     def acquire(self) -> Permit:
         """A permit to call the provider, or CircuitOpen (go to fallback without a call)."""
         reply = self._run("acquire")
-        assert isinstance(reply, list)
+        if not isinstance(reply, list):
+            raise TypeError(f"unexpected reply from the breaker script: {reply!r}")
         if not int(reply[0]):
             wait = float(reply[1])
             raise CircuitOpen(self.name, None if wait < 0 else wait)
@@ -256,6 +257,7 @@ class FleetBreaker:
         self._run(op, permit)
 
     def status(self) -> BreakerStatus:
+        """As stored: an OPEN past `retry_at` turns HALF_OPEN at the next `acquire`."""
         return _status(self.name, self._redis.hgetall(self._key))
 
     def force_open(self, by: str, reason: str) -> BreakerStatus:

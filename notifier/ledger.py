@@ -79,7 +79,8 @@ class DeliveryRecord:
     error_code: str = ""
     error_class: str = ""
     reason: str = ""
-    digest_id: str = ""  # set on deliveries merged into a digest, and on the digest itself
+    digest_id: str = ""  # on a delivery merged into a digest: the digest that carries it
+    digest_of: list[str] = field(default_factory=list)  # on a digest: the deliveries it carries
     sent_at: float | None = None
     delivered_at: float | None = None
     claim_token: str = ""
@@ -102,7 +103,7 @@ class DeliveryRecord:
             if f.name not in data:
                 continue
             value = data[f.name]
-            if f.name == "fallback_chain":
+            if f.name in ("fallback_chain", "digest_of"):
                 kwargs[f.name] = json.loads(value)
             elif f.name in ("attempt", "provider_index"):
                 kwargs[f.name] = int(value)

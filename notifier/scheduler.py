@@ -57,8 +57,10 @@ class Timers:
         self._pop = client.register_script(_POP_DUE)
         self._remove = client.register_script(_REMOVE_IF_UNCHANGED)
 
-    def schedule(self, task: str, queue: str, arg: str, due: float) -> None:
-        self.redis.zadd(TIMERS, {Timer(task, queue, arg, due).member: due})
+    def schedule(self, task: str, queue: str, arg: str, due: float, *, keep_existing: bool = False
+                 ) -> None:
+        """Set a timer; `keep_existing` leaves an already scheduled one as it is."""
+        self.redis.zadd(TIMERS, {Timer(task, queue, arg, due).member: due}, nx=keep_existing)
 
     def cancel(self, task: str, queue: str, arg: str) -> None:
         self.redis.zrem(TIMERS, Timer(task, queue, arg, 0).member)

@@ -6,6 +6,7 @@ from typing import Protocol
 
 DISPATCH = "notifier.dispatch"
 DELIVER = "notifier.deliver"
+DIGEST = "notifier.digest"  # merge what a recipient limit held back into one message
 TIMER = "notifier.timer"  # a due timer of another subsystem (drill deadlines, ...)
 
 DISPATCH_QUEUE = "notifier.dispatch"

@@ -53,7 +53,13 @@ class TemplateContext:
     transaction_id: str
     recipient: str  # recipient name
     locale: str  # "en" | "zh-CN"
-    digest: tuple[Event, ...] = ()  # kind "digest": the merged events (storm protection)
+    # Storm protection: the merged events. When given, the digest template is used whatever
+    # `event.kind` says (the pipeline passes the first merged event as `event`).
+    digest: tuple[Event, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return "digest" if self.digest else self.event.kind
 
 
 def text_units(text: str) -> int:
@@ -160,11 +166,11 @@ def template_vars(ctx: TemplateContext) -> dict[str, Any]:
     summary = notes.get("summary") or first_summary or event.body or notes.get("description", "")
     data: dict[str, Any] = {
         "event": event,
-        "kind": event.kind,
+        "kind": ctx.kind,
         "title": event.title,
         "body": event.body,
         "severity": event.severity or "info",
-        "status": "resolved" if event.kind == "resolved" else "firing",
+        "status": "resolved" if ctx.kind == "resolved" else "firing",
         "labels": dict(sorted(event.labels.items())),
         "annotations": dict(event.annotations),
         "extra": dict(event.extra),
@@ -320,7 +326,7 @@ class Renderer:
             raise self._error(name, exc, _event_strings(ctx)) from None
 
     def _find(self, channel: str, ctx: TemplateContext, ext: str) -> Template:
-        kinds = dict.fromkeys(k for k in (ctx.event.kind, FALLBACK_KIND) if _KIND.fullmatch(k))
+        kinds = dict.fromkeys(k for k in (ctx.kind, FALLBACK_KIND) if _KIND.fullmatch(k))
         tried = [f"{channel}/{k}.{loc}.{ext}" for k in kinds for loc in _locales(ctx.locale)]
         for candidate in tried:
             try:
@@ -347,8 +353,8 @@ class Renderer:
             # Jinja's messages name template things, but a lookup keyed by a label value
             # ("has no attribute '<value>'") would quote it: redact whatever the event carries.
             reason = f"{type(exc).__name__}: {exc.message or ''}"
-            for value in redact:
-                reason = reason.replace(value, "<data>")
+            for value in redact:  # as is, and as repr() shows it (escaped newlines, quotes)
+                reason = reason.replace(value, "<data>").replace(repr(value)[1:-1], "<data>")
         else:
             # Python's own messages (int('...'), KeyError(...)) may quote label values.
             reason = f"{type(exc).__name__} raised while rendering"

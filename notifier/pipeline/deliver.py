@@ -10,8 +10,9 @@ import time
 from notifier.config import AliyunSmsProvider, ChannelConfig
 from notifier.errors import CircuitOpen, DeliveryError, PermanentError, TransientError
 from notifier.ledger import ClaimResult, DeliveryRecord, TransactionRecord
-from notifier.models import Outgoing, Rendered
+from notifier.models import Event, Outgoing, Rendered
 from notifier.pipeline.deps import PipelineDeps
+from notifier.pipeline.digest import hold
 from notifier.pipeline.outcomes import Outcomes
 from notifier.ratelimit import Bucket
 from notifier.templates import TemplateContext
@@ -54,6 +55,8 @@ def deliver(deps: PipelineDeps, did: str, token: str) -> str:
         scope = "recipient" if decision.limiting != rec.channel else "channel"
         if scope == "recipient" and decision.retry_after > cfg.max_defer:
             return outcomes.fall_back(rec, "recipient_budget", decision.limiting or "")
+        if scope == "recipient" and rec.kind != "digest":
+            return hold(deps, rec, decision.retry_after)
         return outcomes.deferred(rec, time.time() + decision.retry_after, scope)
 
     breaker = deps.breaker_for(provider.breaker_name, cfg.breaker)
@@ -89,6 +92,20 @@ def _buckets(rec: DeliveryRecord, cfg: ChannelConfig) -> list[Bucket]:
     return buckets
 
 
+def _digest_events(deps: PipelineDeps, rec: DeliveryRecord) -> tuple[Event, ...]:
+    events: list[Event] = []
+    seen: set[str] = set()
+    for did in rec.digest_of:
+        member = deps.ledger.delivery(did)
+        if member is None or member.transaction_id in seen:
+            continue
+        seen.add(member.transaction_id)
+        member_tx = deps.ledger.transaction(member.transaction_id)
+        if member_tx is not None:
+            events.append(member_tx.event)
+    return tuple(events)
+
+
 def _message(deps: PipelineDeps, rec: DeliveryRecord, tx: TransactionRecord,
              cfg: ChannelConfig) -> Outgoing:
     recipient = deps.settings.recipients.get(rec.recipient)
@@ -98,7 +115,7 @@ def _message(deps: PipelineDeps, rec: DeliveryRecord, tx: TransactionRecord,
     rendered: Rendered = deps.renderer.render(
         rec.channel,
         TemplateContext(event=tx.event, transaction_id=tx.id, recipient=rec.recipient,
-                        locale=locale),
+                        locale=locale, digest=_digest_events(deps, rec)),
         param_max_chars=provider_cfg.param_max_chars
         if isinstance(provider_cfg, AliyunSmsProvider) else 35,
         body_maxlen=limits.body_maxlen,

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import time
 
+from notifier.awaiting import index_sent
 from notifier.errors import DeliveryError
 from notifier.ids import fallback_id
 from notifier.ledger import Attempt, DeliveryRecord
 from notifier.models import DeliveryStatus, Receipt
 from notifier.pipeline.backoff import retry_delay
 from notifier.pipeline.deps import PipelineDeps
+from notifier.pipeline.digest import settle_members
 from notifier.pipeline.fanout import addresses
 from notifier.pipeline.rollup import transaction_status
 from notifier.tasks_spec import DELIVER, deliver_queue
@@ -33,6 +35,7 @@ class Outcomes:
             provider_message_id=receipt.provider_message_id, request_id=receipt.request_id,
             next_at=None, maybe_sent_at=None, error_code="", error_class="",
         )
+        index_sent(self.ledger.redis, rec, receipt, now, self.deps.settings.retention)
         self.ledger.record_attempt(rec.id, Attempt(
             at=now, provider=provider, outcome=outcome,
             provider_message_id=receipt.provider_message_id,
@@ -45,7 +48,7 @@ class Outcomes:
         if accepted_at is not None:
             self.metrics.observe("notifier_end_to_end_latency_seconds", now - accepted_at,
                                  channel=rec.channel)
-        self.finish(rec.transaction_id)
+        self._finish_all(rec, reached=True)
         return outcome
 
     def failed_send(self, rec: DeliveryRecord, provider: str, error: DeliveryError,
@@ -116,7 +119,8 @@ class Outcomes:
             successors = [
                 DeliveryRecord(id=fallback_id(rec.id, k), transaction_id=rec.transaction_id,
                                channel=channel, recipient=rec.recipient, address=address,
-                               kind=rec.kind, fallback_of=rec.id, fallback_chain=list(chain))
+                               kind=rec.kind, fallback_of=rec.id, fallback_chain=list(chain),
+                               digest_of=list(rec.digest_of))
                 for k, address in enumerate(found)
             ]
             for did in self.ledger.add_deliveries(successors):
@@ -126,7 +130,7 @@ class Outcomes:
         self.metrics.inc("notifier_deliveries", channel=rec.channel, provider=rec.provider or "-",
                          outcome="failed")
         self.ledger.log(rec.transaction_id, "delivery_failed", delivery=rec.id, reason=detail)
-        self.finish(rec.transaction_id)
+        self._finish_all(rec, reached=False)
         return "failed"
 
     def _live_delivery(self, rec: DeliveryRecord, channel: str) -> str | None:
@@ -147,6 +151,14 @@ class Outcomes:
                          outcome="fallen_back")
         self.finish(rec.transaction_id)
         return "fallen_back"
+
+    def _finish_all(self, rec: DeliveryRecord, reached: bool) -> None:
+        """Roll up this delivery's transaction, and those of deliveries a digest carried."""
+        txids = [rec.transaction_id]
+        if rec.digest_of:
+            txids += [t for t in settle_members(self.deps, rec, reached) if t not in txids]
+        for txid in txids:
+            self.finish(txid)
 
     def finish(self, txid: str) -> None:
         status = transaction_status(self.ledger.deliveries(txid))

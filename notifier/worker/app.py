@@ -7,8 +7,9 @@ from celery import Celery, Task
 from notifier.celery_app import make_celery
 from notifier.config import Settings
 from notifier.pipeline.deliver import deliver
+from notifier.pipeline.digest import flush
 from notifier.pipeline.dispatch import dispatch
-from notifier.tasks_spec import DELIVER, DISPATCH, TIMER
+from notifier.tasks_spec import DELIVER, DIGEST, DISPATCH, TIMER
 from notifier.worker import extra_tasks
 from notifier.worker.runtime import Runtime
 from notifier.worker.timers import fire_timer
@@ -26,6 +27,10 @@ def create_worker_app(settings: Settings) -> Celery:
     def deliver_task(self: Task, delivery_id: str) -> str:
         # The task id is the claim token: a redelivery of this very message may take over.
         return deliver(runtime.deps(), delivery_id, str(self.request.id))
+
+    @app.task(name=DIGEST, bind=True)  # type: ignore[untyped-decorator]
+    def digest_task(self: Task, target: str) -> str:
+        return flush(runtime.deps(), target)
 
     @app.task(name=TIMER, bind=True)  # type: ignore[untyped-decorator]
     def timer_task(self: Task, timer: str) -> str:

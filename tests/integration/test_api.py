@@ -16,7 +16,7 @@ from notifier.config import settings_from_mapping
 from notifier.tasks_spec import DISPATCH_QUEUE
 from tests.support.servers import RedisServer
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 TOKEN = "s3cret-token-value"
 
 CONFIG: dict[str, Any] = {

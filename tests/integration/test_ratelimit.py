@@ -36,13 +36,15 @@ def test_burst_then_steady_refill(redis_client: redis.Redis) -> None:
     assert 0 < refused.retry_after <= 0.1  # one token at 10/s
 
     time.sleep(0.25)
+    asked_at = time.monotonic()
     level = buckets.level(sms)
-    elapsed = time.monotonic() - started
     # Refills continuously at 10/s: at least 2.5 tokens after 0.25 s, no more than elapsed allows.
-    assert 2.5 - 1e-6 <= level <= 10 * elapsed + 1e-6
+    assert 2.5 - 1e-6 <= level <= 10 * (time.monotonic() - started) + 1e-6
     assert buckets.take([sms]).allowed
     assert buckets.take([sms]).allowed
-    assert buckets.level(sms) < 1
+    # Both came out of the bucket: what is left is the rest plus what refilled since.
+    left = buckets.level(sms)
+    assert left <= level - 2 + 10 * (time.monotonic() - asked_at) + 1e-6
 
 
 def test_retry_after_is_when_it_is_allowed(redis_client: redis.Redis) -> None:
@@ -68,12 +70,15 @@ def test_day_budget_holds_in_any_rolling_window(redis_client: redis.Redis) -> No
     """'5 per 2s, burst 5' is a scaled-down '50 per 1d, burst 50' recipient budget."""
     buckets = TokenBuckets(redis_client)
     day = bucket("sms:+8613800138000:day", rate=5, per=2.0, burst=5)
+    started = time.monotonic()
     assert all(buckets.take([day]).allowed for _ in range(5))
     time.sleep(1.0)
     # A bare token bucket would have refilled 2.5 tokens by now, letting 7-8 through in 2 s.
     decision = buckets.take([day])
+    elapsed = time.monotonic() - started
     assert not decision.allowed
-    assert 0.9 <= decision.retry_after <= 1.0 + 1e-3  # when the first of the five leaves
+    # It is allowed again when the first of the five leaves the window, 2 s after its use.
+    assert 2.0 - elapsed - 1e-3 <= decision.retry_after <= 1.0 + 1e-3
     assert buckets.level(day) == 0
 
 
@@ -82,15 +87,20 @@ def test_rolling_window_gives_slots_back_one_by_one(redis_client: redis.Redis) -
     minute = bucket("sms:+8613900139000:min", rate=2, per=0.6)  # 2 in any 0.6 s
     assert buckets.take([minute]).allowed
     time.sleep(0.3)
+    second_before = time.monotonic()
     assert buckets.take([minute]).allowed
+    second_after = time.monotonic()
     refused = buckets.take([minute])
     assert not refused.allowed
     assert refused.retry_after <= 0.3 + 1e-3  # the first slot returns 0.6 s after its use
     time.sleep(refused.retry_after + 0.005)
     assert buckets.take([minute]).allowed  # the first slot came back...
-    second = buckets.take([minute])
-    assert not second.allowed  # ...but not the second, which was used 0.3 s later
-    assert 0.2 <= second.retry_after <= 0.3 + 1e-3
+    asked_before = time.monotonic()
+    decision = buckets.take([minute])
+    asked_after = time.monotonic()
+    assert not decision.allowed  # ...but not the second, which was used 0.3 s later
+    assert decision.retry_after <= 0.6 - (asked_before - second_after) + 1e-3
+    assert decision.retry_after >= 0.6 - (asked_after - second_before) - 1e-3
 
 
 def test_multi_take_is_all_or_nothing(redis_client: redis.Redis) -> None:

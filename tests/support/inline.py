@@ -23,10 +23,11 @@ from notifier.ledger import Ledger
 from notifier.metrics import Metrics
 from notifier.pipeline.deliver import deliver
 from notifier.pipeline.deps import PipelineDeps
+from notifier.pipeline.digest import flush
 from notifier.pipeline.dispatch import dispatch
 from notifier.ratelimit import TokenBuckets
 from notifier.scheduler import Timers
-from notifier.tasks_spec import DELIVER, DISPATCH
+from notifier.tasks_spec import DELIVER, DIGEST, DISPATCH
 from notifier.templates import Renderer
 
 
@@ -56,6 +57,7 @@ class InlineFleet:
             buckets=TokenBuckets(self.redis), breaker_for=breaker_for, renderer=Renderer(),
             providers=build_providers(self.settings, context), runner=ProcessLoop(),
         )
+        self.loop = self.deps.runner
         self.intake = Intake(self.settings, self.deps.ledger, self.publisher, self.deps.metrics)
         self.outcomes: list[tuple[str, str]] = []
 
@@ -70,6 +72,8 @@ class InlineFleet:
                 elif task == DELIVER:
                     token = uuid.uuid4().hex
                     self.outcomes.append((args[0], deliver(self.deps, args[0], token)))
+                elif task == DIGEST:
+                    self.outcomes.append((args[0], flush(self.deps, args[0])))
             due = self.deps.timers.due(time.time())
             for timer in due:
                 self.publisher.publish(timer.task, [timer.arg], timer.queue)
@@ -79,3 +83,9 @@ class InlineFleet:
             if time.time() >= deadline or self.deps.timers.pending() == 0:
                 return self.outcomes
             time.sleep(0.02)
+
+    def close(self) -> None:
+        loop = self.deps.runner
+        if isinstance(loop, ProcessLoop):
+            loop.close()
+        self.redis.close()

@@ -13,7 +13,16 @@ from notifier.errors import PermanentError
 from notifier.models import Alert, Event, Rendered
 from notifier.templates import Renderer, TemplateContext, clip, text_units
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
+# Captured payloads live beside the repo (../shared/fixtures); a copy in tests/fixtures wins.
+_HERE = Path(__file__).resolve()
+FIXTURES = next(
+    (
+        d
+        for d in (_HERE.parents[1] / "fixtures", _HERE.parents[3] / "shared" / "fixtures")
+        if d.is_dir()
+    ),
+    _HERE.parents[3] / "shared" / "fixtures",
+)
 AM_FIXTURES = sorted(p.name for p in FIXTURES.glob("alertmanager-*.json"))
 LOCALES = ("en", "zh-CN")
 CHANNELS = ("sms", "email", "push")
@@ -210,6 +219,10 @@ def test_missing_variable_is_permanent_and_leaks_no_event_data(tmp_path: Path) -
     ("source", "reason"),
     [
         ("{{ {}[summary] }}", "UndefinedError: 'dict object' has no attribute '<data>'"),
+        (
+            "{{ {}[title ~ '\\n' ~ title] }}",
+            r"UndefinedError: 'dict object' has no attribute '<data>\n<data>'",
+        ),
         ("{{ summary.index('not there') }}", "ValueError raised while rendering"),
     ],
 )
@@ -357,3 +370,10 @@ def test_worst_case_sms_fits_one_segment(renderer: Renderer, locale: str, kind: 
     digest = tuple(Event(kind="alert", title=f"Alert{i:03d}" * 4) for i in range(999))
     out = renderer.render("sms", ctx(event, locale, digest if kind == "digest" else ()))
     assert text_units(SIGN + out.text) <= SMS_SEGMENT, out.text
+
+
+def test_merged_events_render_as_digest_whatever_the_event_kind(renderer: Renderer) -> None:
+    """The pipeline hands the first merged event as `event` (kind alert) plus the digest."""
+    merged = tuple(Event(kind="alert", title=f"A{i % 3}") for i in range(7))
+    out = renderer.render("push", ctx(merged[0], "en", merged))
+    assert out.subject == "[INFO] 7 alerts"

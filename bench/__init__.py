@@ -1,0 +1,1 @@
+"""Load harness for notifier: `python -m bench.run [--quick]` (see bench/README.md)."""

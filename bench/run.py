@@ -1,0 +1,597 @@
+"""notifier's load bench: `python -m bench.run [--quick] [--profile]` (see bench/README.md).
+
+Starts the real stack on loopback — a private redis-server, `notifier api`, `notifier worker
+--concurrency N`, `notifier scheduler`, the Dysmsapi fake (or the sandbox SMS provider) — and,
+in the same run, the two baselines: a bare uvicorn endpoint and a bare Celery no-op task on the
+same Redis with the same concurrency. Prints a table (figure, value, baseline, ratio, target)
+and writes bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+import yaml
+
+from bench import loadgen
+from bench.baselines import NOOP_QUEUE, NOOP_TASK, noop_app
+from bench.loadgen import LoadResult, percentile
+from bench.procs import Procs, port_open, wait_for
+from bench.sinks import FakeSink, Received, SandboxSink, Sink
+from notifier.tasks_spec import ALL_QUEUES
+from tests.support.servers import free_port
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+TOKEN = "bench-token"
+KEY_ID, KEY_SECRET = "LTAIbenchbenchbench", "bench-secret-not-real"
+
+
+@dataclass(frozen=True)
+class Plan:
+    steady_rate: float = 200.0  # webhooks/s offered for the latency target
+    steady_seconds: float = 15.0
+    sat_connections: int = 32
+    sat_seconds: float = 10.0
+    sat_max: int = 6000
+    e2e_rate: float = 50.0  # events/s for the webhook -> provider latency target
+    e2e_seconds: float = 30.0
+    noop_tasks: int = 10000
+    drain_timeout: float = 180.0
+
+
+FULL = Plan()
+QUICK = Plan(steady_seconds=5.0, sat_seconds=4.0, sat_max=1500, e2e_seconds=8.0,
+             noop_tasks=3000, drain_timeout=60.0)
+
+
+# -- payloads ---------------------------------------------------------------------------------
+
+def webhook(i: int, nonce: str) -> bytes:
+    """One Alertmanager v4 webhook; every one is its own group (groupKey + fingerprint), so
+    notifier's dedup never short-circuits it."""
+    name = f"BenchAlert{i % 50}"
+    labels = {"alertname": name, "severity": "warning", "cluster": "bench",
+              "instance": f"host-{nonce}-{i}:9100"}
+    body = {
+        "version": "4", "receiver": "notifier", "status": "firing", "truncatedAlerts": 0,
+        "groupKey": f'{{}}:{{alertname="{name}", instance="host-{nonce}-{i}:9100"}}',
+        "groupLabels": {"alertname": name, "instance": labels["instance"]},
+        "commonLabels": labels, "commonAnnotations": {"summary": f"bench load {i}"},
+        "externalURL": "http://alertmanager.bench:9093",
+        "alerts": [{"status": "firing", "labels": labels,
+                    "annotations": {"summary": f"bench load {i}"},
+                    "startsAt": "2026-01-01T00:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
+                    "generatorURL": "http://prometheus.bench:9090/graph",
+                    "fingerprint": f"{nonce}{i:010x}"}],
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class Payloads:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.nonce = f"{os.getpid():x}{int(time.time()) % 100000:x}"
+        self.next = 0
+
+    def take(self, n: int) -> list[bytes]:
+        out = [loadgen.build_request("127.0.0.1", self.port, "/v1/alertmanager",
+                                     webhook(self.next + k, self.nonce),
+                                     {"Authorization": f"Bearer {TOKEN}"}) for k in range(n)]
+        self.next += n
+        return out
+
+
+# -- figures ----------------------------------------------------------------------------------
+
+def ms(value: float) -> float:
+    return round(value * 1000, 2)
+
+
+def load_summary(result: LoadResult, offered: float | None = None) -> dict[str, Any]:
+    latencies = [s.latency for s in result.ok]
+    return {
+        "offered_per_s": offered,
+        "requests": len(result.samples) + len(result.errors),
+        "ok": len(result.ok),
+        "non_2xx": dict(Counter(s.status for s in result.samples if not 200 <= s.status < 300)),
+        "errors": len(result.errors),
+        "first_errors": result.errors[:3],
+        "not_sent": result.not_sent,
+        "seconds": round(result.elapsed, 3),
+        "per_s": round(result.throughput, 1),
+        "p50_ms": ms(percentile(latencies, 50)),
+        "p99_ms": ms(percentile(latencies, 99)),
+        "max_ms": ms(max(latencies)) if latencies else None,
+    }
+
+
+def accepted_txids(result: LoadResult) -> dict[str, float]:
+    """transaction ID -> wall clock its webhook was written, for new (not suppressed) events."""
+    sent: dict[str, float] = {}
+    for sample in result.ok:
+        body = json.loads(sample.body)
+        if not body.get("suppressed"):
+            sent[body["transaction_id"]] = sample.sent
+    return sent
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.plan = QUICK if args.quick else FULL
+        self.procs = Procs()
+        self.concurrency = args.concurrency
+        self.redis_url = ""
+        self.redis: redis.Redis | None = None
+        self.profiles: dict[str, Any] = {}
+        self.notes: list[str] = []
+
+    def say(self, text: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    # -- baselines --------------------------------------------------------------------------
+
+    def bare_endpoint(self) -> dict[str, Any]:
+        port = free_port()
+        self.procs.python("bare-asgi", "-m", "bench.baselines", "asgi", "--port", str(port))
+        wait_for("bare uvicorn endpoint", lambda: port_open(port), 20,
+                 lambda: self.procs.alive("bare-asgi"))
+        payloads = Payloads(port)
+        try:
+            self.say("baseline: bare uvicorn endpoint")
+            loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", port, payloads.take(300),
+                                                    connections=8, max_seconds=3))  # warm-up
+            steady = self.steady(port, payloads)
+            sat = self.saturation(port, payloads)
+        finally:
+            self.procs.stop("bare-asgi")
+        return {"steady": load_summary(steady, self.plan.steady_rate), "saturation": load_summary(sat)}
+
+    def noop_celery(self) -> dict[str, Any]:
+        assert self.redis is not None
+        self.procs.python("noop-worker", "-m", "bench.baselines", "celery", "--concurrency",
+                          str(self.concurrency), env={"BENCH_REDIS_URL": self.redis_url})
+        app = noop_app(self.redis_url)
+        client = self.redis
+
+        def drained() -> bool:
+            return client.llen(NOOP_QUEUE) == 0 and client.hlen("unacked") == 0
+
+        try:
+            self.say(f"baseline: bare Celery no-op task, prefork concurrency {self.concurrency}")
+            app.send_task(NOOP_TASK, args=["probe"], queue=NOOP_QUEUE)
+            wait_for("no-op worker", drained, 60, lambda: self.procs.alive("noop-worker"), 0.05)
+            self.procs.pause("noop-worker")
+            n = self.plan.noop_tasks
+            t0 = time.monotonic()
+            with app.producer_or_acquire() as producer:
+                for i in range(n):
+                    app.send_task(NOOP_TASK, args=[str(i)], queue=NOOP_QUEUE, producer=producer)
+            publish_s = time.monotonic() - t0
+            started = time.monotonic()
+            self.procs.resume("noop-worker")
+            wait_for("no-op drain", drained, self.plan.drain_timeout,
+                     lambda: self.procs.alive("noop-worker"), 0.01)
+            took = time.monotonic() - started
+        finally:
+            self.procs.stop("noop-worker")
+            app.close()
+        return {"tasks": n, "seconds": round(took, 3), "per_s": round(n / took, 1),
+                "publish_per_s": round(n / publish_s, 1)}
+
+    # -- load shapes -----------------------------------------------------------------------
+
+    def steady(self, port: int, payloads: Payloads, rate: float | None = None,
+               seconds: float | None = None) -> LoadResult:
+        rate = rate or self.plan.steady_rate
+        seconds = seconds or self.plan.steady_seconds
+        requests = payloads.take(int(rate * seconds))
+        return loadgen.run(lambda: loadgen.open_loop("127.0.0.1", port, requests, rate,
+                                                     max_seconds=seconds + 2))
+
+    def saturation(self, port: int, payloads: Payloads) -> LoadResult:
+        requests = payloads.take(self.plan.sat_max)
+        return loadgen.run(lambda: loadgen.closed_loop(
+            "127.0.0.1", port, requests, connections=self.plan.sat_connections,
+            max_seconds=self.plan.sat_seconds))
+
+    # -- notifier ---------------------------------------------------------------------------
+
+    def config(self, fake_port: int | None) -> dict[str, Any]:
+        high = {"rate": 1_000_000, "per": "1s", "burst": 1_000_000}  # limiter runs, never binds
+        if fake_port is not None:
+            sms: dict[str, Any] = {
+                "provider": "aliyun", "endpoint": f"127.0.0.1:{fake_port}", "protocol": "http",
+                "sign_name": "运维告警", "templates": {"alert": "SMS_100001",
+                                                     "resolved": "SMS_100002"},
+                "rate_limit": high}
+        else:
+            sms = {"provider": "sandbox", "rate_limit": high}
+        return {
+            "redis_url": self.redis_url, "locale": "en",
+            "channels": {"sms": sms},
+            "recipients": {"bench": {"phone": "+8613800138000"}},
+            "routes": [{"match": {}, "to": ["bench"], "channels": ["sms"]}],
+        }
+
+    def start_notifier(self, sink_port: int | None) -> int:
+        port = free_port()
+        cfg = self.procs.workdir / "notifier.yaml"
+        data = self.config(sink_port)
+        data["public_url"] = f"http://127.0.0.1:{port}"
+        cfg.write_text(yaml.safe_dump(data, allow_unicode=True), "utf-8")
+        env = {"NOTIFIER_CONFIG": str(cfg), "NOTIFIER_API_TOKEN": TOKEN,
+               "ALIBABA_CLOUD_ACCESS_KEY_ID": KEY_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": KEY_SECRET}
+        me = ["-m", "notifier"]
+        self.procs.python("api", *me, "api", "--port", str(port), env=env)
+        self.procs.python("worker", *me, "worker", "--concurrency", str(self.concurrency), env=env)
+        self.procs.python("scheduler", *me, "scheduler", env=env)
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1,
+                                 trust_env=False).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        def alive() -> None:
+            worker = self.procs.procs["worker"]
+            if worker.poll() is not None and "No such option '--quiet'" in self.procs.log("worker"):
+                self.notes.append("`notifier worker` exits at start-up on this Celery (its worker "
+                                  "subcommand has no --quiet); started it via bench/_worker.py, "
+                                  "which drops that flag")
+                self.procs.procs.pop("worker")
+                self.procs.python("worker", "-m", "bench._worker", "worker", "--concurrency",
+                                  str(self.concurrency), env=env)
+            self.procs.alive("api", "worker", "scheduler")
+
+        wait_for("notifier api", ready, 30, alive)
+        return port
+
+    def wait_received(self, sink: Sink, expected: int, what: str) -> float | None:
+        """Poll the provider side until `expected` messages arrived; the monotonic time they
+        all had, or None after drain_timeout."""
+        deadline = time.monotonic() + self.plan.drain_timeout
+        while time.monotonic() < deadline:
+            self.procs.alive("api", "worker", "scheduler")
+            if sink.count() >= expected:
+                return time.monotonic()
+            time.sleep(0.02)
+        self.notes.append(f"{what}: only {sink.count()} of {expected} deliveries arrived within "
+                          f"{self.plan.drain_timeout:.0f}s")
+        return None
+
+    def purge_backlog(self) -> None:
+        assert self.redis is not None
+        self.redis.delete(*ALL_QUEUES, "ntf:outbox", "ntf:timers")
+
+    def drain(self, sink: Sink, sent: dict[str, float], resumed_wall: float,
+              what: str) -> dict[str, Any]:
+        """Deliveries/s while the resumed fleet works off `sent`, from provider receive times."""
+        done = self.wait_received(sink, len(sent), what)
+        rows = [r for r in sink.received() if r.transaction_id in sent]
+        if done is None:
+            self.purge_backlog()
+        dupes = sum(n - 1 for n in Counter(r.delivery_id for r in rows).values() if n > 1)
+        if not rows:
+            return {"events": len(sent), "received": 0, "per_s": 0.0}
+        last = max(r.at for r in rows)
+        unique = len({r.delivery_id for r in rows})
+        return {"events": len(sent), "received": unique, "duplicate_sends": dupes,
+                "seconds": round(last - resumed_wall, 3),
+                "per_s": round(unique / max(last - resumed_wall, 1e-9), 1),
+                "complete": done is not None}
+
+    def e2e_latency(self, port: int, payloads: Payloads, sink: Sink) -> dict[str, Any]:
+        sink.reset()
+        load = self.steady(port, payloads, self.plan.e2e_rate, self.plan.e2e_seconds)
+        sent = accepted_txids(load)
+        self.wait_received(sink, len(sent), "end-to-end latency")
+        rows = [r for r in sink.received() if r.transaction_id in sent]
+        first: dict[str, float] = {}
+        for r in rows:
+            first[r.transaction_id] = min(first.get(r.transaction_id, r.at), r.at)
+        lat = [at - sent[txid] for txid, at in first.items()]
+        return {"offered_per_s": self.plan.e2e_rate, "events": len(sent), "received": len(first),
+                "sample_note": "" if sink.name != "sandbox-outbox" or len(sent) <= 1000
+                else "sandbox outbox keeps the newest 1000 entries only",
+                "p50_ms": ms(percentile(lat, 50)), "p99_ms": ms(percentile(lat, 99)),
+                "max_ms": ms(max(lat)) if lat else None,
+                "webhook": load_summary(load, self.plan.e2e_rate)}
+
+    def fleet_metrics(self, port: int) -> dict[str, Any]:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10, trust_env=False).text
+        wanted = ("notifier_scrape_duration_seconds", "notifier_deliveries_total",
+                  "notifier_events_received_total", "notifier_end_to_end_latency_seconds_count",
+                  "notifier_retries_total", "notifier_workers_alive")
+        return {line.split(" ")[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line.startswith(wanted)}
+
+    def run_notifier(self) -> dict[str, Any]:
+        sink: Sink
+        fake_port: int | None = None
+        if self.args.provider in ("auto", "fake"):
+            try:
+                fake_port = self.procs.start_fake_dysmsapi(KEY_ID, KEY_SECRET)
+            except RuntimeError as exc:
+                if self.args.provider == "fake":
+                    raise
+                self.notes.append(f"Dysmsapi fake did not start ({exc}); used the sandbox provider")
+        port = self.start_notifier(fake_port)
+        assert self.redis is not None
+        sink = FakeSink(fake_port) if fake_port is not None else SandboxSink(self.redis)
+        self.say(f"notifier up on :{port}; SMS provider: {sink.name}; "
+                 f"worker concurrency {self.concurrency}")
+        payloads = Payloads(port)
+        fleet = ("worker", "scheduler")
+        out: dict[str, Any] = {"provider": sink.name}
+
+        self.say("warm-up")
+        sink.reset()
+        warm = loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", port, payloads.take(100),
+                                                       connections=4, max_seconds=20))
+        self.wait_received(sink, len(accepted_txids(warm)), "warm-up")
+
+        self.say(f"ingest: {self.plan.steady_rate:.0f} webhooks/s offered for "
+                 f"{self.plan.steady_seconds:.0f}s (worker fleet paused: the API alone)")
+        sink.reset()
+        self.procs.pause(*fleet)
+        steady = self.steady(port, payloads)
+        self.procs.resume(*fleet)
+        out["ingest_steady"] = load_summary(steady, self.plan.steady_rate)
+        out["drain_after_steady"] = self.drain(sink, accepted_txids(steady), time.time(),
+                                               "drain after steady ingest")
+
+        self.say(f"ingest at saturation: {self.plan.sat_connections} connections, up to "
+                 f"{self.plan.sat_seconds:.0f}s / {self.plan.sat_max} webhooks (fleet paused)")
+        sink.reset()
+        self.procs.pause(*fleet)
+        self.profile_start("api", self.procs.pid("api"), subprocesses=False)
+        sat = self.saturation(port, payloads)
+        self.profile_stop("api")
+        self.say("end to end: the resumed fleet drains the backlog")
+        self.profile_start("worker", self.procs.pid("worker"), subprocesses=True)
+        resumed = time.time()
+        self.procs.resume(*fleet)
+        out["ingest_saturation"] = load_summary(sat)
+        out["e2e_throughput"] = self.drain(sink, accepted_txids(sat), resumed,
+                                           "drain after saturation ingest")
+        self.profile_stop("worker")
+
+        self.say(f"end to end latency: {self.plan.e2e_rate:.0f} events/s for "
+                 f"{self.plan.e2e_seconds:.0f}s, whole fleet running")
+        out["e2e_latency"] = self.e2e_latency(port, payloads, sink)
+        out["fleet_metrics"] = self.fleet_metrics(port)
+        return out
+
+    # -- profiling (py-spy) -----------------------------------------------------------------
+
+    def profile_start(self, name: str, pid: int, subprocesses: bool) -> None:
+        if not self.args.profile:
+            return
+        RESULTS.mkdir(exist_ok=True)
+        out = RESULTS / f"profile-{name}.txt"
+        argv = ["py-spy", "record", "-p", str(pid), "-r", "200", "-f", "raw", "-o", str(out),
+                "--nonblocking", "-d", "600"]
+        if subprocesses:
+            argv.append("--subprocesses")
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(0.5)  # let it attach
+        self.profiles[name] = (proc, out)
+
+    def profile_stop(self, name: str) -> None:
+        if name not in self.profiles:
+            return
+        proc, out = self.profiles.pop(name)
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        if not out.exists():
+            self.notes.append(f"py-spy on {name} wrote nothing: {err.decode()[-300:]}")
+            return
+        self.profiles[f"{name}-top"] = summarise_profile(out)
+
+    # -- everything --------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        self.say(f"work dir {self.procs.workdir}; mode {'quick' if self.args.quick else 'full'}")
+        try:
+            self.redis_url = self.procs.start_redis(self.args.appendfsync)
+            self.redis = redis.Redis.from_url(self.redis_url)
+            baseline_http = self.bare_endpoint()
+            baseline_celery = self.noop_celery()
+            measured = self.run_notifier()
+        finally:
+            for name in [k for k in self.profiles if not k.endswith("-top")]:
+                self.profile_stop(name)
+            self.procs.stop_all()
+        return {
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "mode": "quick" if self.args.quick else "full",
+            "machine": machine(),
+            "setup": {"worker_concurrency": self.concurrency, "redis_appendfsync":
+                      self.args.appendfsync, "plan": self.plan.__dict__},
+            "baselines": {"bare_endpoint": baseline_http, "celery_noop": baseline_celery},
+            "notifier": measured,
+            "profiles": {k.removesuffix("-top"): v for k, v in self.profiles.items()},
+            "notes": self.notes,
+        }
+
+
+def summarise_profile(path: Path, top: int = 15) -> dict[str, Any]:
+    """py-spy raw (collapsed stacks) -> top frames by own samples and by inclusive samples."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+
+    def rows(counter: Counter[str], keep: Callable[[str], bool]) -> list[dict[str, Any]]:
+        return [{"frame": f, "pct": round(100 * n / max(total, 1), 1)}
+                for f, n in counter.most_common() if keep(f)][:top]
+
+    idle = re.compile(r"\b(select|poll|epoll|_worker|wait|sleep|run_forever|_run_once|accept|"
+                      r"brpop|recv|read|get)\b.*\((selectors|threading|socket|asyncio|"
+                      r"concurrent|queue)")
+    return {"samples": total,
+            "own": rows(own, lambda f: True),
+            "own_busy": rows(own, lambda f: not idle.search(f)),
+            "inclusive_notifier": rows(inclusive, lambda f: "notifier/" in f)}
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 1024 / 1024:.1f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True,
+                                   check=False).stdout.strip()
+    versions = {}
+    for dist in ("celery", "kombu", "redis", "uvicorn", "fastapi", "pydantic"):
+        try:
+            from importlib.metadata import version  # noqa: PLC0415
+
+            versions[dist] = version(dist)
+        except Exception:  # noqa: BLE001 - informational only
+            versions[dist] = "?"
+    return {"cpu": cpu, "cpus": os.cpu_count(), "memory": mem,
+            "kernel": platform.release(), "python": platform.python_version(),
+            "redis_server": redis_version, "packages": versions}
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+def table(result: dict[str, Any]) -> tuple[list[list[str]], bool]:
+    b, n = result["baselines"], result["notifier"]
+    rows: list[list[str]] = []
+    all_met = True
+
+    def add(figure: str, value: float | None, unit: str, base: float | None = None,
+            target: str = "", met: bool | None = None) -> None:
+        nonlocal all_met
+        ratio = (f"{value / base:.2f}x" if value is not None and base not in (None, 0)
+                 and value == value else "")
+        verdict = "" if met is None else ("met" if met else "MISSED")
+        if met is False:
+            all_met = False
+        rows.append([figure, "n/a" if value is None else f"{value:g} {unit}",
+                     "" if base is None else f"{base:g} {unit}", ratio,
+                     f"{target} {verdict}".strip()])
+
+    sat, bsat = n["ingest_saturation"], b["bare_endpoint"]["saturation"]
+    add("ingest at saturation (webhooks/s vs bare req/s)", sat["per_s"], "/s", bsat["per_s"],
+        ">= 0.5x bare", sat["per_s"] >= 0.5 * bsat["per_s"])
+    add("webhook p50 at saturation", sat["p50_ms"], "ms", bsat["p50_ms"])
+    add("webhook p99 at saturation", sat["p99_ms"], "ms", bsat["p99_ms"])
+    st, bst = n["ingest_steady"], b["bare_endpoint"]["steady"]
+    add(f"webhook p50 at {st['offered_per_s']:g}/s", st["p50_ms"], "ms", bst["p50_ms"])
+    add(f"webhook p99 at {st['offered_per_s']:g}/s", st["p99_ms"], "ms", bst["p99_ms"],
+        "<= 50 ms", st["p99_ms"] <= 50 and st["ok"] == st["requests"])
+    e2e, noop = n["e2e_throughput"], b["celery_noop"]
+    add("end to end deliveries/s (vs no-op tasks/s)", e2e["per_s"], "/s", noop["per_s"],
+        ">= 0.5x no-op", e2e["per_s"] >= 0.5 * noop["per_s"] and e2e.get("complete", False))
+    lat = n["e2e_latency"]
+    add(f"webhook->provider p50 at {lat['offered_per_s']:g}/s", lat["p50_ms"], "ms")
+    add(f"webhook->provider p99 at {lat['offered_per_s']:g}/s", lat["p99_ms"], "ms", None,
+        "<= 250 ms", lat["p99_ms"] <= 250 and lat["received"] == lat["events"])
+    add(f"webhook p99 at {lat['offered_per_s']:g}/s, fleet running", lat["webhook"]["p99_ms"],
+        "ms")
+    add("duplicate provider sends (all phases)",
+        float(e2e.get("duplicate_sends", 0) + n["drain_after_steady"].get("duplicate_sends", 0)),
+        "", None, "0", (e2e.get("duplicate_sends", 0)
+                        + n["drain_after_steady"].get("duplicate_sends", 0)) == 0)
+    return rows, all_met
+
+
+def render(rows: list[list[str]]) -> str:
+    head = ["figure", "value", "baseline", "ratio", "target"]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short phases (about 1.5 min)")
+    parser.add_argument("--concurrency", type=int, default=os.cpu_count() or 2,
+                        help="prefork children of the notifier worker and of the no-op baseline")
+    parser.add_argument("--provider", choices=["auto", "fake", "sandbox"], default="auto",
+                        help="SMS provider: the Dysmsapi fake process (auto: when it starts) "
+                             "or the sandbox outbox")
+    parser.add_argument("--appendfsync", choices=["always", "everysec", "no"], default="everysec",
+                        help="redis-server AOF fsync policy (both notifier and baselines)")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy the API during saturation ingest and the worker during drain")
+    parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    result = Bench(args).run()
+    rows, all_met = table(result)
+    result["table"] = [dict(zip(["figure", "value", "baseline", "ratio", "target"], r,
+                                strict=True)) for r in rows]
+    result["targets_met"] = all_met
+    result["bench_seconds"] = round(time.monotonic() - started, 1)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", "utf-8")
+    m = result["machine"]
+    print(f"\nnotifier bench ({result['mode']}, {result['bench_seconds']}s) on {m['cpu']}, "
+          f"{m['cpus']} CPUs, {m['memory']}, Python {m['python']}, {m['redis_server'][:40]}")
+    print(f"SMS provider: {result['notifier']['provider']}; worker concurrency "
+          f"{args.concurrency}; redis appendfsync {args.appendfsync}\n")
+    print(render(rows))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    for name, prof in result["profiles"].items():
+        print(f"\nprofile {name} ({prof['samples']} samples), top own time (busy frames):")
+        for row in prof["own_busy"][:10]:
+            print(f"  {row['pct']:5.1f}%  {row['frame']}")
+        print(f"profile {name}: notifier frames by inclusive time:")
+        for row in prof["inclusive_notifier"][:10]:
+            print(f"  {row['pct']:5.1f}%  {row['frame']}")
+    print(f"\nwritten: {args.output}")
+    return 0 if all_met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""A store-first inbox for provider pushes (Aliyun SmsReport / SmsUp).
+
+A push is acknowledged only after its records are in Redis; applying them happens later, in a
+worker, at least once. Each record is stored once under its dedup key (SET NX), so a re-pushed
+record is recognised and changes nothing. Pending records sit in a ZSET scored by when they are
+next due: an applier claims due records by pushing their score one lease ahead (a crashed
+applier's records come due again when the lease runs out), and a record that cannot be applied
+yet (a receipt that beat its send) is simply rescheduled instead of dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+_STORE = """
+-- KEYS: queue, record keys...; ARGV: now, ttl_s, member1, json1, member2, json2 ...
+local out = {}
+for i = 2, #KEYS do
+  local member, body = ARGV[1 + 2 * (i - 1)], ARGV[2 + 2 * (i - 1)]
+  if redis.call('SET', KEYS[i], body, 'NX', 'EX', ARGV[2]) then
+    redis.call('ZADD', KEYS[1], ARGV[1], member)
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+
+_CLAIM = """
+-- KEYS: queue; ARGV: now, until, limit
+local items = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+for _, member in ipairs(items) do
+  redis.call('ZADD', KEYS[1], ARGV[2], member)
+end
+return items
+"""
+
+
+def text(value: object) -> str:
+    """A Redis reply (bytes, str or None) as text."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode()
+    return "" if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    member: str
+    record: dict[str, Any]  # what was stored, plus "received_at"
+
+
+class Inbox:
+    def __init__(self, client: redis.Redis, name: str, retention: float,
+                 lease: float = 60.0) -> None:
+        self.redis = client
+        self.queue = f"ntf:{name}:queue"
+        self.prefix = f"ntf:{name}:rec:"
+        self.retention = max(int(retention), 60)
+        self.lease = lease
+        self._store = client.register_script(_STORE)
+        self._claim = client.register_script(_CLAIM)
+
+    def store(self, items: Sequence[tuple[str, Mapping[str, Any]]]) -> list[bool]:
+        """Store (dedup key, record) pairs in one atomic step; True for each record not seen
+        before. Raises `redis.RedisError` when nothing could be stored (answer 5xx then)."""
+        if not items:
+            return []
+        now = time.time()
+        args: list[str | float | int] = [repr(now), self.retention]
+        for member, record in items:
+            body = {**record, "received_at": now}
+            args += [member, json.dumps(body, ensure_ascii=False, sort_keys=True)]
+        keys = [self.queue, *(self.prefix + member for member, _ in items)]
+        result = self._store(keys=keys, args=args)
+        return [bool(int(flag)) for flag in result]
+
+    def claim(self, limit: int = 100, now: float | None = None) -> list[Claimed]:
+        at = time.time() if now is None else now
+        members = [text(m) for m in self._claim(keys=[self.queue],
+                                                args=[repr(at), repr(at + self.lease), limit])]
+        if not members:
+            return []
+        bodies = self.redis.mget([self.prefix + m for m in members])
+        claimed: list[Claimed] = []
+        for member, body in zip(members, bodies, strict=True):
+            if body is None:  # expired with retention: nothing left to apply
+                self.done(member)
+                continue
+            claimed.append(Claimed(member, json.loads(text(body))))
+        return claimed
+
+    def done(self, member: str) -> None:
+        """Applied (or given up on). The record itself stays as the dedup marker."""
+        self.redis.zrem(self.queue, member)
+
+    def later(self, member: str, due: float) -> None:
+        self.redis.zadd(self.queue, {member: due})
+
+    def due(self, now: float | None = None) -> int:
+        return int(self.redis.zcount(self.queue, "-inf", repr(time.time() if now is None else now)))
+
+    def pending(self) -> int:
+        return int(self.redis.zcard(self.queue))
+
+    def record(self, member: str) -> dict[str, Any] | None:
+        body = self.redis.get(self.prefix + member)
+        return None if body is None else dict(json.loads(text(body)))

@@ -1,0 +1,219 @@
+"""Aliyun delivery receipts (SmsReport): validate, store first, apply to the ledger later.
+
+The callback stores each record under (biz_id, phone) and answers; a worker applies stored
+records: `delivered` + `delivered_at`, or, for a failed receipt, the route's fallback exactly as
+for a permanent send error. Aliyun pushes twice sometimes (dedup at store) and may push a
+receipt before our worker has recorded the send (kept and re-applied, never dropped).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import redis
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from notifier import awaiting
+from notifier.config import normalise_phone
+from notifier.inbox import Claimed, Inbox
+from notifier.ledger import Attempt, DeliveryRecord, delivery_key
+from notifier.models import DeliveryStatus
+from notifier.pipeline.deps import PipelineDeps
+from notifier.pipeline.outcomes import Outcomes
+
+log = logging.getLogger(__name__)
+CHINA_TZ = timezone(timedelta(hours=8), "Asia/Shanghai")  # Aliyun's timestamps are Beijing time
+INBOX = "rcpt"
+FAILED_CLASS = "receipt"  # error_class of a delivery a failed receipt closed
+_NOT_YET = {DeliveryStatus.QUEUED, DeliveryStatus.SENDING, DeliveryStatus.RETRYING,
+            DeliveryStatus.DEFERRED}
+
+_SET_IF_STATUS = """
+-- KEYS: delivery; ARGV: expected status, f1, v1, f2, v2 ...
+if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
+class SmsReportIn(BaseModel):
+    """One record of an Aliyun SmsReport push; unknown fields are ignored (Aliyun adds some)."""
+
+    model_config = ConfigDict(extra="ignore")
+    phone_number: str = Field(min_length=1, max_length=32)
+    success: bool
+    biz_id: str = Field(min_length=1, max_length=128)
+    out_id: str = Field(default="", max_length=256)
+    err_code: str = Field(default="", max_length=64)
+    err_msg: str = Field(default="", max_length=500)
+    send_time: str = Field(default="", max_length=32)
+    report_time: str = Field(default="", max_length=32)
+    sms_size: str | int = ""
+
+    @field_validator("phone_number")
+    @classmethod
+    def _e164(cls, value: str) -> str:
+        return normalise_phone(value)
+
+
+@dataclass(frozen=True)
+class Report:
+    phone: str  # E.164
+    biz_id: str
+    out_id: str
+    success: bool
+    err_code: str = ""
+    err_msg: str = ""
+    send_time: str = ""
+    report_time: str = ""
+    source: str = "push"  # push (SmsReport) or query (QuerySendDetails, the reconciler)
+
+    @property
+    def member(self) -> str:
+        return f"{self.biz_id}|{self.phone}"
+
+
+def parse_reports(payload: Any) -> list[Report]:
+    """An SmsReport body -> reports; ValueError naming every bad field otherwise."""
+    if not isinstance(payload, list):
+        raise ValueError("body: expected a JSON array of SmsReport records")
+    reports: list[Report] = []
+    problems: list[str] = []
+    for i, item in enumerate(payload):
+        try:
+            rec = SmsReportIn.model_validate(item)
+        except ValidationError as exc:
+            problems += [f"[{i}].{'.'.join(map(str, e['loc'])) or 'record'}: "
+                         f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
+            continue
+        reports.append(Report(phone=rec.phone_number, biz_id=rec.biz_id, out_id=rec.out_id,
+                              success=rec.success, err_code=rec.err_code, err_msg=rec.err_msg,
+                              send_time=rec.send_time, report_time=rec.report_time))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return reports
+
+
+def receipt_inbox(client: redis.Redis, retention: float) -> Inbox:
+    return Inbox(client, INBOX, retention)
+
+
+def store_reports(inbox: Inbox, reports: Sequence[Report]) -> tuple[int, int]:
+    """Store first (atomically, all or nothing); returns (new, duplicates)."""
+    fresh = inbox.store([(r.member, asdict(r)) for r in reports])
+    new = sum(fresh)
+    return new, len(fresh) - new
+
+
+def beijing_time(value: str) -> float | None:
+    try:
+        return datetime.strptime(value, "%Y-%m-%d %H:%M:%S").replace(tzinfo=CHINA_TZ).timestamp()
+    except ValueError:
+        return None
+
+
+def _retry_delay(age: float) -> float:
+    """An early receipt is tried again soon, then less often: 1 s ... 60 s."""
+    return min(60.0, max(1.0, age / 2))
+
+
+def apply_due(deps: PipelineDeps, limit: int = 200) -> dict[str, int]:
+    """Apply every stored receipt that is due; returns how many ended how."""
+    inbox = receipt_inbox(deps.ledger.redis, deps.settings.retention)
+    counts: dict[str, int] = {}
+    for item in inbox.claim(limit):
+        result = _apply_claimed(deps, inbox, item)
+        counts[result] = counts.get(result, 0) + 1
+    return counts
+
+
+def _apply_claimed(deps: PipelineDeps, inbox: Inbox, item: Claimed) -> str:
+    data = {k: v for k, v in item.record.items() if k != "received_at"}
+    report = Report(**data)
+    result = apply_report(deps, report)
+    if result == "early":
+        age = time.time() - float(item.record.get("received_at", time.time()))
+        if age < deps.settings.retention:
+            inbox.later(item.member, time.time() + _retry_delay(age))
+            return result
+        result = "expired"  # its send never showed up within the retention period
+        log.warning("receipt for %s dropped: no such delivery within retention",
+                    report.out_id or report.biz_id)
+    inbox.done(item.member)
+    deps.metrics.inc("notifier_receipts", channel="sms", result=result)
+    return result
+
+
+def apply_report(deps: PipelineDeps, report: Report) -> str:
+    """Apply one receipt; idempotent. Returns delivered | failed | duplicate | early | stale |
+    mismatch."""
+    ledger = deps.ledger
+    did = report.out_id or awaiting.delivery_for_biz(ledger.redis, report.biz_id)
+    rec = ledger.delivery(did) if did else None
+    if rec is None:
+        return "early"  # its send is not recorded yet (or it is not ours): keep it
+    if rec.channel != "sms" or report.phone not in rec.address.split(","):
+        log.warning("receipt names delivery %s but not its channel/number; ignored", rec.id,
+                    extra={"delivery_id": rec.id})
+        return "mismatch"
+    status = DeliveryStatus(rec.status)
+    if status in _NOT_YET:
+        return "early"  # the provider has it, our worker has not recorded that yet
+    if status is DeliveryStatus.SENT:
+        return _delivered(deps, rec, report) if report.success else _failed(deps, rec, report)
+    if status is DeliveryStatus.DELIVERED:
+        return "duplicate"
+    if status is DeliveryStatus.FAILED and rec.error_class == FAILED_CLASS:
+        # A failed receipt was being applied when its worker died: finish the fallback
+        # (fall_back is idempotent: successor IDs are deterministic).
+        Outcomes(deps).fall_back(rec, "receipt_failed", rec.error_code)
+        return "duplicate"
+    return "stale"  # the delivery was closed some other way meanwhile
+
+
+def _set_if_sent(deps: PipelineDeps, did: str, **fields: str) -> bool:
+    script = deps.ledger.redis.register_script(_SET_IF_STATUS)
+    flat: list[str] = [DeliveryStatus.SENT.value]
+    for key, value in {**fields, "updated_at": repr(time.time())}.items():
+        flat += [key, value]
+    return bool(script(keys=[delivery_key(did)], args=flat))
+
+
+def _delivered(deps: PipelineDeps, rec: DeliveryRecord, report: Report) -> str:
+    now = time.time()
+    reported = beijing_time(report.report_time)
+    # Aliyun's report_time has whole seconds and another clock: keep it between send and now.
+    at = now if reported is None else min(now, max(rec.sent_at or reported, reported))
+    if not _set_if_sent(deps, rec.id, status=DeliveryStatus.DELIVERED.value,
+                        delivered_at=repr(at)):
+        return "duplicate"  # someone else closed it between our read and now
+    deps.ledger.record_attempt(rec.id, Attempt(
+        at=now, provider=rec.provider, outcome="receipt", error_code=report.err_code,
+        message=f"{report.source}: delivered at {report.report_time or '?'}",
+        provider_message_id=report.biz_id,
+    ))
+    deps.ledger.log(rec.transaction_id, "receipt", delivery=rec.id, result="delivered",
+                    source=report.source)
+    awaiting.closed(deps.ledger.redis, rec.id)
+    Outcomes(deps).finish(rec.transaction_id)
+    return "delivered"
+
+
+def _failed(deps: PipelineDeps, rec: DeliveryRecord, report: Report) -> str:
+    code = report.err_code or "UNKNOWN"
+    if not _set_if_sent(deps, rec.id, status=DeliveryStatus.FAILED.value, error_code=code,
+                        error_class=FAILED_CLASS):
+        return "duplicate"
+    deps.ledger.record_attempt(rec.id, Attempt(
+        at=time.time(), provider=rec.provider, outcome="receipt_failed", error_code=code,
+        message=f"{report.source}: {report.err_msg}"[:300], provider_message_id=report.biz_id,
+    ))
+    awaiting.closed(deps.ledger.redis, rec.id)
+    # Like a permanent send error: the route's next channel carries the message.
+    Outcomes(deps).fall_back(rec, "receipt_failed", code)
+    return "failed"

@@ -1,0 +1,186 @@
+"""The delivery pipeline on a real redis-server with real providers (Dysmsapi fake, sandbox),
+driven task by task without Celery: digests, budgets, provider fallback, breakers, dead
+letters, maybe-sent look-ups, deferral."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from notifier.breaker import FleetBreaker
+from notifier.channels.sandbox import outbox_key
+from notifier.models import Event, Source
+from notifier.operations import replay_dead_letter
+from tests.fakes.dysmsapi import FakeDysmsapi
+from tests.support.inline import InlineFleet
+
+AK_ID, AK_SECRET = "LTAI-pipeline", "pipeline-secret-value"
+ENV = {"ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET}
+FAST_RETRY = {"max_attempts": 3, "base_delay": "50ms", "max_delay": "200ms", "jitter": 0}
+
+
+@pytest.fixture(scope="module")
+def sms_fake() -> Iterator[FakeDysmsapi]:
+    fake = FakeDysmsapi(AK_ID, AK_SECRET).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset(sms_fake: FakeDysmsapi) -> None:
+    sms_fake.reset()
+
+
+@pytest.fixture
+def make_fleet(redis_url: str) -> Iterator[Callable[..., InlineFleet]]:
+    fleets: list[InlineFleet] = []
+
+    def make(cfg: dict[str, Any], env: dict[str, str] | None = None) -> InlineFleet:
+        fleets.append(InlineFleet(redis_url, cfg, env))
+        return fleets[-1]
+
+    yield make
+    for fleet in fleets:
+        fleet.close()
+
+
+def aliyun(fake: FakeDysmsapi, **extra: Any) -> dict[str, Any]:
+    return {"provider": "aliyun", "endpoint": fake.endpoint, "protocol": "http",
+            "sign_name": "运维告警", "templates": {"alert": "SMS_1", "digest": "SMS_9"},
+            "read_timeout": "500ms", "connect_timeout": "500ms", **extra}
+
+
+def config(sms: dict[str, Any], **channel_policy: Any) -> dict[str, Any]:
+    return {
+        "channels": {"sms": {**sms, "retry": FAST_RETRY, **channel_policy},
+                     "email": {"provider": "sandbox"}},
+        "recipients": {"alice": {"phone": "+8613800138000", "email": "alice@example.com"}},
+        "routes": [{"match": {}, "to": ["alice"], "channels": ["sms"], "fallback": ["email"]}],
+    }
+
+
+def submit(fleet: InlineFleet, title: str = "DiskFull", **fields: Any) -> str:
+    event = Event(kind="alert", title=title, severity="critical", **fields)
+    return fleet.intake.submit(event, Source.API).transaction_id
+
+
+def outbox(fleet: InlineFleet, channel: str) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in fleet.redis.lrange(outbox_key(channel), 0, -1)]
+
+
+def test_storm_to_one_phone_becomes_one_digest(make_fleet: Callable[..., InlineFleet]) -> None:
+    sms = {"provider": "sandbox", "recipient_limits": [{"rate": 1, "per": "6s", "burst": 1}]}
+    fleet = make_fleet(config(sms))
+    txids = [submit(fleet, f"alert {i}") for i in range(40)]
+    fleet.drain(timers_until=10)
+    sent = outbox(fleet, "sms")
+    assert len(sent) == 2, [s["kind"] for s in sent]  # the first alert, then one digest
+    digest = next(s for s in sent if s["kind"] == "digest")
+    assert "39" in json.dumps(digest["params"], ensure_ascii=False) + digest["text"]
+    statuses = [fleet.deps.ledger.transaction(t).status for t in txids]  # type: ignore[union-attr]
+    assert statuses == ["delivered"] * 40
+    merged = [d for t in txids for d in fleet.deps.ledger.deliveries(t) if d.digest_id]
+    assert len(merged) == 39 and {d.status for d in merged} == {"suppressed"}
+    carrier = fleet.deps.ledger.delivery(merged[0].digest_id)
+    assert carrier is not None and sorted(carrier.digest_of) == sorted(d.id for d in merged)
+    assert carrier.status == "sent" and outbox(fleet, "email") == []
+
+
+def test_spent_day_budget_falls_back_at_once(make_fleet: Callable[..., InlineFleet]) -> None:
+    sms = {"provider": "sandbox", "recipient_limits": [{"rate": 2, "per": "1d", "burst": 2}]}
+    fleet = make_fleet(config(sms))
+    txids = [submit(fleet, f"alert {i}") for i in range(3)]
+    fleet.drain()
+    assert len(outbox(fleet, "sms")) == 2 and len(outbox(fleet, "email")) == 1
+    third = fleet.deps.ledger.deliveries(txids[2])
+    assert [(d.channel, d.status) for d in third] == [("sms", "fallen_back"), ("email", "sent")]
+    assert third[0].reason.startswith("recipient_budget")
+
+
+def test_account_error_moves_to_the_channels_next_provider(make_fleet: Callable[..., InlineFleet], sms_fake: FakeDysmsapi) -> None:
+    sms_fake.script({"kind": "business", "code": "isv.AMOUNT_NOT_ENOUGH", "message": "余额不足"})
+    sms = {**aliyun(sms_fake), "providers": [{"provider": "sandbox", "name": "backup"}]}
+    fleet = make_fleet(config(sms), ENV)
+    txid = submit(fleet)
+    fleet.drain()
+    (delivery,) = fleet.deps.ledger.deliveries(txid)
+    assert delivery.status == "sent" and delivery.provider == "backup"
+    attempts = fleet.deps.ledger.attempts(delivery.id)
+    assert [(a["provider"], a["outcome"]) for a in attempts] == [("aliyun", "account"),
+                                                                  ("backup", "sent")]
+    assert any(h["event"] == "provider_fallback" for h in fleet.deps.ledger.history(txid))
+
+
+def test_open_breaker_skips_the_provider_call(make_fleet: Callable[..., InlineFleet], sms_fake: FakeDysmsapi) -> None:
+    fleet = make_fleet(config(aliyun(sms_fake)), ENV)
+    policy = fleet.settings.channels["sms"].breaker
+    FleetBreaker(fleet.redis, "sms:aliyun", policy).force_open("test", "provider outage drill")
+    txid = submit(fleet)
+    fleet.drain()
+    assert sms_fake.requests.total() == 0
+    sms, email = fleet.deps.ledger.deliveries(txid)
+    assert (sms.status, sms.reason) == ("fallen_back", "circuit_open: sms:aliyun")
+    assert (email.channel, email.status) == ("email", "sent")
+
+
+def test_breaker_opens_after_repeated_transient_failures(make_fleet: Callable[..., InlineFleet], sms_fake: FakeDysmsapi) -> None:
+    sms_fake.script({"kind": "gateway", "status": 503, "code": "ServiceUnavailable", "times": 20})
+    fleet = make_fleet(config(aliyun(sms_fake), breaker={"fail_max": 3,
+                                                                     "reset_timeout": "60s"}), ENV)
+    txids = [submit(fleet, f"a{i}") for i in range(3)]
+    fleet.drain(timers_until=3)
+    status = FleetBreaker(fleet.redis, "sms:aliyun",
+                          fleet.settings.channels["sms"].breaker).status()
+    assert status.state.value == "open"
+    calls = sms_fake.requests.total()
+    assert calls <= 4, calls  # fail_max failures (+ a racing one) and then no more calls
+    for txid in txids:  # every alert still reached alice, by email
+        assert fleet.deps.ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
+    assert len(outbox(fleet, "email")) == 3
+    metrics = fleet.redis.hgetall("ntf:m:notifier_fallbacks")
+    assert any(b"circuit_open" in k or b"retries_exhausted" in k for k in metrics)
+
+
+def test_everything_failing_dead_letters_and_replay_sends_again(make_fleet: Callable[..., InlineFleet], sms_fake: FakeDysmsapi) -> None:
+    sms_fake.script({"kind": "business", "code": "isv.MOBILE_NUMBER_ILLEGAL", "times": 1})
+    cfg = config(aliyun(sms_fake))
+    cfg["routes"][0]["fallback"] = []
+    fleet = make_fleet(cfg, ENV)
+    txid = submit(fleet)
+    fleet.drain()
+    assert fleet.deps.ledger.transaction(txid).status == "failed"  # type: ignore[union-attr]
+    assert [t for t, _ in fleet.deps.ledger.dead_letters()] == [txid]
+    new_txid = replay_dead_letter(fleet.deps.ledger, fleet.intake, txid)
+    assert new_txid is not None and new_txid != txid
+    fleet.drain()
+    assert fleet.deps.ledger.transaction(new_txid).status == "delivered"  # type: ignore[union-attr]
+    assert fleet.deps.ledger.dead_letters() == []
+    assert len(sms_fake.messages) == 1
+
+
+def test_read_timeout_after_send_is_looked_up_not_resent(make_fleet: Callable[..., InlineFleet], sms_fake: FakeDysmsapi) -> None:
+    sms_fake.script({"kind": "stall", "seconds": 1.5})
+    fleet = make_fleet(config(aliyun(sms_fake)), ENV)
+    txid = submit(fleet)
+    fleet.drain(timers_until=3)
+    (delivery,) = fleet.deps.ledger.deliveries(txid)
+    outcomes = [a["outcome"] for a in fleet.deps.ledger.attempts(delivery.id)]
+    assert outcomes == ["maybe_sent", "found_after_timeout"]
+    assert delivery.status == "sent" and len(sms_fake.messages) == 1
+    # QuerySendDetails has no BizId: the look-up matched the message by our OutId.
+    assert sms_fake.messages[0]["out_id"] == delivery.id
+
+
+def test_channel_limit_defers_and_never_drops(make_fleet: Callable[..., InlineFleet]) -> None:
+    sms = {"provider": "sandbox", "rate_limit": {"rate": 10, "per": "1s", "burst": 2}}
+    fleet = make_fleet(config(sms))
+    txids = [submit(fleet, f"alert {i}") for i in range(6)]
+    fleet.drain(timers_until=3)
+    assert len(outbox(fleet, "sms")) == 6
+    deferred = [a for t in txids for d in fleet.deps.ledger.deliveries(t)
+                for a in fleet.deps.ledger.attempts(d.id) if a["outcome"] == "deferred"]
+    assert deferred, "a burst over the channel limit must be deferred"
+    assert all(fleet.deps.ledger.transaction(t).status == "delivered" for t in txids)  # type: ignore[union-attr]
