@@ -99,7 +99,7 @@ if op == 'acquire' then
   end
   if state == 'half_open' then
     redis.call('ZREMRANGEBYSCORE', TRIALS, '-inf', f6(now))  -- permits of dead workers
-    if redis.call('ZCARD', TRIALS) >= max_trials then
+    if redis.call('ZCARD', TRIALS) > max_trials then
       local first = redis.call('ZRANGE', TRIALS, 0, 0, 'WITHSCORES')
       return {0, f6(math.min(tonumber(first[2]) - now, reset_timeout))}
     end

@@ -5,9 +5,9 @@ The API, the client and the scheduler use this without importing the worker's ta
 
 from __future__ import annotations
 
-import celeryconfig
 from celery import Celery
 
+import celeryconfig
 from notifier.errors import BrokerUnavailable
 
 

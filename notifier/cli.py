@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -14,13 +15,13 @@ from collections.abc import Callable, Sequence
 import redis
 import uvicorn
 
+from notifier import cli_drill
 from notifier.api.app import create_app
 from notifier.api.gauges import WORKER_HEARTBEAT
 from notifier.api.views import transaction_view
 from notifier.celery_app import CeleryPublisher, make_celery
 from notifier.channels.base import ChannelContext
 from notifier.channels.sandbox import read_outbox
-from notifier import cli_drill
 from notifier.cli_up import run_up
 from notifier.client import as_event, intake_for
 from notifier.config import Settings, config_path, load_settings
@@ -61,10 +62,9 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 def _heartbeat(settings: Settings, name: str) -> None:
     client = _redis(settings)
     while True:
-        try:
+        # The worker itself reports Redis trouble; the gauge simply drops.
+        with contextlib.suppress(redis.RedisError):
             client.set(f"{WORKER_HEARTBEAT}{name}", str(time.time()), ex=15)
-        except redis.RedisError:
-            pass  # the worker itself reports Redis trouble; the gauge simply drops
         time.sleep(5)
 
 

@@ -111,7 +111,7 @@ class AliyunSmsProvider(_Strict):
     templates: dict[str, str] = Field(min_length=1)  # event kind -> TemplateCode
     # Names of the env variables holding this account's key (two accounts => two pairs).
     access_key_id_env: str = "ALIBABA_CLOUD_ACCESS_KEY_ID"
-    access_key_secret_env: str = "ALIBABA_CLOUD_ACCESS_KEY_SECRET"
+    access_key_secret_env: str = "ALIBABA_CLOUD_ACCESS_KEY_SECRET"  # noqa: S105 - a variable name
     connect_timeout: Duration = 5.0
     read_timeout: Duration = 10.0
     # Longest value Aliyun accepts for one template variable.
@@ -126,7 +126,7 @@ class SmtpProvider(_Strict):
     tls: Literal["none", "starttls", "tls"] = "none"
     sender: str
     username: str | None = None
-    password_env: str = "NOTIFIER_SMTP_PASSWORD"
+    password_env: str = "NOTIFIER_SMTP_PASSWORD"  # noqa: S105 - a variable name
     timeout: Duration = 10.0
     validate_certs: bool = True
 

@@ -7,6 +7,7 @@ a transaction stored but not published stays in the outbox, and the scheduler re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -77,7 +78,6 @@ class Intake:
         return Accepted(result.transaction_id)
 
     def _count(self, source: Source, outcome: AcceptOutcome) -> None:
-        try:
+        # The event is stored; a lost count must not fail the request.
+        with contextlib.suppress(redis.RedisError):
             self.metrics.inc("notifier_events_received", source=source.value, outcome=outcome.value)
-        except redis.RedisError:
-            pass  # the event is stored; a lost count must not fail the request

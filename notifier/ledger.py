@@ -19,6 +19,13 @@ import redis
 from notifier.models import DeliveryStatus, Event, Source, TxStatus
 
 PREFIX = "ntf:"
+Fields = Mapping[Any, Any]  # redis-py types replies as bytes | str; ours are always bytes
+
+
+def text(value: object) -> str:
+    """A Redis reply (bytes here, since clients don't decode) as str."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
 OUTBOX = f"{PREFIX}outbox"  # accepted transactions not yet fanned out (txid -> accepted at)
 DEADLETTERS = f"{PREFIX}deadletters"  # failed transactions (txid -> failed at)
 
@@ -96,8 +103,8 @@ class DeliveryRecord:
         return out
 
     @classmethod
-    def from_redis(cls, raw: Mapping[bytes, bytes]) -> DeliveryRecord:
-        data = {k.decode(): v.decode() for k, v in raw.items()}
+    def from_redis(cls, raw: Fields) -> DeliveryRecord:
+        data = {text(k): text(v) for k, v in raw.items()}
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
             if f.name not in data:
@@ -226,10 +233,10 @@ class Ledger:
             f"{PREFIX}idem:{idempotency_key}" if idempotency_key else "",
             OUTBOX,
         ]
-        args = [txid, repr(now), self.retention, int(dedup_window * 1000), int(idempotency_ttl),
-                body_hash, len(record), *flat]
+        args: list[str | int] = [txid, repr(now), self.retention, int(dedup_window * 1000),
+                                 int(idempotency_ttl), body_hash, len(record), *flat]
         outcome, existing = self._accept(keys=keys, args=args)
-        result = AcceptResult(AcceptOutcome(outcome.decode()), existing.decode())
+        result = AcceptResult(AcceptOutcome(text(outcome)), text(existing))
         if result.outcome is AcceptOutcome.NEW:
             self.log(txid, "accepted", source=source.value)
         elif result.outcome is not AcceptOutcome.CONFLICT:
@@ -238,10 +245,10 @@ class Ledger:
         return result
 
     def transaction(self, txid: str) -> TransactionRecord | None:
-        raw = self.redis.hgetall(tx_key(txid))
+        raw: Fields = self.redis.hgetall(tx_key(txid))
         if not raw:
             return None
-        data = {k.decode(): v.decode() for k, v in raw.items()}
+        data = {text(k): text(v) for k, v in raw.items()}
         return TransactionRecord(
             id=data["id"],
             source=data["source"],
@@ -282,7 +289,7 @@ class Ledger:
 
     def outbox_older_than(self, age: float, limit: int = 500) -> list[str]:
         cutoff = time.time() - age
-        return [x.decode() for x in self.redis.zrangebyscore(OUTBOX, "-inf", cutoff, 0, limit)]
+        return [text(x) for x in self.redis.zrangebyscore(OUTBOX, "-inf", cutoff, 0, limit)]
 
     def fanned_out(self, txid: str) -> None:
         self.redis.zrem(OUTBOX, txid)
@@ -291,8 +298,8 @@ class Ledger:
         self.redis.zadd(DEADLETTERS, {txid: time.time()})
 
     def dead_letters(self, limit: int = 100) -> list[tuple[str, float]]:
-        rows = self.redis.zrevrange(DEADLETTERS, 0, limit - 1, withscores=True)
-        return [(member.decode(), float(score)) for member, score in rows]
+        rows: list[Any] = self.redis.zrevrange(DEADLETTERS, 0, limit - 1, withscores=True)
+        return [(text(member), float(score)) for member, score in rows]
 
     def clear_dead_letter(self, txid: str) -> bool:
         return bool(self.redis.zrem(DEADLETTERS, txid))
@@ -315,7 +322,7 @@ class Ledger:
                 continue
             new_ids.append(record.id)
             key = delivery_key(record.id)
-            pipe.hset(key, mapping=record.to_redis())
+            pipe.hset(key, mapping=dict[Any, Any](record.to_redis()))
             pipe.expire(key, self.retention)
             list_key = f"{tx_key(record.transaction_id)}:dl"
             pipe.rpush(list_key, record.id)
@@ -324,11 +331,11 @@ class Ledger:
         return new_ids
 
     def delivery(self, did: str) -> DeliveryRecord | None:
-        raw = self.redis.hgetall(delivery_key(did))
+        raw: Fields = self.redis.hgetall(delivery_key(did))
         return DeliveryRecord.from_redis(raw) if raw and b"transaction_id" in raw else None
 
     def delivery_ids(self, txid: str) -> list[str]:
-        return [x.decode() for x in self.redis.lrange(f"{tx_key(txid)}:dl", 0, -1)]
+        return [text(x) for x in self.redis.lrange(f"{tx_key(txid)}:dl", 0, -1)]
 
     def deliveries(self, txid: str) -> list[DeliveryRecord]:
         ids = self.delivery_ids(txid)
@@ -339,10 +346,10 @@ class Ledger:
 
     def claim(self, did: str, token: str, lease: float) -> ClaimResult:
         result = self._claim(keys=[delivery_key(did)], args=[token, repr(time.time()), lease])
-        return ClaimResult(result.decode())
+        return ClaimResult(text(result))
 
     def update(self, did: str, **changes: str | float | int | list[str] | None) -> None:
-        mapping: dict[str, str] = {"updated_at": repr(time.time())}
+        mapping: dict[Any, Any] = {"updated_at": repr(time.time())}
         removed: list[str] = []
         for key, value in changes.items():
             if value is None:

@@ -14,9 +14,9 @@ class AlertmanagerAlert(BaseModel):
     status: Literal["firing", "resolved"]
     labels: dict[str, str]
     annotations: dict[str, str] = Field(default_factory=dict)
-    startsAt: str = ""  # noqa: N815 - Alertmanager's field names
-    endsAt: str = ""  # noqa: N815
-    generatorURL: str = ""  # noqa: N815
+    startsAt: str = ""
+    endsAt: str = ""
+    generatorURL: str = ""
     fingerprint: str = ""
 
 
@@ -28,12 +28,12 @@ class AlertmanagerWebhook(BaseModel):
     receiver: str
     status: Literal["firing", "resolved"]
     alerts: list[AlertmanagerAlert] = Field(min_length=1, max_length=5000)
-    groupLabels: dict[str, str] = Field(default_factory=dict)  # noqa: N815
-    commonLabels: dict[str, str] = Field(default_factory=dict)  # noqa: N815
-    commonAnnotations: dict[str, str] = Field(default_factory=dict)  # noqa: N815
-    externalURL: str = ""  # noqa: N815
-    groupKey: str  # noqa: N815
-    truncatedAlerts: int = Field(default=0, ge=0)  # noqa: N815
+    groupLabels: dict[str, str] = Field(default_factory=dict)
+    commonLabels: dict[str, str] = Field(default_factory=dict)
+    commonAnnotations: dict[str, str] = Field(default_factory=dict)
+    externalURL: str = ""
+    groupKey: str
+    truncatedAlerts: int = Field(default=0, ge=0)
 
 
 class EventIn(BaseModel):

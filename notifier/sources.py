@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-from notifier.schemas import AlertmanagerWebhook, EventIn
 from notifier.models import Alert, Event
+from notifier.schemas import AlertmanagerWebhook, EventIn
 
 SEVERITY_ORDER = ("critical", "error", "warning", "info", "none")
 

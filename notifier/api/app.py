@@ -25,7 +25,6 @@ from notifier.models import Source
 from notifier.schemas import AlertmanagerWebhook, EventIn
 from notifier.sources import alertmanager_dedup_key, from_alertmanager, from_event_in
 
-
 # Routers of the other subsystems: each is make_router(state, auth, callback_auth) -> APIRouter.
 ROUTERS = [operations_router]
 

@@ -60,5 +60,5 @@ class Channel(ABC):
         del message, sent_after
         return None
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, most providers hold nothing
         """Release connections; called when the worker process shuts down."""

@@ -10,8 +10,8 @@ from notifier.config import RetryPolicy
 def retry_delay(policy: RetryPolicy, attempt: int, retry_after: float | None = None,
                 rng: random.Random | None = None) -> float:
     """Delay before attempt `attempt + 1` (attempt counts from 1)."""
-    draw = (rng or random).uniform(-policy.jitter, policy.jitter)
-    delay = min(policy.max_delay, policy.base_delay * (2 ** max(attempt - 1, 0)))
+    draw: float = (rng or random.Random()).uniform(-policy.jitter, policy.jitter)
+    delay = min(policy.max_delay, policy.base_delay * (2.0 ** max(attempt - 1, 0)))
     delay *= 1 + draw
     if retry_after is not None:
         # The provider knows its window; jitter only upward so the fleet does not stampede back.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import redis
+from celery import Celery
 
 from notifier.aio import ProcessLoop
 from notifier.breaker import FleetBreaker
@@ -18,7 +19,6 @@ from notifier.pipeline.deps import PipelineDeps
 from notifier.ratelimit import TokenBuckets
 from notifier.scheduler import Timers
 from notifier.templates import Renderer
-from celery import Celery
 
 
 def redis_client(url: str) -> redis.Redis:

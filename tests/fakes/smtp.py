@@ -267,7 +267,7 @@ def describe(message: EmailMessage, mail_from: str, rcpt_tos: list[str]) -> dict
 
 def _control_handler(fake: FakeSmtp) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
         def _reply(self, status: int, payload: Any) -> None:

@@ -19,6 +19,7 @@ from tests.support.inline import InlineFleet
 
 AK_ID, AK_SECRET = "LTAI-pipeline", "pipeline-secret-value"
 ENV = {"ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET}
+MakeFleet = Callable[..., InlineFleet]
 FAST_RETRY = {"max_attempts": 3, "base_delay": "50ms", "max_delay": "200ms", "jitter": 0}
 
 
@@ -71,7 +72,7 @@ def outbox(fleet: InlineFleet, channel: str) -> list[dict[str, Any]]:
     return [json.loads(x) for x in fleet.redis.lrange(outbox_key(channel), 0, -1)]
 
 
-def test_storm_to_one_phone_becomes_one_digest(make_fleet: Callable[..., InlineFleet]) -> None:
+def test_storm_to_one_phone_becomes_one_digest(make_fleet: MakeFleet) -> None:
     sms = {"provider": "sandbox", "recipient_limits": [{"rate": 1, "per": "6s", "burst": 1}]}
     fleet = make_fleet(config(sms))
     txids = [submit(fleet, f"alert {i}") for i in range(40)]
@@ -89,7 +90,7 @@ def test_storm_to_one_phone_becomes_one_digest(make_fleet: Callable[..., InlineF
     assert carrier.status == "sent" and outbox(fleet, "email") == []
 
 
-def test_spent_day_budget_falls_back_at_once(make_fleet: Callable[..., InlineFleet]) -> None:
+def test_spent_day_budget_falls_back_at_once(make_fleet: MakeFleet) -> None:
     sms = {"provider": "sandbox", "recipient_limits": [{"rate": 2, "per": "1d", "burst": 2}]}
     fleet = make_fleet(config(sms))
     txids = [submit(fleet, f"alert {i}") for i in range(3)]
@@ -100,7 +101,8 @@ def test_spent_day_budget_falls_back_at_once(make_fleet: Callable[..., InlineFle
     assert third[0].reason.startswith("recipient_budget")
 
 
-def test_account_error_moves_to_the_channels_next_provider(make_fleet: Callable[..., InlineFleet], sms_fake: FakeDysmsapi) -> None:
+def test_account_error_moves_to_the_channels_next_provider(make_fleet: MakeFleet,
+        sms_fake: FakeDysmsapi) -> None:
     sms_fake.script({"kind": "business", "code": "isv.AMOUNT_NOT_ENOUGH", "message": "余额不足"})
     sms = {**aliyun(sms_fake), "providers": [{"provider": "sandbox", "name": "backup"}]}
     fleet = make_fleet(config(sms), ENV)
@@ -114,7 +116,8 @@ def test_account_error_moves_to_the_channels_next_provider(make_fleet: Callable[
     assert any(h["event"] == "provider_fallback" for h in fleet.deps.ledger.history(txid))
 
 
-def test_open_breaker_skips_the_provider_call(make_fleet: Callable[..., InlineFleet], sms_fake: FakeDysmsapi) -> None:
+def test_open_breaker_skips_the_provider_call(make_fleet: MakeFleet,
+        sms_fake: FakeDysmsapi) -> None:
     fleet = make_fleet(config(aliyun(sms_fake)), ENV)
     policy = fleet.settings.channels["sms"].breaker
     FleetBreaker(fleet.redis, "sms:aliyun", policy).force_open("test", "provider outage drill")
@@ -126,7 +129,8 @@ def test_open_breaker_skips_the_provider_call(make_fleet: Callable[..., InlineFl
     assert (email.channel, email.status) == ("email", "sent")
 
 
-def test_breaker_opens_after_repeated_transient_failures(make_fleet: Callable[..., InlineFleet], sms_fake: FakeDysmsapi) -> None:
+def test_breaker_opens_after_repeated_transient_failures(make_fleet: MakeFleet,
+        sms_fake: FakeDysmsapi) -> None:
     sms_fake.script({"kind": "gateway", "status": 503, "code": "ServiceUnavailable", "times": 20})
     fleet = make_fleet(config(aliyun(sms_fake), breaker={"fail_max": 3,
                                                                      "reset_timeout": "60s"}), ENV)
@@ -144,7 +148,8 @@ def test_breaker_opens_after_repeated_transient_failures(make_fleet: Callable[..
     assert any(b"circuit_open" in k or b"retries_exhausted" in k for k in metrics)
 
 
-def test_everything_failing_dead_letters_and_replay_sends_again(make_fleet: Callable[..., InlineFleet], sms_fake: FakeDysmsapi) -> None:
+def test_everything_failing_dead_letters_and_replay_sends_again(make_fleet: MakeFleet,
+        sms_fake: FakeDysmsapi) -> None:
     sms_fake.script({"kind": "business", "code": "isv.MOBILE_NUMBER_ILLEGAL", "times": 1})
     cfg = config(aliyun(sms_fake))
     cfg["routes"][0]["fallback"] = []
@@ -161,7 +166,8 @@ def test_everything_failing_dead_letters_and_replay_sends_again(make_fleet: Call
     assert len(sms_fake.messages) == 1
 
 
-def test_read_timeout_after_send_is_looked_up_not_resent(make_fleet: Callable[..., InlineFleet], sms_fake: FakeDysmsapi) -> None:
+def test_read_timeout_after_send_is_looked_up_not_resent(make_fleet: MakeFleet,
+        sms_fake: FakeDysmsapi) -> None:
     sms_fake.script({"kind": "stall", "seconds": 1.5})
     fleet = make_fleet(config(aliyun(sms_fake)), ENV)
     txid = submit(fleet)
@@ -174,7 +180,7 @@ def test_read_timeout_after_send_is_looked_up_not_resent(make_fleet: Callable[..
     assert sms_fake.messages[0]["out_id"] == delivery.id
 
 
-def test_channel_limit_defers_and_never_drops(make_fleet: Callable[..., InlineFleet]) -> None:
+def test_channel_limit_defers_and_never_drops(make_fleet: MakeFleet) -> None:
     sms = {"provider": "sandbox", "rate_limit": {"rate": 10, "per": "1s", "burst": 2}}
     fleet = make_fleet(config(sms))
     txids = [submit(fleet, f"alert {i}") for i in range(6)]

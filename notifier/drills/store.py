@@ -1,0 +1,130 @@
+"""A drill's state in Redis: one hash per drill, plus its sends and its timeline.
+
+Hash fields: `def` (the definition, JSON), `current` (index of the live phase, -1 before the
+first), `finished_at`, per phase `p<i>:started_at` / `p<i>:ended_at` / `p<i>:r<round>` (an
+escalation round fired), per phase and operator `p<i>|<op>|code`, `...|confirmed_at`,
+`...|confirmed_via`, `...|confirmed_by`. Decisions that two processes could race on (starting a
+phase, the first confirmation, firing a round) are single atomic Redis operations.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from notifier.drills.model import Drill
+from notifier.inbox import text
+
+_PREFIX = "ntf:drill:"
+INDEX = "ntf:drills"  # drill id -> created at
+ACTIVE = "ntf:drills:active"  # drills not finished: replies with unknown codes are shown there
+_START = """
+-- KEYS: drill; ARGV: index, now
+if not redis.call('HGET', KEYS[1], 'def') then return 'missing' end
+if redis.call('HGET', KEYS[1], 'finished_at') then return 'finished' end
+local field = 'p' .. ARGV[1] .. ':started_at'
+if redis.call('HGET', KEYS[1], field) then return 'started' end
+local current = tonumber(redis.call('HGET', KEYS[1], 'current') or '-1')
+if current >= tonumber(ARGV[1]) then return 'passed' end
+if current >= 0 then redis.call('HSET', KEYS[1], 'p' .. current .. ':ended_at', ARGV[2]) end
+redis.call('HSET', KEYS[1], field, ARGV[2], 'current', ARGV[1])
+return 'ok'
+"""
+_FINISH = """
+-- KEYS: drill, active; ARGV: now, id
+if not redis.call('HGET', KEYS[1], 'def') then return 'missing' end
+if redis.call('HGET', KEYS[1], 'finished_at') then return 'finished' end
+local current = tonumber(redis.call('HGET', KEYS[1], 'current') or '-1')
+if current >= 0 then redis.call('HSET', KEYS[1], 'p' .. current .. ':ended_at', ARGV[1]) end
+redis.call('HSET', KEYS[1], 'finished_at', ARGV[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+return 'ok'
+"""
+
+
+def op_field(phase: int, operator: str, what: str) -> str:
+    return f"p{phase}|{operator}|{what}"
+
+
+class DrillStore:
+    def __init__(self, client: redis.Redis, retention: float) -> None:
+        self.redis = client
+        self.retention = int(retention)
+        self._start = client.register_script(_START)
+        self._finish = client.register_script(_FINISH)
+
+    @staticmethod
+    def key(drill_id: str) -> str:
+        return _PREFIX + drill_id
+
+    def _ttl(self, drill: Drill) -> int:
+        return max(self.retention, int(drill.reply_code_ttl), 3600)
+
+    def create(self, drill: Drill) -> None:
+        key, ttl = self.key(drill.id), self._ttl(drill)
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping={"def": json.dumps(drill.to_json(), ensure_ascii=False),
+                                "current": "-1"})
+        for suffix in ("", ":sends", ":log"):
+            pipe.expire(key + suffix, ttl)
+        pipe.zadd(INDEX, {drill.id: drill.created_at})
+        pipe.sadd(ACTIVE, drill.id)
+        pipe.execute()
+
+    def drill(self, drill_id: str) -> Drill | None:
+        raw = self.redis.hget(self.key(drill_id), "def")
+        return None if raw is None else Drill.from_json(json.loads(text(raw)))
+
+    def state(self, drill_id: str) -> dict[str, str]:
+        return {text(k): text(v) for k, v in self.redis.hgetall(self.key(drill_id)).items()}
+
+    def start_phase(self, drill_id: str, index: int, now: float) -> str:
+        """ok | started (someone else did) | passed (a later phase is live) | finished | missing"""
+        return text(self._start(keys=[self.key(drill_id)], args=[index, repr(now)]))
+
+    def finish(self, drill_id: str, now: float) -> str:
+        return text(self._finish(keys=[self.key(drill_id), ACTIVE], args=[repr(now), drill_id]))
+
+    def is_live(self, drill_id: str, phase: int) -> bool:
+        current, finished = self.redis.hmget(self.key(drill_id), ["current", "finished_at"])
+        return finished is None and current is not None and int(text(current)) == phase
+
+    def field(self, drill_id: str, name: str) -> str | None:
+        value = self.redis.hget(self.key(drill_id), name)
+        return None if value is None else text(value)
+
+    def set_once(self, drill_id: str, name: str, value: str) -> bool:
+        """True for the one caller that set it (first confirmation, a round fired, a code)."""
+        return bool(self.redis.hsetnx(self.key(drill_id), name, value))
+
+    def set(self, drill_id: str, **fields: str) -> None:
+        self.redis.hset(self.key(drill_id), mapping=dict(fields))
+
+    def add_send(self, drill: Drill, entry: dict[str, Any]) -> None:
+        self._append(drill, ":sends", entry)
+
+    def sends(self, drill_id: str) -> list[dict[str, Any]]:
+        return [json.loads(text(x)) for x in self.redis.lrange(self.key(drill_id) + ":sends", 0, -1)]
+
+    def log(self, drill: Drill, event: str, **detail: Any) -> None:
+        self._append(drill, ":log", {"at": time.time(), "event": event, **detail})
+
+    def timeline(self, drill_id: str) -> list[dict[str, Any]]:
+        return [json.loads(text(x)) for x in self.redis.lrange(self.key(drill_id) + ":log", 0, -1)]
+
+    def _append(self, drill: Drill, suffix: str, entry: dict[str, Any]) -> None:
+        key = self.key(drill.id) + suffix
+        pipe = self.redis.pipeline()
+        pipe.rpush(key, json.dumps(entry, ensure_ascii=False))
+        pipe.ltrim(key, -5000, -1)
+        pipe.expire(key, self._ttl(drill))
+        pipe.execute()
+
+    def active(self) -> list[str]:
+        return sorted(text(x) for x in self.redis.smembers(ACTIVE))
+
+    def recent(self, limit: int = 50) -> list[str]:
+        return [text(x) for x in self.redis.zrevrange(INDEX, 0, limit - 1)]
