@@ -99,7 +99,7 @@ if op == 'acquire' then
   end
   if state == 'half_open' then
     redis.call('ZREMRANGEBYSCORE', TRIALS, '-inf', f6(now))  -- permits of dead workers
-    if redis.call('ZCARD', TRIALS) > max_trials then
+    if redis.call('ZCARD', TRIALS) >= max_trials then
       local first = redis.call('ZRANGE', TRIALS, 0, 0, 'WITHSCORES')
       return {0, f6(math.min(tonumber(first[2]) - now, reset_timeout))}
     end
@@ -207,8 +207,8 @@ def _status(name: str, raw: dict[bytes | str, bytes | str]) -> BreakerStatus:
 class FleetBreaker:
     """One provider's breaker (e.g. "sms:aliyun"); cheap to create, holds no state itself.
 
-    `trial_ttl` bounds a half-open trial call: keep it above the provider call's timeout and
-    below the task's hard time limit.
+    `trial_ttl` is how long a half-open trial permit lives if its holder never reports: keep it
+    above the provider call's timeout; the task's hard time limit (60 s) is the natural value.
     """
 
     def __init__(

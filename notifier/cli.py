@@ -31,6 +31,7 @@ from notifier.logs import configure_logging
 from notifier.models import Source, TxStatus
 from notifier.operations import BreakerControl, replay_dead_letter
 from notifier.periodic import periodic_jobs
+from notifier.pipeline.reaper import reap
 from notifier.scheduler import Scheduler
 from notifier.tasks_spec import ALL_QUEUES
 from notifier.timeline import render_timeline
@@ -81,8 +82,13 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_scheduler(args: argparse.Namespace, settings: Settings) -> int:
     client = _redis(settings)
     publisher = CeleryPublisher(make_celery(settings.redis_url))
-    Scheduler(client, publisher, interval=settings.scheduler_interval,
-              periodic=periodic_jobs(settings, client, publisher)).run_forever()
+    ledger = Ledger(client, settings.retention)
+
+    def reaper() -> None:
+        reap(ledger, publisher, stale_after=settings.reaper_after, lease=settings.claim_lease)
+
+    jobs = [*periodic_jobs(settings, client, publisher), (min(settings.reaper_after / 2, 10.0), reaper)]
+    Scheduler(client, publisher, interval=settings.scheduler_interval, periodic=jobs).run_forever()
     return 0
 
 

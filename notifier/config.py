@@ -245,6 +245,9 @@ class Settings(_Strict):
     public_url: str = "http://127.0.0.1:9095"  # where providers' callbacks reach the API
     scheduler_interval: Duration = 0.2
     reconcile_after: Duration = 600.0  # ask QuerySendDetails about SMS without a receipt
+    # A delivery that has not moved for this long lost its task with a worker: re-queue it.
+    reaper_after: Duration = 60.0
+    claim_lease: Duration = 120.0  # longer than any send may take (task_time_limit)
     channels: dict[str, ChannelConfig] = Field(min_length=1)
     recipients: dict[str, Recipient] = Field(default_factory=dict)
     groups: dict[str, list[str]] = Field(default_factory=dict)

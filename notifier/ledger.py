@@ -28,6 +28,8 @@ def text(value: object) -> str:
 
 OUTBOX = f"{PREFIX}outbox"  # accepted transactions not yet fanned out (txid -> accepted at)
 DEADLETTERS = f"{PREFIX}deadletters"  # failed transactions (txid -> failed at)
+OPEN = f"{PREFIX}open"  # deliveries not yet final (delivery id -> created at), for the reaper
+_FINAL = ("sent", "delivered", "failed", "fallen_back", "suppressed")
 
 
 def tx_key(txid: str) -> str:
@@ -324,6 +326,7 @@ class Ledger:
             key = delivery_key(record.id)
             pipe.hset(key, mapping=dict[Any, Any](record.to_redis()))
             pipe.expire(key, self.retention)
+            pipe.zadd(OPEN, {record.id: now})
             list_key = f"{tx_key(record.transaction_id)}:dl"
             pipe.rpush(list_key, record.id)
             pipe.expire(list_key, self.retention)
@@ -344,6 +347,13 @@ class Ledger:
             pipe.hgetall(delivery_key(did))
         return [DeliveryRecord.from_redis(raw) for raw in pipe.execute() if raw]
 
+    def open_older_than(self, age: float, limit: int = 500) -> list[str]:
+        cutoff = time.time() - age
+        return [text(x) for x in self.redis.zrangebyscore(OPEN, "-inf", cutoff, 0, limit)]
+
+    def touch_open(self, did: str) -> None:
+        self.redis.zadd(OPEN, {did: time.time()}, xx=True)
+
     def claim(self, did: str, token: str, lease: float) -> ClaimResult:
         result = self._claim(keys=[delivery_key(did)], args=[token, repr(time.time()), lease])
         return ClaimResult(text(result))
@@ -360,6 +370,10 @@ class Ledger:
                 mapping[key] = value if isinstance(value, str) else repr(value)
         pipe = self.redis.pipeline()
         pipe.hset(delivery_key(did), mapping=mapping)
+        if changes.get("status") in _FINAL:
+            pipe.zrem(OPEN, did)
+        elif "status" in changes:
+            pipe.zadd(OPEN, {did: time.time()}, xx=True)
         if removed:
             pipe.hdel(delivery_key(did), *removed)
         pipe.execute()

@@ -142,7 +142,7 @@ class Bucket:
     @property
     def window_capacity(self) -> float:
         """Most that may be taken in any rolling `per` (see the module docstring)."""
-        return 1e9
+        return max(self.limit.rate, self.limit.capacity)
 
     def _args(self) -> list[str]:
         limit = self.limit

@@ -46,6 +46,7 @@ def build_deps(settings: Settings, app: Celery) -> PipelineDeps:
         renderer=Renderer(),
         providers=build_providers(settings, ChannelContext(redis=client, env=dict(os.environ))),
         runner=ProcessLoop(),
+        claim_lease=settings.claim_lease,
     )
 
 

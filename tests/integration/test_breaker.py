@@ -130,9 +130,7 @@ def _race_for_trial(url: str, barrier: Barrier, out: mp.Queue[Permit | None]) ->
     client.close()
 
 
-def test_half_open_admits_exactly_the_trials_fleet_wide(
-    redis_client: redis.Redis, redis_url: str
-) -> None:
+def test_half_open_admits_exactly_the_trials_fleet_wide(redis_client: redis.Redis, redis_url: str) -> None:
     policy = BreakerPolicy(fail_max=3, reset_timeout=0.3, half_open_trials=2)
     breaker = FleetBreaker(redis_client, "sms:aliyun", policy)
     open_breaker(breaker)
@@ -141,9 +139,7 @@ def test_half_open_admits_exactly_the_trials_fleet_wide(
     racers = 4
     barrier = ctx.Barrier(racers)
     out: mp.Queue[Permit | None] = ctx.Queue()
-    procs = [
-        ctx.Process(target=_race_for_trial, args=(redis_url, barrier, out)) for _ in range(racers)
-    ]
+    procs = [ctx.Process(target=_race_for_trial, args=(redis_url, barrier, out)) for _ in range(racers)]
     for proc in procs:
         proc.start()
     results = [out.get(timeout=60) for _ in procs]

@@ -156,9 +156,7 @@ def test_idle_buckets_expire(redis_client: redis.Redis) -> None:
     assert buckets.level(quick) == 5  # a missing key is a full bucket
 
 
-def _hammer(
-    url: str, barrier: Barrier, seconds: float, out: mp.Queue[tuple[int, float, float]]
-) -> None:
+def _hammer(url: str, barrier: Barrier, seconds: float, out: mp.Queue[tuple[int, float, float]]) -> None:
     client = redis.Redis.from_url(url)
     buckets = TokenBuckets(client)
     shared = bucket("fleet", rate=10, burst=10)
@@ -179,9 +177,7 @@ def test_limit_holds_fleet_wide_across_processes(redis_url: str) -> None:
     workers = 4
     barrier = ctx.Barrier(workers)
     out: mp.Queue[tuple[int, float, float]] = ctx.Queue()
-    procs = [
-        ctx.Process(target=_hammer, args=(redis_url, barrier, 2.0, out)) for _ in range(workers)
-    ]
+    procs = [ctx.Process(target=_hammer, args=(redis_url, barrier, 2.0, out)) for _ in range(workers)]
     for proc in procs:
         proc.start()
     results = [out.get(timeout=60) for _ in procs]
