@@ -36,6 +36,7 @@ SANDBOX_CONFIG: dict[str, Any] = {
         "alice": {"phone": "+8613800138000", "email": "alice@example.com",
                   "push_tokens": ["demo-token-alice"]},
         "bob": {"phone": "+8613900139000", "email": "bob@example.com", "locale": "zh-CN"},
+        "carol": {"email": "carol@example.com"},  # duty manager: drill escalations
     },
     "groups": {"oncall": ["alice", "bob"]},
     "routes": [
@@ -79,6 +80,8 @@ def _effective_config(args: argparse.Namespace) -> dict[str, Any]:
                                    "provider": "sandbox"}
                             for name, ch in data.get("channels", {}).items()}
     data["public_url"] = f"http://127.0.0.1:{args.port}"
+    if args.sandbox and "sms" in data["channels"]:  # receipts come back, as from Aliyun
+        data["channels"]["sms"]["report_url"] = f"{data['public_url']}/v1/callbacks/aliyun/sms-report"
     return data
 
 

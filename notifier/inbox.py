@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from pydantic import BaseModel, ValidationError
 
 _STORE = """
 -- KEYS: queue, record keys...; ARGV: now, ttl_s, member1, json1, member2, json2 ...
@@ -41,6 +42,31 @@ for _, member in ipairs(items) do
 end
 return items
 """
+
+
+class InvalidPush(ValueError):
+    """A push body that cannot be stored; `problems` name each bad field ("[0].biz_id: ...")."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def check_records(payload: object, kind: str, model: type[BaseModel]) -> list[BaseModel]:
+    """Validate a push body: a JSON array of `model` records, all of them valid."""
+    if not isinstance(payload, list):
+        raise InvalidPush([f"body: expected a JSON array of {kind} records"])
+    records: list[BaseModel] = []
+    problems: list[str] = []
+    for i, item in enumerate(payload):
+        try:
+            records.append(model.model_validate(item))
+        except ValidationError as exc:
+            problems += [f"[{i}].{'.'.join(map(str, e['loc'])) or 'record'}: "
+                         f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
+    if problems:
+        raise InvalidPush(problems)
+    return records
 
 
 def text(value: object) -> str:

@@ -351,6 +351,11 @@ class Ledger:
         cutoff = time.time() - age
         return [text(x) for x in self.redis.zrangebyscore(OPEN, "-inf", cutoff, 0, limit)]
 
+    def close_open(self, *dids: str) -> None:
+        """Final and rolled up: the reaper need not look at these again."""
+        if dids:
+            self.redis.zrem(OPEN, *dids)
+
     def touch_open(self, did: str) -> None:
         self.redis.zadd(OPEN, {did: time.time()}, xx=True)
 
@@ -370,9 +375,7 @@ class Ledger:
                 mapping[key] = value if isinstance(value, str) else repr(value)
         pipe = self.redis.pipeline()
         pipe.hset(delivery_key(did), mapping=mapping)
-        if changes.get("status") in _FINAL:
-            pipe.zrem(OPEN, did)
-        elif "status" in changes:
+        if "status" in changes and changes["status"] not in _FINAL:
             pipe.zadd(OPEN, {did: time.time()}, xx=True)
         if removed:
             pipe.hdel(delivery_key(did), *removed)

@@ -16,11 +16,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from notifier import awaiting
 from notifier.config import normalise_phone
-from notifier.inbox import Claimed, Inbox
+from notifier.inbox import Claimed, Inbox, check_records
 from notifier.ledger import Attempt, DeliveryRecord, delivery_key
 from notifier.models import DeliveryStatus
 from notifier.pipeline.deps import PipelineDeps
@@ -79,24 +79,12 @@ class Report:
 
 
 def parse_reports(payload: Any) -> list[Report]:
-    """An SmsReport body -> reports; ValueError naming every bad field otherwise."""
-    if not isinstance(payload, list):
-        raise ValueError("body: expected a JSON array of SmsReport records")
-    reports: list[Report] = []
-    problems: list[str] = []
-    for i, item in enumerate(payload):
-        try:
-            rec = SmsReportIn.model_validate(item)
-        except ValidationError as exc:
-            problems += [f"[{i}].{'.'.join(map(str, e['loc'])) or 'record'}: "
-                         f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
-            continue
-        reports.append(Report(phone=rec.phone_number, biz_id=rec.biz_id, out_id=rec.out_id,
-                              success=rec.success, err_code=rec.err_code, err_msg=rec.err_msg,
-                              send_time=rec.send_time, report_time=rec.report_time))
-    if problems:
-        raise ValueError("; ".join(problems))
-    return reports
+    """An SmsReport body -> reports; `InvalidPush` naming every bad field otherwise."""
+    return [Report(phone=rec.phone_number, biz_id=rec.biz_id, out_id=rec.out_id,
+                   success=rec.success, err_code=rec.err_code, err_msg=rec.err_msg,
+                   send_time=rec.send_time, report_time=rec.report_time)
+            for rec in check_records(payload, "SmsReport", SmsReportIn)
+            if isinstance(rec, SmsReportIn)]
 
 
 def receipt_inbox(client: redis.Redis, retention: float) -> Inbox:

@@ -28,13 +28,18 @@ def _ask_again_in(deps: PipelineDeps) -> float:
     return max(deps.settings.reconcile_after, 5.0)
 
 
-def reconcile(deps: PipelineDeps, limit: int = 50) -> dict[str, int]:
-    """One pass over the overdue deliveries; returns how many ended how."""
+def reconcile(deps: PipelineDeps, limit: int = 50, budget: float = 30.0) -> dict[str, int]:
+    """One pass over the overdue deliveries, for at most `budget` seconds (well inside the
+    task time limit: each query may take a read timeout); the rest waits for the next pass.
+    Returns how many ended how."""
     client = deps.ledger.redis
     now = time.time()
+    stop_at = time.monotonic() + budget
     after = deps.settings.reconcile_after
     counts: dict[str, int] = {}
     for did in awaiting.overdue(client, now - after, limit):
+        if time.monotonic() > stop_at:
+            break
         result = _reconcile_one(deps, did, now)
         counts[result] = counts.get(result, 0) + 1
         if result in ("waiting", "not_found", "error"):

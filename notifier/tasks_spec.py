@@ -23,3 +23,8 @@ class Publisher(Protocol):
     """Puts a task on the broker; raises `BrokerUnavailable` when it cannot."""
 
     def publish(self, task: str, args: list[str], queue: str) -> None: ...
+
+# Receipts and drills (issue 4): no arguments, they work off Redis inboxes/indexes.
+APPLY_RECEIPTS = "notifier.apply_receipts"
+APPLY_REPLIES = "notifier.apply_replies"
+RECONCILE = "notifier.reconcile"

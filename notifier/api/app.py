@@ -15,6 +15,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from notifier.api.auth import CallbackAuth, TokenAuth
+from notifier.api.callbacks import callbacks_router
+from notifier.api.drills import drills_router
 from notifier.api.limits import BodySizeLimit
 from notifier.api.operations import operations_router
 from notifier.api.state import ApiState
@@ -26,7 +28,7 @@ from notifier.schemas import AlertmanagerWebhook, EventIn
 from notifier.sources import alertmanager_dedup_key, from_alertmanager, from_event_in
 
 # Routers of the other subsystems: each is make_router(state, auth, callback_auth) -> APIRouter.
-ROUTERS = [operations_router]
+ROUTERS = [operations_router, callbacks_router, drills_router]
 
 
 def _field_errors(exc: ValidationError | RequestValidationError) -> list[str]:

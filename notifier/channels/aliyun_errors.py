@@ -16,6 +16,7 @@ fix itself by being resent.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import aiohttp
@@ -25,7 +26,9 @@ from alibabacloud_tea_openapi.exceptions import (
     ThrottlingException,
 )
 from darabonba.exceptions import UnretryableException
+from darabonba.exceptions import ValidateException as DaraValidateException
 from Tea.exceptions import TeaException
+from Tea.exceptions import ValidateException as TeaValidateException
 
 from notifier.errors import DeliveryError, MaybeSentError, PermanentError, TransientError
 from notifier.models import ErrorClass
@@ -86,6 +89,7 @@ TABLE: dict[str, ErrorClass] = {
     "InvalidAccessKeyId.NotFound": _A,
     "InvalidAccessKeyId.Inactive": _A,  # *
     "InvalidTimeStamp.Expired": _A,  # our clock is off: every request will fail the same way
+    "InvalidCredentials": _A,  # * raised by the SDK itself when it has no key to sign with
 }
 
 _ERRORS: dict[ErrorClass, type[DeliveryError]] = {
@@ -158,6 +162,12 @@ def classify_exception(exc: BaseException) -> DeliveryError:
     return _transport_error(exc)
 
 
+def _clean(text: str) -> str:
+    """Transport errors quote the request URL, whose query holds the phone number and the
+    template values: keep them out of error texts (they end up in the ledger and logs)."""
+    return re.sub(r"\?\S*", "", text)[:300]
+
+
 def _gateway_error(exc: AlibabaCloudException) -> DeliveryError:
     """HTTP 4xx/5xx with a JSON body: ClientException, ServerException, ThrottlingException."""
     code = str(exc.code or "")
@@ -198,21 +208,22 @@ def _causes(exc: BaseException | None) -> Iterator[BaseException]:
 def _transport_error(inner: BaseException | None) -> DeliveryError:
     """No HTTP answer we could read: did the request leave this host?"""
     chain = list(_causes(inner))
-    text = str(inner) if inner is not None else ""
+    text = _clean(str(inner)) if inner is not None else ""
     for exc in chain:
+        if isinstance(exc, DaraValidateException | TeaValidateException):
+            # e.g. RequiredArgumentException('endpoint'): raised before anything was sent
+            return PermanentError("SDK.ValidationError", _clean(str(exc)))
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            return TransientError("ConnectTimeout", str(exc) or "connect timed out")
-        if isinstance(exc, aiohttp.ClientConnectorError):
+            return TransientError("ConnectTimeout", _clean(str(exc)) or "connect timed out")
+        if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
             # refused, unreachable, DNS, TLS handshake: the request never left
-            return TransientError("ConnectionError", str(exc))
+            return TransientError("ConnectionError", _clean(str(exc)))
         if isinstance(exc, aiohttp.SocketTimeoutError | aiohttp.ServerTimeoutError):
-            return MaybeSentError("ReadTimeout", str(exc) or "read timed out")
+            return MaybeSentError("ReadTimeout", _clean(str(exc)) or "read timed out")
         if isinstance(exc, aiohttp.ServerDisconnectedError | ConnectionResetError):
-            return MaybeSentError("ServerDisconnected", str(exc) or "server disconnected")
+            return MaybeSentError("ServerDisconnected", _clean(str(exc)) or "disconnected")
         if isinstance(exc, TimeoutError):
-            return MaybeSentError("ReadTimeout", str(exc) or "timed out")
-        if isinstance(exc, ConnectionRefusedError):
-            return TransientError("ConnectionError", str(exc))
+            return MaybeSentError("ReadTimeout", _clean(str(exc)) or "timed out")
     # The SDK keeps only str() of some transport errors; fall back to their (aiohttp) words.
     if "Connection timeout to host" in text:
         return TransientError("ConnectTimeout", text)
@@ -221,8 +232,8 @@ def _transport_error(inner: BaseException | None) -> DeliveryError:
     if "Failed to parse the value as json" in text:
         # The SDK drops the status of a non-JSON answer: a proxy's 502 (not sent), its 504 (the
         # backend may have accepted it) and a garbled 200 (sent) look alike. Look it up first.
-        return MaybeSentError("InvalidResponse", text[:300])
+        return MaybeSentError("InvalidResponse", text)
     # Anything else happened after we started sending: the SMS is not idempotent, so the
     # safe side is a lookup (one QuerySendDetails) rather than a possible duplicate page.
     name = type(inner).__name__ if inner is not None else "UnknownError"
-    return MaybeSentError(name, text[:300])
+    return MaybeSentError(name, text)

@@ -17,6 +17,7 @@ from email.errors import MessageError
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
+from typing import Any
 
 import aiosmtplib
 
@@ -41,6 +42,17 @@ async def _helo_name() -> str:
         name = await asyncio.to_thread(socket.getfqdn)
         _local_hostname = name if name and "." in name else "localhost.localdomain"
     return _local_hostname
+
+
+async def _socket_closed(sock: Any, limit: float = 1.0) -> None:
+    """Return once the connection's socket is really closed (a TLS close needs a few more
+    loop turns after close()), so a caller that ends its loop right after send() leaks
+    nothing. Bounded: a peer that never answers our close_notify costs at most `limit`."""
+    if sock is None:
+        return
+    deadline = asyncio.get_running_loop().time() + limit
+    while sock.fileno() != -1 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.005)
 
 
 class SmtpEmail(Channel):
@@ -105,13 +117,11 @@ class SmtpEmail(Channel):
             hostname=config.host,
             port=config.port,
             use_tls=config.tls == "tls",
-            # False, not None: "none" must never upgrade on its own, "starttls" must
-            # fail rather than fall back to plain text when the server lacks it.
-            start_tls=config.tls == "starttls",
+            # STARTTLS is issued by _deliver, never guessed: "none" must not upgrade on its
+            # own and "starttls" must fail rather than fall back to plain text.
+            start_tls=False,
             validate_certs=config.validate_certs,
             timeout=config.timeout,
-            username=config.username,
-            password=self._password,
             local_hostname=await _helo_name(),
         )
         try:
@@ -121,15 +131,25 @@ class SmtpEmail(Channel):
         return Receipt(provider_message_id=str(email["Message-ID"]))
 
     async def _deliver(self, client: aiosmtplib.SMTP, email: EmailMessage, to: str) -> None:
+        config = self._config
+        raw_socket: Any = None
         try:
-            async with asyncio.timeout(self._config.timeout * 4):  # connect+ehlo+auth+data
+            async with asyncio.timeout(config.timeout * 4):  # connect+ehlo+auth+data
                 await client.connect()
+                raw_socket = client.get_transport_info("socket")
+                if config.tls == "starttls":
+                    await client.starttls()
+                if config.username is not None:
+                    await client.login(config.username, self._password or "")
                 await client.send_message(email, sender=self._envelope_from, recipients=[to])
-                # The message is accepted; a rude goodbye changes nothing.
-                with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+            # Accepted. The goodbye gets its own budget, outside the one above, so a slow or
+            # rude QUIT can never turn a delivered message into a failure (and a duplicate).
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):  # TimeoutError too
+                async with asyncio.timeout(config.timeout):
                     await client.quit()
         finally:
             client.close()
+            await _socket_closed(raw_socket)
 
     def _scrub(self, error: DeliveryError) -> DeliveryError:
         """Servers sometimes echo what they got; the password must not reach a log."""

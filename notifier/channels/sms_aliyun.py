@@ -6,6 +6,7 @@ A channel sends and raises a classified error; every classification lives in ali
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping
 from datetime import date, datetime, timedelta, timezone
@@ -19,9 +20,10 @@ from darabonba.runtime import RuntimeOptions
 from notifier.channels.aliyun_errors import classify_exception, classify_response
 from notifier.channels.base import Channel, ChannelContext, ChannelLimits
 from notifier.config import AliyunSmsProvider, normalise_phone
-from notifier.errors import ConfigError, PermanentError
+from notifier.errors import ConfigError, DeliveryError, PermanentError
 from notifier.models import Outgoing, Receipt
 
+log = logging.getLogger(__name__)
 # China has had no DST since 1991, so a fixed offset is Asia/Shanghai without needing tzdata.
 CHINA_TZ = timezone(timedelta(hours=8), "Asia/Shanghai")
 PAGE_SIZE = 50  # QuerySendDetails allows 1-50
@@ -35,6 +37,9 @@ STATUS_FIELDS = ("SendStatus", "ErrCode", "OutId", "ReceiveDate", "SendDate", "P
 def aliyun_phone(address: str) -> str:
     """E.164 -> what Dysmsapi expects: mainland numbers as the bare 11 digits, others as country
     code + number without '+' or '00' (the SDK's SendSms/QuerySendDetails docs: 852000012****).
+
+    Caveat of that documented form: a +1 number whose area code starts with 3-9 reads like a
+    mainland 1[3-9]xxxxxxxxx number; North American recipients belong on SendMessageToGlobe.
     """
     try:
         e164 = normalise_phone(address)
@@ -133,14 +138,23 @@ class AliyunSms(Channel):
         """Did this delivery reach Aliyun after all? QuerySendDetails by number and day, matched
         on OutId (= delivery_id). Any SendStatus counts: Aliyun accepted it, so resending would
         duplicate it. The records carry no BizId, so `provider_message_id` is empty; the
-        delivery receipt (SmsReport) brings it later, keyed on the same OutId."""
-        phone = aliyun_phones(message.address).split(",")[0]  # one request: any number tells
-        for day in send_dates(sent_after):
-            for record in await self._records(phone, day, biz_id=None):
-                if record.get("OutId") == message.delivery_id:
-                    detail = {key: str(record.get(key) or "") for key in STATUS_FIELDS}
-                    detail["found_by"] = "QuerySendDetails"
-                    return Receipt(provider_message_id="", detail=detail)
+        delivery receipt (SmsReport) brings it later, keyed on the same OutId.
+
+        If QuerySendDetails itself fails (down, or a RAM policy allowing SendSms only) we cannot
+        tell, and say None: a possible duplicate beats an alert that never goes out. Records can
+        also lag the send by a few seconds, so a very early None is not proof."""
+        try:
+            phone = aliyun_phones(message.address).split(",")[0]  # one request: any will do
+            for day in send_dates(sent_after):
+                for record in await self._records(phone, day, biz_id=None):
+                    if record.get("OutId") == message.delivery_id:
+                        detail = {key: str(record.get(key) or "") for key in STATUS_FIELDS}
+                        detail["found_by"] = "QuerySendDetails"
+                        return Receipt(provider_message_id="", detail=detail)
+        except DeliveryError as exc:
+            log.warning("lookup of %s via QuerySendDetails failed: %s", message.delivery_id,
+                        exc.code, extra={"delivery_id": message.delivery_id,
+                                         "provider": self.provider_name, "error_code": exc.code})
         return None
 
     async def query_status(

@@ -120,13 +120,14 @@ class ReplyCodes:
         self.redis = client
         self._issue = client.register_script(_ISSUE)
 
-    def issue(self, drill: str, phase: int, operator: str, phone: str, ttl: float,
+    def issue(self, drill: str, phase: int, operator: str, *, phone: str, ttl: float,
               now: float | None = None) -> str:
         """A fresh code no live code shares (random, so codes cannot be guessed in sequence)."""
         at = time.time() if now is None else now
         for _ in range(50):
             code = str(secrets.randbelow(9 * 10 ** (CODE_DIGITS - 1)) + 10 ** (CODE_DIGITS - 1))
-            args = [repr(at), repr(at + ttl), int(ttl) + GRACE, drill, phase, operator, phone]
+            args: list[str | int] = [repr(at), repr(at + ttl), int(ttl) + GRACE, drill, phase,
+                                     operator, phone]
             if self._issue(keys=[_PREFIX + code], args=args):
                 return code
         raise RuntimeError("no free reply code after 50 tries: too many live codes")

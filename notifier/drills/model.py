@@ -108,6 +108,17 @@ class Drill:
         )
 
 
+def human_duration(seconds: float) -> str:
+    """12.3 s, 5 min, 1 h 30 min: for messages and reports."""
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds % 1 else f"{seconds:.0f} s"
+    if seconds < 3600:
+        minutes, rest = divmod(round(seconds), 60)
+        return f"{minutes} min {rest} s" if rest else f"{minutes} min"
+    hours, rest = divmod(round(seconds) // 60, 60)
+    return f"{hours} h {rest} min" if rest else f"{hours} h"
+
+
 def new_drill_id() -> str:
     return f"dr-{ulid()}"
 

@@ -17,12 +17,13 @@ import redis
 
 from notifier.drills.model import Drill
 from notifier.inbox import text
+from notifier.scheduler import TIMERS, Timer
 
 _PREFIX = "ntf:drill:"
 INDEX = "ntf:drills"  # drill id -> created at
 ACTIVE = "ntf:drills:active"  # drills not finished: replies with unknown codes are shown there
 _START = """
--- KEYS: drill; ARGV: index, now
+-- KEYS: drill, timers; ARGV: index, now, timer member, timer due
 if not redis.call('HGET', KEYS[1], 'def') then return 'missing' end
 if redis.call('HGET', KEYS[1], 'finished_at') then return 'finished' end
 local field = 'p' .. ARGV[1] .. ':started_at'
@@ -31,6 +32,7 @@ local current = tonumber(redis.call('HGET', KEYS[1], 'current') or '-1')
 if current >= tonumber(ARGV[1]) then return 'passed' end
 if current >= 0 then redis.call('HSET', KEYS[1], 'p' .. current .. ':ended_at', ARGV[2]) end
 redis.call('HSET', KEYS[1], field, ARGV[2], 'current', ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 return 'ok'
 """
 _FINISH = """
@@ -71,6 +73,7 @@ class DrillStore:
         for suffix in ("", ":sends", ":log"):
             pipe.expire(key + suffix, ttl)
         pipe.zadd(INDEX, {drill.id: drill.created_at})
+        pipe.zremrangebyscore(INDEX, "-inf", repr(drill.created_at - ttl))  # theirs expired
         pipe.sadd(ACTIVE, drill.id)
         pipe.execute()
 
@@ -81,9 +84,13 @@ class DrillStore:
     def state(self, drill_id: str) -> dict[str, str]:
         return {text(k): text(v) for k, v in self.redis.hgetall(self.key(drill_id)).items()}
 
-    def start_phase(self, drill_id: str, index: int, now: float) -> str:
-        """ok | started (someone else did) | passed (a later phase is live) | finished | missing"""
-        return text(self._start(keys=[self.key(drill_id)], args=[index, repr(now)]))
+    def start_phase(self, drill_id: str, index: int, now: float, timer: Timer) -> str:
+        """ok | started (someone else did) | passed (a later phase is live) | finished | missing.
+
+        The phase's first timer (its announcement) is scheduled in the same atomic step, so a
+        started phase is always announced even if this process dies right after."""
+        return text(self._start(keys=[self.key(drill_id), TIMERS],
+                                args=[index, repr(now), timer.member, repr(timer.due)]))
 
     def finish(self, drill_id: str, now: float) -> str:
         return text(self._finish(keys=[self.key(drill_id), ACTIVE], args=[repr(now), drill_id]))
@@ -101,7 +108,7 @@ class DrillStore:
         return bool(self.redis.hsetnx(self.key(drill_id), name, value))
 
     def set(self, drill_id: str, **fields: str) -> None:
-        self.redis.hset(self.key(drill_id), mapping=dict(fields))
+        self.redis.hset(self.key(drill_id), mapping=dict[Any, Any](fields))
 
     def add_send(self, drill: Drill, entry: dict[str, Any]) -> None:
         self._append(drill, ":sends", entry)
@@ -124,7 +131,12 @@ class DrillStore:
         pipe.execute()
 
     def active(self) -> list[str]:
-        return sorted(text(x) for x in self.redis.smembers(ACTIVE))
+        """Unfinished drills; forgets the ones whose records expired unfinished."""
+        ids = sorted(text(x) for x in self.redis.smembers(ACTIVE))
+        gone = [i for i in ids if not self.redis.exists(self.key(i))]
+        if gone:
+            self.redis.srem(ACTIVE, *gone)
+        return [i for i in ids if i not in gone]
 
     def recent(self, limit: int = 50) -> list[str]:
         return [text(x) for x in self.redis.zrevrange(INDEX, 0, limit - 1)]

@@ -14,6 +14,7 @@ from notifier.models import Event, Outgoing, Rendered
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.digest import hold
 from notifier.pipeline.outcomes import Outcomes
+from notifier.pipeline.rollup import finish_transaction
 from notifier.ratelimit import Bucket
 from notifier.templates import TemplateContext
 
@@ -21,7 +22,14 @@ from notifier.templates import TemplateContext
 def deliver(deps: PipelineDeps, did: str, token: str) -> str:
     """Advance one delivery by one step; returns what happened (for logs and tests)."""
     claim = deps.ledger.claim(did, token, deps.claim_lease)
-    if claim not in (ClaimResult.CLAIMED, ClaimResult.RECLAIMED):
+    if claim is ClaimResult.DONE:
+        # A redelivered task: the worker that finished the send may have died before the
+        # roll-up, so do it (idempotently) here.
+        done = deps.ledger.delivery(did)
+        if done is not None:
+            finish_transaction(deps.ledger, deps.metrics, done.transaction_id)
+        return claim.value
+    if claim is not ClaimResult.CLAIMED and claim is not ClaimResult.RECLAIMED:
         return claim.value
     rec = deps.ledger.delivery(did)
     tx = deps.ledger.transaction(rec.transaction_id) if rec else None
@@ -50,14 +58,17 @@ def deliver(deps: PipelineDeps, did: str, token: str) -> str:
             return outcomes.sent(rec, provider.provider_name, found, latency=None,
                                  outcome="found_after_timeout", accepted_at=tx.created_at)
 
-    decision = deps.buckets.take(_buckets(rec, cfg))
+    buckets = _buckets(rec, cfg)
+    decision = deps.buckets.take(buckets)
     if not decision.allowed:
         scope = "recipient" if decision.limiting != rec.channel else "channel"
         if scope == "recipient" and decision.retry_after > cfg.max_defer:
             return outcomes.fall_back(rec, "recipient_budget", decision.limiting or "")
         if scope == "recipient" and rec.kind != "digest":
             return hold(deps, rec, decision.retry_after)
-        return outcomes.deferred(rec, time.time() + decision.retry_after, scope)
+        limiting = next(b for b in buckets if b.key == decision.limiting)
+        return outcomes.deferred(rec, time.time() + deps.pacer.slot(limiting, decision.retry_after),
+                                 scope)
 
     breaker = deps.breaker_for(provider.breaker_name, cfg.breaker)
     try:

@@ -11,6 +11,7 @@ from notifier.channels.base import Channel
 from notifier.config import BreakerPolicy, Settings
 from notifier.ledger import Ledger
 from notifier.metrics import Metrics
+from notifier.pipeline.pacing import Pacer
 from notifier.ratelimit import TokenBuckets
 from notifier.scheduler import Timers
 from notifier.tasks_spec import Publisher
@@ -29,5 +30,6 @@ class PipelineDeps:
     renderer: Renderer
     providers: Mapping[str, Sequence[Channel]]  # channel -> providers, in fallback order
     runner: AsyncRunner
+    pacer: Pacer
     # A claim older than this belongs to a worker that died mid-send.
     claim_lease: float = 120.0

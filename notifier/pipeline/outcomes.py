@@ -17,7 +17,7 @@ from notifier.pipeline.backoff import retry_delay
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.digest import settle_members
 from notifier.pipeline.fanout import addresses
-from notifier.pipeline.rollup import transaction_status
+from notifier.pipeline.rollup import finish_transaction
 from notifier.tasks_spec import DELIVER, deliver_queue
 
 
@@ -150,6 +150,7 @@ class Outcomes:
         self.metrics.inc("notifier_deliveries", channel=rec.channel, provider=rec.provider or "-",
                          outcome="fallen_back")
         self.finish(rec.transaction_id)
+        self.ledger.close_open(rec.id)
         return "fallen_back"
 
     def _finish_all(self, rec: DeliveryRecord, reached: bool) -> None:
@@ -159,10 +160,7 @@ class Outcomes:
             txids += [t for t in settle_members(self.deps, rec, reached) if t not in txids]
         for txid in txids:
             self.finish(txid)
+        self.ledger.close_open(rec.id, *rec.digest_of)
 
     def finish(self, txid: str) -> None:
-        status = transaction_status(self.ledger.deliveries(txid))
-        if self.ledger.set_status(txid, status):
-            self.metrics.inc("notifier_transactions_finished", status=status.value)
-            if status.value == "failed":
-                self.ledger.dead_letter(txid)
+        finish_transaction(self.ledger, self.metrics, txid)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import time
 
 from notifier.ledger import OPEN, Ledger
+from notifier.metrics import Metrics
+from notifier.pipeline.rollup import finish_transaction
 from notifier.models import DeliveryStatus
 from notifier.tasks_spec import DELIVER, Publisher, deliver_queue
 
 
-def reap(ledger: Ledger, publisher: Publisher, *, stale_after: float, lease: float) -> list[str]:
+def reap(ledger: Ledger, metrics: Metrics, publisher: Publisher, *, stale_after: float,
+         lease: float) -> list[str]:
     now = time.time()
     requeued: list[str] = []
     for did in ledger.open_older_than(stale_after):
@@ -24,8 +27,9 @@ def reap(ledger: Ledger, publisher: Publisher, *, stale_after: float, lease: flo
             ledger.redis.zrem(OPEN, did)
             continue
         status = DeliveryStatus(rec.status)
-        if status.terminal:
-            ledger.redis.zrem(OPEN, did)
+        if status.terminal:  # its worker died before rolling up the transaction
+            finish_transaction(ledger, metrics, rec.transaction_id)
+            ledger.close_open(did)
             continue
         if rec.digest_id:  # a digest carries it now; it is settled with the digest
             continue

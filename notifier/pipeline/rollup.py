@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from notifier.ledger import DeliveryRecord
+from notifier.ledger import DeliveryRecord, Ledger
+from notifier.metrics import Metrics
 from notifier.models import DeliveryStatus, TxStatus
 
 
@@ -24,3 +25,16 @@ def transaction_status(deliveries: Sequence[DeliveryRecord]) -> TxStatus:
     if len(reached) == len(leaves):
         return TxStatus.DELIVERED
     return TxStatus.PARTIAL if reached else TxStatus.FAILED
+
+
+def finish_transaction(ledger: Ledger, metrics: Metrics, txid: str) -> TxStatus:
+    """Roll up `txid`; the first call that makes it final counts it (and dead-letters a failure).
+
+    Idempotent, so a redelivered task or the reaper may call it again after a crash.
+    """
+    status = transaction_status(ledger.deliveries(txid))
+    if ledger.set_status(txid, status):
+        metrics.inc("notifier_transactions_finished", status=status.value)
+        if status is TxStatus.FAILED:
+            ledger.dead_letter(txid)
+    return status

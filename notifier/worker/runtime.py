@@ -16,6 +16,7 @@ from notifier.config import BreakerPolicy, Settings
 from notifier.ledger import Ledger
 from notifier.metrics import Metrics
 from notifier.pipeline.deps import PipelineDeps
+from notifier.pipeline.pacing import Pacer
 from notifier.ratelimit import TokenBuckets
 from notifier.scheduler import Timers
 from notifier.templates import Renderer
@@ -46,6 +47,7 @@ def build_deps(settings: Settings, app: Celery) -> PipelineDeps:
         renderer=Renderer(),
         providers=build_providers(settings, ChannelContext(redis=client, env=dict(os.environ))),
         runner=ProcessLoop(),
+        pacer=Pacer(client),
         claim_lease=settings.claim_lease,
     )
 

@@ -132,7 +132,9 @@ def test_warning_group_is_emailed_with_label_text_inert(stack: Stack, fakes: dic
     html = alice.get_body(("html",)).get_content()
     text = alice.get_body(("plain",)).get_content()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>" not in html
-    assert "{{ 7*7 }}" in text and "49" not in text
+    # The annotation's Jinja expression stays text: never evaluated to 49.
+    assert "<script>alert(1)</script> {{ 7*7 }}" in text
+    assert "</script> 49" not in text and "</script> 49" not in html
     assert "HighLatency" in str(alice["Subject"])
 
     again = stack.post("/v1/alertmanager", fixture("alertmanager-firing.json")).json()

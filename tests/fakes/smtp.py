@@ -30,7 +30,6 @@ import signal
 import ssl
 import tempfile
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
@@ -165,11 +164,13 @@ class FakeSmtp:
         self.logins: list[str] = []  # usernames that authenticated
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
-        self._dir = tempfile.TemporaryDirectory(prefix="fake-smtp-")
+        self._dir: tempfile.TemporaryDirectory[str] | None = None  # made by start()
         self._controller: _Controller | None = None
 
     @property
     def cert_path(self) -> Path:
+        """The server certificate (TLS modes, once started)."""
+        assert self._dir is not None, "start() first"
         return Path(self._dir.name) / "cert.pem"
 
     def _authenticate(
@@ -186,6 +187,7 @@ class FakeSmtp:
         return AuthResult(success=ok, handled=False)
 
     def start(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="fake-smtp-")
         context = server_tls_context(Path(self._dir.name)) if self.tls != "none" else None
         kwargs: dict[str, Any] = {
             "hostname": "127.0.0.1",
@@ -208,7 +210,9 @@ class FakeSmtp:
         if self._controller is not None:
             self._controller.stop()
             self._controller = None
-        self._dir.cleanup()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
 
     def __enter__(self) -> FakeSmtp:
         self.start()
@@ -251,7 +255,7 @@ class FakeSmtp:
 
 def _part(message: EmailMessage, subtype: str) -> str | None:
     body = message.get_body(preferencelist=(subtype,))
-    return None if body is None else str(body.get_content())  # type: ignore[attr-defined]
+    return None if body is None else str(body.get_content())
 
 
 def describe(message: EmailMessage, mail_from: str, rcpt_tos: list[str]) -> dict[str, Any]:
@@ -319,14 +323,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tls", choices=("none", "starttls", "tls"), default="none")
     parser.add_argument("--auth", help="user:password required over TLS")
     args = parser.parse_args(argv)
-    auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    fake = FakeSmtp(tls=args.tls, auth=auth, port=args.port)  # type: ignore[arg-type]
+    auth: tuple[str, str] | None = None
+    if args.auth:
+        user, _, password = args.auth.partition(":")
+        auth = (user, password)
+    fake = FakeSmtp(tls=args.tls, auth=auth, port=args.port)
     fake.start()
     control = serve_control(fake, args.control_port)
     done = threading.Event()
-    stop: Callable[..., None] = lambda *_: done.set()  # noqa: E731
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
     print(f"fake smtp on 127.0.0.1:{fake.port} control http://127.0.0.1:{args.control_port}",
           flush=True)
     while not done.wait(0.5):

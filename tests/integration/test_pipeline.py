@@ -5,6 +5,7 @@ letters, maybe-sent look-ups, deferral."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,6 +15,8 @@ from notifier.breaker import FleetBreaker
 from notifier.channels.sandbox import outbox_key
 from notifier.models import Event, Source
 from notifier.operations import replay_dead_letter
+from notifier.pipeline.dispatch import dispatch
+from notifier.pipeline.reaper import reap
 from tests.fakes.dysmsapi import FakeDysmsapi
 from tests.support.inline import InlineFleet
 
@@ -190,3 +193,24 @@ def test_channel_limit_defers_and_never_drops(make_fleet: MakeFleet) -> None:
                 for a in fleet.deps.ledger.attempts(d.id) if a["outcome"] == "deferred"]
     assert deferred, "a burst over the channel limit must be deferred"
     assert all(fleet.deps.ledger.transaction(t).status == "delivered" for t in txids)  # type: ignore[union-attr]
+
+
+def test_reaper_requeues_lost_tasks_and_finishes_orphaned_rollups(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(config({"provider": "sandbox"}))
+    lost, orphan = submit(fleet, "task lost with its worker"), submit(fleet, "rolled up never")
+    for task, args, _ in list(fleet.publisher.tasks):  # run the dispatches only
+        if args[0] in (lost, orphan):
+            dispatch(fleet.deps, args[0])
+    fleet.publisher.tasks.clear()  # ...and lose every deliver task, as a SIGKILL would
+    (orphaned,) = fleet.deps.ledger.deliveries(orphan)
+    fleet.deps.ledger.update(orphaned.id, status="sent")  # sent, then the worker died
+    ledger, metrics = fleet.deps.ledger, fleet.deps.metrics
+    assert reap(ledger, metrics, fleet.publisher, stale_after=60, lease=10) == []  # not stale yet
+    time.sleep(1.1)
+    requeued = reap(ledger, metrics, fleet.publisher, stale_after=1, lease=10)
+    assert requeued == [f"{lost}.0"]
+    assert ledger.transaction(orphan).status == "delivered"  # type: ignore[union-attr]
+    fleet.drain()
+    assert ledger.transaction(lost).status == "delivered"  # type: ignore[union-attr]
+    assert reap(ledger, metrics, fleet.publisher, stale_after=0, lease=10) == []
+    assert fleet.redis.zcard("ntf:open") == 0

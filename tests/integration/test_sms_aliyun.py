@@ -237,6 +237,19 @@ def test_lookup_pages_through_a_busy_number(fake: FakeDysmsapi, channel: AliyunS
     assert fake.requests["QuerySendDetails"] == 2  # newest first: dlv-0 sits on page 2
 
 
+def test_lookup_that_cannot_ask_says_not_found_but_query_status_raises(
+    fake: FakeDysmsapi, channel: AliyunSms
+) -> None:
+    # e.g. a RAM policy that allows SendSms only: the pipeline must still be able to resend
+    denied = {"kind": "business", "code": "isp.RAM_PERMISSION_DENY",
+              "action": "QuerySendDetails", "times": 2}
+    fake.script(denied)
+    assert asyncio.run(channel.lookup(outgoing(), time.time())) is None
+    with pytest.raises(PermanentError) as info:
+        asyncio.run(channel.query_status("+8613800138000", "20261123"))
+    assert info.value.error_class is ErrorClass.ACCOUNT
+
+
 def test_connection_refused_is_transient() -> None:
     channel = make_channel(f"127.0.0.1:{free_port()}")
     error = send_error(channel, outgoing())

@@ -23,6 +23,7 @@ from notifier.ledger import Ledger
 from notifier.metrics import Metrics
 from notifier.pipeline.deliver import deliver
 from notifier.pipeline.deps import PipelineDeps
+from notifier.pipeline.pacing import Pacer
 from notifier.pipeline.digest import flush
 from notifier.pipeline.dispatch import dispatch
 from notifier.ratelimit import TokenBuckets
@@ -56,6 +57,7 @@ class InlineFleet:
             timers=Timers(self.redis), publisher=self.publisher, metrics=Metrics(self.redis),
             buckets=TokenBuckets(self.redis), breaker_for=breaker_for, renderer=Renderer(),
             providers=build_providers(self.settings, context), runner=ProcessLoop(),
+            pacer=Pacer(self.redis),
         )
         self.loop = self.deps.runner
         self.intake = Intake(self.settings, self.deps.ledger, self.publisher, self.deps.metrics)

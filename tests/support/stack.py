@@ -49,11 +49,11 @@ class Stack:
         return f"http://127.0.0.1:{self.port}"
 
     def _spawn(self, name: str, *args: str) -> None:
-        log = (self.workdir / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "notifier", *args], env=self.env, cwd=self.workdir,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with (self.workdir / f"{name}.log").open("ab") as log:  # the child keeps its own fd
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "notifier", *args], env=self.env, cwd=self.workdir,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
 
     def start(self) -> Stack:
         self.config_path.write_text(yaml.safe_dump(self.config, allow_unicode=True), "utf-8")

@@ -12,7 +12,7 @@ from alibabacloud_tea_openapi.exceptions import (
     ServerException,
     ThrottlingException,
 )
-from darabonba.exceptions import RetryError, UnretryableException
+from darabonba.exceptions import RequiredArgumentException, RetryError, UnretryableException
 from darabonba.policy.retry import RetryPolicyContext
 from Tea.exceptions import TeaException
 
@@ -102,8 +102,9 @@ def test_an_answer_without_code_may_have_been_sent() -> None:
 
 def gateway(cls: type[ClientException], status: int, code: str, **extra: int) -> Exception:
     body = {"Code": code, "Message": "gateway says no", "RequestId": "REQ-1"}
-    return cls(status_code=status, code=code, message=f"code: {status}, gateway says no",
-               request_id="REQ-1", data=body, **extra)
+    error: Exception = cls(status_code=status, code=code, request_id="REQ-1", data=body,
+                           message=f"code: {status}, gateway says no", **extra)
+    return error
 
 
 @pytest.mark.parametrize(
@@ -223,6 +224,18 @@ def test_non_json_answer_may_have_been_sent() -> None:
 def test_sdk_validation_error_is_permanent() -> None:
     error = classify_exception(TeaException({"code": "ParameterMissing", "message": "no"}))
     assert isinstance(error, PermanentError) and error.code == "ParameterMissing"
+    # raised while composing the URL, inside the SDK's retry loop, so it arrives wrapped
+    missing = UnretryableException(RetryPolicyContext(
+        retries_attempted=1, exception=RequiredArgumentException("endpoint")))
+    assert classify_exception(missing).error_class is P
+
+
+def test_transport_error_text_keeps_the_request_query_out() -> None:
+    # aiohttp quotes the whole URL, whose query holds the number and the template values
+    inner = aiohttp.ConnectionTimeoutError(
+        "Connection timeout to host http://dysmsapi/?PhoneNumbers=13800138000&TemplateParam=x")
+    error = classify_exception(sdk_wrapped(inner))
+    assert error.code == "ConnectTimeout" and "13800138000" not in str(error)
 
 
 def test_unexpected_exception_is_treated_as_maybe_sent() -> None:

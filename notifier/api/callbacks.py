@@ -1,0 +1,81 @@
+"""Aliyun HTTP batch pushes: delivery receipts (SmsReport) and replies (SmsUp).
+
+Store first, answer after: Aliyun re-pushes a non-200 (after 1, 5 and 10 minutes, then drops
+it), so a storage failure must answer 5xx (the app turns a RedisError into 503), and a stored
+push 200 even if publishing the apply task fails (the scheduler notices stored, unapplied
+records). Callbacks carry `?token=` (Aliyun cannot send headers); it is never echoed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import redis
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+from notifier.api.state import ApiState
+from notifier.drills.replies import parse_replies, reply_inbox, store_replies
+from notifier.errors import BrokerUnavailable
+from notifier.inbox import InvalidPush
+from notifier.receipts import parse_reports, receipt_inbox, store_reports
+from notifier.tasks_spec import APPLY_RECEIPTS, APPLY_REPLIES, CONTROL_QUEUE
+
+Auth = Callable[..., None]
+ACK = {"code": 0, "msg": "接收成功"}
+log = logging.getLogger(__name__)
+
+
+async def _payload(request: Request) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        raise HTTPException(400, ["body: empty; expected a JSON array"])
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HTTPException(400, [f"body: not valid JSON: {exc}"]) from None
+
+
+def callbacks_router(state: ApiState, _auth: Auth, callback_auth: Auth) -> APIRouter:
+    router = APIRouter(dependencies=[Depends(callback_auth)])
+    receipts = receipt_inbox(state.redis, state.settings.retention)
+    replies = reply_inbox(state.redis, state.settings.retention)
+
+    def publish(task: str) -> None:
+        try:
+            state.intake.publisher.publish(task, [], CONTROL_QUEUE)
+        except BrokerUnavailable:
+            log.warning("stored a push but could not publish %s; the scheduler will", task)
+
+    @router.post("/v1/callbacks/aliyun/sms-report")
+    def sms_report(payload: Annotated[Any, Depends(_payload)]) -> JSONResponse:
+        try:
+            reports = parse_reports(payload)
+        except InvalidPush as exc:
+            raise HTTPException(422, exc.problems) from None
+        new, duplicates = store_reports(receipts, reports)
+        if duplicates:
+            # Stored already: a lost count must not turn into a 503 that makes Aliyun push again.
+            with contextlib.suppress(redis.RedisError):
+                state.metrics.inc("notifier_receipts", float(duplicates), channel="sms",
+                                  result="duplicate")
+        if new:
+            publish(APPLY_RECEIPTS)
+        return JSONResponse(ACK)
+
+    @router.post("/v1/callbacks/aliyun/sms-up")
+    def sms_up(payload: Annotated[Any, Depends(_payload)]) -> JSONResponse:
+        try:
+            items = parse_replies(payload)
+        except InvalidPush as exc:
+            raise HTTPException(422, exc.problems) from None
+        new, _ = store_replies(replies, items)
+        if new:
+            publish(APPLY_REPLIES)
+        return JSONResponse(ACK)
+
+    return router

@@ -1,0 +1,171 @@
+"""A drill phase's timers: announce (round 0), escalate (1..N), record misses (N+1).
+
+Timers fire at least once (publish first, remove after; a worker may die mid-task and the task
+be redelivered), so every step is idempotent: each send goes through the intake with an
+idempotency key and is recorded once (HSETNX), and the set of operators a round escalates for
+is frozen by the first run of that round.
+
+Each escalation round, at `started + deadline × round`, re-sends the SMS to every operator who
+has not confirmed, on every other channel they can be reached on too (same reply code), and
+tells the drill's escalation recipients who has not confirmed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+
+from notifier.drills.model import Drill, human_duration
+from notifier.drills.service import TIMER_PREFIX, DrillService
+from notifier.drills.store import op_field
+from notifier.errors import BrokerUnavailable, InvalidEvent
+from notifier.models import Event, Source
+from notifier.pipeline.fanout import addresses
+
+log = logging.getLogger(__name__)
+RETRY_IN = 5.0  # a step that could not publish is tried again this much later
+ESCALATION = "escalation"  # the `who` of sends to the escalation recipients
+
+
+def parse_timer(arg: str) -> tuple[str, int, int] | None:
+    """'<drill id>:<phase>:<round>' -> (drill id, phase, round)."""
+    parts = arg.split(":")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return parts[0], int(parts[1]), int(parts[2])
+
+
+def fire_drill_timer(svc: DrillService, arg: str) -> str:
+    parsed = parse_timer(arg)
+    if parsed is None:
+        return f"bad drill timer {arg!r}"
+    drill_id, phase, round_ = parsed
+    drill = svc.store.drill(drill_id)
+    if drill is None or phase >= len(drill.phases):
+        return "missing"
+    if not svc.is_live(drill.id, phase):
+        return "phase_over"  # a later phase started, or the drill finished
+    try:
+        return _fire(svc, drill, phase, round_)
+    except BrokerUnavailable:
+        # Everything done so far is recorded and idempotent: run the whole step again later.
+        svc.schedule(drill, phase, round_, time.time() + RETRY_IN)
+        return "retry"
+
+
+def _fire(svc: DrillService, drill: Drill, phase: int, round_: int) -> str:
+    started = float(svc.store.field(drill.id, f"p{phase}:started_at") or time.time())
+    deadline = drill.phases[phase].deadline
+    if round_ == 0:
+        for op in drill.operators:
+            _send(svc, drill, phase, op, round_=0, step="announce",
+                  event=_operator_event(svc, drill, phase, op, 0))
+        svc.schedule(drill, phase, 1, started + deadline)
+        return "announced"
+    frozen, first_run = _frozen_pending(svc, drill, phase, round_)
+    # Someone may have confirmed since the round was frozen: do not chase them again.
+    pending = [op for op in frozen if op not in _confirmed(svc, drill, phase)]
+    if not pending:
+        return "all_confirmed"
+    if round_ > drill.escalation_rounds:
+        for op in pending:
+            if svc.store.set_once(drill.id, op_field(phase, op, "missed"), repr(time.time())):
+                svc.store.log(drill, "missed", phase=phase, operator=op,
+                              detail=f"no confirmation after {drill.escalation_rounds} "
+                                     "escalation round(s)")
+        return "missed"
+    if first_run:
+        svc.store.log(drill, "escalation_round", phase=phase, round=round_, operators=frozen)
+    for op in pending:
+        _send(svc, drill, phase, op, round_=round_, step="escalation",
+              event=_operator_event(svc, drill, phase, op, round_))
+    if drill.escalation:  # the frozen list: a re-run must send the very same event
+        _send(svc, drill, phase, ESCALATION, round_=round_, step="escalation_recipients",
+              event=_escalation_event(drill, phase, round_, frozen))
+    svc.schedule(drill, phase, round_ + 1, started + deadline * (round_ + 1))
+    return "escalated"
+
+
+def _confirmed(svc: DrillService, drill: Drill, phase: int) -> set[str]:
+    state = svc.store.state(drill.id)
+    return {op for op in drill.operators if op_field(phase, op, "confirmed_at") in state}
+
+
+def _frozen_pending(svc: DrillService, drill: Drill, phase: int,
+                    round_: int) -> tuple[list[str], bool]:
+    """Operators without a confirmation as the first run of this round saw them, and whether
+    this is that first run."""
+    confirmed = _confirmed(svc, drill, phase)
+    name = f"p{phase}:r{round_}"
+    first = svc.store.set_once(drill.id, name,
+                               json.dumps([op for op in drill.operators if op not in confirmed]))
+    frozen: list[str] = json.loads(svc.store.field(drill.id, name) or "[]")
+    return frozen, first
+
+
+def _code(svc: DrillService, drill: Drill, phase: int, op: str) -> str:
+    field = op_field(phase, op, "code")
+    existing = svc.store.field(drill.id, field)
+    if existing:
+        return existing
+    recipient = svc.settings.recipients.get(op)
+    phone = recipient.phone if recipient is not None and recipient.phone else ""
+    code = svc.codes.issue(drill.id, phase, op, phone=phone, ttl=drill.reply_code_ttl)
+    if not svc.store.set_once(drill.id, field, code):
+        # Lost a race with another run: use the winner's (ours stays harmless: it names the
+        # same drill, phase and operator, and expires).
+        code = svc.store.field(drill.id, field) or code
+    return code
+
+
+def _operator_event(svc: DrillService, drill: Drill, phase: int, op: str, round_: int) -> Event:
+    channels: Sequence[str] = ("sms",)
+    if round_ > 0:  # escalation: the SMS again, and every other channel that reaches them
+        recipient = svc.settings.recipients.get(op)
+        others = [c for c in svc.settings.channels
+                  if c != "sms" and recipient is not None and addresses(recipient, c)]
+        channels = ("sms", *others)
+    p = drill.phases[phase]
+    return Event(
+        kind="drill", title=f"{drill.name}: {p.name}",
+        body="" if round_ == 0 else f"reminder {round_}",
+        severity=drill.severity, labels={"drill_id": drill.id, "drill_phase": p.name},
+        to=(op,), channels=tuple(channels),
+        extra={"reply_code": _code(svc, drill, phase, op), "drill_id": drill.id,
+               "phase": p.name, "drill_name": drill.name},
+    )
+
+
+def _escalation_event(drill: Drill, phase: int, round_: int, pending: list[str]) -> Event:
+    p = drill.phases[phase]
+    return Event(
+        kind="alert", severity=drill.severity,
+        title=f"Drill {drill.name}: {p.name} not confirmed",
+        body=(f"No confirmation from {', '.join(pending)} within "
+              f"{human_duration(p.deadline * round_)} of the phase start "
+              f"(escalation round {round_}/{drill.escalation_rounds})."),
+        labels={"drill_id": drill.id, "drill_phase": p.name},
+        to=drill.escalation,
+    )
+
+
+def _send(svc: DrillService, drill: Drill, phase: int, who: str, *, round_: int, step: str,
+          event: Event) -> str | None:
+    key = f"{TIMER_PREFIX}:{drill.id}:{phase}:{who}:{step}:{round_}"
+    try:
+        txid = svc.intake.submit(event, Source.DRILL, idempotency_key=key).transaction_id
+    except InvalidEvent as exc:  # e.g. the operator was removed from the config since
+        svc.store.log(drill, "send_failed", phase=phase, operator=who, round=round_, step=step,
+                      detail=str(exc))
+        return None
+    if svc.store.set_once(drill.id, op_field(phase, who, f"tx:{step}:{round_}"), txid):
+        entry = {"at": time.time(), "phase": phase, "operator": who, "round": round_,
+                 "step": step, "to": list(event.to), "channels": list(event.channels),
+                 "transaction_id": txid}
+        svc.store.add_send(drill, entry)
+        who_ = {"to": list(event.to)} if who == ESCALATION else {"operator": who}
+        svc.store.log(drill, step, phase=phase, round=round_, **who_,
+                      channels=list(event.channels) or ["(route)"], transaction_id=txid)
+    return txid

@@ -1,0 +1,150 @@
+"""Operator replies (Aliyun SmsUp): validate, store first, then confirm or reject each one.
+
+A reply confirms only when its code is live and was issued to the number it came from; every
+other reply is recorded as rejected with its reason: on the drill its code belongs to, or, for
+replies that name no known code, on every unfinished drill the sender is an operator of (and in
+a fleet-wide list, for replies from strangers). A re-pushed reply is stored once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from notifier.config import normalise_phone
+from notifier.drills.codes import Verdict, match_reply
+from notifier.drills.service import DrillService
+from notifier.inbox import Inbox, check_records
+
+INBOX = "up"
+REJECTED = "ntf:replies:rejected"  # fleet-wide, newest last, capped
+REJECTED_KEEP = 1000
+
+
+class SmsUpIn(BaseModel):
+    """One record of an Aliyun SmsUp push; unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    phone_number: str = Field(min_length=1, max_length=32)
+    content: str = Field(max_length=2000)
+    send_time: str = Field(default="", max_length=32)
+    dest_code: str | int = ""
+    sequence_id: str | int = ""
+
+    @field_validator("phone_number")
+    @classmethod
+    def _e164(cls, value: str) -> str:
+        return normalise_phone(value)
+
+
+@dataclass(frozen=True)
+class Reply:
+    phone: str  # E.164
+    content: str
+    send_time: str = ""
+    dest_code: str = ""
+    sequence_id: str = ""
+
+    @property
+    def member(self) -> str:
+        """Dedup key: Aliyun's sequence_id, else what was sent when."""
+        if self.sequence_id:
+            return f"{self.phone}|{self.sequence_id}"
+        digest = hashlib.sha256(f"{self.send_time}|{self.content}".encode()).hexdigest()[:24]
+        return f"{self.phone}|{digest}"
+
+
+def mask(phone: str) -> str:
+    """+8613800138000 -> +86138****8000: enough to recognise, not to harvest."""
+    return phone[:6] + "****" + phone[-4:] if len(phone) > 10 else "****"
+
+
+def parse_replies(payload: Any) -> list[Reply]:
+    """An SmsUp body -> replies; `InvalidPush` naming every bad field otherwise."""
+    return [Reply(phone=rec.phone_number, content=rec.content, send_time=rec.send_time,
+                  dest_code=str(rec.dest_code), sequence_id=str(rec.sequence_id))
+            for rec in check_records(payload, "SmsUp", SmsUpIn) if isinstance(rec, SmsUpIn)]
+
+
+def reply_inbox(client: redis.Redis, retention: float) -> Inbox:
+    return Inbox(client, INBOX, retention)
+
+
+def store_replies(inbox: Inbox, replies: list[Reply]) -> tuple[int, int]:
+    fresh = inbox.store([(r.member, asdict(r)) for r in replies])
+    return sum(fresh), len(fresh) - sum(fresh)
+
+
+def apply_due(svc: DrillService, limit: int = 200) -> dict[str, int]:
+    inbox = reply_inbox(svc.redis, svc.settings.retention)
+    counts: dict[str, int] = {}
+    for item in inbox.claim(limit):
+        data = {k: v for k, v in item.record.items() if k != "received_at"}
+        result = apply_reply(svc, Reply(**data))
+        inbox.done(item.member)
+        counts[result] = counts.get(result, 0) + 1
+    return counts
+
+
+def apply_reply(svc: DrillService, reply: Reply) -> str:
+    """Confirm or reject one reply; returns the reason (confirmed, already_confirmed, ...)."""
+    verdict = match_reply(reply.phone, reply.content, time.time(), svc.codes.lookup,
+                          svc.is_live)
+    record = verdict.record
+    if verdict.confirmed and record is not None:
+        drill = svc.store.drill(record.drill)
+        if drill is not None:
+            done = svc.record_confirmation(drill, record.phase, record.operator, "sms",
+                                           mask(reply.phone))
+            if done.first:
+                return "confirmed"
+            svc.store.log(drill, "reply_repeated", phase=record.phase, operator=record.operator,
+                          sender=mask(reply.phone))
+            return "already_confirmed"
+    _reject(svc, reply, verdict)
+    return verdict.reason.value
+
+
+def _reject(svc: DrillService, reply: Reply, verdict: Verdict) -> None:
+    detail = {"sender": mask(reply.phone), "reason": verdict.reason.value}
+    if verdict.record is not None:
+        # A real code (another operator's, expired, of another phase): name whose it was, but
+        # keep the code itself off reports, which more people read than hold the phones.
+        detail["code_of"] = verdict.record.operator
+    elif verdict.code:
+        detail["code"] = verdict.code  # issued to nobody: shows the typo
+    else:
+        detail["text"] = reply.content[:80]  # no code in it: what did they send?
+    targets = [verdict.record.drill] if verdict.record is not None else _drills_of(svc, verdict)
+    for drill_id in targets:
+        drill = svc.store.drill(drill_id)
+        if drill is not None:
+            # A code names its phase; a reply without a known code counts against the live one.
+            live = svc.current(drill.id)
+            phase = verdict.record.phase if verdict.record is not None else (
+                live if live >= 0 else None)
+            svc.store.log(drill, "reply_rejected", phase=phase, **detail)
+    entry = json.dumps({"at": time.time(), **detail, "drills": targets}, ensure_ascii=False)
+    pipe = svc.redis.pipeline()
+    pipe.rpush(REJECTED, entry)
+    pipe.ltrim(REJECTED, -REJECTED_KEEP, -1)
+    pipe.execute()
+
+
+def _drills_of(svc: DrillService, verdict: Verdict) -> list[str]:
+    """Unfinished drills the sender is an operator of: where a wrong code should show up."""
+    if not verdict.phone:
+        return []
+    names = {name for name, r in svc.settings.recipients.items() if r.phone == verdict.phone}
+    found = []
+    for drill_id in svc.store.active():
+        drill = svc.store.drill(drill_id)
+        if drill is not None and names & set(drill.operators):
+            found.append(drill_id)
+    return found

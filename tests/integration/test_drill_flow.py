@@ -1,0 +1,161 @@
+"""Drills on a real redis-server, pipeline inline (no Celery): timers that fire twice send
+once, phases only move forward, replies through the inbox, and the drill API's answers to bad
+requests (4xx naming the problem, never a 500)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from notifier.api.app import create_app
+from notifier.channels.sandbox import outbox_key
+from notifier.config import settings_from_mapping
+from notifier.drills.escalation import fire_drill_timer
+from notifier.drills.model import DrillConflict, DrillSpec
+from notifier.drills.replies import Reply, apply_due, reply_inbox, store_replies
+from notifier.drills.service import DrillService
+from notifier.scheduler import TIMERS
+from tests.support.inline import InlineFleet
+
+CONFIG: dict[str, Any] = {
+    "channels": {"sms": {"provider": "sandbox"}, "email": {"provider": "sandbox"}},
+    "recipients": {
+        "alice": {"phone": "+8613800138000", "email": "alice@example.com"},
+        "bob": {"phone": "+8613900139000"},
+        "carol": {"email": "carol@example.com"},
+    },
+    "groups": {"ops": ["alice", "bob"]},
+    "routes": [{"match": {}, "to": ["carol"], "channels": ["sms"], "fallback": ["email"]}],
+}
+SPEC = {"name": "DR", "operators": ["ops"], "phases": ["primary stopped", "traffic switched"],
+        "escalation": ["carol"], "escalation_rounds": 1}
+
+
+@pytest.fixture
+def fleet(redis_url: str) -> Iterator[InlineFleet]:
+    inline = InlineFleet(redis_url, CONFIG)
+    yield inline
+    inline.close()
+
+
+@pytest.fixture
+def svc(fleet: InlineFleet) -> DrillService:
+    return DrillService(fleet.settings, fleet.redis, fleet.intake, fleet.deps.ledger,
+                        fleet.deps.timers)
+
+
+def sent_to(fleet: InlineFleet, channel: str) -> list[str]:
+    return [json.loads(m)["to"] for m in fleet.redis.lrange(outbox_key(channel), 0, -1)]
+
+
+def test_every_timer_fired_twice_still_sends_once(fleet: InlineFleet, svc: DrillService) -> None:
+    drill = svc.create(DrillSpec.model_validate({**SPEC, "start": True}))
+    assert drill.operators == ("alice", "bob")  # the group, expanded
+    assert fleet.redis.zcard(TIMERS) == 1  # the announcement, scheduled with the phase start
+    for round_, expected in ((0, "announced"), (1, "escalated"), (2, "missed")):
+        for _ in range(2):  # at-least-once: a re-fired timer, a redelivered task
+            assert fire_drill_timer(svc, f"{drill.id}:0:{round_}") == expected
+        fleet.drain()
+    assert sorted(sent_to(fleet, "sms")) == ["+8613800138000"] * 2 + ["+8613900139000"] * 2
+    assert sorted(sent_to(fleet, "email")) == ["alice@example.com", "carol@example.com"]
+    timeline = [e["event"] for e in svc.store.timeline(drill.id)]
+    assert timeline.count("announce") == 2 and timeline.count("escalation") == 2
+    assert timeline.count("escalation_recipients") == 1 and timeline.count("missed") == 2
+    codes = {op: svc.store.field(drill.id, f"p0|{op}|code") for op in drill.operators}
+    assert len(set(codes.values())) == 2  # one code per operator, the same on every re-send
+    view = svc.status(drill.id)  # what GET /v1/drills/{id} shows: no reply codes
+    assert all(set(op) == {"operator", "confirmed_at", "confirmed_via"}
+               for phase in view["phases"] for op in phase["operators"])
+
+
+def test_confirmed_operator_is_not_chased_and_timers_of_past_phases_do_nothing(
+        fleet: InlineFleet, svc: DrillService) -> None:
+    drill = svc.create(DrillSpec.model_validate({**SPEC, "start": True}))
+    fire_drill_timer(svc, f"{drill.id}:0:0")
+    code = svc.store.field(drill.id, "p0|alice|code")
+    assert code is not None
+    inbox = reply_inbox(fleet.redis, 3600)
+    reply = Reply(phone="+8613800138000", content=f"{code} 确认", sequence_id="7")
+    assert store_replies(inbox, [reply, reply]) == (1, 1)  # a re-push is stored once
+    assert apply_due(svc) == {"confirmed": 1}
+    assert fire_drill_timer(svc, f"{drill.id}:0:1") == "escalated"
+    (escalation,) = [s for s in svc.store.sends(drill.id) if s["step"] == "escalation"]
+    assert escalation["operator"] == "bob"
+    svc.start_phase(drill.id)
+    assert fire_drill_timer(svc, f"{drill.id}:0:2") == "phase_over"
+    # alice's phase-1 code no longer confirms: its phase is over.
+    store_replies(inbox, [Reply(phone="+8613800138000", content=code, sequence_id="8")])
+    assert apply_due(svc) == {"phase_not_live": 1}
+
+
+def test_phases_only_move_forward(svc: DrillService) -> None:
+    drill = svc.create(DrillSpec.model_validate(SPEC))
+    assert svc.start_phase(drill.id) == 0
+    with pytest.raises(DrillConflict, match="already been started"):
+        svc.start_phase(drill.id, "primary stopped")
+    assert svc.start_phase(drill.id, "traffic switched") == 1
+    with pytest.raises(DrillConflict, match="every phase"):
+        svc.start_phase(drill.id)
+    svc.finish(drill.id)
+    with pytest.raises(DrillConflict, match="finished"):
+        svc.finish(drill.id)
+
+
+@pytest.fixture
+def api(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    monkeypatch.setenv("NOTIFIER_API_TOKEN", "api-token")
+    app = create_app(settings_from_mapping({**CONFIG, "redis_url": redis_url}))
+    with TestClient(app, headers={"Authorization": "Bearer api-token"}) as client:
+        yield client
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "problem"), [
+    ("post", "/v1/drills", {**SPEC, "operators": ["mallory"]}, 422, "unknown recipient"),
+    ("post", "/v1/drills", {**SPEC, "phases": ["a", "a"]}, 422, "unique"),
+    ("post", "/v1/drills", {**SPEC, "phases": [{"name": "a", "deadline": "soon"}]}, 422,
+     "duration"),
+    ("post", "/v1/drills", {**SPEC, "phases": []}, 422, "phases"),
+    ("post", "/v1/drills", {"name": "x"}, 422, "operators"),
+    ("get", "/v1/drills/dr-nope", None, 404, "no drill"),
+    ("post", "/v1/drills/dr-nope/phases", None, 404, "no drill"),
+    ("post", "/v1/drills/dr-nope/confirm", {"operator": "alice"}, 404, "no drill"),
+    ("get", "/v1/drills/dr-nope/report", None, 404, "no drill"),
+])
+def test_drill_api_answers_bad_requests_with_4xx(api: TestClient, method: str, path: str,
+                                                 body: Any, status: int, problem: str) -> None:
+    response = api.request(method.upper(), path, json=body)
+    assert response.status_code == status, response.text
+    assert problem in response.text
+
+
+def test_drill_api_flow(api: TestClient) -> None:
+    assert api.post("/v1/drills", json=SPEC, headers={"Authorization": "Bearer x"}
+                    ).status_code == 401
+    created = api.post("/v1/drills", json=SPEC)
+    assert created.status_code == 201
+    drill_id = created.json()["id"]
+    assert created.json()["current_phase"] is None
+    conflict = api.post(f"/v1/drills/{drill_id}/confirm", json={"operator": "alice"})
+    assert conflict.status_code == 409 and "no phase" in conflict.text
+    started = api.post(f"/v1/drills/{drill_id}/phases")
+    assert started.status_code == 200 and started.json()["started_phase"] == 0
+    again = api.post(f"/v1/drills/{drill_id}/phases", json={"phase": "primary stopped"})
+    assert again.status_code == 409
+    unknown = api.post(f"/v1/drills/{drill_id}/phases", json={"phase": "nope"})
+    assert unknown.status_code == 422 and "no phase 'nope'" in unknown.text
+    not_op = api.post(f"/v1/drills/{drill_id}/confirm", json={"operator": "carol"})
+    assert not_op.status_code == 422
+    first = api.post(f"/v1/drills/{drill_id}/confirm", json={"operator": "bob", "by": "ops-lead"})
+    second = api.post(f"/v1/drills/{drill_id}/confirm", json={"operator": "bob"})
+    assert first.json()["already_confirmed"] is False and second.json()["already_confirmed"]
+    status = api.get(f"/v1/drills/{drill_id}").json()
+    bob = status["phases"][0]["operators"][1]
+    assert bob["operator"] == "bob" and bob["confirmed_via"] == "api"
+    report = api.get(f"/v1/drills/{drill_id}/report", params={"format": "markdown"})
+    assert report.status_code == 200 and "| bob |" in report.text
+    assert api.get(f"/v1/drills/{drill_id}/report", params={"format": "pdf"}).status_code == 422
+    assert [d["id"] for d in api.get("/v1/drills").json()] == [drill_id]

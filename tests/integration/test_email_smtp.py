@@ -1,0 +1,311 @@
+"""SmtpEmail against a real SMTP server (aiosmtpd) on loopback: what a recipient gets, and
+how every failure a mail server can produce is classified."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from notifier.channels.base import ChannelContext
+from notifier.channels.email_smtp import SmtpEmail
+from notifier.config import SmtpProvider
+from notifier.errors import DeliveryError, PermanentError, TransientError
+from notifier.models import ErrorClass, Outgoing, Rendered
+from tests.fakes.smtp import FakeSmtp
+from tests.support.servers import clean_env, free_port
+
+PASSWORD = "hunter2-not-in-logs"
+SUBJECT = "【严重】磁盘告警 DiskFull on db-1"
+
+Factory = Callable[..., SmtpEmail]
+
+
+def outgoing(delivery_id: str = "dlv-1", html: str | None = "<p>磁盘 <b>97%</b></p>",
+             **kw: Any) -> Outgoing:
+    fields: dict[str, Any] = {
+        "delivery_id": delivery_id,
+        "transaction_id": "tx-0001",
+        "address": "alice@example.com",
+        "kind": "alert",
+        "rendered": Rendered(subject=SUBJECT, text="磁盘 /data 使用率 97%", html=html),
+    }
+    fields.update(kw)
+    return Outgoing(**fields)
+
+
+def send(channel: SmtpEmail, message: Outgoing | None = None) -> Any:
+    return asyncio.run(channel.send(message or outgoing()))
+
+
+def fails(channel: SmtpEmail, message: Outgoing | None = None) -> DeliveryError:
+    with pytest.raises(DeliveryError) as info:
+        send(channel, message)
+    return info.value
+
+
+@pytest.fixture
+def make_fake() -> Iterator[Callable[..., FakeSmtp]]:
+    started: list[FakeSmtp] = []
+
+    def make(**kwargs: Any) -> FakeSmtp:
+        fake = FakeSmtp(**kwargs)
+        fake.start()
+        started.append(fake)
+        return fake
+
+    yield make
+    for fake in started:
+        fake.stop()
+
+
+@pytest.fixture
+def channel_for() -> Iterator[Callable[..., SmtpEmail]]:
+    client = redis.Redis(port=free_port())  # never used: email needs no Redis
+
+    def make(fake: FakeSmtp | None, password: str = PASSWORD, **config: Any) -> SmtpEmail:
+        settings: dict[str, Any] = {
+            "provider": "smtp", "host": "127.0.0.1", "port": fake.port if fake else free_port(),
+            "tls": fake.tls if fake else "none", "sender": "运维告警 <notifier@alerts.example.com>",
+            "validate_certs": False, "timeout": 5,
+        }
+        if fake is not None and fake.auth is not None:
+            settings["username"] = fake.auth[0]
+        settings.update(config)
+        env = {"NOTIFIER_SMTP_PASSWORD": password}
+        return SmtpEmail(SmtpProvider(**settings), ChannelContext(redis=client, env=env))
+
+    yield make
+    client.close()
+
+
+def test_a_recipient_gets_a_multipart_email_with_our_headers(
+    make_fake: Callable[..., FakeSmtp], channel_for: Factory
+) -> None:
+    fake = make_fake()
+    receipt = send(channel_for(fake))
+
+    [mail] = fake.messages
+    assert fake.envelopes == [("notifier@alerts.example.com", ["alice@example.com"])]
+    assert mail.get_content_type() == "multipart/alternative"
+    assert mail["Subject"] == SUBJECT  # decoded from its RFC 2047 form
+    assert mail["From"].addresses[0].display_name == "运维告警"
+    assert mail["To"] == "alice@example.com"
+    assert mail["X-Notifier-Transaction-Id"] == "tx-0001"
+    assert mail["X-Notifier-Delivery-Id"] == "dlv-1"
+    assert mail["Message-ID"] == receipt.provider_message_id
+    assert receipt.provider_message_id.endswith("@alerts.example.com>")
+    assert abs(parsedate_to_datetime(mail["Date"]).timestamp() - time.time()) < 60
+    plain = mail.get_body(preferencelist=("plain",))
+    html = mail.get_body(preferencelist=("html",))
+    assert plain is not None and plain.get_content().strip() == "磁盘 /data 使用率 97%"
+    assert html is not None and html.get_content().strip() == "<p>磁盘 <b>97%</b></p>"
+
+
+def test_the_subject_is_encoded_on_the_wire(
+    make_fake: Callable[..., FakeSmtp], channel_for: Factory
+) -> None:
+    fake = make_fake()
+    send(channel_for(fake))
+    raw = fake.messages[0].as_bytes()
+    assert "磁盘".encode() not in raw.split(b"\n\n", 1)[0]  # headers are 7-bit, RFC 2047
+    assert b"=?utf-8?" in raw
+
+
+def test_text_only_when_there_is_no_html(
+    make_fake: Callable[..., FakeSmtp], channel_for: Factory
+) -> None:
+    fake = make_fake()
+    send(channel_for(fake), outgoing(html=None))
+    assert fake.messages[0].get_content_type() == "text/plain"
+    assert fake.snapshot()[0]["html"] is None
+
+
+def test_a_retried_delivery_keeps_its_message_id(
+    make_fake: Callable[..., FakeSmtp], channel_for: Factory
+) -> None:
+    fake = make_fake()
+    channel = channel_for(fake)
+    first, again, other = send(channel), send(channel), send(channel, outgoing("dlv-2"))
+    assert first.provider_message_id == again.provider_message_id
+    assert other.provider_message_id != first.provider_message_id
+
+
+@pytest.mark.parametrize("tls", ["none", "starttls", "tls"])
+def test_each_tls_mode_delivers(
+    tls: str, make_fake: Callable[..., FakeSmtp], channel_for: Factory
+) -> None:
+    # AUTH is only offered over TLS, as on real submission servers.
+    fake = make_fake(tls=tls, auth=None if tls == "none" else ("alerts", PASSWORD))
+    send(channel_for(fake))
+    assert len(fake.messages) == 1
+    assert fake.logins == ([] if tls == "none" else ["alerts"])
+
+
+@pytest.mark.parametrize("tls", ["starttls", "tls"])
+def test_certificates_are_verified_unless_told_otherwise(
+    tls: str, make_fake: Callable[..., FakeSmtp], channel_for: Factory
+) -> None:
+    fake = make_fake(tls=tls)
+    error = fails(channel_for(fake, validate_certs=True))  # the fake's cert is self-signed
+    assert isinstance(error, TransientError)
+    assert error.code == "TLS"
+    assert fake.messages == []
+
+
+def test_starttls_never_falls_back_to_plain_text(
+    make_fake: Callable[..., FakeSmtp], channel_for: Factory
+) -> None:
+    fake = make_fake(tls="none")
+    error = fails(channel_for(fake, tls="starttls"))
+    assert error.error_class is ErrorClass.ACCOUNT
+    assert fake.messages == []
+
+
+def test_wrong_password_is_an_account_failure_that_hides_the_password(
+    make_fake: Callable[..., FakeSmtp], channel_for: Factory
+) -> None:
+    fake = make_fake(tls="starttls", auth=("alerts", "the-right-one"))
+    channel = channel_for(fake, password=PASSWORD)
+    error = fails(channel)
+    assert isinstance(error, PermanentError)
+    assert error.error_class is ErrorClass.ACCOUNT
+    assert error.code == "535"
+    for text in (str(error), repr(error), error.message, repr(channel)):
+        assert PASSWORD not in text
+    assert fake.messages == []
+
+
+def test_missing_credentials_where_the_server_needs_them_is_an_account_failure(
+    make_fake: Callable[..., FakeSmtp], channel_for: Factory
+) -> None:
+    fake = make_fake(tls="starttls", auth=("alerts", PASSWORD))
+    error = fails(channel_for(fake, username=None))
+    assert (error.error_class, error.code) == (ErrorClass.ACCOUNT, "530")
+
+
+def test_a_username_without_its_password_fails_before_connecting(
+    make_fake: Callable[..., FakeSmtp], channel_for: Factory
+) -> None:
+    fake = make_fake(tls="starttls", auth=("alerts", PASSWORD))
+    error = fails(channel_for(fake, password=""))
+    assert (error.error_class, error.code) == (ErrorClass.ACCOUNT, "NO_PASSWORD")
+
+
+def test_451_is_transient_and_the_retry_goes_through(
+    make_fake: Callable[..., FakeSmtp], channel_for: Factory
+) -> None:
+    fake = make_fake()
+    channel = channel_for(fake)
+    fake.script("rcpt", "451 4.7.1 greylisted, try again later")
+    error = fails(channel)
+    assert isinstance(error, TransientError)
+    assert (error.code, error.message) == ("451", "4.7.1 greylisted, try again later")
+    send(channel)
+    assert len(fake.messages) == 1
+
+
+@pytest.mark.parametrize("stage", ["rcpt", "data"])
+def test_550_is_permanent(
+    stage: str, make_fake: Callable[..., FakeSmtp], channel_for: Factory
+) -> None:
+    fake = make_fake()
+    fake.script(stage, "550 5.1.1 <alice@example.com>: recipient unknown")  # type: ignore[arg-type]
+    error = fails(channel_for(fake))
+    assert isinstance(error, PermanentError)
+    assert (error.error_class, error.code) == (ErrorClass.PERMANENT, "550")
+
+
+def test_a_refused_sender_is_an_account_failure(
+    make_fake: Callable[..., FakeSmtp], channel_for: Factory
+) -> None:
+    fake = make_fake()
+    fake.script("mail", "553 5.7.1 sender not allowed to relay")
+    assert fails(channel_for(fake)).error_class is ErrorClass.ACCOUNT
+
+
+def test_421_and_a_dropped_connection_is_transient(
+    make_fake: Callable[..., FakeSmtp], channel_for: Factory
+) -> None:
+    fake = make_fake()
+    fake.script("data", "421 4.3.2 shutting down", close=True)
+    error = fails(channel_for(fake))
+    assert isinstance(error, TransientError)
+    assert error.code == "421"
+
+
+def test_a_server_that_is_down_is_transient(channel_for: Factory) -> None:
+    error = fails(channel_for(None))
+    assert isinstance(error, TransientError)
+    assert error.code == "CONNECT"
+
+
+def test_a_hung_server_times_out_as_transient(
+    make_fake: Callable[..., FakeSmtp], channel_for: Factory
+) -> None:
+    fake = make_fake()
+    fake.script("data", "250 OK", hang=5.0)
+    started = time.monotonic()
+    error = fails(channel_for(fake, timeout=0.5))
+    assert isinstance(error, TransientError)
+    assert error.code == "TIMEOUT"
+    assert time.monotonic() - started < 4.0
+
+
+def test_header_injection_is_refused_before_anything_is_sent(
+    make_fake: Callable[..., FakeSmtp], channel_for: Factory
+) -> None:
+    fake = make_fake()
+    error = fails(channel_for(fake), outgoing(transaction_id="tx\r\nBcc: mallory@example.com"))
+    assert (error.error_class, error.code) == (ErrorClass.PERMANENT, "INVALID_MESSAGE")
+    assert fake.messages == []
+
+
+def test_one_channel_sends_from_successive_event_loops(
+    make_fake: Callable[..., FakeSmtp], channel_for: Factory
+) -> None:
+    # Built outside any loop (as Celery does before forking), used from fresh loops after.
+    fake = make_fake()
+    channel = channel_for(fake)
+    for i in range(3):
+        send(channel, outgoing(f"dlv-{i}"))
+    assert [m["X-Notifier-Delivery-Id"] for m in fake.messages] == ["dlv-0", "dlv-1", "dlv-2"]
+
+
+def test_the_standalone_fake_is_scripted_and_read_over_http(channel_for: Factory) -> None:
+    port, control = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.smtp", "--port", str(port),
+         "--control-port", str(control)],
+        cwd=Path(__file__).resolve().parents[2], env=clean_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert "fake smtp on" in process.stdout.readline()  # printed once it is serving
+        api = f"http://127.0.0.1:{control}/_fake"
+        httpx.post(f"{api}/script", json={"stage": "rcpt", "reply": "452 4.2.2 mailbox full"})
+        standalone = FakeSmtp(port=port)  # only describes the server for channel_for
+        assert isinstance(fails(channel_for(standalone)), TransientError)
+        send(channel_for(standalone))
+        [mail] = httpx.get(f"{api}/messages").json()
+        assert mail["subject"] == SUBJECT
+        assert mail["to"] == ["alice@example.com"]
+        assert mail["headers"]["X-Notifier-Transaction-Id"] == "tx-0001"
+        assert mail["html"].strip() == "<p>磁盘 <b>97%</b></p>"
+        httpx.post(f"{api}/reset")
+        assert httpx.get(f"{api}/messages").json() == []
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        assert process.stdout is not None
+        process.stdout.close()

@@ -1,0 +1,261 @@
+"""Aliyun delivery receipts on a real redis-server: the callback (store first), applying
+receipts to the ledger (idempotent, early ones kept, failures fall back), and the reconciler
+asking the Dysmsapi fake about SMS without a receipt. The pipeline runs inline, no Celery."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from notifier.api.app import create_app
+from notifier.config import settings_from_mapping
+from notifier.ledger import DeliveryRecord
+from notifier.metrics import KEY as METRICS_KEY
+from notifier.models import Event, Source
+from notifier.pipeline.dispatch import dispatch
+from notifier.receipts import apply_due, receipt_inbox
+from notifier.reconciler import reconcile
+from notifier.tasks_spec import APPLY_RECEIPTS, CONTROL_QUEUE
+from tests.fakes.dysmsapi import FakeDysmsapi
+from tests.support.inline import InlineFleet
+from tests.support.servers import free_port
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+REPORT = "/v1/callbacks/aliyun/sms-report"
+ACK = {"code": 0, "msg": "接收成功"}
+CALLBACK_TOKEN = "cb-token-0123456789"
+AK_ID, AK_SECRET = "LTAI-receipts", "receipts-secret-value"
+CONFIG: dict[str, Any] = {
+    "channels": {"sms": {"provider": "sandbox"}, "email": {"provider": "sandbox"}},
+    "recipients": {"alice": {"phone": "+8613800138000", "email": "alice@example.com"}},
+    "routes": [{"match": {}, "to": ["alice"], "channels": ["sms"], "fallback": ["email"]}],
+}
+
+
+@pytest.fixture
+def fleet(redis_url: str) -> Iterator[InlineFleet]:
+    inline = InlineFleet(redis_url, CONFIG)
+    yield inline
+    inline.close()
+
+
+@pytest.fixture
+def api(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    monkeypatch.setenv("NOTIFIER_CALLBACK_TOKEN", CALLBACK_TOKEN)
+    with TestClient(create_app(settings_from_mapping({**CONFIG, "redis_url": redis_url}))) as c:
+        yield c
+
+
+def send_sms(fleet: InlineFleet, deliver: bool = True) -> DeliveryRecord:
+    txid = fleet.intake.submit(Event(kind="alert", title="DiskFull db-1", severity="critical"),
+                               Source.API).transaction_id
+    if deliver:
+        fleet.drain()
+    else:  # fan out only: the delivery exists but has not been sent
+        dispatch(fleet.deps, txid)
+        fleet.publisher.tasks.clear()
+    (sms,) = [d for d in fleet.deps.ledger.deliveries(txid) if d.channel == "sms"]
+    return sms
+
+
+def report(sms: DeliveryRecord, *, success: bool = True, biz_id: str | None = None,
+           **changes: Any) -> dict[str, Any]:
+    """The fixture's records, pointed at our delivery, exactly in Aliyun's format."""
+    records = json.loads((FIXTURES / "aliyun-sms-report.json").read_text())
+    record = dict(records[0] if success else records[1])
+    record.update(out_id=sms.id, biz_id=biz_id or sms.provider_message_id or "900619746936498440^0",
+                  phone_number="8613800138000")
+    record.update(changes)
+    return record
+
+
+def post(api: TestClient, body: Any, token: str | None = CALLBACK_TOKEN) -> Any:
+    params = {"token": token} if token is not None else {}
+    return api.post(REPORT, params=params, content=json.dumps(body, ensure_ascii=False))
+
+
+def receipt_counts(client: redis.Redis) -> dict[str, float]:
+    raw = client.hgetall(METRICS_KEY + "notifier_receipts")
+    return {json.loads(k)[1]: float(v) for k, v in raw.items()}
+
+
+def test_receipt_is_stored_answered_and_applied_once_even_when_pushed_twice(
+        fleet: InlineFleet, api: TestClient, redis_client: redis.Redis) -> None:
+    sms = send_sms(fleet)
+    assert sms.status == "sent" and sms.provider_message_id.startswith("sandbox-")
+    body = [report(sms)]
+    first, again = post(api, body), post(api, body)
+    assert first.status_code == again.status_code == 200
+    assert first.json() == again.json() == ACK
+    # Stored first, then a task to apply it was published on the control queue.
+    queued = [json.loads(m)["headers"]["task"] for m in redis_client.lrange(CONTROL_QUEUE, 0, -1)]
+    assert queued == [APPLY_RECEIPTS]
+    assert apply_due(fleet.deps) == {"delivered": 1}
+    assert apply_due(fleet.deps) == {}
+    post(api, body)  # a third push after it was applied changes nothing either
+    assert apply_due(fleet.deps) == {}
+    done = fleet.deps.ledger.delivery(sms.id)
+    assert done is not None and done.status == "delivered"
+    assert done.delivered_at is not None and done.sent_at is not None
+    assert done.sent_at <= done.delivered_at <= time.time()
+    outcomes = [a["outcome"] for a in fleet.deps.ledger.attempts(sms.id)]
+    assert outcomes == ["sent", "receipt"]
+    assert receipt_counts(redis_client) == {"delivered": 1.0, "duplicate": 2.0}
+    tx = fleet.deps.ledger.transaction(sms.transaction_id)
+    assert tx is not None and tx.status == "delivered"
+
+
+def test_receipt_before_its_send_is_kept_and_applied_once_the_send_is_recorded(
+        fleet: InlineFleet, api: TestClient) -> None:
+    sms = send_sms(fleet, deliver=False)
+    assert sms.status == "queued"
+    assert post(api, [report(sms, biz_id="932702304080415357^0")]).status_code == 200
+    assert apply_due(fleet.deps) == {"early": 1}
+    fleet.deps.ledger.claim(sms.id, "worker-token", lease=60)  # now mid-send
+    time.sleep(1.1)  # an early receipt is retried after a second
+    assert apply_due(fleet.deps) == {"early": 1}
+    assert receipt_inbox(fleet.redis, 3600).pending() == 1  # kept, never dropped
+    fleet.deps.ledger.update(sms.id, status="queued")
+    fleet.publisher.publish("notifier.deliver", [sms.id], "notifier.sms")
+    fleet.drain()
+    time.sleep(1.1)
+    assert apply_due(fleet.deps) == {"delivered": 1}
+    done = fleet.deps.ledger.delivery(sms.id)
+    assert done is not None and done.status == "delivered"
+    assert receipt_inbox(fleet.redis, 3600).pending() == 0
+
+
+def test_receipt_without_out_id_finds_its_delivery_by_biz_id(fleet: InlineFleet,
+                                                             api: TestClient) -> None:
+    sms = send_sms(fleet)
+    body = [report(sms)]
+    del body[0]["out_id"]
+    assert post(api, body).status_code == 200
+    assert apply_due(fleet.deps) == {"delivered": 1}
+
+
+def test_failed_receipt_falls_back_like_a_permanent_error(fleet: InlineFleet, api: TestClient,
+                                                          redis_client: redis.Redis) -> None:
+    sms = send_sms(fleet)
+    assert post(api, [report(sms, success=False)]).status_code == 200
+    assert apply_due(fleet.deps) == {"failed": 1}
+    fleet.drain()
+    deliveries = {d.id: d for d in fleet.deps.ledger.deliveries(sms.transaction_id)}
+    assert deliveries[sms.id].status == "fallen_back"
+    assert deliveries[sms.id].error_code == "MK:0012"
+    (email,) = [d for d in deliveries.values() if d.channel == "email"]
+    assert email.fallback_of == sms.id and email.status == "sent"
+    assert [a["outcome"] for a in fleet.deps.ledger.attempts(sms.id)] == ["sent",
+                                                                           "receipt_failed"]
+    # The same failure again (a re-push with another BizId) does not fall back twice.
+    assert post(api, [report(sms, success=False, biz_id="other^0")]).status_code == 200
+    assert apply_due(fleet.deps) == {"stale": 1}
+    assert len(fleet.deps.ledger.deliveries(sms.transaction_id)) == 2
+    assert receipt_counts(redis_client)["failed"] == 1.0
+
+
+@pytest.mark.parametrize(("body", "status", "problem"), [
+    (b"{not json", 400, "not valid JSON"),
+    (b"", 400, "empty"),
+    (b'{"phone_number": "8613800138000"}', 422, "expected a JSON array of SmsReport"),
+    (b'[{"phone_number": "8613800138000", "success": true}]', 422, "[0].biz_id"),
+    (b'[{"phone_number": "12", "success": true, "biz_id": "1^0"}]', 422, "[0].phone_number"),
+    (b'[{"phone_number": "8613800138000", "success": "maybe", "biz_id": "1^0"}]', 422,
+     "[0].success"),
+])
+def test_bad_report_bodies_get_a_4xx_naming_the_problem_and_store_nothing(
+        api: TestClient, redis_client: redis.Redis, body: bytes, status: int, problem: str
+) -> None:
+    response = api.post(REPORT, params={"token": CALLBACK_TOKEN}, content=body)
+    assert response.status_code == status
+    assert problem in json.dumps(response.json(), ensure_ascii=False)
+    assert receipt_inbox(redis_client, 3600).pending() == 0
+
+
+def test_bad_sms_up_body_names_the_field(api: TestClient) -> None:
+    response = api.post("/v1/callbacks/aliyun/sms-up", params={"token": CALLBACK_TOKEN},
+                        json=[{"phone_number": "8613800138000", "sequence_id": "1"}])
+    assert response.status_code == 422 and "[0].content" in response.text
+
+
+def test_callbacks_require_the_token_and_never_echo_it(api: TestClient) -> None:
+    body = [report(DeliveryRecord(id="tx-1.0", transaction_id="tx-1", channel="sms",
+                                  recipient="alice", address="+8613800138000", kind="alert"))]
+    for token in (None, "wrong-token"):
+        for path in (REPORT, "/v1/callbacks/aliyun/sms-up"):
+            params = {"token": token} if token else {}
+            response = api.post(path, params=params, json=body)
+            assert response.status_code == 401
+            assert CALLBACK_TOKEN not in response.text
+    assert post(api, body).status_code == 200
+
+
+def test_storage_failure_answers_5xx_so_aliyun_pushes_again(monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    monkeypatch.delenv("NOTIFIER_CALLBACK_TOKEN", raising=False)
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    with TestClient(create_app(settings_from_mapping({**CONFIG, "redis_url": dead}))) as api:
+        body = [{"phone_number": "8613800138000", "success": True, "biz_id": "1^0",
+                 "out_id": "tx-1.0"}]
+        for path in (REPORT, "/v1/callbacks/aliyun/sms-up"):
+            payload = body if path == REPORT else [{"phone_number": "8613800138000",
+                                                    "content": "123456", "sequence_id": "9"}]
+            response = api.post(path, json=payload)
+            assert response.status_code == 503, response.text
+            assert response.json() != ACK
+
+
+@pytest.fixture(scope="module")
+def sms_fake() -> Iterator[FakeDysmsapi]:
+    fake = FakeDysmsapi(AK_ID, AK_SECRET).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def aliyun_fleet(redis_url: str, sms_fake: FakeDysmsapi) -> Iterator[Callable[[], InlineFleet]]:
+    sms_fake.reset()
+    made: list[InlineFleet] = []
+
+    def make() -> InlineFleet:
+        sms = {"provider": "aliyun", "endpoint": sms_fake.endpoint, "protocol": "http",
+               "sign_name": "运维告警", "templates": {"alert": "SMS_1"},
+               "read_timeout": "2s", "connect_timeout": "1s"}
+        cfg = {**CONFIG, "channels": {**CONFIG["channels"], "sms": sms}, "reconcile_after": 0}
+        made.append(InlineFleet(redis_url, cfg, {"ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID,
+                                                 "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET}))
+        return made[-1]
+
+    yield make
+    for inline in made:
+        inline.close()
+
+
+def test_reconciler_applies_what_querysenddetails_says(aliyun_fleet: Callable[[], InlineFleet],
+                                                       sms_fake: FakeDysmsapi) -> None:
+    fleet = aliyun_fleet()
+    delivered = send_sms(fleet)
+    sms_fake.script({"kind": "ok", "send_status": 2, "err_code": "IC:0001"})
+    failed = send_sms(fleet)
+    sms_fake.script({"kind": "ok", "send_status": 1})  # no final status yet
+    waiting = send_sms(fleet)
+    assert {delivered.status, failed.status, waiting.status} == {"sent"}
+    assert reconcile(fleet.deps) == {"delivered": 1, "failed": 1, "waiting": 1}
+    fleet.drain()
+    ledger = fleet.deps.ledger
+    assert ledger.delivery(delivered.id).status == "delivered"  # type: ignore[union-attr]
+    assert ledger.delivery(failed.id).status == "fallen_back"  # type: ignore[union-attr]
+    assert ledger.delivery(waiting.id).status == "sent"  # type: ignore[union-attr]
+    email = [d for d in ledger.deliveries(failed.transaction_id) if d.channel == "email"]
+    assert [d.status for d in email] == ["sent"]
+    # Asked about again only after another interval, and a settled one never again.
+    assert reconcile(fleet.deps) == {}
+    queries = sms_fake.requests["QuerySendDetails"]
+    assert queries >= 3
