@@ -121,8 +121,13 @@ def apply_due(deps: PipelineDeps, limit: int = 200) -> dict[str, int]:
 
 
 def _apply_claimed(deps: PipelineDeps, inbox: Inbox, item: Claimed) -> str:
-    data = {k: v for k, v in item.record.items() if k != "received_at"}
-    report = Report(**data)
+    try:
+        report = Report(**{k: v for k, v in item.record.items() if k != "received_at"})
+    except TypeError:  # stored by another version: it would fail on every claim
+        log.error("a stored receipt has an unknown shape (fields: %s); dropped",
+                  ", ".join(sorted(item.record)))
+        inbox.done(item.member)
+        return "invalid"
     result = apply_report(deps, report)
     if result == "early":
         age = time.time() - float(item.record.get("received_at", time.time()))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from notifier.drills.codes import Verdict, match_reply
 from notifier.drills.service import DrillService
 from notifier.inbox import Inbox, check_records
 
+log = logging.getLogger(__name__)
 INBOX = "up"
 REJECTED = "ntf:replies:rejected"  # fleet-wide, newest last, capped
 REJECTED_KEEP = 1000
@@ -85,8 +87,14 @@ def apply_due(svc: DrillService, limit: int = 200) -> dict[str, int]:
     inbox = reply_inbox(svc.redis, svc.settings.retention)
     counts: dict[str, int] = {}
     for item in inbox.claim(limit):
-        data = {k: v for k, v in item.record.items() if k != "received_at"}
-        result = apply_reply(svc, Reply(**data))
+        try:
+            reply = Reply(**{k: v for k, v in item.record.items() if k != "received_at"})
+        except TypeError:  # stored by another version: it would fail on every claim
+            log.error("a stored reply has an unknown shape (fields: %s); dropped",
+                      ", ".join(sorted(item.record)))
+            result = "invalid"
+        else:
+            result = apply_reply(svc, reply)
         inbox.done(item.member)
         counts[result] = counts.get(result, 0) + 1
     return counts

@@ -236,6 +236,8 @@ def test_fleet_wide_rate_limit_across_four_workers(tmp_path: Path, private_redis
         busiest = max(sum(1 for t in stamps[i:i + 20] if t < start + 1.0)
                       for i, start in enumerate(stamps))
         span = stamps[-1] - stamps[0]
+        per_tenth = collections.Counter(int((t - stamps[0]) * 10) for t in stamps)
+        print("\n[rate limit] sends per 100 ms:", [per_tenth.get(i, 0) for i in range(int(span * 10) + 1)])
         print(f"\n[rate limit] 300 SMS over {span:.1f}s with 4 workers; busiest 1 s window: "
               f"{busiest}; final {dict(statuses(ledger, txids))}")
         assert len({m["out_id"] for m in fake.messages}) == 300 == len(stamps)

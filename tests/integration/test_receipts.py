@@ -15,10 +15,12 @@ import redis
 from fastapi.testclient import TestClient
 
 from notifier.api.app import create_app
+from notifier.channels.sandbox import REPORT_DELAY, REPORT_TRIES, REPORTS, push_reports
 from notifier.config import settings_from_mapping
 from notifier.ledger import DeliveryRecord
 from notifier.metrics import KEY as METRICS_KEY
 from notifier.models import Event, Source
+from notifier.periodic import clear_kick, periodic_jobs
 from notifier.pipeline.dispatch import dispatch
 from notifier.receipts import apply_due, receipt_inbox
 from notifier.reconciler import reconcile
@@ -259,3 +261,73 @@ def test_reconciler_applies_what_querysenddetails_says(aliyun_fleet: Callable[[]
     assert reconcile(fleet.deps) == {}
     queries = sms_fake.requests["QuerySendDetails"]
     assert queries >= 3
+
+
+def test_sandbox_pushes_aliyun_receipts_that_close_the_loop(redis_url: str, api: TestClient,
+                                                            redis_client: redis.Redis) -> None:
+    url = f"http://testserver{REPORT}"  # the sandbox adds ?token= from the environment
+    cfg = {**CONFIG, "channels": {**CONFIG["channels"],
+                                  "sms": {"provider": "sandbox", "report_url": url}}}
+    fleet = InlineFleet(redis_url, cfg)
+    try:
+        sms = send_sms(fleet)
+        pushed: list[list[dict[str, Any]]] = []
+
+        def post(target: str, body: list[dict[str, Any]]) -> bool:
+            pushed.append(body)
+            return bool(post_with(api, target, body).status_code == 200)
+
+        sent_at = json.loads(fleet.redis.lindex(REPORTS, 0))["entry"]["at"]
+        # A handset takes a moment: nothing before REPORT_DELAY, then the receipt.
+        assert push_reports(fleet.redis, post, now=sent_at + REPORT_DELAY - 0.1) == 0
+        assert push_reports(fleet.redis, post, now=sent_at + REPORT_DELAY) == 1
+        (record,) = pushed[0]
+        assert record["phone_number"] == "8613800138000"  # Aliyun's form, no '+'
+        assert record["out_id"] == sms.id and record["biz_id"] == sms.provider_message_id
+        assert record["success"] is True and record["err_code"] == "DELIVERED"
+        assert apply_due(fleet.deps) == {"delivered": 1}
+    finally:
+        fleet.close()
+
+
+def post_with(api: TestClient, target: str, body: list[dict[str, Any]]) -> Any:
+    return api.post(target, params={"token": CALLBACK_TOKEN}, json=body)
+
+
+def test_sandbox_receipt_push_is_retried_then_dropped(redis_url: str) -> None:
+    url = "http://127.0.0.1:1/v1/callbacks/aliyun/sms-report"
+    cfg = {**CONFIG, "channels": {**CONFIG["channels"],
+                                  "sms": {"provider": "sandbox", "report_url": url}}}
+    fleet = InlineFleet(redis_url, cfg)
+    try:
+        send_sms(fleet)
+        tries: list[str] = []
+
+        def refused(target: str, body: list[dict[str, Any]]) -> bool:
+            tries.append(target)
+            return False
+
+        later = time.time() + REPORT_DELAY
+        for _ in range(REPORT_TRIES + 2):
+            assert push_reports(fleet.redis, refused, now=later) == 0
+        assert len(tries) == REPORT_TRIES and fleet.redis.llen(REPORTS) == 0
+    finally:
+        fleet.close()
+
+
+def test_scheduler_kicks_one_apply_task_for_stored_unapplied_receipts(
+        fleet: InlineFleet, api: TestClient) -> None:
+    jobs = dict((job.__name__, job) for _, job in periodic_jobs(fleet.settings, fleet.redis,
+                                                                fleet.publisher))
+    sms = send_sms(fleet)
+    fleet.publisher.tasks.clear()
+    jobs["apply_inboxes"]()
+    assert fleet.publisher.tasks == []  # nothing stored: nothing to do
+    assert post(api, [report(sms)]).status_code == 200
+    jobs["apply_inboxes"]()
+    jobs["apply_inboxes"]()  # still due, but a task is already on its way
+    assert fleet.publisher.tasks == [(APPLY_RECEIPTS, [], CONTROL_QUEUE)]
+    clear_kick(fleet.redis, APPLY_RECEIPTS)  # what the task does as it starts
+    assert apply_due(fleet.deps) == {"delivered": 1}
+    jobs["apply_inboxes"]()
+    assert len(fleet.publisher.tasks) == 1
