@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import redis
 import uvicorn
+from celery.signals import task_received
 
 from notifier import cli_drill
 from notifier.api.app import create_app
@@ -37,6 +38,7 @@ from notifier.scheduler import Scheduler
 from notifier.tasks_spec import ALL_QUEUES
 from notifier.timeline import render_timeline
 from notifier.worker.app import create_worker_app
+from notifier.worker.watchdog import Watchdog, supervise
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -71,9 +73,16 @@ def _heartbeat(settings: Settings, name: str) -> None:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.supervised:  # run the real worker as a child, and restart it if it dies
+        return supervise([sys.executable, "-m", "notifier", "worker", "--supervised",
+                          "--concurrency", str(args.concurrency), "--queues", args.queues,
+                          "--loglevel", args.loglevel], dict(os.environ))
     app = create_worker_app(settings)
     name = f"notifier-{socket.gethostname()}-{os.getpid()}"
     threading.Thread(target=_heartbeat, args=(settings, name), daemon=True).start()
+    watchdog = Watchdog(_redis(settings), args.queues.split(","))
+    task_received.connect(watchdog.task_received, weak=False)
+    watchdog.start()
     app.worker_main(["worker", "--concurrency", str(args.concurrency), "--pool", "prefork",
                      "-Q", args.queues, "-n", f"{name}@%h", "--loglevel", args.loglevel,
                      "--without-gossip", "--without-mingle"])
@@ -172,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=os.cpu_count() or 2)
     p.add_argument("--queues", default=",".join(ALL_QUEUES))
     p.add_argument("--loglevel", default="WARNING")
+    p.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     sub.add_parser("scheduler", help="run the timer process (one per fleet; leader-elected)")
     p = sub.add_parser("up", help="api + worker + scheduler (+ private redis) in one process tree")
     p.add_argument("--sandbox", action="store_true", help="sandbox providers, demo recipients")

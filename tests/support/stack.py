@@ -107,10 +107,19 @@ class Stack:
         wait_until(final, timeout=timeout, interval=0.1)
         return view
 
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True,
+                             check=False).stdout
+        return [int(p) for p in out.split()]
+
+    def celery_main(self) -> int:
+        """`notifier worker` supervises the Celery worker's main process."""
+        (pid,) = self._children(self.procs["worker"].pid)
+        return pid
+
     def worker_children(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.procs["worker"].pid)], capture_output=True,
-                             text=True, check=False).stdout
-        return [int(pid) for pid in out.split()]
+        return self._children(self.celery_main())
 
     def kill_worker_child(self) -> int:
         pid = self.worker_children()[0]
