@@ -243,7 +243,7 @@ class Settings(_Strict):
     idempotency_ttl: Duration = 86400.0
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     public_url: str = "http://127.0.0.1:9095"  # where providers' callbacks reach the API
-    scheduler_interval: Duration = 0.2
+    scheduler_interval: Duration = 0.05  # timer resolution: paced sends fire one by one
     reconcile_after: Duration = 600.0  # ask QuerySendDetails about SMS without a receipt
     # A delivery that has not moved for this long lost its task with a worker: re-queue it.
     reaper_after: Duration = 60.0

@@ -65,7 +65,7 @@ def exported(redis_url: str, redis_client: redis.Redis) -> set[str]:
     for spec in SPECS.values():
         labels = {name: "x" for name in spec.labels}
         if spec.kind == "counter":
-            metrics.inc(spec.name, **labels)
+            metrics.inc(spec.name, 1.0, **labels)
         else:
             metrics.observe(spec.name, 0.1, **labels)
     breaker = FleetBreaker(redis_client, "sms:aliyun-hz", BreakerPolicy())
@@ -128,7 +128,7 @@ def test_rules_name_only_exported_metrics(exported: set[str]) -> None:
 
 def _dashboard_exprs() -> list[str]:
     dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
-    exprs = []
+    exprs: list[str] = []
 
     def walk(panels: list[dict[str, Any]]) -> None:
         for panel in panels:
