@@ -69,15 +69,12 @@ class Intake:
                 f"Idempotency-Key was already used with a different body (transaction "
                 f"{result.transaction_id})"
             )
-        self._count(source, result.outcome)
         if result.outcome is not AcceptOutcome.NEW:
             return Accepted(result.transaction_id, suppressed=result.outcome is AcceptOutcome.DUPLICATE)
         # Stored; if publishing fails the outbox sweep publishes it later, and a retry by the
         # sender is answered from the dedup/idempotency key, so the 503 loses nothing.
         self.publisher.publish(DISPATCH, [result.transaction_id], DISPATCH_QUEUE)
-        return Accepted(result.transaction_id)
-
-    def _count(self, source: Source, outcome: AcceptOutcome) -> None:
-        # The event is stored; a lost count must not fail the request.
+        # Published: the sweep looks again only if it is still not fanned out by then.
         with contextlib.suppress(redis.RedisError):
-            self.metrics.inc("notifier_events_received", source=source.value, outcome=outcome.value)
+            self.ledger.outbox_expect(result.transaction_id, self.settings.reaper_after)
+        return Accepted(result.transaction_id)

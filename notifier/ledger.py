@@ -15,7 +15,9 @@ from enum import StrEnum
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
+from notifier.metrics import metric_field, metric_key
 from notifier.models import DeliveryStatus, Event, Source, TxStatus
 
 PREFIX = "ntf:"
@@ -148,29 +150,45 @@ _FLOAT_FIELDS = ("created_at", "updated_at", "next_at", "sent_at", "delivered_at
                  "maybe_sent_at")
 
 _ACCEPT = """
--- KEYS: tx, dedup (or ''), idem (or ''), outbox
--- ARGV: txid, now, retention_s, dedup_ttl_ms, idem_ttl_s, body_hash, n_fields, f1, v1, ...
+-- One round trip for the whole acceptance: dedup/idempotency check, the transaction, its
+-- outbox entry, the first history line and the events counter.
+-- KEYS: tx, dedup (or ''), idem (or ''), outbox, events metric hash
+-- ARGV: txid, now, retention_s, dedup_ttl_ms, idem_ttl_s, body_hash, source,
+--       metric field new, duplicate, replay, n_fields, f1, v1, ...
+local function note(txid, what)
+  local log = 'ntf:tx:' .. txid .. ':log'
+  redis.call('RPUSH', log, cjson.encode({at = tonumber(ARGV[2]), event = what, source = ARGV[7]}))
+  redis.call('EXPIRE', log, ARGV[3])
+end
+local function suppressed(outcome, txid, field)
+  redis.call('HINCRBY', 'ntf:tx:' .. txid, 'suppressed_count', 1)
+  note(txid, outcome .. '_suppressed')
+  redis.call('HINCRBYFLOAT', KEYS[5], field, 1)
+  return {outcome, txid}
+end
 if KEYS[2] ~= '' then
   local orig = redis.call('GET', KEYS[2])
-  if orig then return {'duplicate', orig} end
+  if orig then return suppressed('duplicate', orig, ARGV[9]) end
 end
 if KEYS[3] ~= '' then
   local prior = redis.call('GET', KEYS[3])
   if prior then
     local sep = string.find(prior, '|', 1, true)
     local txid, hash = string.sub(prior, 1, sep - 1), string.sub(prior, sep + 1)
-    if hash == ARGV[6] then return {'replay', txid} end
+    if hash == ARGV[6] then return suppressed('replay', txid, ARGV[10]) end
     return {'conflict', txid}
   end
 end
-local n = tonumber(ARGV[7])
+local n = tonumber(ARGV[11])
 for i = 0, n - 1 do
-  redis.call('HSET', KEYS[1], ARGV[8 + 2 * i], ARGV[9 + 2 * i])
+  redis.call('HSET', KEYS[1], ARGV[12 + 2 * i], ARGV[13 + 2 * i])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4]) end
 if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[1] .. '|' .. ARGV[6], 'EX', ARGV[5]) end
 redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+note(ARGV[1], 'accepted')
+redis.call('HINCRBYFLOAT', KEYS[5], ARGV[8], 1)
 return {'new', ARGV[1]}
 """
 
@@ -234,17 +252,15 @@ class Ledger:
             f"{PREFIX}dedup:{dedup_key}" if dedup_key else "",
             f"{PREFIX}idem:{idempotency_key}" if idempotency_key else "",
             OUTBOX,
+            metric_key("notifier_events_received"),
         ]
+        fields = [metric_field("notifier_events_received", source=source.value, outcome=o)
+                  for o in ("new", "duplicate", "replay")]
         args: list[str | int] = [txid, repr(now), self.retention, int(dedup_window * 1000),
-                                 int(idempotency_ttl), body_hash, len(record), *flat]
+                                 int(idempotency_ttl), body_hash, source.value, *fields,
+                                 len(record), *flat]
         outcome, existing = self._accept(keys=keys, args=args)
-        result = AcceptResult(AcceptOutcome(text(outcome)), text(existing))
-        if result.outcome is AcceptOutcome.NEW:
-            self.log(txid, "accepted", source=source.value)
-        elif result.outcome is not AcceptOutcome.CONFLICT:
-            self.redis.hincrby(tx_key(result.transaction_id), "suppressed_count", 1)
-            self.log(result.transaction_id, f"{result.outcome.value}_suppressed", source=source.value)
-        return result
+        return AcceptResult(AcceptOutcome(text(outcome)), text(existing))
 
     def transaction(self, txid: str) -> TransactionRecord | None:
         raw: Fields = self.redis.hgetall(tx_key(txid))
@@ -292,6 +308,10 @@ class Ledger:
     def outbox_older_than(self, age: float, limit: int = 500) -> list[str]:
         cutoff = time.time() - age
         return [text(x) for x in self.redis.zrangebyscore(OUTBOX, "-inf", cutoff, 0, limit)]
+
+    def outbox_expect(self, txid: str, within: float) -> None:
+        """Its dispatch task is on the broker: sweep it only if not fanned out `within` s."""
+        self.redis.zadd(OUTBOX, {txid: time.time() + within - 5.0}, xx=True)
 
     def fanned_out(self, txid: str) -> None:
         self.redis.zrem(OUTBOX, txid)
@@ -363,7 +383,9 @@ class Ledger:
         result = self._claim(keys=[delivery_key(did)], args=[token, repr(time.time()), lease])
         return ClaimResult(text(result))
 
-    def update(self, did: str, **changes: str | float | int | list[str] | None) -> None:
+    def update(self, did: str, *, into: Pipeline | None = None,
+               **changes: str | float | int | list[str] | None) -> None:
+        """Change delivery fields (None deletes one); `into` queues the writes on a pipeline."""
         mapping: dict[Any, Any] = {"updated_at": repr(time.time())}
         removed: list[str] = []
         for key, value in changes.items():
@@ -373,25 +395,27 @@ class Ledger:
                 mapping[key] = json.dumps(value)
             else:
                 mapping[key] = value if isinstance(value, str) else repr(value)
-        pipe = self.redis.pipeline()
+        pipe = into if into is not None else self.redis.pipeline()
         pipe.hset(delivery_key(did), mapping=mapping)
         if "status" in changes and changes["status"] not in _FINAL:
             pipe.zadd(OPEN, {did: time.time()}, xx=True)
         if removed:
             pipe.hdel(delivery_key(did), *removed)
-        pipe.execute()
+        if into is None:
+            pipe.execute()
 
     def uncount_attempt(self, did: str) -> None:
         """A claim that ended without a provider call (deferred) does not use up a retry."""
         self.redis.hincrby(delivery_key(did), "attempt", -1)
 
-    def record_attempt(self, did: str, attempt: Attempt) -> None:
+    def record_attempt(self, did: str, attempt: Attempt, *, into: Pipeline | None = None) -> None:
         key = f"{delivery_key(did)}:at"
-        pipe = self.redis.pipeline()
+        pipe = into if into is not None else self.redis.pipeline()
         pipe.rpush(key, json.dumps({k: v for k, v in asdict(attempt).items() if v not in (None, "")},
                                    ensure_ascii=False))
         pipe.expire(key, self.retention)
-        pipe.execute()
+        if into is None:
+            pipe.execute()
 
     def attempts(self, did: str) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.redis.lrange(f"{delivery_key(did)}:at", 0, -1)]

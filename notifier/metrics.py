@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import redis
+from redis.client import Pipeline
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -71,26 +72,39 @@ def _labels_field(values: Mapping[str, str], spec: MetricSpec) -> str:
     return json.dumps([str(values.get(name, "")) for name in spec.labels], ensure_ascii=False)
 
 
+def metric_key(name: str) -> str:
+    return KEY + name
+
+
+def metric_field(name: str, **labels: str) -> str:
+    """The hash field of one series, for writers that update a counter inside a script."""
+    return _labels_field(labels, SPECS[name])
+
+
 class Metrics:
-    """Writers used by the pipeline and the API. Each call is one Redis round trip."""
+    """Writers used by the pipeline and the API: one round trip each, or queued on `into`."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
 
-    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+    def inc(self, name: str, amount: float = 1.0, *, into: Pipeline | None = None,
+            **labels: str) -> None:
         spec = SPECS[name]
-        self.redis.hincrbyfloat(KEY + name, _labels_field(labels, spec), amount)
+        (into if into is not None else self.redis).hincrbyfloat(
+            KEY + name, _labels_field(labels, spec), amount)
 
-    def observe(self, name: str, value: float, **labels: str) -> None:
+    def observe(self, name: str, value: float, *, into: Pipeline | None = None,
+                **labels: str) -> None:
         spec = SPECS[name]
         base = _labels_field(labels, spec)
         index = bisect_left(spec.buckets, value)
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = into if into is not None else self.redis.pipeline(transaction=False)
         if index < len(spec.buckets):
             pipe.hincrby(KEY + name, f"{base}|{spec.buckets[index]}", 1)
         pipe.hincrbyfloat(KEY + name, f"{base}|sum", value)
         pipe.hincrby(KEY + name, f"{base}|count", 1)
-        pipe.execute()
+        if into is None:
+            pipe.execute()
 
 
 Gauges = Callable[[redis.Redis], list[tuple[str, str, Mapping[str, str], float]]]

@@ -65,9 +65,12 @@ def periodic_jobs(settings: Settings, client: redis.Redis, publisher: Publisher)
     replies: Inbox = reply_inbox(client, settings.retention)
 
     def sweep_outbox() -> None:
-        """Re-publish accepted transactions whose dispatch task never made it to the broker."""
+        """Re-publish accepted transactions whose dispatch task failed to publish (after 5 s) or
+        was lost with a worker (after `reaper_after`); each at most once per `reaper_after`, so
+        a deep but healthy backlog is not multiplied."""
         for txid in ledger.outbox_older_than(5.0):
             publisher.publish(DISPATCH, [txid], DISPATCH_QUEUE)
+            ledger.outbox_expect(txid, settings.reaper_after)
 
     def apply_inboxes() -> None:
         """Receipts and replies stored but not applied: early receipts due for another try, or

@@ -90,8 +90,6 @@ def deliver(deps: PipelineDeps, did: str, token: str) -> str:
         return outcomes.failed_send(rec, provider.provider_name, error,
                                     time.monotonic() - started, started_wall)
     breaker.record_success(permit)
-    deps.metrics.inc("notifier_send_attempts", channel=rec.channel,
-                     provider=provider.provider_name, result="sent")
     return outcomes.sent(rec, provider.provider_name, receipt,
                          latency=time.monotonic() - started, accepted_at=tx.created_at)
 

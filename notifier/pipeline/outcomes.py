@@ -30,24 +30,30 @@ class Outcomes:
     def sent(self, rec: DeliveryRecord, provider: str, receipt: Receipt, *, latency: float | None,
              outcome: str = "sent", accepted_at: float | None = None) -> str:
         now = time.time()
+        pipe = self.ledger.redis.pipeline()  # one round trip for the record and its metrics
         self.ledger.update(
-            rec.id, status=DeliveryStatus.SENT.value, provider=provider, sent_at=now,
+            rec.id, into=pipe, status=DeliveryStatus.SENT.value, provider=provider, sent_at=now,
             provider_message_id=receipt.provider_message_id, request_id=receipt.request_id,
             next_at=None, maybe_sent_at=None, error_code="", error_class="",
         )
-        index_sent(self.ledger.redis, rec, receipt, now, self.deps.settings.retention)
         self.ledger.record_attempt(rec.id, Attempt(
             at=now, provider=provider, outcome=outcome,
             provider_message_id=receipt.provider_message_id,
             latency_ms=None if latency is None else round(latency * 1000, 3),
-        ))
-        self.metrics.inc("notifier_deliveries", channel=rec.channel, provider=provider, outcome="sent")
+        ), into=pipe)
+        self.metrics.inc("notifier_deliveries", into=pipe, channel=rec.channel, provider=provider,
+                         outcome="sent")
+        if outcome == "sent":
+            self.metrics.inc("notifier_send_attempts", into=pipe, channel=rec.channel,
+                             provider=provider, result="sent")
         if latency is not None:
-            self.metrics.observe("notifier_provider_latency_seconds", latency,
+            self.metrics.observe("notifier_provider_latency_seconds", latency, into=pipe,
                                  channel=rec.channel, provider=provider)
         if accepted_at is not None:
             self.metrics.observe("notifier_end_to_end_latency_seconds", now - accepted_at,
-                                 channel=rec.channel)
+                                 into=pipe, channel=rec.channel)
+        pipe.execute()
+        index_sent(self.ledger.redis, rec, receipt, now, self.deps.settings.retention)
         self._finish_all(rec, reached=True)
         return outcome
 
