@@ -163,6 +163,9 @@ _CHANNEL_POLICY_KEYS = ("rate_limit", "recipient_limits", "retry", "breaker", "p
                         "max_defer")
 
 
+ALIYUN_RECIPIENT_LIMITS = (RateLimit(rate=1, per=60, burst=2), RateLimit(rate=50, per=86400, burst=50))
+
+
 class ChannelConfig(_Strict):
     """One channel. The flat form of DESIGN.md (provider keys beside the policy keys) is the
     primary provider; `providers:` lists more, tried in order before the channel fails."""
@@ -176,6 +179,16 @@ class ChannelConfig(_Strict):
     # A recipient limit that would hold a message longer than this sends it down the fallback
     # chain instead (a spent day budget must not delay a page by hours).
     max_defer: Duration = 600.0
+
+    @model_validator(mode="after")
+    def _carrier_defaults(self) -> ChannelConfig:
+        # Aliyun counts notification SMS per number: 50 a day for one signature + template.
+        # Without limits of its own, an Aliyun SMS channel stays inside that, and sends one
+        # number at most 2 a minute (the rest are merged into a digest).
+        if "recipient_limits" not in self.model_fields_set and any(
+                p.provider == "aliyun" for p in self.providers):
+            object.__setattr__(self, "recipient_limits", list(ALIYUN_RECIPIENT_LIMITS))
+        return self
 
     @model_validator(mode="before")
     @classmethod

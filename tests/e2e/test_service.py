@@ -54,7 +54,8 @@ def service_config(fakes: dict[str, Any]) -> dict[str, Any]:
                     "sign_name": "运维告警", "read_timeout": "2s", "connect_timeout": "1s",
                     "templates": {"alert": "SMS_100001", "resolved": "SMS_100002",
                                   "drill": "SMS_100003"},
-                    "retry": {"max_attempts": 3, "base_delay": "100ms", "max_delay": "500ms"}},
+                    "retry": {"max_attempts": 3, "base_delay": "100ms", "max_delay": "500ms"},
+                    "recipient_limits": []},  # these tests text alice often on purpose
             "email": {"provider": "smtp", "host": "127.0.0.1", "port": fakes["smtp"].port,
                       "sender": "notifier@example.com",
                       "retry": {"max_attempts": 3, "base_delay": "100ms", "max_delay": "500ms"}},

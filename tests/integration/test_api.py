@@ -173,3 +173,36 @@ def test_redis_down_answers_503_and_nothing_is_half_accepted(monkeypatch: pytest
             assert up.status_code == 200 and "suppressed" not in up.json()
     finally:
         server.close()
+
+
+def test_operators_force_breakers_and_it_is_recorded(client: TestClient) -> None:
+    listed = {b["name"]: b for b in client.get("/v1/breakers").json()}
+    assert set(listed) == {"sms:sandbox", "email:sandbox"}
+    assert listed["sms:sandbox"]["state"] == "closed"
+    opened = client.post("/v1/breakers/sms:sandbox",
+                         json={"action": "open", "by": "alice", "reason": "provider outage"})
+    assert opened.status_code == 200
+    assert opened.json()["state"] == "forced_open" and opened.json()["changed_by"] == "alice"
+    metrics = client.get("/metrics").text
+    assert 'notifier_breaker_state{breaker="sms:sandbox",state="forced_open"} 1.0' in metrics
+    reset = client.post("/v1/breakers/sms:sandbox", json={"action": "reset", "by": "bob"})
+    assert reset.json()["state"] == "closed"
+    assert client.post("/v1/breakers/fax:x", json={"action": "open", "by": "a"}).status_code == 404
+    bad = client.post("/v1/breakers/sms:sandbox", json={"action": "explode", "by": "a"})
+    assert bad.status_code == 422 and "action" in bad.text
+    unauthenticated = client.post("/v1/breakers/sms:sandbox", json={"action": "open", "by": "x"},
+                                  headers={"Authorization": ""})
+    assert unauthenticated.status_code == 401
+
+
+def test_notify_raises_a_clear_error_when_redis_is_down() -> None:
+    from notifier.client import intake_for
+    from notifier.errors import BrokerUnavailable
+    from notifier.models import Event, Source
+
+    server = RedisServer()
+    server.start()
+    intake = intake_for(settings_from_mapping({**CONFIG, "redis_url": server.url}))
+    server.close()
+    with pytest.raises(BrokerUnavailable, match="redis unavailable"):
+        intake.submit(Event(kind="alert", title="x"), Source.CLIENT)

@@ -229,7 +229,7 @@ def aliyun_fleet(redis_url: str, sms_fake: FakeDysmsapi) -> Iterator[Callable[[]
     def make() -> InlineFleet:
         sms = {"provider": "aliyun", "endpoint": sms_fake.endpoint, "protocol": "http",
                "sign_name": "运维告警", "templates": {"alert": "SMS_1"},
-               "read_timeout": "2s", "connect_timeout": "1s"}
+               "read_timeout": "2s", "connect_timeout": "1s", "recipient_limits": []}
         cfg = {**CONFIG, "channels": {**CONFIG["channels"], "sms": sms}, "reconcile_after": 0}
         made.append(InlineFleet(redis_url, cfg, {"ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID,
                                                  "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET}))
