@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import redis
-from redis.client import Pipeline
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from redis.client import Pipeline
 
 KEY = "ntf:m:"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,

@@ -12,8 +12,8 @@ import time
 
 from notifier.ledger import OPEN, Ledger
 from notifier.metrics import Metrics
-from notifier.pipeline.rollup import finish_transaction
 from notifier.models import DeliveryStatus
+from notifier.pipeline.rollup import finish_transaction
 from notifier.tasks_spec import DELIVER, Publisher, deliver_queue
 
 

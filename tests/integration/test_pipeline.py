@@ -200,7 +200,7 @@ def test_channel_limit_defers_and_never_drops(make_fleet: MakeFleet) -> None:
 def test_reaper_requeues_lost_tasks_and_finishes_orphaned_rollups(make_fleet: MakeFleet) -> None:
     fleet = make_fleet(config({"provider": "sandbox"}))
     lost, orphan = submit(fleet, "task lost with its worker"), submit(fleet, "rolled up never")
-    for task, args, _ in list(fleet.publisher.tasks):  # run the dispatches only
+    for _task, args, _ in list(fleet.publisher.tasks):  # run the dispatches only
         if args[0] in (lost, orphan):
             dispatch(fleet.deps, args[0])
     fleet.publisher.tasks.clear()  # ...and lose every deliver task, as a SIGKILL would

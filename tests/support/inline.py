@@ -23,9 +23,9 @@ from notifier.ledger import Ledger
 from notifier.metrics import Metrics
 from notifier.pipeline.deliver import deliver
 from notifier.pipeline.deps import PipelineDeps
-from notifier.pipeline.pacing import Pacer
 from notifier.pipeline.digest import flush
 from notifier.pipeline.dispatch import dispatch
+from notifier.pipeline.pacing import Pacer
 from notifier.ratelimit import TokenBuckets
 from notifier.scheduler import Timers
 from notifier.tasks_spec import DELIVER, DIGEST, DISPATCH
