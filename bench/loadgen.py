@@ -128,7 +128,7 @@ async def _one(conn: Connection, raw: bytes, scheduled: float, timeout: float,
     t0 = time.perf_counter()
     try:
         status, body = await conn.request(raw, timeout)
-    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+    except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
         result.errors.append(f"{type(exc).__name__}: {exc}")
         await conn.close()
         return
@@ -216,5 +216,5 @@ def run(coro_factory: Callable[[], object]) -> LoadResult:
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     else:
-        runner = uvloop.run  # type: ignore[assignment]
+        runner = uvloop.run
     return runner(coro_factory())  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ scheduler and the baselines, each in its own session (process group) so it can b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -71,10 +72,16 @@ class Procs:
     def pid(self, name: str) -> int:
         return self.procs[name].pid
 
-    def children(self, name: str) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.pid(name))], capture_output=True,
-                             text=True, check=False).stdout
-        return [int(p) for p in out.split()]
+    def descendants(self, name: str) -> list[int]:
+        """Every live process below `name` (a supervised worker: its Celery main + pool)."""
+        found, frontier = [], [self.pid(name)]
+        while frontier:
+            out = subprocess.run(["pgrep", "-P", str(frontier.pop())], capture_output=True,
+                                 text=True, check=False).stdout
+            kids = [int(p) for p in out.split()]
+            found += kids
+            frontier += kids
+        return found
 
     def pause(self, *names: str) -> None:
         for name in names:
@@ -96,10 +103,8 @@ class Procs:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         # Celery's prefork children may outlive a killed parent: end the group.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def stop_all(self) -> None:
         for name in reversed(list(self.procs)):
@@ -135,3 +140,36 @@ class Procs:
                     "--access-key-id", key_id, "--access-key-secret", secret)
         wait_for("fake Dysmsapi", lambda: port_open(port), 20, lambda: self.alive("fake-dysmsapi"))
         return port
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, user+system CPU seconds) of one process, from /proc."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rpartition(")")[2].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def cpu_seconds(root: int) -> float:
+    """CPU seconds used so far by `root` and its live descendants."""
+    table: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            found = _stat(int(entry.name))
+            if found is not None:
+                table[int(entry.name)] = found
+    wanted, total, frontier = {root}, 0.0, [root]
+    while frontier:
+        pid = frontier.pop()
+        if pid in table:
+            total += table[pid][1]
+        for child, (parent, _) in table.items():
+            if parent == pid and child not in wanted:
+                wanted.add(child)
+                frontier.append(child)
+    return total

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the operations tools the deploy-artefact tests run (idempotent):
-# promtool (Debian package `prometheus`) and amtool (`prometheus-alertmanager`).
+# promtool (Debian package `prometheus`), amtool (`prometheus-alertmanager`) and
+# systemd-analyze (`systemd`, usually present already).
 # Only the command-line tools are wanted: the packages' own daemons are stopped and disabled,
 # so no system Prometheus (:9090) or Alertmanager (:9093, :9094) is left running.
 set -euo pipefail
@@ -8,7 +9,12 @@ set -euo pipefail
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-if ! command -v promtool >/dev/null 2>&1 || ! command -v amtool >/dev/null 2>&1; then
+PACKAGES=()
+command -v promtool >/dev/null 2>&1 || PACKAGES+=(prometheus)
+command -v amtool >/dev/null 2>&1 || PACKAGES+=(prometheus-alertmanager)
+command -v systemd-analyze >/dev/null 2>&1 || PACKAGES+=(systemd)
+
+if [ "${#PACKAGES[@]}" -gt 0 ]; then
   if ! apt-cache show prometheus >/dev/null 2>&1; then
     $SUDO apt-get update -qq
   fi
@@ -23,7 +29,7 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v amtool >/dev/null 2>&1;
   fi
   trap '[ -n "$ADDED_POLICY" ] && $SUDO rm -f "$POLICY"' EXIT
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-    prometheus prometheus-alertmanager >/dev/null
+    "${PACKAGES[@]}" >/dev/null
 fi
 
 # Whatever started them (a policy-less install, an earlier run): stop and disable the daemons.
@@ -36,4 +42,5 @@ for unit in prometheus prometheus-alertmanager; do
   fi
 done
 
-echo "installed: $(promtool --version 2>&1 | head -1); $(amtool --version 2>&1 | head -1)"
+echo "installed: $(promtool --version 2>&1 | head -1); $(amtool --version 2>&1 | head -1);" \
+  "$(systemd-analyze --version 2>&1 | head -1)"
