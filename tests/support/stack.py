@@ -56,12 +56,17 @@ class Stack:
             )
 
     def start(self) -> Stack:
+        """Start everything and wait until ready; on failure stop what did start."""
         self.config_path.write_text(yaml.safe_dump(self.config, allow_unicode=True), "utf-8")
-        self._spawn("api", "api", "--port", str(self.port))
-        self.start_worker()
-        if self.with_scheduler:
-            self._spawn("scheduler", "scheduler")
-        wait_until(self._ready, timeout=30)
+        try:
+            self._spawn("api", "api", "--port", str(self.port))
+            self.start_worker()
+            if self.with_scheduler:
+                self._spawn("scheduler", "scheduler")
+            wait_until(self._ready, timeout=30)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def start_worker(self) -> None:
