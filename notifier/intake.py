@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 
 import redis
@@ -22,6 +23,8 @@ from notifier.metrics import Metrics
 from notifier.models import Event, Source
 from notifier.pipeline.routing import unknown_targets
 from notifier.tasks_spec import DISPATCH, DISPATCH_QUEUE, Publisher
+
+log = logging.getLogger("notifier.intake")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class Intake:
         # Stored; if publishing fails the outbox sweep publishes it later, and a retry by the
         # sender is answered from the dedup/idempotency key, so the 503 loses nothing.
         self.publisher.publish(DISPATCH, [result.transaction_id], DISPATCH_QUEUE)
+        log.info("accepted %s event from %s", event.kind, source.value,
+                 extra={"transaction_id": result.transaction_id})
         # Published: the sweep looks again only if it is still not fanned out by then.
         with contextlib.suppress(redis.RedisError):
             self.ledger.outbox_expect(result.transaction_id, self.settings.reaper_after)

@@ -6,6 +6,7 @@ fleet metrics, then the transaction's status is rolled up.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from notifier.awaiting import index_sent
@@ -19,6 +20,17 @@ from notifier.pipeline.digest import settle_members
 from notifier.pipeline.fanout import addresses
 from notifier.pipeline.rollup import finish_transaction
 from notifier.tasks_spec import DELIVER, deliver_queue
+
+log = logging.getLogger("notifier.delivery")
+
+
+def _log(rec: DeliveryRecord, outcome: str, provider: str = "", code: str = "",
+         detail: str = "") -> None:
+    """One JSON line per delivery step, carrying its IDs (see notifier.logs); never a secret."""
+    log.info("%s %s -> %s%s", rec.channel, outcome, rec.recipient, f": {detail}" if detail else "",
+             extra={"transaction_id": rec.transaction_id, "delivery_id": rec.id,
+                    "channel": rec.channel, "provider": provider or rec.provider or None,
+                    "outcome": outcome, "error_code": code or None})
 
 
 class Outcomes:
@@ -54,6 +66,7 @@ class Outcomes:
                                  into=pipe, channel=rec.channel)
         pipe.execute()
         index_sent(self.ledger.redis, rec, receipt, now, self.deps.settings.retention)
+        _log(rec, outcome, provider)
         self._finish_all(rec, reached=True)
         return outcome
 
@@ -72,6 +85,7 @@ class Outcomes:
             message=error.message[:300], latency_ms=round(latency * 1000, 3), retry_at=retry_at,
         ))
         self.ledger.update(rec.id, error_code=error.code, error_class=cls, provider=provider)
+        _log(rec, f"error:{cls}", provider, error.code, "retrying" if retry_at else "")
         if retry_at is not None:
             maybe = started_at if cls == "maybe_sent" else rec.maybe_sent_at
             self.ledger.update(rec.id, status=DeliveryStatus.RETRYING.value, next_at=retry_at,
@@ -92,6 +106,7 @@ class Outcomes:
                                                    message=f"rate limit: {scope}", retry_at=until))
         self.deps.timers.schedule(DELIVER, deliver_queue(rec.channel), rec.id, until)
         self.metrics.inc("notifier_deferrals", channel=rec.channel, scope=scope)
+        _log(rec, "deferred", detail=f"{scope} rate limit")
         return "deferred"
 
     def next_provider(self, rec: DeliveryRecord, reason: str, code: str = "") -> str:
@@ -104,6 +119,7 @@ class Outcomes:
                            attempt=0, next_at=None, maybe_sent_at=None, reason=reason)
         self.ledger.log(rec.transaction_id, "provider_fallback", delivery=rec.id,
                         to_provider=name, reason=reason, code=code)
+        _log(rec, "next_provider", code=code, detail=f"to {name}: {reason}")
         self.metrics.inc("notifier_fallbacks", from_channel=rec.channel, to_channel=rec.channel,
                          reason=reason)
         self.deps.publisher.publish(DELIVER, [rec.id], deliver_queue(rec.channel))
@@ -136,6 +152,7 @@ class Outcomes:
         self.metrics.inc("notifier_deliveries", channel=rec.channel, provider=rec.provider or "-",
                          outcome="failed")
         self.ledger.log(rec.transaction_id, "delivery_failed", delivery=rec.id, reason=detail)
+        _log(rec, "failed", code=code, detail=detail)
         self._finish_all(rec, reached=False)
         return "failed"
 
@@ -151,6 +168,7 @@ class Outcomes:
                            next_at=None)
         self.ledger.log(rec.transaction_id, "fallback", delivery=rec.id, from_channel=rec.channel,
                         to_channel=channel, reason=detail)
+        _log(rec, "fallen_back", detail=f"to {channel}: {detail}")
         self.metrics.inc("notifier_fallbacks", from_channel=rec.channel, to_channel=channel,
                          reason=reason)
         self.metrics.inc("notifier_deliveries", channel=rec.channel, provider=rec.provider or "-",
