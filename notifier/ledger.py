@@ -192,6 +192,25 @@ redis.call('HINCRBYFLOAT', KEYS[5], ARGV[8], 1)
 return {'new', ARGV[1]}
 """
 
+_ADD_DELIVERIES = """
+-- KEYS: open index, then per delivery: its hash, its transaction's delivery list
+-- ARGV: retention_s, now, then per delivery: id, JSON object of its fields
+local created = {}
+for i = 0, (#KEYS - 1) / 2 - 1 do
+  local key, list = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
+  local id, fields = ARGV[3 + 2 * i], cjson.decode(ARGV[4 + 2 * i])
+  if redis.call('HEXISTS', key, 'transaction_id') == 0 then
+    for name, value in pairs(fields) do redis.call('HSET', key, name, value) end
+    redis.call('EXPIRE', key, ARGV[1])
+    redis.call('RPUSH', list, id)
+    redis.call('EXPIRE', list, ARGV[1])
+    redis.call('ZADD', KEYS[1], ARGV[2], id)
+    table.insert(created, id)
+  end
+end
+return created
+"""
+
 _CLAIM = """
 -- KEYS: delivery; ARGV: token, now, lease_s
 local st = redis.call('HMGET', KEYS[1], 'status', 'claim_token', 'claim_at')
@@ -218,6 +237,7 @@ class Ledger:
         self.retention = int(retention)
         self._accept = client.register_script(_ACCEPT)
         self._claim = client.register_script(_CLAIM)
+        self._add = client.register_script(_ADD_DELIVERIES)
 
     # -- transactions ---------------------------------------------------------------------
 
@@ -330,28 +350,19 @@ class Ledger:
 
     def add_deliveries(self, records: Sequence[DeliveryRecord]) -> list[str]:
         """Create deliveries that do not exist yet (a redelivered dispatch adds nothing twice)."""
+        if not records:
+            return []
         now = time.time()
-        pipe = self.redis.pipeline()
+        keys: list[str] = [OPEN]
+        args: list[str | int] = [self.retention, repr(now)]
         for record in records:
             record.created_at = record.updated_at = now
-            key = delivery_key(record.id)
-            pipe.hsetnx(key, "id", record.id)
-        created = pipe.execute()
-        pipe = self.redis.pipeline()
-        new_ids: list[str] = []
-        for record, was_new in zip(records, created, strict=True):
-            if not was_new:
-                continue
-            new_ids.append(record.id)
-            key = delivery_key(record.id)
-            pipe.hset(key, mapping=dict[Any, Any](record.to_redis()))
-            pipe.expire(key, self.retention)
-            pipe.zadd(OPEN, {record.id: now})
-            list_key = f"{tx_key(record.transaction_id)}:dl"
-            pipe.rpush(list_key, record.id)
-            pipe.expire(list_key, self.retention)
-        pipe.execute()
-        return new_ids
+            keys += [delivery_key(record.id), f"{tx_key(record.transaction_id)}:dl"]
+            args += [record.id, json.dumps(record.to_redis(), ensure_ascii=False)]
+        # All or nothing per delivery: a worker killed half-way must not leave a delivery that
+        # exists but is on no list (a re-run dispatch would skip it and lose the message).
+        created = self._add(keys=keys, args=args)
+        return [text(x) for x in created]
 
     def delivery(self, did: str) -> DeliveryRecord | None:
         raw: Fields = self.redis.hgetall(delivery_key(did))

@@ -258,3 +258,17 @@ def test_each_aliyun_error_class_is_handled_as_the_table_says(
         channels = [(d.channel, d.status) for d in fleet.deps.ledger.deliveries(txid)]
         assert channels == [("sms", "fallen_back"), ("email", "sent")]
         assert sms.error_code == behaviour["code"]
+
+
+def test_dispatch_rerun_after_a_crash_mid_fanout_still_creates_every_delivery(
+        make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(config({"provider": "sandbox"}))
+    txid = submit(fleet)
+    # What a worker killed inside an older, two-step write left behind: a bare marker.
+    fleet.redis.hset(f"ntf:dl:{txid}.0", "id", f"{txid}.0")
+    fleet.drain()
+    (delivery,) = fleet.deps.ledger.deliveries(txid)
+    assert delivery.id == f"{txid}.0" and delivery.status == "sent"
+    assert fleet.deps.ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
+    again = fleet.deps.ledger.add_deliveries([delivery])  # a redelivered dispatch adds nothing
+    assert again == [] and len(fleet.deps.ledger.deliveries(txid)) == 1
