@@ -86,3 +86,18 @@ class CircuitOpen(NotifierError):
         super().__init__(f"circuit {breaker} is open")
         self.breaker = breaker
         self.retry_after = retry_after
+
+
+_BY_CLASS: dict[ErrorClass, type[DeliveryError]] = {
+    ErrorClass.TRANSIENT: TransientError,
+    ErrorClass.MAYBE_SENT: MaybeSentError,
+    ErrorClass.PERMANENT: PermanentError,
+    ErrorClass.ACCOUNT: PermanentError,  # never retried; error_class tells the breaker
+    ErrorClass.RECIPIENT_BUDGET: PermanentError,
+}
+
+
+def classified(error_class: ErrorClass, code: str, message: str = "",
+               retry_after: float | None = None) -> DeliveryError:
+    """The one way a protocol table turns its verdict into an exception."""
+    return _BY_CLASS[error_class](code, message, error_class=error_class, retry_after=retry_after)

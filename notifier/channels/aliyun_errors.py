@@ -30,7 +30,7 @@ from darabonba.exceptions import ValidateException as DaraValidateException
 from Tea.exceptions import TeaException
 from Tea.exceptions import ValidateException as TeaValidateException
 
-from notifier.errors import DeliveryError, MaybeSentError, PermanentError, TransientError
+from notifier.errors import DeliveryError, MaybeSentError, PermanentError, TransientError, classified
 from notifier.models import ErrorClass
 
 BUSINESS_LIMIT_CONTROL = "isv.BUSINESS_LIMIT_CONTROL"
@@ -92,13 +92,6 @@ TABLE: dict[str, ErrorClass] = {
     "InvalidCredentials": _A,  # * raised by the SDK itself when it has no key to sign with
 }
 
-_ERRORS: dict[ErrorClass, type[DeliveryError]] = {
-    ErrorClass.TRANSIENT: TransientError,
-    ErrorClass.MAYBE_SENT: MaybeSentError,
-    ErrorClass.PERMANENT: PermanentError,
-    ErrorClass.ACCOUNT: PermanentError,
-    ErrorClass.RECIPIENT_BUDGET: PermanentError,
-}
 
 
 def business_limit_class(message: str) -> tuple[ErrorClass, float | None]:
@@ -124,13 +117,6 @@ def class_of(code: str, status: int | None = None) -> ErrorClass:
     return ErrorClass.PERMANENT  # unknown isv.* or gateway 4xx: resending cannot help
 
 
-def make_error(
-    error_class: ErrorClass, code: str, message: str = "", retry_after: float | None = None
-) -> DeliveryError:
-    cls = _ERRORS[error_class]
-    return cls(code, message, error_class=error_class, retry_after=retry_after)
-
-
 def classify_response(
     code: str, message: str = "", retry_after: float | None = None
 ) -> DeliveryError:
@@ -141,8 +127,8 @@ def classify_response(
         return MaybeSentError("InvalidResponse", message or "answer without a Code")
     if code == BUSINESS_LIMIT_CONTROL:
         error_class, window_wait = business_limit_class(message)
-        return make_error(error_class, code, message, retry_after or window_wait)
-    return make_error(class_of(code), code, message, retry_after)
+        return classified(error_class, code, message, retry_after or window_wait)
+    return classified(class_of(code), code, message, retry_after)
 
 
 def classify_exception(exc: BaseException) -> DeliveryError:
@@ -187,12 +173,12 @@ def _gateway_error(exc: AlibabaCloudException) -> DeliveryError:
         error_class = class_of(code, status)
         if error_class == ErrorClass.PERMANENT:
             error_class = ErrorClass.TRANSIENT  # being told when to come back means: come back
-        return make_error(error_class, code, message, retry_after)
+        return classified(error_class, code, message, retry_after)
     if code == BUSINESS_LIMIT_CONTROL:
         return classify_response(code, message)
     if isinstance(exc, ServerException):
         status = status or 500
-    return make_error(class_of(code, status), code, message)
+    return classified(class_of(code, status), code, message)
 
 
 def _causes(exc: BaseException | None) -> Iterator[BaseException]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from notifier.errors import DeliveryError, MaybeSentError, PermanentError, TransientError
+from notifier.errors import DeliveryError, classified
 from notifier.models import ErrorClass
 
 T, P, A = ErrorClass.TRANSIENT, ErrorClass.PERMANENT, ErrorClass.ACCOUNT
@@ -73,20 +73,6 @@ TRANSPORT_ERRORS: tuple[tuple[type[Exception], ErrorClass, str], ...] = (
     (httpx.TransportError, T, "TRANSPORT"),
 )
 
-_ERROR_TYPES: Mapping[ErrorClass, type[DeliveryError]] = {
-    ErrorClass.TRANSIENT: TransientError,
-    ErrorClass.MAYBE_SENT: MaybeSentError,
-    ErrorClass.PERMANENT: PermanentError,
-    ErrorClass.ACCOUNT: PermanentError,  # never retried; error_class tells the breaker
-    ErrorClass.RECIPIENT_BUDGET: PermanentError,
-}
-
-
-def _error(
-    error_class: ErrorClass, code: str, message: str, retry_after: float | None = None
-) -> DeliveryError:
-    error_type = _ERROR_TYPES[error_class]
-    return error_type(code, message, error_class=error_class, retry_after=retry_after)
 
 
 @dataclass(frozen=True)
@@ -170,7 +156,7 @@ def classify_send(
         delay = QUOTA_DEFAULT_RETRY_AFTER
     code = parsed.error_code or parsed.status or f"HTTP_{status}"
     message = parsed.message or f"HTTP {status} from FCM"
-    return _error(error_class, code, message, delay)
+    return classified(error_class, code, message, delay)
 
 
 def classify_token(
@@ -192,7 +178,7 @@ def classify_token(
         parts = (data.get("error"), data.get("error_description"))
         reason = ": ".join(str(p) for p in parts if isinstance(p, str) and p)
     message = f"token endpoint HTTP {status}" + (f" ({reason[:300]})" if reason else "")
-    return _error(error_class, f"OAUTH_HTTP_{status}", message, parse_retry_after(retry_after))
+    return classified(error_class, f"OAUTH_HTTP_{status}", message, parse_retry_after(retry_after))
 
 
 def classify_transport(exc: Exception, *, token_endpoint: bool = False) -> DeliveryError:
@@ -200,8 +186,8 @@ def classify_transport(exc: Exception, *, token_endpoint: bool = False) -> Deliv
     prefix = "OAUTH_" if token_endpoint else ""
     for exc_type, error_class, code in TRANSPORT_ERRORS:
         if isinstance(exc, exc_type):
-            return _error(error_class, prefix + code, _describe(exc))
-    return _error(ErrorClass.TRANSIENT, prefix + "UNEXPECTED", _describe(exc))
+            return classified(error_class, prefix + code, _describe(exc))
+    return classified(ErrorClass.TRANSIENT, prefix + "UNEXPECTED", _describe(exc))
 
 
 def _describe(exc: Exception) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import aiosmtplib
 
-from notifier.errors import DeliveryError, MaybeSentError, PermanentError, TransientError
+from notifier.errors import DeliveryError, classified
 from notifier.models import ErrorClass
 
 T, P, A = ErrorClass.TRANSIENT, ErrorClass.PERMANENT, ErrorClass.ACCOUNT
@@ -79,17 +79,6 @@ EXCEPTIONS: tuple[tuple[type[BaseException], ErrorClass, str], ...] = (
     (ValueError, P, "INVALID_MESSAGE"),
 )
 
-_ERROR_TYPES: Mapping[ErrorClass, type[DeliveryError]] = {
-    ErrorClass.TRANSIENT: TransientError,
-    ErrorClass.MAYBE_SENT: MaybeSentError,
-    ErrorClass.PERMANENT: PermanentError,
-    ErrorClass.ACCOUNT: PermanentError,  # never retried; error_class tells the breaker
-    ErrorClass.RECIPIENT_BUDGET: PermanentError,
-}
-
-
-def _error(error_class: ErrorClass, code: str, message: str) -> DeliveryError:
-    return _ERROR_TYPES[error_class](code, message, error_class=error_class)
 
 
 def reply_class(code: int) -> ErrorClass:
@@ -107,7 +96,7 @@ def _from_reply(exc: aiosmtplib.SMTPResponseException) -> DeliveryError:
     error_class = reply_class(exc.code)
     if error_class is ErrorClass.PERMANENT and not isinstance(exc, _MESSAGE_LEVEL):
         error_class = ErrorClass.ACCOUNT
-    return _error(error_class, str(exc.code), exc.message.strip())
+    return classified(error_class, str(exc.code), exc.message.strip())
 
 
 def classify(exc: BaseException) -> DeliveryError:
@@ -118,17 +107,17 @@ def classify(exc: BaseException) -> DeliveryError:
         # We send one recipient per message, so the first refusal is the refusal.
         if exc.recipients:
             return _from_reply(exc.recipients[0])
-        return _error(ErrorClass.PERMANENT, "RECIPIENTS_REFUSED", "all recipients refused")
+        return classified(ErrorClass.PERMANENT, "RECIPIENTS_REFUSED", "all recipients refused")
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return _from_reply(exc)
     for exc_type, error_class, code in EXCEPTIONS:
         if isinstance(exc, exc_type):
             tls_connect = code == "CONNECT" and isinstance(exc.__cause__, ssl.SSLError)
             # Say why an implicit-TLS connect failed.
-            return _error(error_class, "TLS" if tls_connect else code, _describe(exc))
+            return classified(error_class, "TLS" if tls_connect else code, _describe(exc))
     # Anything else is a bug or an environment problem we have no table entry for; retrying
     # is the safe default and the breaker notices if it keeps happening.
-    return _error(ErrorClass.TRANSIENT, "UNEXPECTED", _describe(exc))
+    return classified(ErrorClass.TRANSIENT, "UNEXPECTED", _describe(exc))
 
 
 def _describe(exc: BaseException) -> str:
