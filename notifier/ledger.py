@@ -9,24 +9,31 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
-from enum import StrEnum
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import redis
 from redis.client import Pipeline
 
+from notifier import ledger_scripts as scripts
 from notifier.metrics import metric_field, metric_key
-from notifier.models import DeliveryStatus, Event, Source, TxStatus
+from notifier.models import Event, Source, TxStatus
+from notifier.records import (
+    AcceptOutcome,
+    AcceptResult,
+    Attempt,
+    ClaimResult,
+    DeliveryRecord,
+    Fields,
+    TransactionRecord,
+    text,
+)
+
+__all__ = ["AcceptOutcome", "AcceptResult", "Attempt", "ClaimResult", "DeliveryRecord", "Ledger",
+           "TransactionRecord", "text"]
 
 PREFIX = "ntf:"
-Fields = Mapping[Any, Any]  # redis-py types replies as bytes | str; ours are always bytes
-
-
-def text(value: object) -> str:
-    """A Redis reply (bytes here, since clients don't decode) as str."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 OUTBOX = f"{PREFIX}outbox"  # accepted transactions not yet fanned out (txid -> accepted at)
 DEADLETTERS = f"{PREFIX}deadletters"  # failed transactions (txid -> failed at)
@@ -42,202 +49,13 @@ def delivery_key(did: str) -> str:
     return f"{PREFIX}dl:{did}"
 
 
-class AcceptOutcome(StrEnum):
-    NEW = "new"
-    DUPLICATE = "duplicate"  # same Alertmanager group content within the window
-    REPLAY = "replay"  # same idempotency key, same body
-    CONFLICT = "conflict"  # same idempotency key, other body
-
-
-@dataclass(frozen=True)
-class AcceptResult:
-    outcome: AcceptOutcome
-    transaction_id: str
-
-
-@dataclass
-class TransactionRecord:
-    id: str
-    source: str
-    status: str
-    event: Event
-    created_at: float
-    updated_at: float
-    finished_at: float | None = None
-    receiver: str = ""
-    suppressed_count: int = 0
-
-
-@dataclass
-class DeliveryRecord:
-    id: str
-    transaction_id: str
-    channel: str
-    recipient: str
-    address: str
-    kind: str
-    status: str = DeliveryStatus.QUEUED
-    attempt: int = 0
-    provider_index: int = 0  # which of the channel's providers is being tried
-    created_at: float = 0.0
-    updated_at: float = 0.0
-    next_at: float | None = None
-    fallback_of: str = ""
-    fallback_chain: list[str] = field(default_factory=list)  # channels still to try after this
-    provider: str = ""
-    provider_message_id: str = ""
-    request_id: str = ""
-    error_code: str = ""
-    error_class: str = ""
-    reason: str = ""
-    digest_id: str = ""  # on a delivery merged into a digest: the digest that carries it
-    digest_of: list[str] = field(default_factory=list)  # on a digest: the deliveries it carries
-    sent_at: float | None = None
-    delivered_at: float | None = None
-    claim_token: str = ""
-    claim_at: float | None = None
-    maybe_sent_at: float | None = None  # a send timed out after leaving: look it up first
-
-    def to_redis(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for key, value in asdict(self).items():
-            if value is None:
-                continue
-            out[key] = json.dumps(value) if isinstance(value, list) else str(value)
-        return out
-
-    @classmethod
-    def from_redis(cls, raw: Fields) -> DeliveryRecord:
-        data = {text(k): text(v) for k, v in raw.items()}
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name not in data:
-                continue
-            value = data[f.name]
-            if f.name in ("fallback_chain", "digest_of"):
-                kwargs[f.name] = json.loads(value)
-            elif f.name in ("attempt", "provider_index"):
-                kwargs[f.name] = int(value)
-            elif f.name in _FLOAT_FIELDS:
-                kwargs[f.name] = float(value)
-            else:
-                kwargs[f.name] = value
-        return cls(**kwargs)
-
-
-@dataclass(frozen=True)
-class Attempt:
-    at: float
-    provider: str
-    outcome: str  # sent, transient, maybe_sent, permanent, account, recipient_budget, deferred,
-    # circuit_open, found_after_timeout, receipt, digest ...
-    error_code: str = ""
-    message: str = ""
-    provider_message_id: str = ""
-    latency_ms: float | None = None
-    retry_at: float | None = None
-
-
-class ClaimResult(StrEnum):
-    CLAIMED = "claimed"
-    RECLAIMED = "reclaimed"  # the previous holder vanished mid-send: the provider may have it
-    BUSY = "busy"  # someone else holds a fresh claim
-    DONE = "done"  # already terminal
-    MISSING = "missing"
-
-
-_FLOAT_FIELDS = ("created_at", "updated_at", "next_at", "sent_at", "delivered_at", "claim_at",
-                 "maybe_sent_at")
-
-_ACCEPT = """
--- One round trip for the whole acceptance: dedup/idempotency check, the transaction, its
--- outbox entry, the first history line and the events counter.
--- KEYS: tx, dedup (or ''), idem (or ''), outbox, events metric hash
--- ARGV: txid, now, retention_s, dedup_ttl_ms, idem_ttl_s, body_hash, source,
---       metric field new, duplicate, replay, n_fields, f1, v1, ...
-local function note(txid, what)
-  local log = 'ntf:tx:' .. txid .. ':log'
-  redis.call('RPUSH', log, cjson.encode({at = tonumber(ARGV[2]), event = what, source = ARGV[7]}))
-  redis.call('EXPIRE', log, ARGV[3])
-end
-local function suppressed(outcome, txid, field)
-  redis.call('HINCRBY', 'ntf:tx:' .. txid, 'suppressed_count', 1)
-  note(txid, outcome .. '_suppressed')
-  redis.call('HINCRBYFLOAT', KEYS[5], field, 1)
-  return {outcome, txid}
-end
-if KEYS[2] ~= '' then
-  local orig = redis.call('GET', KEYS[2])
-  if orig then return suppressed('duplicate', orig, ARGV[9]) end
-end
-if KEYS[3] ~= '' then
-  local prior = redis.call('GET', KEYS[3])
-  if prior then
-    local sep = string.find(prior, '|', 1, true)
-    local txid, hash = string.sub(prior, 1, sep - 1), string.sub(prior, sep + 1)
-    if hash == ARGV[6] then return suppressed('replay', txid, ARGV[10]) end
-    return {'conflict', txid}
-  end
-end
-local n = tonumber(ARGV[11])
-for i = 0, n - 1 do
-  redis.call('HSET', KEYS[1], ARGV[12 + 2 * i], ARGV[13 + 2 * i])
-end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4]) end
-if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[1] .. '|' .. ARGV[6], 'EX', ARGV[5]) end
-redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
-note(ARGV[1], 'accepted')
-redis.call('HINCRBYFLOAT', KEYS[5], ARGV[8], 1)
-return {'new', ARGV[1]}
-"""
-
-_ADD_DELIVERIES = """
--- KEYS: open index, then per delivery: its hash, its transaction's delivery list
--- ARGV: retention_s, now, then per delivery: id, JSON object of its fields
-local created = {}
-for i = 0, (#KEYS - 1) / 2 - 1 do
-  local key, list = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
-  local id, fields = ARGV[3 + 2 * i], cjson.decode(ARGV[4 + 2 * i])
-  if redis.call('HEXISTS', key, 'transaction_id') == 0 then
-    for name, value in pairs(fields) do redis.call('HSET', key, name, value) end
-    redis.call('EXPIRE', key, ARGV[1])
-    redis.call('RPUSH', list, id)
-    redis.call('EXPIRE', list, ARGV[1])
-    redis.call('ZADD', KEYS[1], ARGV[2], id)
-    table.insert(created, id)
-  end
-end
-return created
-"""
-
-_CLAIM = """
--- KEYS: delivery; ARGV: token, now, lease_s
-local st = redis.call('HMGET', KEYS[1], 'status', 'claim_token', 'claim_at')
-local status = st[1]
-if not status then return 'missing' end
-local result = 'claimed'
-if status == 'sending' then
-  local stale = (tonumber(ARGV[2]) - tonumber(st[3] or '0')) > tonumber(ARGV[3])
-  if st[2] ~= ARGV[1] and not stale then return 'busy' end
-  result = 'reclaimed'
-elseif status ~= 'queued' and status ~= 'retrying' and status ~= 'deferred' then
-  return 'done'
-end
-redis.call('HSET', KEYS[1], 'status', 'sending', 'claim_token', ARGV[1], 'claim_at', ARGV[2],
-           'updated_at', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-return result
-"""
-
-
 class Ledger:
     def __init__(self, client: redis.Redis, retention: float = 7 * 86400.0) -> None:
         self.redis = client
         self.retention = int(retention)
-        self._accept = client.register_script(_ACCEPT)
-        self._claim = client.register_script(_CLAIM)
-        self._add = client.register_script(_ADD_DELIVERIES)
+        self._accept = client.register_script(scripts.ACCEPT)
+        self._claim = client.register_script(scripts.CLAIM)
+        self._add = client.register_script(scripts.ADD_DELIVERIES)
 
     # -- transactions ---------------------------------------------------------------------
 

@@ -13,8 +13,6 @@ import os
 import re
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +22,26 @@ from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from notifier.errors import ConfigError, PermanentError
-from notifier.models import Alert, Event, Rendered
+from notifier.models import Rendered
+from notifier.template_vars import (
+    CONTROLS,
+    TemplateContext,
+    clip,
+    event_strings,
+    multi_line,
+    one_line,
+    sms_value,
+    template_vars,
+    text_units,
+    timefmt,
+    without_links,
+)
+
+__all__ = ["Renderer", "TemplateContext", "clip", "sms_value", "template_vars", "text_units"]
 
 DEFAULT_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 DEFAULT_LOCALE = "en"
 FALLBACK_KIND = "alert"
-ELLIPSIS = "…"
 _EXTENSIONS = {"sms": "j2", "push": "j2", "email": "txt.j2"}
 # Kinds and locales become file names: anything else (a path, a dot, a leading "_" naming a
 # partial) is treated as "no such template" and falls back.
@@ -37,183 +49,8 @@ _KIND = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _LOCALE = re.compile(r"([A-Za-z]{2,3})(?:[-_]([A-Za-z]{2}|[0-9]{3}))?")
 # C0/C1 controls (tab and newline are handled by the callers) and the bidi overrides/isolates
 # that make a label value display as something else ("Trojan Source" spoofing).
-_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-_URL = re.compile(r"(?i)\b(?:https?://|www\.)\S+")
-_TIMESTAMP = re.compile(r"(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.\d+)?(Z|[+-]\d{2}:\d{2})?")
-_SEVERITY_RANK = {"critical": 0, "page": 0, "error": 1, "high": 1, "warning": 2, "warn": 2}
 
 BlockHook = Callable[[str, str], str]
-
-
-@dataclass(frozen=True)
-class TemplateContext:
-    """Everything a message is rendered from."""
-
-    event: Event
-    transaction_id: str
-    recipient: str  # recipient name
-    locale: str  # "en" | "zh-CN"
-    # Storm protection: the merged events. When given, the digest template is used whatever
-    # `event.kind` says (the pipeline passes the first merged event as `event`).
-    digest: tuple[Event, ...] = ()
-
-    @property
-    def kind(self) -> str:
-        return "digest" if self.digest else self.event.kind
-
-
-def text_units(text: str) -> int:
-    """Length as the SMS gateway counts it: a Chinese character is one; a character outside the
-    BMP is two, because Java-based gateways see a UTF-16 surrogate pair."""
-    return len(text) + sum(1 for ch in text if ord(ch) > 0xFFFF)
-
-
-def clip(text: str, limit: int) -> str:
-    """Cut `text` to at most `limit` units, ending in an ellipsis when cut. 0: no limit."""
-    if limit <= 0 or text_units(text) <= limit:
-        return text
-    kept: list[str] = []
-    used = 1  # the ellipsis
-    for ch in text:
-        used += 2 if ord(ch) > 0xFFFF else 1
-        if used > limit:
-            break
-        kept.append(ch)
-    return "".join(kept).rstrip() + ELLIPSIS
-
-
-def one_line(text: str) -> str:
-    """Subjects, titles, SMS: no controls; any whitespace run (newlines too) is one space, which
-    also keeps a label value from smuggling a header line into an email subject."""
-    return re.sub(r"\s+", " ", _CONTROLS.sub("", text)).strip()
-
-
-def multi_line(text: str) -> str:
-    """Plain bodies: no controls, no trailing blanks, at most one empty line in a row."""
-    text = _CONTROLS.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
-    text = "\n".join(line.rstrip() for line in text.split("\n"))
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
-
-
-def sms_value(text: str, limit: int) -> str:
-    """One TemplateParam value. Aliyun rejects variables carrying links
-    (isv.PARAM_NOT_SUPPORT_URL), and 【】 inside a value would pass for a forged signature."""
-    text = _URL.sub("", one_line(text)).replace("【", "[").replace("】", "]")
-    return clip(re.sub(r"\s+", " ", text).strip(), limit)
-
-
-def _timefmt(value: object, offset_hours: float = 0) -> str:
-    """Filter: RFC 3339 (nanoseconds too) -> 'YYYY-MM-DD HH:MM:SS' at UTC+offset_hours.
-    Alertmanager's zero time (a firing alert's endsAt) becomes ''."""
-    match = _TIMESTAMP.fullmatch(str(value).strip())
-    if not match:
-        return str(value)
-    day, clock, zone = match.groups()
-    if day.startswith("0001-"):
-        return ""
-    stamp = datetime.fromisoformat(f"{day}T{clock}{'+00:00' if zone in (None, 'Z') else zone}")
-    return stamp.astimezone(timezone(timedelta(hours=offset_hours))).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _web_url(url: str) -> str:
-    """Only http(s) links reach a template: a `javascript:` generatorURL must never be an href."""
-    return url if re.match(r"(?i)https?://[^\s\"'<>]+$", url) else ""
-
-
-def _alert_view(alert: Alert) -> dict[str, Any]:
-    notes = alert.annotations
-    return {
-        "status": alert.status or "firing",
-        "name": alert.labels.get("alertname", ""),
-        "labels": dict(sorted(alert.labels.items())),
-        "annotations": dict(notes),
-        "summary": notes.get("summary") or notes.get("description") or notes.get("message", ""),
-        "description": notes.get("description", ""),
-        "starts_at": alert.starts_at,
-        "ends_at": "" if alert.ends_at.startswith("0001-") else alert.ends_at,
-        "generator_url": _web_url(alert.generator_url),
-        "runbook_url": _web_url(notes.get("runbook_url", "")),
-        "fingerprint": alert.fingerprint,
-    }
-
-
-def _digest_view(events: tuple[Event, ...]) -> dict[str, Any]:
-    groups: dict[str, int] = {}
-    for event in events:
-        groups[event.title] = groups.get(event.title, 0) + 1
-    return {
-        "digest": [
-            {"title": e.title, "severity": e.severity, "kind": e.kind, "alerts": len(e.alerts)}
-            for e in events
-        ],
-        "digest_count": len(events),
-        # Most frequent first; sorted() is stable, so ties keep arrival order.
-        "digest_groups": [
-            {"title": t, "count": n} for t, n in sorted(groups.items(), key=lambda i: -i[1])
-        ],
-        "digest_severity": min(
-            (e.severity for e in events), key=lambda s: _SEVERITY_RANK.get(s.lower(), 3)
-        ),
-    }
-
-
-def template_vars(ctx: TemplateContext) -> dict[str, Any]:
-    """The variables every template sees (documented in templates/README.md)."""
-    event = ctx.event
-    alerts = [_alert_view(a) for a in event.alerts]
-    first_summary = next((a["summary"] for a in alerts if a["summary"]), "")
-    notes = event.annotations
-    summary = notes.get("summary") or first_summary or event.body or notes.get("description", "")
-    data: dict[str, Any] = {
-        "event": event,
-        "kind": ctx.kind,
-        "title": event.title,
-        "body": event.body,
-        "severity": event.severity or "info",
-        "status": "resolved" if ctx.kind == "resolved" else "firing",
-        "labels": dict(sorted(event.labels.items())),
-        "annotations": dict(event.annotations),
-        "extra": dict(event.extra),
-        "alerts": alerts,
-        "count": max(len(alerts) + event.truncated_alerts, 1),
-        "truncated": event.truncated_alerts,
-        "firing_count": sum(1 for a in alerts if a["status"] != "resolved"),
-        "resolved_count": sum(1 for a in alerts if a["status"] == "resolved"),
-        "summary": summary,
-        "external_url": _web_url(event.external_url),
-        "transaction_id": ctx.transaction_id,
-        "recipient": ctx.recipient,
-        "locale": ctx.locale,
-        "drill_name": event.extra.get("drill_name") or event.title,
-        "phase": event.extra.get("phase", ""),
-        **_digest_view(ctx.digest or (event,)),
-    }
-    # Only when present, so that a drill template without a code fails loudly (StrictUndefined)
-    # instead of sending an SMS nobody can confirm.
-    if "reply_code" in event.extra:
-        data["reply_code"] = event.extra["reply_code"]
-    return data
-
-
-def _without_links(value: Any) -> Any:
-    if isinstance(value, str):
-        return _URL.sub("", value)
-    if isinstance(value, dict):
-        return {k: _without_links(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_without_links(v) for v in value]
-    return value
-
-
-def _event_strings(ctx: TemplateContext) -> list[str]:
-    """Every value an event carries, longest first: redacted from error messages."""
-    found: set[str] = set()
-    for event in (ctx.event, *ctx.digest):
-        found.update((event.title, event.body, *event.labels.values(), *event.extra.values()))
-        found.update(event.annotations.values())
-        for alert in event.alerts:
-            found.update((*alert.labels.values(), *alert.annotations.values()))
-    return sorted((s for s in found if len(s) >= 3), key=len, reverse=True)
 
 
 def _locales(locale: str) -> list[str]:
@@ -242,7 +79,7 @@ class Renderer:
             lstrip_blocks=True,
         )
         self._env.filters["clip"] = lambda value, limit: clip(str(value), limit)
-        self._env.filters["timefmt"] = _timefmt
+        self._env.filters["timefmt"] = timefmt
 
     def render(
         self,
@@ -258,7 +95,7 @@ class Renderer:
         data = template_vars(ctx)
         if channel == "sms":
             # Links go before the templates clip values: a cut "https:…" no longer looks like one.
-            data = {k: v if k == "event" else _without_links(v) for k, v in data.items()}
+            data = {k: v if k == "event" else without_links(v) for k, v in data.items()}
             params: dict[str, str] = {}
 
             def to_param(name: str, output: str) -> str:
@@ -280,7 +117,7 @@ class Renderer:
             return Rendered(subject=subject, text=text)
         html, _ = self._render(channel, ctx, "html.j2", {**data, "subject": subject}, None)
         # Not cut: cutting would break the markup. body_maxlen bounds the text part.
-        return Rendered(subject=subject, text=text, html=_CONTROLS.sub("", html).strip())
+        return Rendered(subject=subject, text=text, html=CONTROLS.sub("", html).strip())
 
     def check(self) -> list[str]:
         """Compile every template; one line per problem (for `notifier check-config`)."""
@@ -323,7 +160,7 @@ class Renderer:
             raise
         except Exception as exc:
             # `from None`: the cause may quote event data; ours names only template and reason.
-            raise self._error(name, exc, _event_strings(ctx)) from None
+            raise self._error(name, exc, event_strings(ctx)) from None
 
     def _find(self, channel: str, ctx: TemplateContext, ext: str) -> Template:
         kinds = dict.fromkeys(k for k in (ctx.kind, FALLBACK_KIND) if _KIND.fullmatch(k))
