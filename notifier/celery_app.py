@@ -11,10 +11,13 @@ import celeryconfig
 from notifier.errors import BrokerUnavailable
 
 
-def make_celery(redis_url: str) -> Celery:
+def make_celery(redis_url: str, sentinel_master: str | None = None) -> Celery:
     app = Celery("notifier", set_as_current=False)
     app.config_from_object(celeryconfig)
     app.conf.broker_url = redis_url
+    if sentinel_master:  # kombu's Redis transport follows the master the sentinels name
+        app.conf.broker_transport_options = {**celeryconfig.broker_transport_options,
+                                             "master_name": sentinel_master}
     return app
 
 

@@ -34,6 +34,7 @@ from notifier.models import Source, TxStatus
 from notifier.operations import BreakerControl, replay_dead_letter
 from notifier.periodic import periodic_jobs
 from notifier.pipeline.reaper import reap
+from notifier.redis_conn import connect
 from notifier.scheduler import Scheduler
 from notifier.tasks_spec import ALL_QUEUES
 from notifier.timeline import render_timeline
@@ -44,7 +45,8 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 
 def _redis(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
+    return connect(settings.redis_url, settings.redis_sentinel_master, socket_connect_timeout=2,
+                   socket_timeout=10)
 
 
 def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
@@ -91,7 +93,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_scheduler(args: argparse.Namespace, settings: Settings) -> int:
     client = _redis(settings)
-    publisher = CeleryPublisher(make_celery(settings.redis_url))
+    publisher = CeleryPublisher(make_celery(settings.redis_url, settings.redis_sentinel_master))
     ledger = Ledger(client, settings.retention)
     metrics = Metrics(client)
 

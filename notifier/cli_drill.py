@@ -23,7 +23,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import httpx
-import redis
 from pydantic import ValidationError
 
 from notifier.client import intake_for
@@ -33,6 +32,7 @@ from notifier.drills.model import DrillSpec, PhaseIn, human_duration
 from notifier.drills.report import build_report
 from notifier.drills.service import DrillService
 from notifier.ledger import Ledger
+from notifier.redis_conn import connect
 from notifier.scheduler import Timers
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -40,7 +40,8 @@ CHINA_TZ = timezone(timedelta(hours=8))
 
 
 def _service(settings: Settings) -> DrillService:
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
+    client = connect(settings.redis_url, settings.redis_sentinel_master, socket_connect_timeout=2,
+                     socket_timeout=10)
     return DrillService(settings, client, intake_for(settings), Ledger(client, settings.retention),
                         Timers(client))
 

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-import redis
 from pydantic import ValidationError
 
 from notifier.celery_app import CeleryPublisher, make_celery
@@ -23,6 +22,7 @@ from notifier.intake import Intake
 from notifier.ledger import Ledger
 from notifier.metrics import Metrics
 from notifier.models import Event, Source
+from notifier.redis_conn import connect
 from notifier.schemas import EventIn
 from notifier.sources import from_event_in
 
@@ -33,8 +33,9 @@ def _intake(config_path: str | None) -> Intake:
 
 
 def intake_for(settings: Settings) -> Intake:
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
-    publisher = CeleryPublisher(make_celery(settings.redis_url))
+    client = connect(settings.redis_url, settings.redis_sentinel_master, socket_connect_timeout=2,
+                     socket_timeout=5)
+    publisher = CeleryPublisher(make_celery(settings.redis_url, settings.redis_sentinel_master))
     return Intake(settings, Ledger(client, settings.retention), publisher, Metrics(client))
 
 

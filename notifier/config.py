@@ -250,6 +250,8 @@ class DrillSettings(_Strict):
 
 class Settings(_Strict):
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # With redis_url sentinel://host:26379;sentinel://host2:26379: the monitored master's name.
+    redis_sentinel_master: str | None = None
     locale: Literal["en", "zh-CN"] = "en"
     retention: Duration = 7 * 86400.0
     dedup_window: Duration = 600.0
@@ -270,6 +272,9 @@ class Settings(_Strict):
     @model_validator(mode="after")
     def _cross_references(self) -> Settings:
         problems: list[str] = []
+        if self.redis_url.startswith("sentinel://") and not self.redis_sentinel_master:
+            problems.append("redis_sentinel_master: required with a sentinel:// redis_url "
+                            "(the name the sentinels monitor)")
         configured = sorted(self.channels)
         for name, channel in self.channels.items():
             if name not in CHANNEL_NAMES:

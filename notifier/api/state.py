@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import redis
 from prometheus_client import CollectorRegistry
 
 from notifier.api.gauges import FLEET_GAUGES
@@ -11,16 +10,17 @@ from notifier.config import Settings
 from notifier.intake import Intake
 from notifier.ledger import Ledger
 from notifier.metrics import FleetCollector, Metrics
+from notifier.redis_conn import connect
 
 
 class ApiState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1,
+        self.redis = connect(settings.redis_url, settings.redis_sentinel_master, socket_connect_timeout=1,
                                           socket_timeout=3, max_connections=64)
         self.ledger = Ledger(self.redis, settings.retention)
         self.metrics = Metrics(self.redis)
-        self.celery = make_celery(settings.redis_url)
+        self.celery = make_celery(settings.redis_url, settings.redis_sentinel_master)
         self.intake = Intake(settings, self.ledger, CeleryPublisher(self.celery), self.metrics)
         self.registry = CollectorRegistry()
         self.registry.register(FleetCollector(self.redis, FLEET_GAUGES))

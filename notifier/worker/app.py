@@ -16,7 +16,7 @@ from notifier.worker.timers import fire_timer
 
 
 def create_worker_app(settings: Settings) -> Celery:
-    app = make_celery(settings.redis_url)
+    app = make_celery(settings.redis_url, settings.redis_sentinel_master)
     runtime = Runtime(settings, app)
 
     @app.task(name=DISPATCH, bind=True)  # type: ignore[untyped-decorator]

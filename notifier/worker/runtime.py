@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import redis
 from celery import Celery
 
 from notifier.aio import ProcessLoop
@@ -18,17 +17,14 @@ from notifier.metrics import Metrics
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.pacing import Pacer
 from notifier.ratelimit import TokenBuckets
+from notifier.redis_conn import connect
 from notifier.scheduler import Timers
 from notifier.templates import Renderer
 
 
-def redis_client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10,
-                                health_check_interval=30)
-
-
 def build_deps(settings: Settings, app: Celery) -> PipelineDeps:
-    client = redis_client(settings.redis_url)
+    client = connect(settings.redis_url, settings.redis_sentinel_master, socket_connect_timeout=2,
+                     socket_timeout=10, health_check_interval=30)
     breakers: dict[str, FleetBreaker] = {}
 
     def breaker_for(name: str, policy: BreakerPolicy) -> FleetBreaker:

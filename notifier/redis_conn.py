@@ -1,0 +1,51 @@
+"""One way to reach Redis from a URL: plain `redis://` / `rediss://`, or Sentinel.
+
+A Sentinel URL uses kombu's form, so the same string serves the Celery broker:
+``sentinel://[:password@]host1:26379[/db];sentinel://host2:26379`` plus `redis_sentinel_master`
+(the monitored master's name). Clients then follow failovers: they ask the sentinels for the
+current master on (re)connect.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from redis.sentinel import Sentinel
+
+from notifier.errors import ConfigError
+
+
+def is_sentinel(url: str) -> bool:
+    return url.startswith("sentinel://")
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str | None, int]:
+    """-> (sentinel addresses, master password, db)."""
+    nodes: list[tuple[str, int]] = []
+    password: str | None = None
+    db = 0
+    for part in url.split(";"):
+        parsed = urlsplit(part.strip())
+        if parsed.scheme != "sentinel" or not parsed.hostname:
+            raise ConfigError(f"redis_url: {part.split('@')[-1]!r} is not sentinel://host:port")
+        nodes.append((parsed.hostname, parsed.port or 26379))
+        password = parsed.password or password
+        if parsed.path.strip("/"):
+            db = int(parsed.path.strip("/"))
+    return nodes, password, db
+
+
+def connect(url: str, master: str | None = None, **options: Any) -> redis.Redis:
+    """A client for `url`; with Sentinel, one that always talks to the current master."""
+    if not is_sentinel(url):
+        return redis.Redis.from_url(url, **options)
+    if not master:
+        raise ConfigError("redis_sentinel_master: required with a sentinel:// redis_url")
+    nodes, password, db = parse_sentinel_url(url)
+    timeouts = {k: v for k, v in options.items() if k.startswith("socket_")}
+    sentinel = Sentinel(nodes, sentinel_kwargs=timeouts, **timeouts)  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        master, db=db, password=password, **options)
+    return client
