@@ -59,6 +59,10 @@ SPECS: dict[str, MetricSpec] = {
                    ("channel",)),
         MetricSpec("notifier_receipts", "counter", "Provider delivery receipts applied.",
                    ("channel", "result")),
+        MetricSpec("notifier_replies", "counter",
+                   "SMS replies (Aliyun SmsUp), by result: confirmed, already_confirmed, or the "
+                   "reason a reply was rejected (unknown_sender, no_code, unknown_code, "
+                   "expired, ...).", ("result",)),
         MetricSpec("notifier_provider_latency_seconds", "histogram",
                    "Time of one provider call.", ("channel", "provider"), LATENCY_BUCKETS),
         MetricSpec("notifier_end_to_end_latency_seconds", "histogram",

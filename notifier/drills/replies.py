@@ -22,6 +22,7 @@ from notifier.config import normalise_phone
 from notifier.drills.codes import Verdict, match_reply
 from notifier.drills.service import DrillService
 from notifier.inbox import Inbox, check_records
+from notifier.metrics import Metrics
 
 log = logging.getLogger(__name__)
 INBOX = "up"
@@ -96,6 +97,7 @@ def apply_due(svc: DrillService, limit: int = 200) -> dict[str, int]:
         else:
             result = apply_reply(svc, reply)
         inbox.done(item.member)
+        Metrics(svc.redis).inc("notifier_replies", result=result)
         counts[result] = counts.get(result, 0) + 1
     return counts
 

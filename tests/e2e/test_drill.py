@@ -215,3 +215,11 @@ def test_drill_confirm_escalate_miss_and_report(stack: Stack, redis_client: redi
     assert re.search(r"\| bob \|.*\*\*MISSED\*\*", text)
     assert re.search(r"\| alice \|.*\(via sms\) \| 0 \| confirmed \|", text)
     assert code["alice"] not in text and code["bob"] not in text  # codes stay off reports
+
+    # The replies are counted fleet-wide: one confirmation, the repeats, every forgery rejected.
+    replies = {line.split('result="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+               for line in stack.get("/metrics").text.splitlines()
+               if line.startswith("notifier_replies_total{")}
+    assert replies.get("confirmed") == 1.0
+    assert sum(v for k, v in replies.items() if k not in ("confirmed", "already_confirmed")) \
+        >= len(forged)
