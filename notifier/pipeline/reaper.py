@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from notifier.ledger import OPEN, Ledger
+from notifier.ledger import Ledger
 from notifier.metrics import Metrics
 from notifier.models import DeliveryStatus
 from notifier.pipeline.rollup import finish_transaction
@@ -24,7 +24,7 @@ def reap(ledger: Ledger, metrics: Metrics, publisher: Publisher, *, stale_after:
     for did in ledger.open_older_than(stale_after):
         rec = ledger.delivery(did)
         if rec is None:
-            ledger.redis.zrem(OPEN, did)
+            ledger.close_open(did)
             continue
         status = DeliveryStatus(rec.status)
         if status.terminal:  # its worker died before rolling up the transaction
