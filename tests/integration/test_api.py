@@ -206,3 +206,21 @@ def test_notify_raises_a_clear_error_when_redis_is_down() -> None:
     server.close()
     with pytest.raises(BrokerUnavailable, match="redis unavailable"):
         intake.submit(Event(kind="alert", title="x"), Source.CLIENT)
+
+
+def test_every_v1_endpoint_in_the_openapi_spec_requires_credentials(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFIER_API_TOKEN", TOKEN)
+    monkeypatch.setenv("NOTIFIER_CALLBACK_TOKEN", "callback-token")  # Aliyun's pushes: ?token=
+    client = TestClient(create_app(settings_from_mapping({**CONFIG, "redis_url": redis_url})))
+    spec = client.get("/openapi.json").json()
+    checked = 0
+    for path, operations in spec["paths"].items():
+        if not path.startswith("/v1/"):
+            continue
+        for method in operations:
+            url = path.replace("{", "").replace("}", "")  # any value will do
+            response = client.request(method.upper(), url, json={}, headers={"Authorization": ""})
+            assert response.status_code == 401, (method, path, response.status_code)
+            checked += 1
+    assert checked >= 15  # ingest, tracking, operators, callbacks and drills are all there
