@@ -59,6 +59,12 @@ def deliver(deps: PipelineDeps, did: str, token: str) -> str:
                                  outcome="found_after_timeout", accepted_at=tx.created_at)
 
     buckets = _buckets(rec, cfg)
+    channel_bucket = buckets[0] if cfg.rate_limit else None
+    # A newcomer (never waited on a timer) queues behind paced deliveries instead of taking a
+    # token they are waiting for.
+    if (channel_bucket is not None and rec.next_at is None
+            and deps.pacer.queue_ahead(channel_bucket)):
+        return outcomes.deferred(rec, time.time() + deps.pacer.slot(channel_bucket, 0.0), "channel")
     decision = deps.buckets.take(buckets)
     if not decision.allowed:
         scope = "recipient" if decision.limiting != rec.channel else "channel"

@@ -8,8 +8,11 @@ issue notes.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,9 +27,8 @@ from notifier.client import intake_for
 from notifier.config import settings_from_mapping
 from notifier.ledger import Ledger
 from notifier.models import Event, Source
-from tests.fakes.dysmsapi import FakeDysmsapi
 from tests.fakes.smtp import FakeSmtp
-from tests.support.servers import RedisServer, wait_until
+from tests.support.servers import RedisServer, clean_env, wait_until
 from tests.support.stack import TERMINAL, Stack
 
 pytestmark = pytest.mark.slow
@@ -220,36 +222,52 @@ def test_smtp_outage_retries_falls_back_and_breaker_opens_then_closes(
         smtp.stop()
 
 
+@pytest.fixture
+def standalone_sms_fake() -> Iterator[str]:
+    """The Dysmsapi fake in a process of its own: its receive timestamps must not wait for the
+    GIL of the test process that polls Redis meanwhile."""
+    fake = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.dysmsapi", "--port", "0", "--access-key-id", AK_ID,
+         "--access-key-secret", AK_SECRET], stdout=subprocess.PIPE, env=clean_env(),
+        cwd=Path(__file__).resolve().parents[2])
+    assert fake.stdout is not None
+    first = json.loads(fake.stdout.readline())
+    yield f"127.0.0.1:{first['port']}"
+    fake.terminate()
+    fake.wait(timeout=10)
+    fake.stdout.close()
+
+
 def test_fleet_wide_rate_limit_across_four_workers(tmp_path: Path, private_redis: RedisServer,
-                                                   stacks: list[Stack]) -> None:
-    fake = FakeDysmsapi(AK_ID, AK_SECRET).start()
-    try:
-        config = {
-            "channels": {"sms": {"provider": "aliyun", "endpoint": fake.endpoint,
-                                 "protocol": "http", "sign_name": "运维告警",
-                                 "templates": {"alert": "SMS_1"},
-                                 "rate_limit": {"rate": 10, "per": "1s", "burst": 10}}},
-            "recipients": {f"op{i}": {"phone": f"+86138001{i:05d}"} for i in range(300)},
-            "routes": [{"match": {}, "to": ["op0"], "channels": ["sms"]}],
-        }
-        env = {"ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET}
-        stack = Stack(tmp_path, private_redis.url, config, env=env, concurrency=4)
-        stacks.append(stack.start())
-        intake = intake_for(settings_from_mapping(stack.config))
-        txids = [intake.submit(Event(kind="alert", title=f"e{i}", to=(f"op{i}",)),
-                               Source.CLIENT).transaction_id for i in range(300)]
-        ledger = Ledger(redis.Redis.from_url(private_redis.url))
-        wait_all_final(ledger, txids, 90)
-        stamps = sorted(m["timestamp"] for m in fake.messages)
-        busiest = max(sum(1 for t in stamps[i:i + 20] if t < start + 1.0)
-                      for i, start in enumerate(stamps))
-        span = stamps[-1] - stamps[0]
-        per_tenth = collections.Counter(int((t - stamps[0]) * 10) for t in stamps)
-        print("\n[rate limit] sends per 100 ms:", [per_tenth.get(i, 0) for i in range(int(span * 10) + 1)])
-        print(f"\n[rate limit] 300 SMS over {span:.1f}s with 4 workers; busiest 1 s window: "
-              f"{busiest}; final {dict(statuses(ledger, txids))}")
-        assert len({m["out_id"] for m in fake.messages}) == 300 == len(stamps)
-        assert busiest <= 11
-        assert statuses(ledger, txids) == {"delivered": 300}
-    finally:
-        fake.stop()
+                                                   stacks: list[Stack],
+                                                   standalone_sms_fake: str) -> None:
+    endpoint = standalone_sms_fake
+    config = {
+        "channels": {"sms": {"provider": "aliyun", "endpoint": endpoint,
+                             "protocol": "http", "sign_name": "运维告警",
+                             "templates": {"alert": "SMS_1"},
+                             "rate_limit": {"rate": 10, "per": "1s", "burst": 10}}},
+        "recipients": {f"op{i}": {"phone": f"+86138001{i:05d}"} for i in range(300)},
+        "routes": [{"match": {}, "to": ["op0"], "channels": ["sms"]}],
+    }
+    env = {"ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET}
+    stack = Stack(tmp_path, private_redis.url, config, env=env, concurrency=4)
+    stacks.append(stack.start())
+    intake = intake_for(settings_from_mapping(stack.config))
+    txids = [intake.submit(Event(kind="alert", title=f"e{i}", to=(f"op{i}",)),
+                           Source.CLIENT).transaction_id for i in range(300)]
+    ledger = Ledger(redis.Redis.from_url(private_redis.url))
+    wait_all_final(ledger, txids, 90)
+    messages = httpx.get(f"http://{endpoint}/_fake/messages", timeout=10).json()
+    messages = messages["messages"] if isinstance(messages, dict) else messages
+    stamps = sorted(m["timestamp"] for m in messages)
+    busiest = max(sum(1 for t in stamps[i:i + 20] if t < start + 1.0)
+                  for i, start in enumerate(stamps))
+    span = stamps[-1] - stamps[0]
+    per_tenth = collections.Counter(int((t - stamps[0]) * 10) for t in stamps)
+    print("\n[rate limit] sends per 100 ms:", [per_tenth.get(i, 0) for i in range(int(span * 10) + 1)])
+    print(f"\n[rate limit] 300 SMS over {span:.1f}s with 4 workers; busiest 1 s window: "
+          f"{busiest}; final {dict(statuses(ledger, txids))}")
+    assert len({m["out_id"] for m in messages}) == 300 == len(stamps)
+    assert busiest <= 11
+    assert statuses(ledger, txids) == {"delivered": 300}
