@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
@@ -121,14 +121,7 @@ class AliyunSms(Channel):
             out_id=message.delivery_id,
             sms_up_extend_code=extend_code or None,
         )
-        try:
-            response = await self._client.send_sms_with_options_async(request, self._runtime)
-        except Exception as exc:
-            raise classify_exception(exc) from exc
-        body = response.body
-        code = str(body.code or "") if body is not None else ""
-        if code != "OK":
-            raise classify_response(code, str(getattr(body, "message", "") or ""))
+        body = await _checked(self._client.send_sms_with_options_async(request, self._runtime))
         return Receipt(
             provider_message_id=str(body.biz_id or ""),
             request_id=str(body.request_id or ""),
@@ -175,16 +168,8 @@ class AliyunSms(Channel):
                 phone_number=phone, send_date=day, page_size=PAGE_SIZE, current_page=page,
                 biz_id=biz_id or None,
             )
-            try:
-                response = await self._client.query_send_details_with_options_async(
-                    request, self._runtime
-                )
-            except Exception as exc:
-                raise classify_exception(exc) from exc
-            body = response.body
-            code = str(body.code or "") if body is not None else ""
-            if code != "OK":
-                raise classify_response(code, str(getattr(body, "message", "") or ""))
+            body = await _checked(
+                self._client.query_send_details_with_options_async(request, self._runtime))
             dtos = body.sms_send_detail_dtos
             batch = [dto.to_map() for dto in (dtos.sms_send_detail_dto or [])] if dtos else []
             records.extend(batch)
@@ -209,3 +194,17 @@ def _int(value: object) -> int | None:
         return int(str(value))
     except ValueError:
         return None
+
+
+async def _checked(call: Awaitable[Any]) -> Any:
+    """One Dysmsapi call, both error layers: SDK exceptions (gateway 4xx/5xx, transport) and a
+    business `Code` other than OK in an HTTP 200 body become classified errors."""
+    try:
+        response = await call
+    except Exception as exc:
+        raise classify_exception(exc) from exc
+    body = response.body
+    code = str(body.code or "") if body is not None else ""
+    if code != "OK":
+        raise classify_response(code, str(getattr(body, "message", "") or ""))
+    return body
