@@ -23,6 +23,15 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, for tests that stop, crash or restart it."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
 def redis_url(redis_server: RedisServer) -> Iterator[str]:
     if redis_server.process is None:  # a previous test stopped it
         redis_server.start()

@@ -37,14 +37,6 @@ RECIPIENTS = {"alice": {"phone": "+8613800138000", "email": "alice@example.com"}
 
 
 @pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def stacks(tmp_path: Path) -> Iterator[list[Stack]]:
     started: list[Stack] = []
     yield started

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
-from collections.abc import Iterator
+from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 
 import pybreaker
@@ -22,6 +21,7 @@ from notifier.breaker import (
 )
 from notifier.config import BreakerPolicy
 from notifier.errors import CircuitOpen
+from tests.support.racing import race
 from tests.support.servers import RedisServer
 
 POLICY = BreakerPolicy(fail_max=3, reset_timeout=0.3, half_open_trials=1)
@@ -118,7 +118,7 @@ def test_trial_permit_of_a_dead_worker_expires(redis_client: redis.Redis) -> Non
     assert breaker.status().state is BreakerState.CLOSED
 
 
-def _race_for_trial(url: str, barrier: Barrier, out: mp.Queue[Permit | None]) -> None:
+def _race_for_trial(url: str, barrier: Barrier, out: Queue[Permit | None]) -> None:
     client = redis.Redis.from_url(url)
     policy = BreakerPolicy(fail_max=3, reset_timeout=0.3, half_open_trials=2)
     breaker = FleetBreaker(client, "sms:aliyun", policy)
@@ -135,17 +135,7 @@ def test_half_open_admits_exactly_the_trials_fleet_wide(redis_client: redis.Redi
     breaker = FleetBreaker(redis_client, "sms:aliyun", policy)
     open_breaker(breaker)
     time.sleep(0.35)  # due for half-open: the racers also race to make that transition
-    ctx = mp.get_context("spawn")
-    racers = 4
-    barrier = ctx.Barrier(racers)
-    out: mp.Queue[Permit | None] = ctx.Queue()
-    procs = [ctx.Process(target=_race_for_trial, args=(redis_url, barrier, out)) for _ in range(racers)]
-    for proc in procs:
-        proc.start()
-    results = [out.get(timeout=60) for _ in procs]
-    for proc in procs:
-        proc.join(timeout=30)
-        assert proc.exitcode == 0
+    results = race(_race_for_trial, 4, redis_url)
 
     permits = [p for p in results if p is not None]
     assert len(permits) == 2
@@ -212,14 +202,6 @@ def test_operators_force_and_reset_with_history(redis_client: redis.Redis) -> No
     for _ in range(110):
         breaker.reset("loop")
     assert len(breaker.history()) == 100
-
-
-@pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.close()
 
 
 def quick_client(server: RedisServer) -> redis.Redis:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
 import time
+from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 
 import redis
 
 from notifier.config import RateLimit
 from notifier.ratelimit import Bucket, TokenBuckets
+from tests.support.racing import race
 
 
 def bucket(key: str, rate: float, per: float = 1.0, burst: float | None = None) -> Bucket:
@@ -156,7 +157,7 @@ def test_idle_buckets_expire(redis_client: redis.Redis) -> None:
     assert buckets.level(quick) == 5  # a missing key is a full bucket
 
 
-def _hammer(url: str, barrier: Barrier, seconds: float, out: mp.Queue[tuple[int, float, float]]) -> None:
+def _hammer(url: str, seconds: float, barrier: Barrier, out: Queue[tuple[int, float, float]]) -> None:
     client = redis.Redis.from_url(url)
     buckets = TokenBuckets(client)
     shared = bucket("fleet", rate=10, burst=10)
@@ -173,17 +174,7 @@ def _hammer(url: str, barrier: Barrier, seconds: float, out: mp.Queue[tuple[int,
 
 
 def test_limit_holds_fleet_wide_across_processes(redis_url: str) -> None:
-    ctx = mp.get_context("spawn")
-    workers = 4
-    barrier = ctx.Barrier(workers)
-    out: mp.Queue[tuple[int, float, float]] = ctx.Queue()
-    procs = [ctx.Process(target=_hammer, args=(redis_url, barrier, 2.0, out)) for _ in range(workers)]
-    for proc in procs:
-        proc.start()
-    results = [out.get(timeout=60) for _ in procs]
-    for proc in procs:
-        proc.join(timeout=30)
-        assert proc.exitcode == 0
+    results = race(_hammer, 4, redis_url, 2.0)
 
     granted = sum(r[0] for r in results)
     elapsed = max(r[2] for r in results) - min(r[1] for r in results)
