@@ -1,13 +1,14 @@
-"""Accepting an event: validate, store durably, then publish its dispatch task.
+"""Accepting an event: validate, then store it and queue its dispatch task in one script.
 
 The API, the Alertmanager adapter and `notify()` all come through here. A caller is told
-"accepted" only once the transaction is in Redis and its dispatch task has been published;
-a transaction stored but not published stays in the outbox, and the scheduler re-publishes it.
+"accepted" only once the transaction and its dispatch task are in Redis: both are written by
+one Lua script (notifier.ledger_accept), so there is no state where one exists without the
+other. The outbox entry stays as a safety net: the scheduler re-publishes a transaction that
+is still not fanned out long after its acceptance.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -18,11 +19,12 @@ import redis
 from notifier.config import Settings
 from notifier.errors import BrokerUnavailable, IdempotencyConflict, InvalidEvent
 from notifier.ids import new_transaction_id
-from notifier.ledger import AcceptOutcome, Ledger
+from notifier.ledger import AcceptOutcome, AcceptResult, Ledger
+from notifier.ledger_accept import AcceptCall, AcceptPolicy, accept_call
 from notifier.metrics import Metrics
 from notifier.models import Event, Source
 from notifier.pipeline.routing import unknown_targets
-from notifier.tasks_spec import DISPATCH, DISPATCH_QUEUE, Publisher
+from notifier.tasks_spec import Publisher
 
 log = logging.getLogger("notifier.intake")
 
@@ -52,21 +54,23 @@ class Intake:
     def __init__(self, settings: Settings, ledger: Ledger, publisher: Publisher, metrics: Metrics) -> None:
         self.settings = settings
         self.ledger = ledger
-        self.publisher = publisher
+        self.publisher = publisher  # for the other tasks the API publishes (callbacks)
         self.metrics = metrics
+        self.policy = AcceptPolicy(retention=settings.retention, dedup_window=settings.dedup_window,
+                                   idempotency_ttl=settings.idempotency_ttl,
+                                   sweep_after=settings.reaper_after)
 
-    def submit(self, event: Event, source: Source, *, receiver: str = "",
-               dedup_key: str | None = None, idempotency_key: str | None = None) -> Accepted:
+    def prepare(self, event: Event, source: Source, *, receiver: str = "",
+                dedup_key: str | None = None, idempotency_key: str | None = None) -> AcceptCall:
+        """Check the event against the config and build its accept script call."""
         validate(self.settings, event)
         idem = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
-        try:
-            result = self.ledger.accept(
-                new_transaction_id(), event, source, receiver=receiver, dedup_key=dedup_key,
-                dedup_window=self.settings.dedup_window, idempotency_key=idem,
-                idempotency_ttl=self.settings.idempotency_ttl, body_hash=body_hash(event),
-            )
-        except redis.RedisError as exc:
-            raise BrokerUnavailable(f"redis unavailable: {type(exc).__name__}") from None
+        return accept_call(new_transaction_id(), event, source, self.policy, receiver=receiver,
+                           dedup_key=dedup_key, idempotency_key=idem,
+                           body_hash=body_hash(event) if idem else "")
+
+    def conclude(self, result: AcceptResult, call: AcceptCall) -> Accepted:
+        """What the sender is told, once the accept script answered."""
         if result.outcome is AcceptOutcome.CONFLICT:
             raise IdempotencyConflict(
                 f"Idempotency-Key was already used with a different body (transaction "
@@ -74,12 +78,17 @@ class Intake:
             )
         if result.outcome is not AcceptOutcome.NEW:
             return Accepted(result.transaction_id, suppressed=result.outcome is AcceptOutcome.DUPLICATE)
-        # Stored; if publishing fails the outbox sweep publishes it later, and a retry by the
-        # sender is answered from the dedup/idempotency key, so the 503 loses nothing.
-        self.publisher.publish(DISPATCH, [result.transaction_id], DISPATCH_QUEUE)
-        log.info("accepted %s event from %s", event.kind, source.value,
-                 extra={"transaction_id": result.transaction_id})
-        # Published: the sweep looks again only if it is still not fanned out by then.
-        with contextlib.suppress(redis.RedisError):
-            self.ledger.outbox_expect(result.transaction_id, self.settings.reaper_after)
+        if log.isEnabledFor(logging.INFO):
+            log.info("accepted %s event from %s", call.kind, call.source,
+                     extra={"transaction_id": result.transaction_id})
         return Accepted(result.transaction_id)
+
+    def submit(self, event: Event, source: Source, *, receiver: str = "",
+               dedup_key: str | None = None, idempotency_key: str | None = None) -> Accepted:
+        call = self.prepare(event, source, receiver=receiver, dedup_key=dedup_key,
+                            idempotency_key=idempotency_key)
+        try:
+            result = self.ledger.accept(call)
+        except redis.RedisError as exc:
+            raise BrokerUnavailable(f"redis unavailable: {type(exc).__name__}") from None
+        return self.conclude(result, call)

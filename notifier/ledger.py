@@ -17,8 +17,8 @@ import redis
 from redis.client import Pipeline
 
 from notifier import ledger_scripts as scripts
-from notifier.metrics import metric_field, metric_key
-from notifier.models import Event, Source, TxStatus
+from notifier.ledger_accept import OUTBOX, AcceptCall, accept_result
+from notifier.models import Event, TxStatus
 from notifier.records import (
     AcceptOutcome,
     AcceptResult,
@@ -35,7 +35,6 @@ __all__ = ["AcceptOutcome", "AcceptResult", "Attempt", "ClaimResult", "DeliveryR
 
 PREFIX = "ntf:"
 
-OUTBOX = f"{PREFIX}outbox"  # accepted transactions not yet fanned out (txid -> accepted at)
 DEADLETTERS = f"{PREFIX}deadletters"  # failed transactions (txid -> failed at)
 OPEN = f"{PREFIX}open"  # deliveries not yet final (delivery id -> created at), for the reaper
 _FINAL = ("sent", "delivered", "failed", "fallen_back", "suppressed")
@@ -59,46 +58,9 @@ class Ledger:
 
     # -- transactions ---------------------------------------------------------------------
 
-    def accept(
-        self,
-        txid: str,
-        event: Event,
-        source: Source,
-        *,
-        receiver: str = "",
-        dedup_key: str | None = None,
-        dedup_window: float = 600.0,
-        idempotency_key: str | None = None,
-        idempotency_ttl: float = 86400.0,
-        body_hash: str = "",
-    ) -> AcceptResult:
-        now = time.time()
-        record = {
-            "id": txid,
-            "source": source.value,
-            "status": TxStatus.ACCEPTED.value,
-            "event": json.dumps(event.to_json(), ensure_ascii=False),
-            "created_at": repr(now),
-            "updated_at": repr(now),
-            "receiver": receiver,
-        }
-        flat: list[str] = []
-        for key, value in record.items():
-            flat += [key, value]
-        keys = [
-            tx_key(txid),
-            f"{PREFIX}dedup:{dedup_key}" if dedup_key else "",
-            f"{PREFIX}idem:{idempotency_key}" if idempotency_key else "",
-            OUTBOX,
-            metric_key("notifier_events_received"),
-        ]
-        fields = [metric_field("notifier_events_received", source=source.value, outcome=o)
-                  for o in ("new", "duplicate", "replay")]
-        args: list[str | int] = [txid, repr(now), self.retention, int(dedup_window * 1000),
-                                 int(idempotency_ttl), body_hash, source.value, *fields,
-                                 len(record), *flat]
-        outcome, existing = self._accept(keys=keys, args=args)
-        return AcceptResult(AcceptOutcome(text(outcome)), text(existing))
+    def accept(self, call: AcceptCall) -> AcceptResult:
+        """Store an event and queue its dispatch task (see notifier.ledger_accept)."""
+        return accept_result(self._accept(keys=call.keys, args=call.args))
 
     def transaction(self, txid: str) -> TransactionRecord | None:
         raw: Fields = self.redis.hgetall(tx_key(txid))

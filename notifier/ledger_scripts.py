@@ -2,10 +2,12 @@
 
 ACCEPT = """
 -- One round trip for the whole acceptance: dedup/idempotency check, the transaction, its
--- outbox entry, the first history line and the events counter.
--- KEYS: tx, dedup (or ''), idem (or ''), outbox, events metric hash
+-- dispatch task on the Celery queue, its outbox entry, the first history line and the events
+-- counter. Stored and queued happen together or not at all.
+-- KEYS: tx, dedup (or ''), idem (or ''), outbox, events metric hash, dispatch queue
 -- ARGV: txid, now, retention_s, dedup_ttl_ms, idem_ttl_s, body_hash, source,
---       metric field new, duplicate, replay, n_fields, f1, v1, ...
+--       metric field new, duplicate, replay, outbox sweep-after time, dispatch message,
+--       then the transaction's fields: f1, v1, ...
 local function note(txid, what)
   local log = 'ntf:tx:' .. txid .. ':log'
   redis.call('RPUSH', log, cjson.encode({at = tonumber(ARGV[2]), event = what, source = ARGV[7]}))
@@ -30,14 +32,12 @@ if KEYS[3] ~= '' then
     return {'conflict', txid}
   end
 end
-local n = tonumber(ARGV[11])
-for i = 0, n - 1 do
-  redis.call('HSET', KEYS[1], ARGV[12 + 2 * i], ARGV[13 + 2 * i])
-end
+redis.call('HSET', KEYS[1], unpack(ARGV, 13))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4]) end
 if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[1] .. '|' .. ARGV[6], 'EX', ARGV[5]) end
-redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[11], ARGV[1])
+redis.call('LPUSH', KEYS[6], ARGV[12])
 note(ARGV[1], 'accepted')
 redis.call('HINCRBYFLOAT', KEYS[5], ARGV[8], 1)
 return {'new', ARGV[1]}

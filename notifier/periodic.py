@@ -65,9 +65,9 @@ def periodic_jobs(settings: Settings, client: redis.Redis, publisher: Publisher)
     replies: Inbox = reply_inbox(client, settings.retention)
 
     def sweep_outbox() -> None:
-        """Re-publish accepted transactions whose dispatch task failed to publish (after 5 s) or
-        was lost with a worker (after `reaper_after`); each at most once per `reaper_after`, so
-        a deep but healthy backlog is not multiplied."""
+        """Re-publish accepted transactions still not fanned out `reaper_after` after they were
+        accepted (the accept script queued their dispatch task, so it was lost somehow); each at
+        most once per `reaper_after`, so a deep but healthy backlog is not multiplied."""
         for txid in ledger.outbox_older_than(5.0):
             publisher.publish(DISPATCH, [txid], DISPATCH_QUEUE)
             ledger.outbox_expect(txid, settings.reaper_after)

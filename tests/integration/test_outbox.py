@@ -1,4 +1,5 @@
-"""The outbox: a transaction stored but not dispatched is published again, once per period."""
+"""Acceptance stores the event and queues its dispatch task together; the outbox is the net
+under a dispatch message that got lost anyway (a purged queue, a restored Redis snapshot)."""
 
 from __future__ import annotations
 
@@ -8,24 +9,18 @@ import pytest
 import redis
 
 from notifier.config import settings_from_mapping
-from notifier.errors import BrokerUnavailable
 from notifier.intake import Intake
 from notifier.ledger import Ledger
 from notifier.metrics import Metrics
 from notifier.models import Event, Source
 from notifier.periodic import periodic_jobs
-from notifier.tasks_spec import DISPATCH
-from tests.support.inline import ListPublisher
+from notifier.tasks_spec import DISPATCH, DISPATCH_QUEUE
+from tests.support.inline import ListPublisher, decode_task
 
 CONFIG = {"channels": {"email": {"provider": "sandbox"}},
           "recipients": {"alice": {"email": "alice@example.com"}},
           "routes": [{"match": {}, "to": ["alice"], "channels": ["email"]}],
           "reaper_after": "60s"}
-
-
-class BrokenPublisher(ListPublisher):
-    def publish(self, task: str, args: list[str], queue: str) -> None:
-        raise BrokerUnavailable("cannot publish notifier.dispatch: ConnectionError")
 
 
 def sweep(redis_url: str, client: redis.Redis, publisher: ListPublisher) -> None:
@@ -34,27 +29,32 @@ def sweep(redis_url: str, client: redis.Redis, publisher: ListPublisher) -> None
     jobs["sweep_outbox"]()
 
 
-def test_failed_publish_is_swept_and_a_published_one_is_not_multiplied(
+def test_accept_queues_the_dispatch_task_in_the_same_step(redis_url: str,
+                                                          redis_client: redis.Redis) -> None:
+    settings = settings_from_mapping({**CONFIG, "redis_url": redis_url})
+    intake = Intake(settings, Ledger(redis_client), ListPublisher(), Metrics(redis_client))
+    txid = intake.submit(Event(kind="alert", title="queued with its record"), Source.API).transaction_id
+    assert intake.publisher.tasks == []  # type: ignore[attr-defined]  # nothing published apart
+    assert redis_client.hget(f"ntf:tx:{txid}", "status") == b"accepted"
+    (message,) = redis_client.lrange(DISPATCH_QUEUE, 0, -1)
+    assert decode_task(message) == (DISPATCH, [txid])
+
+
+def test_a_lost_dispatch_message_is_swept_once_per_period(
         redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = settings_from_mapping({**CONFIG, "redis_url": redis_url})
-    ledger, metrics = Ledger(redis_client), Metrics(redis_client)
-    with pytest.raises(BrokerUnavailable):
-        Intake(settings, ledger, BrokenPublisher(), metrics).submit(
-            Event(kind="alert", title="stored, not published"), Source.API)
-    (lost,) = [m.decode() for m in redis_client.zrange("ntf:outbox", 0, -1)]
-    good = ListPublisher()
-    published = Intake(settings, ledger, good, metrics).submit(
-        Event(kind="alert", title="published"), Source.API).transaction_id
+    intake = Intake(settings, Ledger(redis_client), ListPublisher(), Metrics(redis_client))
+    txids = [intake.submit(Event(kind="alert", title=f"event {i}"), Source.API).transaction_id
+             for i in range(2)]
+    redis_client.delete(DISPATCH_QUEUE)  # both messages lost
 
     sweeper = ListPublisher()
-    sweep(redis_url, redis_client, sweeper)
-    assert sweeper.tasks == []  # the failed one is younger than 5 s
     now = time.time()
-    monkeypatch.setattr(time, "time", lambda: now + 6)
+    monkeypatch.setattr(time, "time", lambda: now + 30)
     sweep(redis_url, redis_client, sweeper)
-    assert [(t, a) for t, a, _ in sweeper.tasks] == [(DISPATCH, [lost])]
+    assert sweeper.tasks == []  # a queued task is expected to run within reaper_after
+    monkeypatch.setattr(time, "time", lambda: now + 61)
+    sweep(redis_url, redis_client, sweeper)
+    assert sorted(a[0] for _, a, _ in sweeper.tasks) == sorted(txids)
     sweep(redis_url, redis_client, sweeper)  # once per reaper_after, not every tick
-    assert len(sweeper.tasks) == 1
-    monkeypatch.setattr(time, "time", lambda: now + 67)  # past reaper_after for both
-    sweep(redis_url, redis_client, sweeper)
-    assert sorted(a[0] for _, a, _ in sweeper.tasks[1:]) == sorted([lost, published])
+    assert len(sweeper.tasks) == 2

@@ -6,6 +6,8 @@ providers are the real ones on a real redis-server.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import time
 import uuid
@@ -18,7 +20,7 @@ from notifier.breaker import FleetBreaker
 from notifier.channels.base import ChannelContext
 from notifier.channels.registry import build_providers
 from notifier.config import BreakerPolicy, Settings, settings_from_mapping
-from notifier.intake import Intake
+from notifier.intake import Accepted, Intake
 from notifier.ledger import Ledger
 from notifier.metrics import Metrics
 from notifier.pipeline.deliver import deliver
@@ -28,8 +30,15 @@ from notifier.pipeline.dispatch import dispatch
 from notifier.pipeline.pacing import Pacer
 from notifier.ratelimit import TokenBuckets
 from notifier.scheduler import Timers
-from notifier.tasks_spec import DELIVER, DIGEST, DISPATCH
+from notifier.tasks_spec import DELIVER, DIGEST, DISPATCH, DISPATCH_QUEUE
 from notifier.templates import Renderer
+
+
+def decode_task(raw: bytes) -> tuple[str, list[str]]:
+    """A Celery message as kombu's Redis transport stores it -> (task name, args)."""
+    envelope = json.loads(raw)
+    args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+    return envelope["headers"]["task"], list(args)
 
 
 class ListPublisher:
@@ -38,6 +47,19 @@ class ListPublisher:
 
     def publish(self, task: str, args: list[str], queue: str) -> None:
         self.tasks.append((task, args, queue))
+
+
+class InlineIntake(Intake):
+    """The real intake; the dispatch task it queued on Redis is moved onto the fleet's list."""
+
+    def __init__(self, fleet: InlineFleet, *args: Any) -> None:
+        super().__init__(*args)
+        self.fleet = fleet
+
+    def submit(self, *args: Any, **kwargs: Any) -> Accepted:
+        accepted = super().submit(*args, **kwargs)
+        self.fleet.take_queued_dispatches()
+        return accepted
 
 
 class InlineFleet:
@@ -60,7 +82,8 @@ class InlineFleet:
             pacer=Pacer(self.redis),
         )
         self.loop = self.deps.runner
-        self.intake = Intake(self.settings, self.deps.ledger, self.publisher, self.deps.metrics)
+        self.intake = InlineIntake(self, self.settings, self.deps.ledger, self.publisher,
+                                   self.deps.metrics)
         self.outcomes: list[tuple[str, str]] = []
 
     def drain(self, timers_until: float = 0.0) -> list[tuple[str, str]]:
@@ -85,6 +108,12 @@ class InlineFleet:
             if time.time() >= deadline or self.deps.timers.pending() == 0:
                 return self.outcomes
             time.sleep(0.02)
+
+    def take_queued_dispatches(self) -> None:
+        """The accept script queues dispatch tasks on the real Celery list: move them here."""
+        while (raw := self.redis.rpop(DISPATCH_QUEUE)) is not None:
+            task, args = decode_task(raw)
+            self.publisher.publish(task, args, DISPATCH_QUEUE)
 
     def close(self) -> None:
         loop = self.deps.runner
