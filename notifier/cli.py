@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import redis
 import uvicorn
@@ -60,8 +61,13 @@ def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     # No access log: callback URLs carry ?token=, which must never reach a log.
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning",
-                access_log=False)
+    options: dict[str, Any] = {"host": args.host, "port": args.port, "log_level": "warning",
+                               "access_log": False}
+    if args.workers > 1:  # each process builds the app from NOTIFIER_CONFIG (set by main)
+        uvicorn.run("notifier.api.app:app_from_environment", factory=True, workers=args.workers,
+                    **options)
+    else:
+        uvicorn.run(create_app(settings), **options)
     return 0
 
 
@@ -179,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("api", help="run the HTTP API")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9095)
+    p.add_argument("--workers", type=int, default=1,
+                   help="API processes sharing the port (the API is stateless; one per core)")
     p = sub.add_parser("worker", help="run a Celery worker of this app")
     p.add_argument("--concurrency", type=int, default=os.cpu_count() or 2)
     p.add_argument("--queues", default=",".join(ALL_QUEUES))

@@ -6,9 +6,11 @@ batched asynchronous path (notifier.api.script_batch) run the very same script c
 
 from __future__ import annotations
 
-import json
+import functools
 import time
 from dataclasses import dataclass
+
+import orjson
 
 from notifier.celery_wire import TaskMessages
 from notifier.metrics import metric_field, metric_key
@@ -49,7 +51,7 @@ def accept_call(txid: str, event: Event, source: Source, policy: AcceptPolicy, *
         "id", txid,
         "source", source.value,
         "status", TxStatus.ACCEPTED.value,
-        "event", json.dumps(event.to_json(), ensure_ascii=False),
+        "event", orjson.dumps(event.to_json()).decode(),  # 10x json.dumps: the ingest hot path
         "created_at", repr(now),
         "updated_at", repr(now),
         "receiver", receiver,
@@ -62,12 +64,17 @@ def accept_call(txid: str, event: Event, source: Source, policy: AcceptPolicy, *
         metric_key(_EVENTS),
         DISPATCH_QUEUE,
     ]
-    fields = [metric_field(_EVENTS, source=source.value, outcome=o)
-              for o in ("new", "duplicate", "replay")]
     args: list[str | int] = [txid, repr(now), int(policy.retention), int(policy.dedup_window * 1000),
-                             int(policy.idempotency_ttl), body_hash, source.value, *fields,
+                             int(policy.idempotency_ttl), body_hash, source.value, *_event_fields(source),
                              repr(now + max(policy.sweep_after - 5.0, 1.0)), message, *record]
     return AcceptCall(keys, args, event.kind, source.value)
+
+
+@functools.cache
+def _event_fields(source: Source) -> tuple[str, str, str]:
+    new, duplicate, replay = (metric_field(_EVENTS, source=source.value, outcome=o)
+                              for o in ("new", "duplicate", "replay"))
+    return new, duplicate, replay
 
 
 def accept_result(reply: list[bytes | str]) -> AcceptResult:

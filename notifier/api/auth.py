@@ -8,6 +8,9 @@ import hmac
 
 from fastapi import HTTPException, Request
 
+UNAUTHORIZED = "missing or wrong credentials: send Authorization: Bearer <NOTIFIER_API_TOKEN>"
+CHALLENGE = ("WWW-Authenticate", 'Bearer realm="notifier"')
+
 
 def _presented(header: str) -> str | None:
     scheme, _, value = header.partition(" ")
@@ -28,16 +31,16 @@ class TokenAuth:
     def __init__(self, token: str | None) -> None:
         self.token = token.encode() if token else None
 
-    def __call__(self, request: Request) -> None:
+    def allows(self, authorization: str) -> bool:
+        """Does this Authorization header value carry the token?"""
         if self.token is None:
-            return
-        presented = _presented(request.headers.get("authorization", ""))
-        if presented is None or not hmac.compare_digest(presented.encode(), self.token):
-            raise HTTPException(
-                status_code=401,
-                detail="missing or wrong credentials: send Authorization: Bearer <NOTIFIER_API_TOKEN>",
-                headers={"WWW-Authenticate": 'Bearer realm="notifier"'},
-            )
+            return True
+        presented = _presented(authorization)
+        return presented is not None and hmac.compare_digest(presented.encode(), self.token)
+
+    def __call__(self, request: Request) -> None:
+        if not self.allows(request.headers.get("authorization", "")):
+            raise HTTPException(status_code=401, detail=UNAUTHORIZED, headers=dict([CHALLENGE]))
 
 
 class CallbackAuth:

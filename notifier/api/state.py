@@ -5,10 +5,12 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from notifier.api.gauges import FLEET_GAUGES
+from notifier.api.script_batch import ScriptBatcher
 from notifier.celery_app import CeleryPublisher, make_celery
 from notifier.config import Settings
 from notifier.intake import Intake
 from notifier.ledger import Ledger
+from notifier.ledger_scripts import ACCEPT
 from notifier.metrics import FleetCollector, Metrics
 from notifier.redis_conn import connect
 
@@ -21,6 +23,7 @@ class ApiState:
         self.ledger = Ledger(self.redis, settings.retention)
         self.metrics = Metrics(self.redis)
         self.celery = make_celery(settings.redis_url, settings.redis_sentinel_master)
+        self.accept_batcher = ScriptBatcher(self.redis, ACCEPT)
         self.intake = Intake(settings, self.ledger, CeleryPublisher(self.celery), self.metrics)
         self.registry = CollectorRegistry()
         self.registry.register(FleetCollector(self.redis, FLEET_GAUGES))

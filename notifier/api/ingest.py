@@ -1,0 +1,171 @@
+"""POST /v1/alertmanager and POST /v1/events, served at the ASGI level.
+
+These two routes are the ingest hot path, so they skip FastAPI's per-request machinery
+(dependency solving, the threadpool a sync route runs in) which cost more than the work itself:
+the body is validated straight from bytes by pydantic, and the accept script (store + queue the
+dispatch task, see notifier.ledger_accept) runs through the shared ScriptBatcher. Everything
+else of the API stays FastAPI. Behaviour is the API's contract: Bearer/Basic auth, 400 for a
+body that is not JSON, 422 naming the field, 413 from BodySizeLimit around this, 503 with
+Retry-After when Redis is unreachable; the routes are documented in /openapi.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from notifier.api.auth import CHALLENGE, UNAUTHORIZED, TokenAuth
+from notifier.api.raw import field_errors, send_json
+from notifier.api.script_batch import ScriptBatcher
+from notifier.errors import BrokerUnavailable, IdempotencyConflict, InvalidEvent
+from notifier.intake import Intake
+from notifier.ledger_accept import AcceptCall, accept_result
+from notifier.models import Source
+from notifier.schemas import AlertmanagerWebhook, EventIn
+from notifier.sources import alertmanager_dedup_key, from_alertmanager, from_event_in
+
+IDEMPOTENCY_KEY_MAX = 200
+_RETRY = [(b"retry-after", b"1")]
+
+
+class BadBody(Exception):
+    def __init__(self, status: int, detail: str | list[str]) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    summary: str
+    status: int  # answered when accepted
+    model: type[BaseModel]
+
+
+SPECS = {
+    "/v1/alertmanager": RouteSpec("Alertmanager webhook (v4)", 200, AlertmanagerWebhook),
+    "/v1/events": RouteSpec("Generic event; honours Idempotency-Key", 202, EventIn),
+}
+Prepare = Callable[[Any, dict[bytes, bytes]], AcceptCall]
+
+
+class IngestRoutes:
+    """ASGI middleware: serves the ingest routes, passes everything else to the FastAPI app."""
+
+    def __init__(self, app: ASGIApp, intake: Intake, auth: TokenAuth, batcher: ScriptBatcher) -> None:
+        self.app = app
+        self.intake = intake
+        self.auth = auth
+        self.batcher = batcher
+        self.prepare: dict[str, Prepare] = {"/v1/alertmanager": self._alertmanager,
+                                             "/v1/events": self._event}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"] if scope["type"] == "http" else ""
+        if path not in SPECS:
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            await send_json(send, 405, {"detail": "Method Not Allowed"}, [(b"allow", b"POST")])
+            return
+        headers = dict(scope["headers"])
+        if not self.auth.allows(headers.get(b"authorization", b"").decode("latin-1")):
+            challenge = (CHALLENGE[0].lower().encode(), CHALLENGE[1].encode())
+            await send_json(send, 401, {"detail": UNAUTHORIZED}, [challenge])
+            return
+        status, payload, extra = await self._accept(path, await _body(receive), headers)
+        await send_json(send, status, payload, extra)
+
+    async def _accept(self, path: str, body: bytes, headers: dict[bytes, bytes],
+                      ) -> tuple[int, dict[str, Any], list[tuple[bytes, bytes]]]:
+        spec = SPECS[path]
+        try:
+            call = self.prepare[path](_parse(spec.model, body), headers)
+            accepted = self.intake.conclude(accept_result(await self.batcher.run(call.keys, call.args)),
+                                            call)
+        except BadBody as exc:
+            return exc.status, {"detail": exc.detail}, []
+        except (InvalidEvent, IdempotencyConflict) as exc:
+            return 422, {"detail": [str(exc)]}, []
+        except redis.RedisError as exc:  # nothing was stored: the sender retries
+            return 503, {"detail": f"redis unavailable ({type(exc).__name__}), retry"}, _RETRY
+        except BrokerUnavailable as exc:
+            return 503, {"detail": f"temporarily unavailable, retry: {exc}"}, _RETRY
+        answer: dict[str, Any] = {"transaction_id": accepted.transaction_id}
+        if accepted.suppressed:
+            answer["suppressed"] = True
+        return spec.status, answer, []
+
+    def _alertmanager(self, webhook: AlertmanagerWebhook, _headers: dict[bytes, bytes]) -> AcceptCall:
+        if webhook.version != "4":
+            raise BadBody(422, [f"version: unsupported Alertmanager webhook version "
+                                f"{webhook.version!r} (expected '4')"])
+        return self.intake.prepare(from_alertmanager(webhook), Source.ALERTMANAGER,
+                                   receiver=webhook.receiver,
+                                   dedup_key=alertmanager_dedup_key(webhook))
+
+    def _event(self, event_in: EventIn, headers: dict[bytes, bytes]) -> AcceptCall:
+        key = headers.get(b"idempotency-key")
+        if key is not None and len(key) > IDEMPOTENCY_KEY_MAX:
+            raise BadBody(422, [f"Idempotency-Key: longer than {IDEMPOTENCY_KEY_MAX} characters"])
+        return self.intake.prepare(from_event_in(event_in), Source.API,
+                                   idempotency_key=key.decode("latin-1") if key else None)
+
+
+async def _body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def _parse(model: type[BaseModel], body: bytes) -> Any:
+    if not body.strip():
+        raise BadBody(400, "request body is empty; expected JSON")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        invalid = [e for e in exc.errors() if e["type"] == "json_invalid"]
+        if invalid:
+            raise BadBody(400, f"request body is not valid JSON: {invalid[0]['msg']}") from None
+        raise BadBody(422, field_errors(exc)) from None
+
+
+def document(schema: dict[str, Any]) -> dict[str, Any]:
+    """Add the ingest routes to the app's OpenAPI schema (FastAPI does not see them)."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    accepted = {"type": "object", "properties": {"transaction_id": {"type": "string"},
+                                                 "suppressed": {"type": "boolean"}}}
+    for path, spec in SPECS.items():
+        body = spec.model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[spec.model.__name__] = body
+        operation: dict[str, Any] = {
+            "summary": spec.summary,
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{spec.model.__name__}"}}}},
+            "responses": {
+                str(spec.status): {"description": "accepted",
+                                   "content": {"application/json": {"schema": accepted}}},
+                **{code: {"description": text} for code, text in _ERRORS.items()},
+            },
+        }
+        if path == "/v1/events":
+            operation["parameters"] = [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                        "schema": {"type": "string", "maxLength": IDEMPOTENCY_KEY_MAX}}]
+        schema.setdefault("paths", {})[path] = {"post": operation}
+    return schema
+
+
+_ERRORS = {"400": "body is not JSON", "401": "missing or wrong credentials",
+           "413": "body too large", "422": "invalid field (named in detail)",
+           "503": "Redis unreachable: nothing stored, retry after Retry-After"}

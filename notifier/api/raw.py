@@ -1,0 +1,29 @@
+"""Answering at the ASGI level, for the routes that bypass FastAPI's request machinery."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.types import Send
+
+
+async def send_json(send: Send, status: int, payload: Any,
+                    headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    body = orjson.dumps(payload)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def field_errors(exc: ValidationError | RequestValidationError) -> list[str]:
+    """pydantic's errors as "field.path: message" lines (the body itself is "body")."""
+    problems = []
+    for item in exc.errors():
+        loc = ".".join(str(p) for p in item["loc"] if p != "body") or "body"
+        problems.append(f"{loc}: {item['msg']}")
+    return problems

@@ -1,0 +1,30 @@
+"""Transaction IDs: ULIDs (48-bit ms time + 80 random bits, Crockford base32), time-sortable."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from notifier.ids import _ALPHABET, ulid
+
+
+def decode(text: str) -> int:
+    value = 0
+    for char in text:
+        value = value * 32 + _ALPHABET.index(char)
+    return value
+
+
+def test_ulid_encodes_time_and_randomness(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "urandom", lambda n: bytes(range(1, n + 1)))
+    text = ulid(1469922850.259)
+    assert len(text) == 26 and set(text) <= set(_ALPHABET)
+    assert decode(text) == (1469922850259 << 80) | int.from_bytes(bytes(range(1, 11)), "big")
+    assert text.startswith("01ARZ3NDEK")  # the ULID spec's example time, 1469922850259 ms
+
+
+def test_ulids_sort_by_time() -> None:
+    ids = [ulid(t) for t in (1.0, 2.5, 1_000_000.0, 1_800_000_000.123)]
+    assert ids == sorted(ids)
+    assert len({ulid() for _ in range(1000)}) == 1000
