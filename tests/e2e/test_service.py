@@ -82,7 +82,9 @@ def stack(fakes: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> It
     server.start()
     env = {"NOTIFIER_API_TOKEN": API_TOKEN, "ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID,
            "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET}
-    running = Stack(tmp_path_factory.mktemp("stack"), server.url, service_config(fakes), env=env)
+    # Two API processes on one port, as deployed on a multi-core host.
+    running = Stack(tmp_path_factory.mktemp("stack"), server.url, service_config(fakes), env=env,
+                    api_workers=2)
     running.start()
     yield running
     running.stop()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from notifier.api.app import create_app
@@ -224,3 +227,39 @@ def test_every_v1_endpoint_in_the_openapi_spec_requires_credentials(
             assert response.status_code == 401, (method, path, response.status_code)
             checked += 1
     assert checked >= 15  # ingest, tracking, operators, callbacks and drills are all there
+
+
+def test_accept_survives_redis_forgetting_its_scripts(client: TestClient,
+                                                      redis_client: redis.Redis) -> None:
+    first = client.post("/v1/events", json={"title": "before"})
+    redis_client.script_flush()  # what a Redis restart without persistence does to scripts
+    second = client.post("/v1/events", json={"title": "after"})
+    assert first.status_code == second.status_code == 202
+    assert redis_client.llen(DISPATCH_QUEUE) == 2
+
+
+def test_concurrent_webhooks_in_one_batch_each_get_their_own_transaction(
+        redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFIER_API_TOKEN", TOKEN)
+    app = create_app(settings_from_mapping({**CONFIG, "redis_url": redis_url}))
+    bodies = []
+    for i in range(40):
+        body = fixture("alertmanager-firing.json")
+        body["groupKey"] = f"group-{i}"
+        body["commonLabels"] = {**body["commonLabels"], "n": str(i)}
+        bodies.append(body)
+
+    async def post_all() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api",
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            return await asyncio.gather(*(http.post("/v1/alertmanager", json=b) for b in bodies))
+
+    responses = asyncio.run(post_all())
+    assert [r.status_code for r in responses] == [200] * 40
+    txids = [r.json()["transaction_id"] for r in responses]
+    assert len(set(txids)) == 40
+    for txid, body in zip(txids, bodies, strict=True):  # each answer names its own event
+        stored = json.loads(redis_client.hget(f"ntf:tx:{txid}", "event") or b"{}")
+        assert stored["labels"]["n"] == body["commonLabels"]["n"]
+    assert redis_client.llen(DISPATCH_QUEUE) == 40

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 class Stack:
     def __init__(self, workdir: Path, redis_url: str, config: dict[str, Any], *,
                  env: dict[str, str] | None = None, concurrency: int = 2,
-                 scheduler: bool = True) -> None:
+                 scheduler: bool = True, api_workers: int = 1) -> None:
         self.workdir = workdir
         self.redis_url = redis_url
         self.config = {**config, "redis_url": redis_url}
@@ -37,6 +37,7 @@ class Stack:
         self.config.setdefault("public_url", f"http://127.0.0.1:{self.port}")
         self.concurrency = concurrency
         self.with_scheduler = scheduler
+        self.api_workers = api_workers
         self.config_path = workdir / "notifier.yaml"
         self.env = clean_env(NOTIFIER_CONFIG=str(self.config_path), NOTIFIER_LOG_LEVEL="WARNING",
                              PYTHONPATH=str(REPO), **(env or {}))
@@ -59,7 +60,7 @@ class Stack:
         """Start everything and wait until ready; on failure stop what did start."""
         self.config_path.write_text(yaml.safe_dump(self.config, allow_unicode=True), "utf-8")
         try:
-            self._spawn("api", "api", "--port", str(self.port))
+            self._spawn("api", "api", "--port", str(self.port), "--workers", str(self.api_workers))
             self.start_worker()
             if self.with_scheduler:
                 self._spawn("scheduler", "scheduler")
