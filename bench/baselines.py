@@ -83,14 +83,19 @@ def main() -> None:
     for name in ("asgi", "fastapi"):
         p = sub.add_parser(name)
         p.add_argument("--port", type=int, required=True)
+        p.add_argument("--workers", type=int, default=1)
     p = sub.add_parser("celery")
     p.add_argument("--concurrency", type=int, required=True)
     args = parser.parse_args()
     if args.what in ("asgi", "fastapi"):
         import uvicorn  # noqa: PLC0415
 
-        uvicorn.run(bare_app if args.what == "asgi" else fastapi_app(), host="127.0.0.1",
-                    port=args.port, log_level="warning", access_log=False)
+        options: dict[str, Any] = {"host": "127.0.0.1", "port": args.port, "log_level": "warning",
+                                   "access_log": False}
+        if args.what == "asgi" and args.workers > 1:  # as `notifier api --workers N` runs
+            uvicorn.run("bench.baselines:bare_app", workers=args.workers, **options)
+        else:
+            uvicorn.run(bare_app if args.what == "asgi" else fastapi_app(), **options)
     else:
         app = noop_app(os.environ["BENCH_REDIS_URL"])
         app.worker_main(["worker", "--concurrency", str(args.concurrency), "--pool", "prefork",

@@ -174,6 +174,7 @@ class Bench:
         self.plan = QUICK if args.quick else FULL
         self.procs = Procs()
         self.concurrency = args.concurrency
+        self.api_workers = args.api_workers  # notifier api's processes, and the bare endpoint's
         self.redis_url = ""
         self.redis: redis.Redis | None = None
         self.profiles: dict[str, Any] = {}
@@ -186,7 +187,8 @@ class Bench:
 
     def bare_endpoint(self) -> dict[str, Any]:
         port = free_port()
-        self.procs.python("bare-asgi", "-m", "bench.baselines", "asgi", "--port", str(port))
+        self.procs.python("bare-asgi", "-m", "bench.baselines", "asgi", "--port", str(port),
+                          "--workers", str(self.api_workers))
         wait_for("bare uvicorn endpoint", lambda: port_open(port), 20,
                  lambda: self.procs.alive("bare-asgi"))
         payloads = Payloads(port)
@@ -297,7 +299,8 @@ class Bench:
         env = {"NOTIFIER_CONFIG": str(cfg), "NOTIFIER_API_TOKEN": TOKEN,
                "ALIBABA_CLOUD_ACCESS_KEY_ID": KEY_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": KEY_SECRET}
         me = ["-m", "notifier"]
-        self.procs.python("api", *me, "api", "--port", str(port), env=env)
+        self.procs.python("api", *me, "api", "--port", str(port), "--workers", str(self.api_workers),
+                          env=env)
         self.procs.python("worker", *me, "worker", "--concurrency", str(self.concurrency), env=env)
         self.procs.python("scheduler", *me, "scheduler", env=env)
 
@@ -426,7 +429,7 @@ class Bench:
         assert self.redis is not None
         sink = FakeSink(fake_port) if fake_port is not None else SandboxSink(self.redis)
         self.say(f"notifier up on :{port}; SMS provider: {sink.name}; "
-                 f"worker concurrency {self.concurrency}")
+                 f"worker concurrency {self.concurrency}; api workers {self.api_workers}")
         payloads = Payloads(port)
         fleet = ("worker", "scheduler")
         out: dict[str, Any] = {"provider": sink.name}
@@ -521,8 +524,8 @@ class Bench:
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "mode": "quick" if self.args.quick else "full",
             "machine": machine(),
-            "setup": {"worker_concurrency": self.concurrency, "redis_appendfsync":
-                      self.args.appendfsync, "plan": self.plan.__dict__},
+            "setup": {"worker_concurrency": self.concurrency, "api_workers": self.api_workers,
+                      "redis_appendfsync": self.args.appendfsync, "plan": self.plan.__dict__},
             "code": code_version(),
             "baselines": {"bare_endpoint": baseline_http, "celery_noop": baseline_celery,
                           "bare_fastapi": baseline_fastapi},
@@ -666,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short phases (about 1.5 min)")
     parser.add_argument("--concurrency", type=int, default=os.cpu_count() or 2,
                         help="prefork children of the notifier worker and of the no-op baseline")
+    parser.add_argument("--api-workers", type=int, default=1,
+                        help="processes of notifier api and of the bare endpoint (same for both)")
     parser.add_argument("--provider", choices=["auto", "fake", "sandbox"], default="auto",
                         help="SMS provider: the Dysmsapi fake process (auto: when it starts) "
                              "or the sandbox outbox")
