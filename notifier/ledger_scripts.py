@@ -43,40 +43,115 @@ redis.call('HINCRBYFLOAT', KEYS[5], ARGV[8], 1)
 return {'new', ARGV[1]}
 """
 
-ADD_DELIVERIES = """
+_ADD = """
+-- add(k0, a0): create the deliveries described from KEYS[k0] / ARGV[a0] on, in pairs
+-- (KEYS: its hash, its transaction's delivery list; ARGV: id, JSON object of its fields), each
+-- only if it does not exist yet. KEYS[1] is the open index, ARGV[1] retention_s, ARGV[2] now.
+local function add(k0, a0)
+  local created = {}
+  for i = 0, (#KEYS - k0 + 1) / 2 - 1 do
+    local key, list = KEYS[k0 + 2 * i], KEYS[k0 + 1 + 2 * i]
+    local id, fields = ARGV[a0 + 2 * i], cjson.decode(ARGV[a0 + 1 + 2 * i])
+    if redis.call('HEXISTS', key, 'transaction_id') == 0 then
+      for name, value in pairs(fields) do redis.call('HSET', key, name, value) end
+      redis.call('EXPIRE', key, ARGV[1])
+      redis.call('RPUSH', list, id)
+      redis.call('EXPIRE', list, ARGV[1])
+      redis.call('ZADD', KEYS[1], ARGV[2], id)
+      table.insert(created, id)
+    end
+  end
+  return created
+end
+"""
+
+_NOTE = """
+local function note(log, entry, retention)
+  redis.call('RPUSH', log, entry)
+  redis.call('LTRIM', log, -500, -1)
+  redis.call('EXPIRE', log, retention)
+end
+"""
+
+ADD_DELIVERIES = _ADD + """
 -- KEYS: open index, then per delivery: its hash, its transaction's delivery list
 -- ARGV: retention_s, now, then per delivery: id, JSON object of its fields
-local created = {}
-for i = 0, (#KEYS - 1) / 2 - 1 do
-  local key, list = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
-  local id, fields = ARGV[3 + 2 * i], cjson.decode(ARGV[4 + 2 * i])
-  if redis.call('HEXISTS', key, 'transaction_id') == 0 then
-    for name, value in pairs(fields) do redis.call('HSET', key, name, value) end
-    redis.call('EXPIRE', key, ARGV[1])
-    redis.call('RPUSH', list, id)
-    redis.call('EXPIRE', list, ARGV[1])
-    redis.call('ZADD', KEYS[1], ARGV[2], id)
-    table.insert(created, id)
-  end
-end
+return add(2, 3)
+"""
+
+FAN_OUT = _ADD + _NOTE + """
+-- A dispatch's whole write, one round trip and all or nothing: the transaction's status, its
+-- deliveries, the history line, and off the outbox (the reaper watches the deliveries now).
+-- KEYS: open index, transaction, its log, outbox, then per delivery: hash, delivery list
+-- ARGV: retention_s, now, txid, status, log entry (JSON), then per delivery: id, JSON fields
+redis.call('HSET', KEYS[2], 'status', ARGV[4], 'updated_at', ARGV[2])
+local created = add(5, 6)
+note(KEYS[3], ARGV[5], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[3])
 return created
 """
 
 CLAIM = """
--- KEYS: delivery; ARGV: token, now, lease_s
-local st = redis.call('HMGET', KEYS[1], 'status', 'claim_token', 'claim_at')
+-- KEYS: delivery; ARGV: token, now, lease_s, '1' to return the transaction's fields too
+-- Returns {result} or, for claimed / reclaimed / done, {result, the delivery's fields (after
+-- the claim), its transaction's fields or {}}: the caller needs no second read.
+local st = redis.call('HMGET', KEYS[1], 'status', 'claim_token', 'claim_at', 'transaction_id')
 local status = st[1]
-if not status then return 'missing' end
+if not status then return {'missing'} end
+local function loaded(result)
+  local tx = {}
+  if ARGV[4] == '1' and st[4] then tx = redis.call('HGETALL', 'ntf:tx:' .. st[4]) end
+  return {result, redis.call('HGETALL', KEYS[1]), tx}
+end
 local result = 'claimed'
 if status == 'sending' then
   local stale = (tonumber(ARGV[2]) - tonumber(st[3] or '0')) > tonumber(ARGV[3])
-  if st[2] ~= ARGV[1] and not stale then return 'busy' end
+  if st[2] ~= ARGV[1] and not stale then return {'busy'} end
   result = 'reclaimed'
 elseif status ~= 'queued' and status ~= 'retrying' and status ~= 'deferred' then
-  return 'done'
+  return {'done', redis.call('HGETALL', KEYS[1]), {}}
 end
 redis.call('HSET', KEYS[1], 'status', 'sending', 'claim_token', ARGV[1], 'claim_at', ARGV[2],
            'updated_at', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-return result
+return loaded(result)
+"""
+
+DELIVERIES_OF = """
+-- KEYS: a transaction's delivery list. Every delivery on it, as its hash's fields, in order.
+local out = {}
+for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  table.insert(out, redis.call('HGETALL', 'ntf:dl:' .. id))
+end
+return out
+"""
+
+STATUSES_OF = """
+-- KEYS: a transaction's delivery list. The status of every delivery on it (all the roll-up
+-- needs), in order; deliveries whose hash is gone are left out.
+local out = {}
+for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  local status = redis.call('HGET', 'ntf:dl:' .. id, 'status')
+  if status then table.insert(out, status) end
+end
+return out
+"""
+
+FINISH = _NOTE + """
+-- A roll-up's write: the transaction's status; if this call makes it terminal first, its
+-- finished_at, history line, finished counter and (when failed) dead letter; and the rolled-up
+-- deliveries off the open index. One round trip, all or nothing.
+-- KEYS: transaction, its log, dead letters, open index, finished-counter hash
+-- ARGV: txid, status, now, terminal '1'/'0', failed '1'/'0', log entry, retention_s,
+--       counter field, then the delivery ids to take off the open index
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'updated_at', ARGV[3])
+local first = 0
+if ARGV[4] == '1' and redis.call('HSETNX', KEYS[1], 'finished_at', ARGV[3]) == 1 then
+  first = 1
+  note(KEYS[2], ARGV[6], ARGV[7])
+  redis.call('HINCRBYFLOAT', KEYS[5], ARGV[8], 1)
+  if ARGV[5] == '1' then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1]) end
+end
+for i = 9, #ARGV do redis.call('ZREM', KEYS[4], ARGV[i]) end
+return first
 """
