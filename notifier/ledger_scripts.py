@@ -53,7 +53,12 @@ local function add(k0, a0)
     local key, list = KEYS[k0 + 2 * i], KEYS[k0 + 1 + 2 * i]
     local id, fields = ARGV[a0 + 2 * i], cjson.decode(ARGV[a0 + 1 + 2 * i])
     if redis.call('HEXISTS', key, 'transaction_id') == 0 then
-      for name, value in pairs(fields) do redis.call('HSET', key, name, value) end
+      local flat = {}
+      for name, value in pairs(fields) do
+        flat[#flat + 1] = name
+        flat[#flat + 1] = value
+      end
+      redis.call('HSET', key, unpack(flat))  -- one command, not one per field
       redis.call('EXPIRE', key, ARGV[1])
       redis.call('RPUSH', list, id)
       redis.call('EXPIRE', list, ARGV[1])
