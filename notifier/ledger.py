@@ -17,9 +17,17 @@ import redis
 from redis.client import Pipeline
 
 from notifier import ledger_scripts as scripts
-from notifier.ledger_rows import Claim, deliveries_from, delivery_from, entry, pairs, transaction_from
+from notifier.ledger_rows import (
+    Claim,
+    deliveries_from,
+    delivery_from,
+    entry,
+    pairs,
+    rolled_up,
+    transaction_from,
+)
 from notifier.metrics import metric_field, metric_key
-from notifier.models import Event, Source, TxStatus
+from notifier.models import DeliveryStatus, Event, Source, TxStatus
 from notifier.records import (
     AcceptOutcome,
     AcceptResult,
@@ -39,6 +47,9 @@ OUTBOX = f"{PREFIX}outbox"  # accepted transactions not yet fanned out (txid -> 
 DEADLETTERS = f"{PREFIX}deadletters"  # failed transactions (txid -> failed at)
 OPEN = f"{PREFIX}open"  # deliveries not yet final (delivery id -> created at), for the reaper
 _FINAL = ("sent", "delivered", "failed", "fallen_back", "suppressed")
+# What the roll-up script needs of the delivery statuses, from their one definition.
+_TERMINAL = ",".join(s.value for s in DeliveryStatus if s.terminal)
+_REACHED = ",".join(s.value for s in DeliveryStatus if s.succeeded or s is DeliveryStatus.SUPPRESSED)
 
 
 def tx_key(txid: str) -> str:
@@ -58,7 +69,7 @@ class Ledger:
         self._add = client.register_script(scripts.ADD_DELIVERIES)
         self._fan_out = client.register_script(scripts.FAN_OUT)
         self._deliveries_of = client.register_script(scripts.DELIVERIES_OF)
-        self._statuses_of = client.register_script(scripts.STATUSES_OF)
+        self._roll_up = client.register_script(scripts.ROLL_UP)
         self._finish = client.register_script(scripts.FINISH)
 
     # -- transactions ---------------------------------------------------------------------
@@ -131,13 +142,26 @@ class Ledger:
         ]
         return bool(self._finish(keys=keys, args=args))
 
-    def queue_statuses(self, pipe: Pipeline, txid: str) -> None:
-        """Queue a read of the statuses of `txid`'s deliveries (the roll-up's input) on `pipe`,
-        after the writes already queued there: their reply is the pipeline's last."""
-        pipe.eval(scripts.STATUSES_OF, 1, f"{tx_key(txid)}:dl")
-
-    def statuses(self, txid: str) -> list[str]:
-        return [text(s) for s in self._statuses_of(keys=[f"{tx_key(txid)}:dl"])]
+    def roll_up(self, txid: str, close: Sequence[str] = (), *, into: Pipeline | None = None
+                ) -> tuple[TxStatus, bool] | None:
+        """Decide `txid`'s status from its deliveries and write it as `finish` does, in one
+        script (see ROLL_UP). Returns (status, whether this call first made it terminal), or
+        None when queued on `into` (the reply is then that pipeline's last)."""
+        now = time.time()
+        key = tx_key(txid)
+        keys = [key, f"{key}:log", DEADLETTERS, OPEN, metric_key("notifier_transactions_finished"),
+                f"{key}:dl"]
+        args: list[str | int] = [txid, repr(now), self.retention, _TERMINAL, _REACHED,
+                                 DeliveryStatus.FALLEN_BACK.value]
+        for status in (TxStatus.DELIVERED, TxStatus.PARTIAL, TxStatus.FAILED):
+            args += [entry(now, f"status {status.value}", {}),
+                     metric_field("notifier_transactions_finished", status=status.value)]
+        args += close
+        if into is not None:
+            # EVAL, not EVALSHA: inside a pipeline a NOSCRIPT reply could not be retried alone.
+            into.eval(scripts.ROLL_UP, len(keys), *keys, *args)
+            return None
+        return rolled_up(self._roll_up(keys=keys, args=args))
 
     def log(self, txid: str, what: str, *, into: Pipeline | None = None, **detail: str) -> None:
         key = f"{tx_key(txid)}:log"

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from notifier.models import Event
+from notifier.models import Event, TxStatus
 from notifier.records import ClaimResult, DeliveryRecord, Fields, TransactionRecord, text
 
 
@@ -54,3 +54,8 @@ def delivery_from(raw: Fields) -> DeliveryRecord | None:
 
 def deliveries_from(rows: Sequence[Sequence[Any]]) -> list[DeliveryRecord]:
     return [DeliveryRecord.from_redis(pairs(row)) for row in rows if row]
+
+
+def rolled_up(reply: Sequence[Any]) -> tuple[TxStatus, bool]:
+    """The roll-up script's reply: the status it wrote, and whether it first made it final."""
+    return TxStatus(text(reply[0])), bool(int(reply[1]))

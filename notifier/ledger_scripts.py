@@ -131,21 +131,10 @@ end
 return out
 """
 
-STATUSES_OF = """
--- KEYS: a transaction's delivery list. The status of every delivery on it (all the roll-up
--- needs), in order; deliveries whose hash is gone are left out.
-local out = {}
-for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
-  local status = redis.call('HGET', 'ntf:dl:' .. id, 'status')
-  if status then table.insert(out, status) end
-end
-return out
-"""
-
 FINISH = _NOTE + """
--- A roll-up's write: the transaction's status; if this call makes it terminal first, its
--- finished_at, history line, finished counter and (when failed) dead letter; and the rolled-up
--- deliveries off the open index. One round trip, all or nothing.
+-- Set a transaction's status; if this call makes it terminal first, also its finished_at,
+-- history line, finished counter and (when failed) dead letter; and take the given deliveries
+-- off the open index. One round trip, all or nothing.
 -- KEYS: transaction, its log, dead letters, open index, finished-counter hash
 -- ARGV: txid, status, now, terminal '1'/'0', failed '1'/'0', log entry, retention_s,
 --       counter field, then the delivery ids to take off the open index
@@ -159,4 +148,54 @@ if ARGV[4] == '1' and redis.call('HSETNX', KEYS[1], 'finished_at', ARGV[3]) == 1
 end
 for i = 9, #ARGV do redis.call('ZREM', KEYS[4], ARGV[i]) end
 return first
+"""
+
+ROLL_UP = _NOTE + """
+-- A transaction's status from its deliveries' statuses, decided and written in one step, so
+-- two workers finishing its last deliveries at once cannot write an older verdict over a newer
+-- one. The rule is `pipeline.rollup.status_of` (tests/integration/test_rollup_script.py walks
+-- both over every combination): no deliveries -> failed; any not terminal -> dispatching;
+-- otherwise every leaf (not fallen_back) reached -> delivered, some -> partial, none -> failed.
+-- Then the write of FINISH.
+-- KEYS: transaction, its log, dead letters, open index, finished-counter hash, delivery list
+-- ARGV: txid, now, retention_s, terminal delivery statuses (comma list), reached ones, the
+--       fallen-back status, then for delivered, partial, failed: history entry, counter field;
+--       then the delivery ids to take off the open index
+local function set(csv)
+  local out = {}
+  for name in string.gmatch(csv, '[^,]+') do out[name] = true end
+  return out
+end
+local terminal, reached = set(ARGV[4]), set(ARGV[5])
+local n, open, leaves, hits = 0, false, 0, 0
+for _, id in ipairs(redis.call('LRANGE', KEYS[6], 0, -1)) do
+  local s = redis.call('HGET', 'ntf:dl:' .. id, 'status')
+  if s then
+    n = n + 1
+    if not terminal[s] then
+      open = true
+    elseif s ~= ARGV[6] then
+      leaves = leaves + 1
+      if reached[s] then hits = hits + 1 end
+    end
+  end
+end
+local status, k = 'failed', 11
+if n > 0 and open then
+  status, k = 'dispatching', nil
+elseif n > 0 and hits == leaves then
+  status, k = 'delivered', 7
+elseif hits > 0 then
+  status, k = 'partial', 9
+end
+redis.call('HSET', KEYS[1], 'status', status, 'updated_at', ARGV[2])
+local first = 0
+if k and redis.call('HSETNX', KEYS[1], 'finished_at', ARGV[2]) == 1 then
+  first = 1
+  note(KEYS[2], ARGV[k], ARGV[3])
+  redis.call('HINCRBYFLOAT', KEYS[5], ARGV[k + 1], 1)
+  if status == 'failed' then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
+end
+for i = 13, #ARGV do redis.call('ZREM', KEYS[4], ARGV[i]) end
+return {status, first}
 """

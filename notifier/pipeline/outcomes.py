@@ -14,7 +14,7 @@ from redis.client import Pipeline
 from notifier.awaiting import index_sent
 from notifier.errors import DeliveryError
 from notifier.ids import fallback_id
-from notifier.ledger import Attempt, DeliveryRecord, text
+from notifier.ledger import Attempt, DeliveryRecord
 from notifier.models import DeliveryStatus, Receipt
 from notifier.pipeline.backoff import retry_delay
 from notifier.pipeline.deps import PipelineDeps
@@ -192,21 +192,17 @@ class Outcomes:
                          to_channel=channel, reason=reason)
         self.metrics.inc("notifier_deliveries", into=pipe, channel=rec.channel,
                          provider=rec.provider or "-", outcome="fallen_back")
-        self.ledger.queue_statuses(pipe, rec.transaction_id)
-        statuses = pipe.execute()[-1]
+        finish_transaction(self.ledger, rec.transaction_id, close=[rec.id], into=pipe)
+        pipe.execute()
         _log(rec, "fallen_back", detail=f"to {channel}: {detail}")
-        finish_transaction(self.ledger, rec.transaction_id, close=[rec.id],
-                           statuses=[text(s) for s in statuses])
         return "fallen_back"
 
     def _finish_all(self, rec: DeliveryRecord, pipe: Pipeline, reached: bool) -> None:
         """Run the step's writes queued on `pipe`, then roll up this delivery's transaction, and
         those of the deliveries a digest carried; the delivery then leaves the open index."""
-        if not rec.digest_of:  # the common case: the roll-up's read rides on the same pipeline
-            self.ledger.queue_statuses(pipe, rec.transaction_id)
-            statuses = pipe.execute()[-1]
-            finish_transaction(self.ledger, rec.transaction_id, close=[rec.id],
-                               statuses=[text(s) for s in statuses])
+        if not rec.digest_of:  # the common case: the roll-up rides on the same round trip
+            finish_transaction(self.ledger, rec.transaction_id, close=[rec.id], into=pipe)
+            pipe.execute()
             return
         pipe.execute()
         txids = [rec.transaction_id]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from redis.client import Pipeline
+
 from notifier.ledger import DeliveryRecord, Ledger
 from notifier.models import DeliveryStatus, TxStatus
 
@@ -31,13 +33,13 @@ def status_of(statuses: Sequence[str]) -> TxStatus:
 
 
 def finish_transaction(ledger: Ledger, txid: str, *, close: Sequence[str] = (),
-                       statuses: Sequence[str] | None = None) -> TxStatus:
+                       into: Pipeline | None = None) -> TxStatus | None:
     """Roll up `txid`; the first call that makes it final counts it (and dead-letters a failure),
     and the rolled-up deliveries `close` leave the reaper's open index in the same write.
-    `statuses`: its deliveries' statuses when the caller read them already (`queue_statuses`).
 
+    One script decides (by `status_of`'s rule) and writes, atomically. `into`: queue it last on
+    the pipeline of the step's own writes (one round trip for both); returns None then.
     Idempotent, so a redelivered task or the reaper may call it again after a crash.
     """
-    status = status_of(ledger.statuses(txid) if statuses is None else statuses)
-    ledger.finish(txid, status, close)
-    return status
+    done = ledger.roll_up(txid, close, into=into)
+    return None if done is None else done[0]
