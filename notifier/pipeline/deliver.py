@@ -62,23 +62,9 @@ def deliver(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | No
             return outcomes.sent(rec, provider.provider_name, found, latency=None,
                                  outcome="found_after_timeout", accepted_at=tx.created_at)
 
-    buckets = _buckets(rec, cfg)
-    channel_bucket = buckets[0] if cfg.rate_limit else None
-    # A newcomer (never waited on a timer) queues behind paced deliveries instead of taking a
-    # token they are waiting for.
-    if (channel_bucket is not None and rec.next_at is None
-            and deps.pacer.queue_ahead(channel_bucket)):
-        return outcomes.deferred(rec, time.time() + deps.pacer.slot(channel_bucket, 0.0), "channel")
-    decision = deps.buckets.take(buckets)
-    if not decision.allowed:
-        scope = "recipient" if decision.limiting != rec.channel else "channel"
-        if scope == "recipient" and decision.retry_after > cfg.max_defer:
-            return outcomes.fall_back(rec, "recipient_budget", decision.limiting or "")
-        if scope == "recipient" and rec.kind != "digest":
-            return hold(deps, rec, decision.retry_after)
-        limiting = next(b for b in buckets if b.key == decision.limiting)
-        return outcomes.deferred(rec, time.time() + deps.pacer.slot(limiting, decision.retry_after),
-                                 scope)
+    refused = _rate_limit(deps, rec, cfg, outcomes)
+    if refused is not None:
+        return refused
 
     breaker = deps.breaker_for(provider.breaker_name, cfg.breaker)
     try:
@@ -104,6 +90,31 @@ def deliver(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | No
     breaker.record_success(permit, into=pipe)
     return outcomes.sent(rec, provider.provider_name, receipt, latency=latency,
                          accepted_at=tx.created_at, into=pipe)
+
+
+def _rate_limit(deps: PipelineDeps, rec: DeliveryRecord, cfg: ChannelConfig, outcomes: Outcomes
+                ) -> str | None:
+    """Take this send's tokens; None when taken, else what was done instead (deferred, held
+    for a digest, fallen back)."""
+    buckets = _buckets(rec, cfg)
+    channel_bucket = buckets[0] if cfg.rate_limit else None
+    # A newcomer (never waited on a timer) queues behind paced deliveries instead of taking a
+    # token they are waiting for (checked by the take itself: no extra round trip).
+    newcomer = channel_bucket is not None and rec.next_at is None
+    decision = deps.buckets.take(
+        buckets, behind=deps.pacer.key(channel_bucket) if channel_bucket and newcomer else None)
+    if decision.allowed:
+        return None
+    if decision.behind and channel_bucket is not None:
+        return outcomes.deferred(rec, time.time() + deps.pacer.slot(channel_bucket, 0.0), "channel")
+    scope = "recipient" if decision.limiting != rec.channel else "channel"
+    if scope == "recipient" and decision.retry_after > cfg.max_defer:
+        return outcomes.fall_back(rec, "recipient_budget", decision.limiting or "")
+    if scope == "recipient" and rec.kind != "digest":
+        return hold(deps, rec, decision.retry_after)
+    limiting = next(b for b in buckets if b.key == decision.limiting)
+    return outcomes.deferred(rec, time.time() + deps.pacer.slot(limiting, decision.retry_after),
+                             scope)
 
 
 def _buckets(rec: DeliveryRecord, cfg: ChannelConfig) -> list[Bucket]:

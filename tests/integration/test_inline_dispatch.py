@@ -239,7 +239,7 @@ def test_sends_reuse_one_connection_and_a_forked_child_opens_its_own(
     for i in range(5):
         fleet.loop.run(channel.send(message(f"dlv-{i}")))
     assert len(sms_fake.messages) == 5
-    assert connections_made() == 1  # keep-alive: one TCP connection for five SendSms
+    assert connections_made(sms_fake.endpoint) == 1  # keep-alive: one TCP connection for five SendSms
     parent_sessions = dict(DaraCore._sessions)
     read, write = os.pipe()
     pid = os.fork()
@@ -247,7 +247,7 @@ def test_sends_reuse_one_connection_and_a_forked_child_opens_its_own(
         ok = not DaraCore._sessions
         try:
             fleet.loop.run(channel.send(message("dlv-child")))
-            ok = ok and connections_made() == 1
+            ok = ok and connections_made(sms_fake.endpoint) == 1
         except Exception:
             ok = False
         os.write(write, b"1" if ok else b"0")
@@ -259,11 +259,11 @@ def test_sends_reuse_one_connection_and_a_forked_child_opens_its_own(
     assert DaraCore._sessions == parent_sessions  # the parent keeps its own connection
     fleet.loop.run(channel.send(message("dlv-after")))
     assert [m["out_id"] for m in sms_fake.messages][-2:] == ["dlv-child", "dlv-after"]
-    assert connections_made() == 1  # the parent's connection outlived the child
+    assert connections_made(sms_fake.endpoint) == 1  # the parent's connection outlived the child
 
 
-def connections_made() -> int:
-    """TCP connections this process's SDK pool opened (urllib3 counts them per pool)."""
-    (session,) = DaraCore._sessions.values()
-    (pool,) = session.get_adapter("http://x/").poolmanager.pools._container.values()
-    return int(pool.num_connections)
+def connections_made(endpoint: str) -> int:
+    """TCP connections this process's SDK pool opened to `endpoint` (urllib3 counts them)."""
+    (session,) = [v for k, v in DaraCore._sessions.items() if f"//{endpoint}:" in k]
+    pools = session.get_adapter(f"http://{endpoint}/").poolmanager.pools._container.values()
+    return sum(int(p.num_connections) for p in pools if f"{p.host}:{p.port}" == endpoint)
