@@ -9,6 +9,7 @@ handling, which itself uses the pipeline's fallback.
 from __future__ import annotations
 
 import redis
+from redis.client import Pipeline
 
 from notifier.inbox import text
 from notifier.ledger import DeliveryRecord
@@ -18,15 +19,14 @@ AWAITING = "ntf:rcpt:awaiting"  # delivery id -> sent at (or when to ask again)
 BIZ_PREFIX = "ntf:rcpt:biz:"  # BizId -> delivery id
 
 
-def index_sent(client: redis.Redis, rec: DeliveryRecord, receipt: Receipt, sent_at: float,
+def index_sent(pipe: Pipeline, rec: DeliveryRecord, receipt: Receipt, sent_at: float,
                retention: float) -> None:
+    """Queued on the pipeline that records the send: indexed exactly when it is recorded."""
     if rec.channel != "sms":
         return
-    pipe = client.pipeline(transaction=False)
     pipe.zadd(AWAITING, {rec.id: sent_at})
     if receipt.provider_message_id:
         pipe.set(BIZ_PREFIX + receipt.provider_message_id, rec.id, ex=max(int(retention), 60))
-    pipe.execute()
 
 
 def delivery_for_biz(client: redis.Redis, biz_id: str) -> str | None:

@@ -40,6 +40,7 @@ from enum import StrEnum
 
 import pybreaker
 import redis
+from redis.client import Pipeline
 
 from notifier.config import BreakerPolicy
 from notifier.errors import CircuitOpen
@@ -223,7 +224,8 @@ class FleetBreaker:
         self._key = f"{KEY_PREFIX}{name}"
         self._script = redis.register_script(_SCRIPT)
 
-    def _run(self, op: str, permit: Permit | None = None, by: str = "", reason: str = "") -> object:
+    def _run(self, op: str, permit: Permit | None = None, by: str = "", reason: str = "",
+             into: Pipeline | None = None) -> object:
         policy = self.policy
         keys = [self._key, f"{self._key}:trials", f"{self._key}:history", REGISTRY_KEY, EVENTS_KEY]
         args: list[str | int] = [
@@ -232,6 +234,10 @@ class FleetBreaker:
             permit.generation if permit else -1, "trial" if permit and permit.trial else "normal",
             by, reason, HISTORY_CAP, EVENTS_CAP,
         ]  # fmt: skip
+        if into is not None:
+            # EVAL, not EVALSHA: a NOSCRIPT reply inside a pipeline could not be retried alone.
+            into.eval(_SCRIPT, len(keys), *keys, *args)
+            return None
         return self._script(keys=keys, args=args)
 
     def acquire(self) -> Permit:
@@ -244,17 +250,18 @@ class FleetBreaker:
             raise CircuitOpen(self.name, None if wait < 0 else wait)
         return Permit(self.name, int(reply[1]), _text(reply[2]) == "trial", _text(reply[3]))
 
-    def record_success(self, permit: Permit) -> None:
-        self._record("success", permit)
+    def record_success(self, permit: Permit, *, into: Pipeline | None = None) -> None:
+        """`into`: queue it on the pipeline that records the send (one round trip for both)."""
+        self._record("success", permit, into)
 
     def record_failure(self, permit: Permit) -> None:
         """Report a failure that says the provider is unwell (`DeliveryError.trips_breaker`)."""
         self._record("failure", permit)
 
-    def _record(self, op: str, permit: Permit) -> None:
+    def _record(self, op: str, permit: Permit, into: Pipeline | None = None) -> None:
         if permit.breaker != self.name:
             raise ValueError(f"permit of breaker {permit.breaker!r} given to {self.name!r}")
-        self._run(op, permit)
+        self._run(op, permit, into=into)
 
     def status(self) -> BreakerStatus:
         """As stored: an OPEN past `retry_at` turns HALF_OPEN at the next `acquire`."""

@@ -18,19 +18,28 @@ from redis.client import Pipeline
 
 from notifier import ledger_scripts as scripts
 from notifier.ledger_accept import OUTBOX, AcceptCall, accept_result
-from notifier.models import Event, TxStatus
+from notifier.ledger_rows import (
+    Claim,
+    deliveries_from,
+    delivery_from,
+    entry,
+    pairs,
+    rolled_up,
+    transaction_from,
+)
+from notifier.metrics import metric_field, metric_key
+from notifier.models import DeliveryStatus, TxStatus
 from notifier.records import (
     AcceptOutcome,
     AcceptResult,
     Attempt,
     ClaimResult,
     DeliveryRecord,
-    Fields,
     TransactionRecord,
     text,
 )
 
-__all__ = ["AcceptOutcome", "AcceptResult", "Attempt", "ClaimResult", "DeliveryRecord", "Ledger",
+__all__ = ["AcceptOutcome", "AcceptResult", "Attempt", "Claim", "ClaimResult", "DeliveryRecord", "Ledger",
            "TransactionRecord", "text"]
 
 PREFIX = "ntf:"
@@ -38,6 +47,9 @@ PREFIX = "ntf:"
 DEADLETTERS = f"{PREFIX}deadletters"  # failed transactions (txid -> failed at)
 OPEN = f"{PREFIX}open"  # deliveries not yet final (delivery id -> created at), for the reaper
 _FINAL = ("sent", "delivered", "failed", "fallen_back", "suppressed")
+# What the roll-up script needs of the delivery statuses, from their one definition.
+_TERMINAL = ",".join(s.value for s in DeliveryStatus if s.terminal)
+_REACHED = ",".join(s.value for s in DeliveryStatus if s.succeeded or s is DeliveryStatus.SUPPRESSED)
 
 
 def tx_key(txid: str) -> str:
@@ -55,6 +67,10 @@ class Ledger:
         self._accept = client.register_script(scripts.ACCEPT)
         self._claim = client.register_script(scripts.CLAIM)
         self._add = client.register_script(scripts.ADD_DELIVERIES)
+        self._fan_out = client.register_script(scripts.FAN_OUT)
+        self._deliveries_of = client.register_script(scripts.DELIVERIES_OF)
+        self._roll_up = client.register_script(scripts.ROLL_UP)
+        self._finish = client.register_script(scripts.FINISH)
 
     # -- transactions ---------------------------------------------------------------------
 
@@ -63,44 +79,61 @@ class Ledger:
         return accept_result(self._accept(keys=call.keys, args=call.args))
 
     def transaction(self, txid: str) -> TransactionRecord | None:
-        raw: Fields = self.redis.hgetall(tx_key(txid))
-        if not raw:
-            return None
-        data = {text(k): text(v) for k, v in raw.items()}
-        return TransactionRecord(
-            id=data["id"],
-            source=data["source"],
-            status=data["status"],
-            event=Event.from_json(json.loads(data["event"])),
-            created_at=float(data["created_at"]),
-            updated_at=float(data["updated_at"]),
-            finished_at=float(data["finished_at"]) if "finished_at" in data else None,
-            receiver=data.get("receiver", ""),
-            suppressed_count=int(data.get("suppressed_count", "0")),
-        )
+        return transaction_from(self.redis.hgetall(tx_key(txid)))
 
-    def set_status(self, txid: str, status: TxStatus) -> bool:
-        """Set a transaction's status; True only for the call that first made it terminal."""
+    def transaction_and_deliveries(self, txid: str
+                                   ) -> tuple[TransactionRecord | None, list[DeliveryRecord]]:
+        """Both in one round trip (what a dispatch starts from)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(tx_key(txid))
+        # EVAL, not EVALSHA: inside a pipeline a NOSCRIPT reply could not be retried alone.
+        pipe.eval(scripts.DELIVERIES_OF, 1, f"{tx_key(txid)}:dl")
+        raw_tx, raw_deliveries = pipe.execute()
+        return transaction_from(raw_tx), deliveries_from(raw_deliveries)
+
+    def finish(self, txid: str, status: TxStatus, close: Sequence[str] = ()) -> bool:
+        """Set a transaction's status; True only for the call that first made it terminal, which
+        also writes its history line, the finished counter and (failed) its dead letter. One
+        script with taking the rolled-up deliveries `close` off the open index."""
+        now = time.time()
+        keys = [tx_key(txid), f"{tx_key(txid)}:log", DEADLETTERS, OPEN,
+                metric_key("notifier_transactions_finished")]
+        args: list[str | int] = [
+            txid, status.value, repr(now), int(status.terminal), int(status is TxStatus.FAILED),
+            entry(now, f"status {status.value}", {}), self.retention,
+            metric_field("notifier_transactions_finished", status=status.value), *close,
+        ]
+        return bool(self._finish(keys=keys, args=args))
+
+    def roll_up(self, txid: str, close: Sequence[str] = (), *, into: Pipeline | None = None
+                ) -> tuple[TxStatus, bool] | None:
+        """Decide `txid`'s status from its deliveries and write it as `finish` does, in one
+        script (see ROLL_UP). Returns (status, whether this call first made it terminal), or
+        None when queued on `into` (the reply is then that pipeline's last)."""
         now = time.time()
         key = tx_key(txid)
-        pipe = self.redis.pipeline()
-        pipe.hset(key, mapping={"status": status.value, "updated_at": repr(now)})
-        if status.terminal:
-            pipe.hsetnx(key, "finished_at", repr(now))
-        results = pipe.execute()
-        first_finish = bool(status.terminal and results[1])
-        if first_finish:
-            self.log(txid, f"status {status.value}")
-        return first_finish
+        keys = [key, f"{key}:log", DEADLETTERS, OPEN, metric_key("notifier_transactions_finished"),
+                f"{key}:dl"]
+        args: list[str | int] = [txid, repr(now), self.retention, _TERMINAL, _REACHED,
+                                 DeliveryStatus.FALLEN_BACK.value]
+        for status in (TxStatus.DELIVERED, TxStatus.PARTIAL, TxStatus.FAILED):
+            args += [entry(now, f"status {status.value}", {}),
+                     metric_field("notifier_transactions_finished", status=status.value)]
+        args += close
+        if into is not None:
+            # EVAL, not EVALSHA: inside a pipeline a NOSCRIPT reply could not be retried alone.
+            into.eval(scripts.ROLL_UP, len(keys), *keys, *args)
+            return None
+        return rolled_up(self._roll_up(keys=keys, args=args))
 
-    def log(self, txid: str, what: str, **detail: str) -> None:
-        entry = json.dumps({"at": time.time(), "event": what, **detail}, ensure_ascii=False)
+    def log(self, txid: str, what: str, *, into: Pipeline | None = None, **detail: str) -> None:
         key = f"{tx_key(txid)}:log"
-        pipe = self.redis.pipeline()
-        pipe.rpush(key, entry)
+        pipe = into if into is not None else self.redis.pipeline()
+        pipe.rpush(key, entry(time.time(), what, detail))
         pipe.ltrim(key, -500, -1)
         pipe.expire(key, self.retention)
-        pipe.execute()
+        if into is None:
+            pipe.execute()
 
     def history(self, txid: str) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.redis.lrange(f"{tx_key(txid)}:log", 0, -1)]
@@ -132,31 +165,42 @@ class Ledger:
         """Create deliveries that do not exist yet (a redelivered dispatch adds nothing twice)."""
         if not records:
             return []
+        keys, args = self._delivery_args(records)
+        # All or nothing per delivery: a worker killed half-way must not leave a delivery that
+        # exists but is on no list (a re-run dispatch would skip it and lose the message).
+        created = self._add(keys=[OPEN, *keys], args=[self.retention, *args])
+        return [text(x) for x in created]
+
+    def fan_out(self, txid: str, records: Sequence[DeliveryRecord], **detail: str) -> list[str]:
+        """A dispatch's write: status `dispatching`, the deliveries that do not exist yet, the
+        `dispatched` history line (with `detail`), off the outbox. Returns the created ids."""
+        keys, args = self._delivery_args(records)
+        line = entry(float(args[0]), "dispatched", detail)
+        created = self._fan_out(
+            keys=[OPEN, tx_key(txid), f"{tx_key(txid)}:log", OUTBOX, *keys],
+            args=[self.retention, args[0], txid, TxStatus.DISPATCHING.value, line, *args[1:]])
+        return [text(x) for x in created]
+
+    @staticmethod
+    def _delivery_args(records: Sequence[DeliveryRecord]) -> tuple[list[str], list[str]]:
+        """KEYS and ARGV pairs of the add scripts; ARGV starts with the creation time."""
         now = time.time()
-        keys: list[str] = [OPEN]
-        args: list[str | int] = [self.retention, repr(now)]
+        keys: list[str] = []
+        args: list[str] = [repr(now)]
         for record in records:
             record.created_at = record.updated_at = now
             keys += [delivery_key(record.id), f"{tx_key(record.transaction_id)}:dl"]
             args += [record.id, json.dumps(record.to_redis(), ensure_ascii=False)]
-        # All or nothing per delivery: a worker killed half-way must not leave a delivery that
-        # exists but is on no list (a re-run dispatch would skip it and lose the message).
-        created = self._add(keys=keys, args=args)
-        return [text(x) for x in created]
+        return keys, args
 
     def delivery(self, did: str) -> DeliveryRecord | None:
-        raw: Fields = self.redis.hgetall(delivery_key(did))
-        return DeliveryRecord.from_redis(raw) if raw and b"transaction_id" in raw else None
+        return delivery_from(self.redis.hgetall(delivery_key(did)))
 
     def delivery_ids(self, txid: str) -> list[str]:
         return [text(x) for x in self.redis.lrange(f"{tx_key(txid)}:dl", 0, -1)]
 
     def deliveries(self, txid: str) -> list[DeliveryRecord]:
-        ids = self.delivery_ids(txid)
-        pipe = self.redis.pipeline()
-        for did in ids:
-            pipe.hgetall(delivery_key(did))
-        return [DeliveryRecord.from_redis(raw) for raw in pipe.execute() if raw]
+        return deliveries_from(self._deliveries_of(keys=[f"{tx_key(txid)}:dl"]))
 
     def open_older_than(self, age: float, limit: int = 500) -> list[str]:
         cutoff = time.time() - age
@@ -170,9 +214,15 @@ class Ledger:
     def touch_open(self, did: str) -> None:
         self.redis.zadd(OPEN, {did: time.time()}, xx=True)
 
-    def claim(self, did: str, token: str, lease: float) -> ClaimResult:
-        result = self._claim(keys=[delivery_key(did)], args=[token, repr(time.time()), lease])
-        return ClaimResult(text(result))
+    def claim(self, did: str, token: str, lease: float, *, with_transaction: bool = True) -> Claim:
+        """Claim a delivery for one send; the answer carries the delivery as claimed (and its
+        transaction, unless the caller has it already), so nothing needs reading again."""
+        reply = self._claim(keys=[delivery_key(did)],
+                            args=[token, repr(time.time()), lease, int(with_transaction)])
+        result = ClaimResult(text(reply[0]))
+        if len(reply) < 3:
+            return Claim(result)
+        return Claim(result, delivery_from(pairs(reply[1])), transaction_from(pairs(reply[2])))
 
     def update(self, did: str, *, into: Pipeline | None = None,
                **changes: str | float | int | list[str] | None) -> None:
@@ -195,9 +245,9 @@ class Ledger:
         if into is None:
             pipe.execute()
 
-    def uncount_attempt(self, did: str) -> None:
+    def uncount_attempt(self, did: str, *, into: Pipeline | None = None) -> None:
         """A claim that ended without a provider call (deferred) does not use up a retry."""
-        self.redis.hincrby(delivery_key(did), "attempt", -1)
+        (into if into is not None else self.redis).hincrby(delivery_key(did), "attempt", -1)
 
     def record_attempt(self, did: str, attempt: Attempt, *, into: Pipeline | None = None) -> None:
         key = f"{delivery_key(did)}:at"
@@ -217,3 +267,4 @@ class Ledger:
         for did in ids:
             pipe.lrange(f"{delivery_key(did)}:at", 0, -1)
         return {did: [json.loads(x) for x in rows] for did, rows in zip(ids, pipe.execute(), strict=True)}
+

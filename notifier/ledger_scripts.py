@@ -43,40 +43,159 @@ redis.call('HINCRBYFLOAT', KEYS[5], ARGV[8], 1)
 return {'new', ARGV[1]}
 """
 
-ADD_DELIVERIES = """
+_ADD = """
+-- add(k0, a0): create the deliveries described from KEYS[k0] / ARGV[a0] on, in pairs
+-- (KEYS: its hash, its transaction's delivery list; ARGV: id, JSON object of its fields), each
+-- only if it does not exist yet. KEYS[1] is the open index, ARGV[1] retention_s, ARGV[2] now.
+local function add(k0, a0)
+  local created = {}
+  for i = 0, (#KEYS - k0 + 1) / 2 - 1 do
+    local key, list = KEYS[k0 + 2 * i], KEYS[k0 + 1 + 2 * i]
+    local id, fields = ARGV[a0 + 2 * i], cjson.decode(ARGV[a0 + 1 + 2 * i])
+    if redis.call('HEXISTS', key, 'transaction_id') == 0 then
+      local flat = {}
+      for name, value in pairs(fields) do
+        flat[#flat + 1] = name
+        flat[#flat + 1] = value
+      end
+      redis.call('HSET', key, unpack(flat))  -- one command, not one per field
+      redis.call('EXPIRE', key, ARGV[1])
+      redis.call('RPUSH', list, id)
+      redis.call('EXPIRE', list, ARGV[1])
+      redis.call('ZADD', KEYS[1], ARGV[2], id)
+      table.insert(created, id)
+    end
+  end
+  return created
+end
+"""
+
+_NOTE = """
+local function note(log, entry, retention)
+  redis.call('RPUSH', log, entry)
+  redis.call('LTRIM', log, -500, -1)
+  redis.call('EXPIRE', log, retention)
+end
+"""
+
+ADD_DELIVERIES = _ADD + """
 -- KEYS: open index, then per delivery: its hash, its transaction's delivery list
 -- ARGV: retention_s, now, then per delivery: id, JSON object of its fields
-local created = {}
-for i = 0, (#KEYS - 1) / 2 - 1 do
-  local key, list = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
-  local id, fields = ARGV[3 + 2 * i], cjson.decode(ARGV[4 + 2 * i])
-  if redis.call('HEXISTS', key, 'transaction_id') == 0 then
-    for name, value in pairs(fields) do redis.call('HSET', key, name, value) end
-    redis.call('EXPIRE', key, ARGV[1])
-    redis.call('RPUSH', list, id)
-    redis.call('EXPIRE', list, ARGV[1])
-    redis.call('ZADD', KEYS[1], ARGV[2], id)
-    table.insert(created, id)
-  end
-end
+return add(2, 3)
+"""
+
+FAN_OUT = _ADD + _NOTE + """
+-- A dispatch's whole write, one round trip and all or nothing: the transaction's status, its
+-- deliveries, the history line, and off the outbox (the reaper watches the deliveries now).
+-- KEYS: open index, transaction, its log, outbox, then per delivery: hash, delivery list
+-- ARGV: retention_s, now, txid, status, log entry (JSON), then per delivery: id, JSON fields
+redis.call('HSET', KEYS[2], 'status', ARGV[4], 'updated_at', ARGV[2])
+local created = add(5, 6)
+note(KEYS[3], ARGV[5], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[3])
 return created
 """
 
 CLAIM = """
--- KEYS: delivery; ARGV: token, now, lease_s
-local st = redis.call('HMGET', KEYS[1], 'status', 'claim_token', 'claim_at')
+-- KEYS: delivery; ARGV: token, now, lease_s, '1' to return the transaction's fields too
+-- Returns {result} or, for claimed / reclaimed / done, {result, the delivery's fields (after
+-- the claim), its transaction's fields or {}}: the caller needs no second read.
+local st = redis.call('HMGET', KEYS[1], 'status', 'claim_token', 'claim_at', 'transaction_id')
 local status = st[1]
-if not status then return 'missing' end
+if not status then return {'missing'} end
+local function loaded(result)
+  local tx = {}
+  if ARGV[4] == '1' and st[4] then tx = redis.call('HGETALL', 'ntf:tx:' .. st[4]) end
+  return {result, redis.call('HGETALL', KEYS[1]), tx}
+end
 local result = 'claimed'
 if status == 'sending' then
   local stale = (tonumber(ARGV[2]) - tonumber(st[3] or '0')) > tonumber(ARGV[3])
-  if st[2] ~= ARGV[1] and not stale then return 'busy' end
+  if st[2] ~= ARGV[1] and not stale then return {'busy'} end
   result = 'reclaimed'
 elseif status ~= 'queued' and status ~= 'retrying' and status ~= 'deferred' then
-  return 'done'
+  return {'done', redis.call('HGETALL', KEYS[1]), {}}
 end
 redis.call('HSET', KEYS[1], 'status', 'sending', 'claim_token', ARGV[1], 'claim_at', ARGV[2],
            'updated_at', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-return result
+return loaded(result)
+"""
+
+DELIVERIES_OF = """
+-- KEYS: a transaction's delivery list. Every delivery on it, as its hash's fields, in order.
+local out = {}
+for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  table.insert(out, redis.call('HGETALL', 'ntf:dl:' .. id))
+end
+return out
+"""
+
+FINISH = _NOTE + """
+-- Set a transaction's status; if this call makes it terminal first, also its finished_at,
+-- history line, finished counter and (when failed) dead letter; and take the given deliveries
+-- off the open index. One round trip, all or nothing.
+-- KEYS: transaction, its log, dead letters, open index, finished-counter hash
+-- ARGV: txid, status, now, terminal '1'/'0', failed '1'/'0', log entry, retention_s,
+--       counter field, then the delivery ids to take off the open index
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'updated_at', ARGV[3])
+local first = 0
+if ARGV[4] == '1' and redis.call('HSETNX', KEYS[1], 'finished_at', ARGV[3]) == 1 then
+  first = 1
+  note(KEYS[2], ARGV[6], ARGV[7])
+  redis.call('HINCRBYFLOAT', KEYS[5], ARGV[8], 1)
+  if ARGV[5] == '1' then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1]) end
+end
+for i = 9, #ARGV do redis.call('ZREM', KEYS[4], ARGV[i]) end
+return first
+"""
+
+ROLL_UP = _NOTE + """
+-- A transaction's status from its deliveries' statuses, decided and written in one step, so
+-- two workers finishing its last deliveries at once cannot write an older verdict over a newer
+-- one. The rule is `pipeline.rollup.status_of` (tests/integration/test_rollup_script.py walks
+-- both over every combination): no deliveries -> failed; any not terminal -> dispatching;
+-- otherwise every leaf (not fallen_back) reached -> delivered, some -> partial, none -> failed.
+-- Then the write of FINISH.
+-- KEYS: transaction, its log, dead letters, open index, finished-counter hash, delivery list
+-- ARGV: txid, now, retention_s, terminal delivery statuses (comma list), reached ones, the
+--       fallen-back status, then for delivered, partial, failed: history entry, counter field;
+--       then the delivery ids to take off the open index
+local function set(csv)
+  local out = {}
+  for name in string.gmatch(csv, '[^,]+') do out[name] = true end
+  return out
+end
+local terminal, reached = set(ARGV[4]), set(ARGV[5])
+local n, open, leaves, hits = 0, false, 0, 0
+for _, id in ipairs(redis.call('LRANGE', KEYS[6], 0, -1)) do
+  local s = redis.call('HGET', 'ntf:dl:' .. id, 'status')
+  if s then
+    n = n + 1
+    if not terminal[s] then
+      open = true
+    elseif s ~= ARGV[6] then
+      leaves = leaves + 1
+      if reached[s] then hits = hits + 1 end
+    end
+  end
+end
+local status, k = 'failed', 11
+if n > 0 and open then
+  status, k = 'dispatching', nil
+elseif n > 0 and hits == leaves then
+  status, k = 'delivered', 7
+elseif hits > 0 then
+  status, k = 'partial', 9
+end
+redis.call('HSET', KEYS[1], 'status', status, 'updated_at', ARGV[2])
+local first = 0
+if k and redis.call('HSETNX', KEYS[1], 'finished_at', ARGV[2]) == 1 then
+  first = 1
+  note(KEYS[2], ARGV[k], ARGV[3])
+  redis.call('HINCRBYFLOAT', KEYS[5], ARGV[k + 1], 1)
+  if status == 'failed' then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
+end
+for i = 13, #ARGV do redis.call('ZREM', KEYS[4], ARGV[i]) end
+return {status, first}
 """

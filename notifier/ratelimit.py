@@ -67,14 +67,19 @@ local function load(i)
 end
 """
 
-# KEYS: per bucket, its state hash and its window zset.
+# KEYS: per bucket, its state hash and its window zset; optionally last, a "behind" key.
 # ARGV: cost, then per bucket: capacity, refill per second, per (s), window capacity.
-# Returns {1, "0", 0} when taken, or {0, wait_seconds, index of the bucket that waits longest}.
+# Returns {1, "0", 0} when taken, or {0, wait_seconds, index of the bucket that waits longest},
+# or {0, wait_seconds, -1} when the "behind" key holds a time still ahead (see `take`).
 _TAKE = (
     _COMMON
     + """
 local cost = tonumber(ARGV[1])
-local n = #KEYS / 2
+local n = (#ARGV - 1) / 4
+if #KEYS > 2 * n then
+  local tail = tonumber(redis.call('GET', KEYS[#KEYS]) or '0')
+  if tail > now then return {0, string.format('%.6f', tail - now), -1} end
+end
 local buckets = {}
 local wait, limiting = 0, 0
 for i = 1, n do
@@ -156,6 +161,7 @@ class Decision:
     allowed: bool
     retry_after: float  # seconds until it would be allowed (0 when allowed)
     limiting: str | None  # key of the bucket that said no
+    behind: bool = False  # refused because of the `behind` key, not for want of tokens
 
 
 class TokenBuckets:
@@ -169,8 +175,13 @@ class TokenBuckets:
     def _keys(self, bucket: Bucket) -> list[str]:
         return [f"{self._prefix}{bucket.key}", f"{self._prefix}{bucket.key}:w"]
 
-    def take(self, buckets: Sequence[Bucket], cost: float = 1.0) -> Decision:
-        """Take `cost` from every bucket, or from none and say how long until all would allow."""
+    def take(self, buckets: Sequence[Bucket], cost: float = 1.0, *, behind: str | None = None
+             ) -> Decision:
+        """Take `cost` from every bucket, or from none and say how long until all would allow.
+
+        `behind`: a key holding a time (epoch seconds, e.g. the tail of a queue of deferred
+        takers): while it is in the future, take nothing and answer `behind=True`; checked in
+        the same script, so a caller that must queue behind others needs no extra round trip."""
         if not buckets:
             return Decision(True, 0.0, None)
         if cost <= 0:
@@ -183,9 +194,13 @@ class TokenBuckets:
         for bucket in buckets:
             keys += self._keys(bucket)
             args += bucket._args()
+        if behind is not None:
+            keys.append(behind)
         allowed, wait, index = self._take(keys=keys, args=args)
         if int(allowed):
             return Decision(True, 0.0, None)
+        if int(index) < 0:
+            return Decision(False, float(wait), None, behind=True)
         return Decision(False, float(wait), buckets[int(index) - 1].key)
 
     def level(self, bucket: Bucket) -> float:

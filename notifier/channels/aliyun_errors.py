@@ -20,6 +20,8 @@ import re
 from collections.abc import Iterator
 
 import aiohttp
+import requests
+import urllib3.exceptions
 from alibabacloud_tea_openapi.exceptions import (
     AlibabaCloudException,
     ServerException,
@@ -199,6 +201,16 @@ def _transport_error(inner: BaseException | None) -> DeliveryError:
         if isinstance(exc, DaraValidateException | TeaValidateException):
             # e.g. RequiredArgumentException('endpoint'): raised before anything was sent
             return PermanentError("SDK.ValidationError", _clean(str(exc)))
+        # The sync SDK path (requests/urllib3) first: a connect timeout also carries a bare
+        # TimeoutError deeper in its chain, which alone would read as "maybe sent".
+        # (urllib3's NewConnectionError subclasses its ConnectTimeoutError: refusals first.)
+        if isinstance(exc, urllib3.exceptions.NewConnectionError | requests.exceptions.SSLError):
+            # refused, unreachable, DNS, TLS handshake: the request never left
+            return TransientError("ConnectionError", _clean(str(exc)))
+        if isinstance(exc, requests.ConnectTimeout | urllib3.exceptions.ConnectTimeoutError):
+            return TransientError("ConnectTimeout", _clean(str(exc)) or "connect timed out")
+        if isinstance(exc, requests.ReadTimeout | urllib3.exceptions.ReadTimeoutError):
+            return MaybeSentError("ReadTimeout", _clean(str(exc)) or "read timed out")
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
             return TransientError("ConnectTimeout", _clean(str(exc)) or "connect timed out")
         if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
@@ -211,9 +223,9 @@ def _transport_error(inner: BaseException | None) -> DeliveryError:
         if isinstance(exc, TimeoutError):
             return MaybeSentError("ReadTimeout", _clean(str(exc)) or "timed out")
     # The SDK keeps only str() of some transport errors; fall back to their (aiohttp) words.
-    if "Connection timeout to host" in text:
+    if "Connection timeout to host" in text or "(connect timeout=" in text:
         return TransientError("ConnectTimeout", text)
-    if "Cannot connect to host" in text:
+    if "Cannot connect to host" in text or "Failed to establish a new connection" in text:
         return TransientError("ConnectionError", text)
     if "Failed to parse the value as json" in text:
         # The SDK drops the status of a non-JSON answer: a proxy's 502 (not sent), its 504 (the

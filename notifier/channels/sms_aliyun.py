@@ -1,20 +1,30 @@
-"""SMS through Alibaba Cloud Dysmsapi (API 2017-05-25) with the official async SDK.
+"""SMS through Alibaba Cloud Dysmsapi (API 2017-05-25) with the official SDK.
 
 A channel sends and raises a classified error; every classification lives in aliyun_errors.
+
+Calls use the SDK's synchronous methods in a thread (`asyncio.to_thread`), not its `*_async`
+ones: the async path builds a new aiohttp session, TCP connection and (HTTPS) SSL context
+loading certifi's CA file on every call, while the sync path keeps one pooled keep-alive
+`requests` session per endpoint in `DaraCore._sessions`. That dict is class-level and
+process-wide, so a forked child drops what it inherited (`_forget_sessions`) and opens its own
+connections: a socket shared with the parent would interleave two processes' requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from alibabacloud_dysmsapi20170525 import models as sms_models
 from alibabacloud_dysmsapi20170525.client import Client
 from alibabacloud_tea_openapi.utils_models import Config
+from darabonba.core import DaraCore
 from darabonba.runtime import RuntimeOptions
 
 from notifier.channels.aliyun_errors import classify_exception, classify_response
@@ -121,7 +131,7 @@ class AliyunSms(Channel):
             out_id=message.delivery_id,
             sms_up_extend_code=extend_code or None,
         )
-        body = await _checked(self._client.send_sms_with_options_async(request, self._runtime))
+        body = await _checked(self._client.send_sms_with_options, request, self._runtime)
         return Receipt(
             provider_message_id=str(body.biz_id or ""),
             request_id=str(body.request_id or ""),
@@ -168,8 +178,8 @@ class AliyunSms(Channel):
                 phone_number=phone, send_date=day, page_size=PAGE_SIZE, current_page=page,
                 biz_id=biz_id or None,
             )
-            body = await _checked(
-                self._client.query_send_details_with_options_async(request, self._runtime))
+            body = await _checked(self._client.query_send_details_with_options, request,
+                                  self._runtime)
             dtos = body.sms_send_detail_dtos
             batch = [dto.to_map() for dto in (dtos.sms_send_detail_dto or [])] if dtos else []
             records.extend(batch)
@@ -196,11 +206,13 @@ def _int(value: object) -> int | None:
         return None
 
 
-async def _checked(call: Awaitable[Any]) -> Any:
-    """One Dysmsapi call, both error layers: SDK exceptions (gateway 4xx/5xx, transport) and a
-    business `Code` other than OK in an HTTP 200 body become classified errors."""
+async def _checked(call: Callable[..., Any], *args: Any) -> Any:
+    """One Dysmsapi call (a sync SDK method, run in a thread: see the module docstring), both
+    error layers: SDK exceptions (gateway 4xx/5xx, transport) and a business `Code` other than
+    OK in an HTTP 200 body become classified errors. The SDK enforces the connect and read
+    timeouts of the runtime options itself (requests' `timeout=(connect, read)`)."""
     try:
-        response = await call
+        response = await asyncio.to_thread(call, *args)
     except Exception as exc:
         raise classify_exception(exc) from exc
     body = response.body
@@ -208,3 +220,12 @@ async def _checked(call: Awaitable[Any]) -> Any:
     if code != "OK":
         raise classify_response(code, str(getattr(body, "message", "") or ""))
     return body
+
+
+def _forget_sessions() -> None:
+    """In a forked child: drop the parent's pooled sessions (their sockets are the parent's)
+    without closing them, which would only close this process's copy of each descriptor."""
+    DaraCore._sessions.clear()
+
+
+os.register_at_fork(after_in_child=_forget_sessions)

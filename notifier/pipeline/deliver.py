@@ -1,6 +1,7 @@
 """One delivery step: claim → (look up a maybe-sent) → render → rate limit → breaker → send.
 
-Plain Python: the Celery task calls `deliver(deps, delivery_id, token)` and nothing more.
+Plain Python: the Celery task calls `deliver(deps, delivery_id, token)` and nothing more; the
+dispatch step calls it too, for the one delivery it sends itself (with the transaction it has).
 """
 
 from __future__ import annotations
@@ -19,20 +20,23 @@ from notifier.ratelimit import Bucket
 from notifier.templates import TemplateContext
 
 
-def deliver(deps: PipelineDeps, did: str, token: str) -> str:
-    """Advance one delivery by one step; returns what happened (for logs and tests)."""
-    claim = deps.ledger.claim(did, token, deps.claim_lease)
-    if claim is ClaimResult.DONE:
+def deliver(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | None = None) -> str:
+    """Advance one delivery by one step; returns what happened (for logs and tests).
+
+    `token` identifies this attempt: a redelivery of the same task message carries the same one
+    and may take over a claim its dead predecessor left. `tx`: the delivery's transaction, when
+    the caller has it in hand (the claim then does not read it again)."""
+    claim = deps.ledger.claim(did, token, deps.claim_lease, with_transaction=tx is None)
+    result, rec = claim.result, claim.delivery
+    if result is ClaimResult.DONE:
         # A redelivered task: the worker that finished the send may have died before the
         # roll-up, so do it (idempotently) here.
-        done = deps.ledger.delivery(did)
-        if done is not None:
-            finish_transaction(deps.ledger, deps.metrics, done.transaction_id)
-        return claim.value
-    if claim is not ClaimResult.CLAIMED and claim is not ClaimResult.RECLAIMED:
-        return claim.value
-    rec = deps.ledger.delivery(did)
-    tx = deps.ledger.transaction(rec.transaction_id) if rec else None
+        if rec is not None:
+            finish_transaction(deps.ledger, rec.transaction_id)
+        return result.value
+    if result is not ClaimResult.CLAIMED and result is not ClaimResult.RECLAIMED:
+        return result.value
+    tx = tx or claim.transaction
     outcomes = Outcomes(deps)
     if rec is None or tx is None:
         return "missing"
@@ -49,7 +53,7 @@ def deliver(deps: PipelineDeps, did: str, token: str) -> str:
         return outcomes.fall_back(rec, "template", exc.message)
 
     maybe_since = rec.maybe_sent_at
-    if claim is ClaimResult.RECLAIMED and maybe_since is None:
+    if result is ClaimResult.RECLAIMED and maybe_since is None:
         # The last holder died mid-send: the provider may have the message already.
         maybe_since = (rec.claim_at or time.time()) - deps.claim_lease * 2
     if maybe_since is not None:
@@ -58,23 +62,9 @@ def deliver(deps: PipelineDeps, did: str, token: str) -> str:
             return outcomes.sent(rec, provider.provider_name, found, latency=None,
                                  outcome="found_after_timeout", accepted_at=tx.created_at)
 
-    buckets = _buckets(rec, cfg)
-    channel_bucket = buckets[0] if cfg.rate_limit else None
-    # A newcomer (never waited on a timer) queues behind paced deliveries instead of taking a
-    # token they are waiting for.
-    if (channel_bucket is not None and rec.next_at is None
-            and deps.pacer.queue_ahead(channel_bucket)):
-        return outcomes.deferred(rec, time.time() + deps.pacer.slot(channel_bucket, 0.0), "channel")
-    decision = deps.buckets.take(buckets)
-    if not decision.allowed:
-        scope = "recipient" if decision.limiting != rec.channel else "channel"
-        if scope == "recipient" and decision.retry_after > cfg.max_defer:
-            return outcomes.fall_back(rec, "recipient_budget", decision.limiting or "")
-        if scope == "recipient" and rec.kind != "digest":
-            return hold(deps, rec, decision.retry_after)
-        limiting = next(b for b in buckets if b.key == decision.limiting)
-        return outcomes.deferred(rec, time.time() + deps.pacer.slot(limiting, decision.retry_after),
-                                 scope)
+    refused = _rate_limit(deps, rec, cfg, outcomes)
+    if refused is not None:
+        return refused
 
     breaker = deps.breaker_for(provider.breaker_name, cfg.breaker)
     try:
@@ -95,9 +85,36 @@ def deliver(deps: PipelineDeps, did: str, token: str) -> str:
         error = TransientError("unexpected", type(exc).__name__)
         return outcomes.failed_send(rec, provider.provider_name, error,
                                     time.monotonic() - started, started_wall)
-    breaker.record_success(permit)
-    return outcomes.sent(rec, provider.provider_name, receipt,
-                         latency=time.monotonic() - started, accepted_at=tx.created_at)
+    latency = time.monotonic() - started
+    pipe = deps.ledger.redis.pipeline()  # the breaker's success rides with the send's record
+    breaker.record_success(permit, into=pipe)
+    return outcomes.sent(rec, provider.provider_name, receipt, latency=latency,
+                         accepted_at=tx.created_at, into=pipe)
+
+
+def _rate_limit(deps: PipelineDeps, rec: DeliveryRecord, cfg: ChannelConfig, outcomes: Outcomes
+                ) -> str | None:
+    """Take this send's tokens; None when taken, else what was done instead (deferred, held
+    for a digest, fallen back)."""
+    buckets = _buckets(rec, cfg)
+    channel_bucket = buckets[0] if cfg.rate_limit else None
+    # A newcomer (never waited on a timer) queues behind paced deliveries instead of taking a
+    # token they are waiting for (checked by the take itself: no extra round trip).
+    newcomer = channel_bucket is not None and rec.next_at is None
+    decision = deps.buckets.take(
+        buckets, behind=deps.pacer.key(channel_bucket) if channel_bucket and newcomer else None)
+    if decision.allowed:
+        return None
+    if decision.behind and channel_bucket is not None:
+        return outcomes.deferred(rec, time.time() + deps.pacer.slot(channel_bucket, 0.0), "channel")
+    scope = "recipient" if decision.limiting != rec.channel else "channel"
+    if scope == "recipient" and decision.retry_after > cfg.max_defer:
+        return outcomes.fall_back(rec, "recipient_budget", decision.limiting or "")
+    if scope == "recipient" and rec.kind != "digest":
+        return hold(deps, rec, decision.retry_after)
+    limiting = next(b for b in buckets if b.key == decision.limiting)
+    return outcomes.deferred(rec, time.time() + deps.pacer.slot(limiting, decision.retry_after),
+                             scope)
 
 
 def _buckets(rec: DeliveryRecord, cfg: ChannelConfig) -> list[Bucket]:

@@ -1,51 +1,91 @@
-"""Expand an accepted transaction into deliveries and queue one deliver task per delivery."""
+"""Expand an accepted transaction into deliveries; queue a deliver task for each but one, and
+send that one in the same step.
+
+Sending one delivery inline saves a Celery task (publish, fetch, ack) for the common event with
+a single delivery. It goes through `deliver`, the same code as a deliver task, with a claim
+token derived from the dispatch task's id: a redelivery of the same dispatch message (worker
+killed mid-send) re-claims it as 'reclaimed' and looks up a maybe-sent message first, exactly
+as a redelivered deliver task would. If the whole worker dies, the reaper re-queues the inline
+delivery like any other open one (it is on the open index from the moment it exists).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from notifier.ledger import DeliveryRecord
 from notifier.models import DeliveryStatus, TxStatus
+from notifier.pipeline.deliver import deliver
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.fanout import plan_deliveries
 from notifier.pipeline.outcomes import Outcomes
 from notifier.pipeline.routing import plan_route
 from notifier.tasks_spec import DELIVER, deliver_queue
 
+# Statuses in which a re-run dispatch takes its inline delivery up again (the claim decides
+# whether this run may send it); any other state has an owner already (a timer, a receipt).
+_RESUMABLE = (DeliveryStatus.QUEUED, DeliveryStatus.SENDING)
 
-def dispatch(deps: PipelineDeps, txid: str) -> str:
-    """Idempotent: a redelivered dispatch recreates nothing and re-queues only queued work."""
+
+def inline_token(dispatch_task_id: str) -> str:
+    """The claim token of a dispatch's inline delivery: the same on every redelivery of that
+    dispatch message, and never a deliver task's token (those are task ids themselves)."""
+    return f"dispatch:{dispatch_task_id}"
+
+
+def dispatch(deps: PipelineDeps, txid: str, token: str | None = None,
+             may_inline: Callable[[str], bool] = lambda _queue: True) -> str:
+    """Idempotent: a redelivered dispatch recreates nothing and re-queues only queued work.
+
+    `token` (see `inline_token`): send one delivery here instead of queueing it; None queues
+    every delivery. `may_inline(queue)`: whether this worker serves that delivery queue (a
+    worker started for the dispatch queue only must not send SMS)."""
     ledger = deps.ledger
-    tx = ledger.transaction(txid)
+    tx, existing = ledger.transaction_and_deliveries(txid)
     if tx is None:
         ledger.fanned_out(txid)
         return "missing"
     if TxStatus(tx.status).terminal:
         ledger.fanned_out(txid)
         return "done"
-    existing = ledger.deliveries(txid)
     if existing:
-        records: list[DeliveryRecord] = existing
-        new_ids = {r.id for r in existing if r.status == DeliveryStatus.QUEUED}
+        records = existing
+        queued = [r for r in existing if r.status == DeliveryStatus.QUEUED]
+        ledger.fanned_out(txid)
     else:
         plan = plan_route(deps.settings, tx.event, tx.receiver)
         if plan is None or not plan.recipients:
             ledger.log(txid, "no_route", detail="no route matched and the event named no recipients")
-            ledger.set_status(txid, TxStatus.FAILED)
-            ledger.dead_letter(txid)
-            deps.metrics.inc("notifier_transactions_finished", status="failed")
+            ledger.finish(txid, TxStatus.FAILED)
             ledger.fanned_out(txid)
             return "no_route"
         records = plan_deliveries(deps.settings, txid, tx.event.kind, plan)
-        ledger.set_status(txid, TxStatus.DISPATCHING)
-        new_ids = set(ledger.add_deliveries(records))
-        ledger.log(txid, "dispatched", deliveries=str(len(records)),
-                   route="-" if plan.route_index is None else str(plan.route_index))
+        new_ids = set(ledger.fan_out(txid, records, deliveries=str(len(records)),
+                                     route="-" if plan.route_index is None else str(plan.route_index)))
+        queued = [r for r in records if r.id in new_ids]
+    inline = _inline_pick(records, may_inline) if token is not None else None
     outcomes = Outcomes(deps)
-    for record in records:
-        if record.id not in new_ids:
+    for record in queued:
+        if record is inline:
             continue
         if not record.address:
             outcomes.fall_back(record, "no_address", record.reason)
             continue
         deps.publisher.publish(DELIVER, [record.id], deliver_queue(record.channel))
-    ledger.fanned_out(txid)
+    if inline is not None and token is not None and inline.status in _RESUMABLE:
+        deliver(deps, inline.id, token, tx=tx)
     return "dispatched"
+
+
+def _inline_pick(records: list[DeliveryRecord], may_inline: Callable[[str], bool]
+                 ) -> DeliveryRecord | None:
+    """The delivery a dispatch sends itself: the first of the route's plan that has an address.
+    The same one on every run of this dispatch (plan order is the order of the delivery list)."""
+    for record in records:
+        if record.fallback_of or record.digest_of:
+            continue  # created later by another step, never by the plan
+        if record.address and may_inline(deliver_queue(record.channel)):
+            return record
+        return None
+    return None
+

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import time
 
+from redis.client import Pipeline
+
 from notifier.awaiting import index_sent
 from notifier.errors import DeliveryError
 from notifier.ids import fallback_id
@@ -40,9 +42,12 @@ class Outcomes:
         self.metrics = deps.metrics
 
     def sent(self, rec: DeliveryRecord, provider: str, receipt: Receipt, *, latency: float | None,
-             outcome: str = "sent", accepted_at: float | None = None) -> str:
+             outcome: str = "sent", accepted_at: float | None = None,
+             into: Pipeline | None = None) -> str:
+        """`into`: a pipeline with writes of the same step already queued (the breaker's)."""
         now = time.time()
-        pipe = self.ledger.redis.pipeline()  # one round trip for the record and its metrics
+        # One round trip for the record, its metrics, its receipt index and the roll-up's read.
+        pipe = into if into is not None else self.ledger.redis.pipeline()
         self.ledger.update(
             rec.id, into=pipe, status=DeliveryStatus.SENT.value, provider=provider, sent_at=now,
             provider_message_id=receipt.provider_message_id, request_id=receipt.request_id,
@@ -64,17 +69,18 @@ class Outcomes:
         if accepted_at is not None:
             self.metrics.observe("notifier_end_to_end_latency_seconds", now - accepted_at,
                                  into=pipe, channel=rec.channel)
-        pipe.execute()
-        index_sent(self.ledger.redis, rec, receipt, now, self.deps.settings.retention)
+        index_sent(pipe, rec, receipt, now, self.deps.settings.retention)
+        self._finish_all(rec, pipe, reached=True)
         _log(rec, outcome, provider)
-        self._finish_all(rec, reached=True)
         return outcome
 
     def failed_send(self, rec: DeliveryRecord, provider: str, error: DeliveryError,
                     latency: float, started_at: float) -> str:
         """Route a classified provider failure: retry, next provider, or fallback."""
         cls = error.error_class.value
-        self.metrics.inc("notifier_send_attempts", channel=rec.channel, provider=provider, result=cls)
+        pipe = self.ledger.redis.pipeline()  # the attempt, its error and its metrics: one write
+        self.metrics.inc("notifier_send_attempts", into=pipe, channel=rec.channel,
+                         provider=provider, result=cls)
         policy = self.deps.settings.channels[rec.channel].retry
         retry_at = None
         retrying = cls in ("transient", "maybe_sent") and rec.attempt < policy.max_attempts
@@ -83,29 +89,36 @@ class Outcomes:
         self.ledger.record_attempt(rec.id, Attempt(
             at=started_at, provider=provider, outcome=cls, error_code=error.code,
             message=error.message[:300], latency_ms=round(latency * 1000, 3), retry_at=retry_at,
-        ))
-        self.ledger.update(rec.id, error_code=error.code, error_class=cls, provider=provider)
+        ), into=pipe)
         _log(rec, f"error:{cls}", provider, error.code, "retrying" if retry_at else "")
         if retry_at is not None:
             maybe = started_at if cls == "maybe_sent" else rec.maybe_sent_at
-            self.ledger.update(rec.id, status=DeliveryStatus.RETRYING.value, next_at=retry_at,
-                               maybe_sent_at=maybe)
-            self.deps.timers.schedule(DELIVER, deliver_queue(rec.channel), rec.id, retry_at)
-            self.metrics.inc("notifier_retries", channel=rec.channel, provider=provider,
+            self.ledger.update(rec.id, into=pipe, error_code=error.code, error_class=cls,
+                               provider=provider, status=DeliveryStatus.RETRYING.value,
+                               next_at=retry_at, maybe_sent_at=maybe)
+            self.metrics.inc("notifier_retries", into=pipe, channel=rec.channel, provider=provider,
                              error_class=cls)
+            pipe.execute()
+            self.deps.timers.schedule(DELIVER, deliver_queue(rec.channel), rec.id, retry_at)
             return "retrying"
+        self.ledger.update(rec.id, into=pipe, error_code=error.code, error_class=cls,
+                           provider=provider)
+        pipe.execute()
         if cls in ("transient", "maybe_sent", "account"):
             reason = "retries_exhausted" if cls != "account" else "account_error"
             return self.next_provider(rec, reason, error.code)
         return self.fall_back(rec, cls, error.code)
 
     def deferred(self, rec: DeliveryRecord, until: float, scope: str) -> str:
-        self.ledger.uncount_attempt(rec.id)
-        self.ledger.update(rec.id, status=DeliveryStatus.DEFERRED.value, next_at=until)
+        pipe = self.ledger.redis.pipeline()
+        self.ledger.uncount_attempt(rec.id, into=pipe)
+        self.ledger.update(rec.id, into=pipe, status=DeliveryStatus.DEFERRED.value, next_at=until)
         self.ledger.record_attempt(rec.id, Attempt(at=time.time(), provider="", outcome="deferred",
-                                                   message=f"rate limit: {scope}", retry_at=until))
+                                                   message=f"rate limit: {scope}", retry_at=until),
+                                   into=pipe)
+        self.metrics.inc("notifier_deferrals", into=pipe, channel=rec.channel, scope=scope)
+        pipe.execute()
         self.deps.timers.schedule(DELIVER, deliver_queue(rec.channel), rec.id, until)
-        self.metrics.inc("notifier_deferrals", channel=rec.channel, scope=scope)
         _log(rec, "deferred", detail=f"{scope} rate limit")
         return "deferred"
 
@@ -115,13 +128,16 @@ class Outcomes:
             return self.fall_back(rec, reason, code)
         nxt = rec.provider_index + 1
         name = self.deps.providers[rec.channel][nxt].provider_name
-        self.ledger.update(rec.id, status=DeliveryStatus.QUEUED.value, provider_index=nxt,
-                           attempt=0, next_at=None, maybe_sent_at=None, reason=reason)
-        self.ledger.log(rec.transaction_id, "provider_fallback", delivery=rec.id,
+        pipe = self.ledger.redis.pipeline()
+        self.ledger.update(rec.id, into=pipe, status=DeliveryStatus.QUEUED.value,
+                           provider_index=nxt, attempt=0, next_at=None, maybe_sent_at=None,
+                           reason=reason)
+        self.ledger.log(rec.transaction_id, "provider_fallback", into=pipe, delivery=rec.id,
                         to_provider=name, reason=reason, code=code)
+        self.metrics.inc("notifier_fallbacks", into=pipe, from_channel=rec.channel,
+                         to_channel=rec.channel, reason=reason)
+        pipe.execute()
         _log(rec, "next_provider", code=code, detail=f"to {name}: {reason}")
-        self.metrics.inc("notifier_fallbacks", from_channel=rec.channel, to_channel=rec.channel,
-                         reason=reason)
         self.deps.publisher.publish(DELIVER, [rec.id], deliver_queue(rec.channel))
         return "next_provider"
 
@@ -148,12 +164,15 @@ class Outcomes:
             for did in self.ledger.add_deliveries(successors):
                 self.deps.publisher.publish(DELIVER, [did], deliver_queue(channel))
             return self._mark_fallen_back(rec, channel, detail, reason)
-        self.ledger.update(rec.id, status=DeliveryStatus.FAILED.value, reason=detail, next_at=None)
-        self.metrics.inc("notifier_deliveries", channel=rec.channel, provider=rec.provider or "-",
-                         outcome="failed")
-        self.ledger.log(rec.transaction_id, "delivery_failed", delivery=rec.id, reason=detail)
+        pipe = self.ledger.redis.pipeline()
+        self.ledger.update(rec.id, into=pipe, status=DeliveryStatus.FAILED.value, reason=detail,
+                           next_at=None)
+        self.metrics.inc("notifier_deliveries", into=pipe, channel=rec.channel,
+                         provider=rec.provider or "-", outcome="failed")
+        self.ledger.log(rec.transaction_id, "delivery_failed", into=pipe, delivery=rec.id,
+                        reason=detail)
+        self._finish_all(rec, pipe, reached=False)
         _log(rec, "failed", code=code, detail=detail)
-        self._finish_all(rec, reached=False)
         return "failed"
 
     def _live_delivery(self, rec: DeliveryRecord, channel: str) -> str | None:
@@ -164,27 +183,33 @@ class Outcomes:
         return None
 
     def _mark_fallen_back(self, rec: DeliveryRecord, channel: str, detail: str, reason: str) -> str:
-        self.ledger.update(rec.id, status=DeliveryStatus.FALLEN_BACK.value, reason=detail,
-                           next_at=None)
-        self.ledger.log(rec.transaction_id, "fallback", delivery=rec.id, from_channel=rec.channel,
-                        to_channel=channel, reason=detail)
+        pipe = self.ledger.redis.pipeline()
+        self.ledger.update(rec.id, into=pipe, status=DeliveryStatus.FALLEN_BACK.value,
+                           reason=detail, next_at=None)
+        self.ledger.log(rec.transaction_id, "fallback", into=pipe, delivery=rec.id,
+                        from_channel=rec.channel, to_channel=channel, reason=detail)
+        self.metrics.inc("notifier_fallbacks", into=pipe, from_channel=rec.channel,
+                         to_channel=channel, reason=reason)
+        self.metrics.inc("notifier_deliveries", into=pipe, channel=rec.channel,
+                         provider=rec.provider or "-", outcome="fallen_back")
+        finish_transaction(self.ledger, rec.transaction_id, close=[rec.id], into=pipe)
+        pipe.execute()
         _log(rec, "fallen_back", detail=f"to {channel}: {detail}")
-        self.metrics.inc("notifier_fallbacks", from_channel=rec.channel, to_channel=channel,
-                         reason=reason)
-        self.metrics.inc("notifier_deliveries", channel=rec.channel, provider=rec.provider or "-",
-                         outcome="fallen_back")
-        self.finish(rec.transaction_id)
-        self.ledger.close_open(rec.id)
         return "fallen_back"
 
-    def _finish_all(self, rec: DeliveryRecord, reached: bool) -> None:
-        """Roll up this delivery's transaction, and those of deliveries a digest carried."""
+    def _finish_all(self, rec: DeliveryRecord, pipe: Pipeline, reached: bool) -> None:
+        """Run the step's writes queued on `pipe`, then roll up this delivery's transaction, and
+        those of the deliveries a digest carried; the delivery then leaves the open index."""
+        if not rec.digest_of:  # the common case: the roll-up rides on the same round trip
+            finish_transaction(self.ledger, rec.transaction_id, close=[rec.id], into=pipe)
+            pipe.execute()
+            return
+        pipe.execute()
         txids = [rec.transaction_id]
-        if rec.digest_of:
-            txids += [t for t in settle_members(self.deps, rec, reached) if t not in txids]
+        txids += [t for t in settle_members(self.deps, rec, reached) if t not in txids]
         for txid in txids:
             self.finish(txid)
         self.ledger.close_open(rec.id, *rec.digest_of)
 
     def finish(self, txid: str) -> None:
-        finish_transaction(self.ledger, self.metrics, txid)
+        finish_transaction(self.ledger, txid)

@@ -39,12 +39,18 @@ class Pacer:
     def queue_ahead(self, bucket: Bucket) -> bool:
         """Are deferred deliveries waiting for this bucket? Then a newcomer queues behind them:
         taking a freed token first would let it jump the line and send in clumps."""
-        return float(self._queue_ahead(keys=[f"{PREFIX}pace:{bucket.key}"])) > 0
+        return float(self._queue_ahead(keys=[self.key(bucket)])) > 0
+
+    @staticmethod
+    def key(bucket: Bucket) -> str:
+        """The bucket's schedule tail (epoch seconds of its last handed-out slot): what
+        `TokenBuckets.take(..., behind=)` checks, as `queue_ahead` does, in the take itself."""
+        return f"{PREFIX}pace:{bucket.key}"
 
     def slot(self, bucket: Bucket, earliest: float) -> float:
         """Seconds from now at which this deferred delivery should try again."""
         interval = 1.0 / bucket.limit.refill_per_second
         ttl = max(int(earliest + interval * 2) + 60, 60)
-        delay = self._next_slot(keys=[f"{PREFIX}pace:{bucket.key}"],
+        delay = self._next_slot(keys=[self.key(bucket)],
                                 args=[repr(earliest), repr(interval), ttl])
         return float(delay)

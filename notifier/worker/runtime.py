@@ -57,6 +57,11 @@ class Runtime:
         self._deps: PipelineDeps | None = None
         self._pid = 0
 
+    def consumes(self, queue: str) -> bool:
+        """Does this worker consume `queue` (`notifier worker --queues`)? Only then may its
+        dispatch tasks send a delivery of that queue inline."""
+        return queue in self.app.amqp.queues.consume_from
+
     def deps(self) -> PipelineDeps:
         if self._deps is None or self._pid != os.getpid():
             self._deps = build_deps(self.settings, self.app)

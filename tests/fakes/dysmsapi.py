@@ -225,13 +225,23 @@ class FakeDysmsapi:
 
     async def _kick(self) -> None:
         """A `refuse` at the head of the queue: close the listening socket, reopen it later.
-        Connections then really are refused (ECONNREFUSED), not accepted and dropped."""
+        Connections then really are refused (ECONNREFUSED), not accepted and dropped. Open
+        keep-alive connections close too (each after its request in flight), as they would
+        with a server that went away: a pooled client must meet the refusal, not slip past it
+        on a connection it opened earlier."""
         with self._lock:
             if not self._queue or self._queue[0]["kind"] != "refuse" or self._server is None:
                 return
             seconds = float(self._queue.pop(0).get("seconds", 1.0))
         self._server.close()
         self._server = None
+        if self._runner is not None and self._runner.server is not None:
+            for connection in list(self._runner.server.connections):
+                # aiohttp has no public "idle?"; an idle one goes now, a busy one after its answer
+                if connection._request_in_progress:
+                    connection.close()
+                else:
+                    connection.force_close()
         self._reopen = asyncio.get_running_loop().call_later(
             seconds, lambda: asyncio.ensure_future(self._reopen_listener()))
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 
 import aiohttp
 import pytest
+import requests
 from alibabacloud_tea_openapi.exceptions import (
     ClientException,
     ServerException,
@@ -246,3 +248,58 @@ def test_unexpected_exception_is_treated_as_maybe_sent() -> None:
 def test_classified_errors_pass_through() -> None:
     error = TransientError("x")
     assert classify_exception(error) is error
+
+
+# ---- the sync SDK path (requests/urllib3), which the channel uses for its pooled session ----
+
+
+def sync_sdk_wrapped(call: Callable[[], object]) -> UnretryableException:
+    """What DaraCore.do_action does with a transport failure of `requests`: `except IOError:
+    raise RetryError(str(e))`, then UnretryableException(context) after the retry loop."""
+    try:
+        try:
+            call()
+        except OSError as exc:
+            raise RetryError(str(exc))  # noqa: B904 - exactly what the SDK does
+    except Exception as exc:
+        return UnretryableException(RetryPolicyContext(retries_attempted=1, exception=exc))
+    raise AssertionError("the call succeeded")
+
+
+def test_sync_refused_connection_is_transient() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/?PhoneNumbers=13800138000"
+    error = classify_exception(sync_sdk_wrapped(lambda: requests.post(url, timeout=(1, 1))))
+    assert isinstance(error, TransientError) and error.code == "ConnectionError"
+    assert "13800138000" not in str(error)
+
+
+def test_sync_read_timeout_may_have_been_sent() -> None:
+    with socket.socket() as server:  # accepts (the kernel does), never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/"
+        error = classify_exception(sync_sdk_wrapped(lambda: requests.post(url, timeout=(1, 0.2))))
+    assert isinstance(error, MaybeSentError) and error.code == "ReadTimeout"
+
+
+def test_sync_connect_timeout_is_transient_not_maybe_sent() -> None:
+    # Its chain also holds a bare TimeoutError (socket.timeout), which alone means "maybe sent".
+    def connect_timeout() -> None:
+        try:
+            raise TimeoutError("timed out")
+        except TimeoutError as exc:
+            raise requests.ConnectTimeout("Connection to 10.0.0.1 timed out. (connect timeout=1)"
+                                          ) from exc
+
+    error = classify_exception(sync_sdk_wrapped(connect_timeout))
+    assert isinstance(error, TransientError) and error.code == "ConnectTimeout"
+
+
+def test_sync_refusal_recognised_from_text_alone() -> None:
+    bare = UnretryableException(RetryPolicyContext(retries_attempted=1, exception=RetryError(
+        "HTTPConnectionPool(host='127.0.0.1', port=1): Max retries exceeded with url: / (Caused "
+        "by NewConnectionError('Failed to establish a new connection: [Errno 111] refused'))")))
+    assert classify_exception(bare).code == "ConnectionError"

@@ -1,0 +1,269 @@
+"""The dispatch step sends one delivery itself (no second Celery task), on a real redis-server
+with the real Aliyun SDK against the Dysmsapi fake: what it queues, what a redelivered dispatch
+does after a worker died mid-send (real processes, SIGKILL), and the reaper's rescue."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from darabonba.core import DaraCore
+
+from notifier.channels.sms_aliyun import AliyunSms
+from notifier.models import Event, Outgoing, Rendered, Source
+from notifier.pipeline.dispatch import dispatch, inline_token
+from notifier.pipeline.reaper import reap
+from notifier.tasks_spec import DELIVER, DISPATCH
+from tests.fakes.dysmsapi import FakeDysmsapi
+from tests.support.inline import InlineFleet
+from tests.support.servers import wait_until
+
+AK_ID, AK_SECRET = "LTAI-inline", "inline-secret-value"
+ENV = {"ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET}
+MakeFleet = Callable[..., InlineFleet]
+
+
+@pytest.fixture(scope="module")
+def sms_fake() -> Iterator[FakeDysmsapi]:
+    fake = FakeDysmsapi(AK_ID, AK_SECRET).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset(sms_fake: FakeDysmsapi) -> None:
+    sms_fake.reset()
+
+
+@pytest.fixture
+def make_fleet(redis_url: str) -> Iterator[MakeFleet]:
+    fleets: list[InlineFleet] = []
+
+    def make(cfg: dict[str, Any]) -> InlineFleet:
+        fleets.append(InlineFleet(redis_url, cfg, ENV))
+        return fleets[-1]
+
+    yield make
+    for fleet in fleets:
+        fleet.close()
+
+
+def config(fake: FakeDysmsapi, *, channels: tuple[str, ...] = ("sms",),
+           recipients: tuple[str, ...] = ("alice",), read_timeout: str = "500ms") -> dict[str, Any]:
+    sms = {"provider": "aliyun", "endpoint": fake.endpoint, "protocol": "http",
+           "sign_name": "运维告警", "templates": {"alert": "SMS_1"}, "read_timeout": read_timeout,
+           "connect_timeout": "500ms", "recipient_limits": [],
+           "retry": {"max_attempts": 3, "base_delay": "50ms", "max_delay": "200ms", "jitter": 0}}
+    return {
+        "channels": {"sms": sms, "email": {"provider": "sandbox"}},
+        "recipients": {"alice": {"phone": "+8613800138000", "email": "alice@example.com"},
+                       "bob": {"phone": "+8613900139000", "email": "bob@example.com"}},
+        "routes": [{"match": {}, "to": list(recipients), "channels": list(channels)}],
+        "claim_lease": "1s",
+    }
+
+
+def accept(fleet: InlineFleet, title: str = "DiskFull") -> str:
+    txid = fleet.intake.submit(Event(kind="alert", title=title), Source.API).transaction_id
+    assert [t for t, _, _ in fleet.publisher.tasks] == [DISPATCH]
+    fleet.publisher.tasks.clear()  # the test runs the dispatch itself, as a worker would
+    return txid
+
+
+def test_single_delivery_event_goes_out_within_the_dispatch(make_fleet: MakeFleet,
+                                                            sms_fake: FakeDysmsapi) -> None:
+    fleet = make_fleet(config(sms_fake))
+    txid = accept(fleet)
+    assert dispatch(fleet.deps, txid, inline_token("task-1")) == "dispatched"
+    assert fleet.publisher.tasks == []  # no deliver task: one Celery task for the whole event
+    ledger = fleet.deps.ledger
+    (delivery,) = ledger.deliveries(txid)
+    assert (delivery.status, delivery.claim_token) == ("sent", "dispatch:task-1")
+    assert [m["out_id"] for m in sms_fake.messages] == [delivery.id]
+    assert ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
+    # Every record of the two-task path is still written.
+    assert [h["event"] for h in ledger.history(txid)] == ["accepted", "dispatched",
+                                                          "status delivered"]
+    assert [a["outcome"] for a in ledger.attempts(delivery.id)] == ["sent"]
+    assert fleet.redis.zscore("ntf:rcpt:awaiting", delivery.id) is not None
+    assert fleet.redis.zcard("ntf:open") == 0 and fleet.redis.zcard("ntf:outbox") == 0
+    finished = fleet.redis.hgetall("ntf:m:notifier_transactions_finished")
+    assert finished == {b'["delivered"]': b"1"}
+    sent = fleet.redis.hgetall("ntf:m:notifier_deliveries")
+    assert sent == {b'["sms", "aliyun", "sent"]': b"1"}
+
+
+def test_multi_delivery_event_queues_the_rest(make_fleet: MakeFleet,
+                                              sms_fake: FakeDysmsapi) -> None:
+    fleet = make_fleet(config(sms_fake, channels=("sms", "email"), recipients=("alice", "bob")))
+    txid = accept(fleet)
+    dispatch(fleet.deps, txid, inline_token("task-1"))
+    first, *rest = fleet.deps.ledger.deliveries(txid)
+    assert (first.channel, first.recipient, first.status) == ("sms", "alice", "sent")
+    assert {tuple(args) for task, args, _ in fleet.publisher.tasks if task == DELIVER} == {
+        (r.id,) for r in rest}
+    assert len(rest) == 3 and {r.status for r in rest} == {"queued"}
+    assert fleet.deps.ledger.transaction(txid).status == "dispatching"  # type: ignore[union-attr]
+    fleet.drain()
+    assert fleet.deps.ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
+    assert len(sms_fake.messages) == 2
+
+
+def test_worker_without_the_channels_queue_queues_everything(make_fleet: MakeFleet,
+                                                            sms_fake: FakeDysmsapi) -> None:
+    fleet = make_fleet(config(sms_fake))
+    txid = accept(fleet)
+    dispatch(fleet.deps, txid, inline_token("task-1"), may_inline=lambda q: q != "notifier.sms")
+    assert [(t, q) for t, _, q in fleet.publisher.tasks] == [(DELIVER, "notifier.sms")]
+    assert sms_fake.messages == []
+    fleet.drain()
+    assert fleet.deps.ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
+
+
+def test_redelivered_dispatch_after_the_send_neither_resends_nor_republishes(
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> None:
+    fleet = make_fleet(config(sms_fake, channels=("sms", "email")))
+    txid = accept(fleet)
+    dispatch(fleet.deps, txid, inline_token("task-1"))
+    queued = list(fleet.publisher.tasks)
+    fleet.publisher.tasks.clear()
+    dispatch(fleet.deps, txid, inline_token("task-1"))  # the ack was lost: same message again
+    assert fleet.publisher.tasks == queued  # the email, still queued, is queued again
+    assert len(sms_fake.messages) == 1
+    fleet.drain()
+    assert fleet.deps.ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
+    assert len(sms_fake.messages) == 1
+
+
+def test_another_dispatch_of_the_same_event_leaves_a_live_send_alone(
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> None:
+    fleet = make_fleet({**config(sms_fake), "claim_lease": "60s"})
+    txid = accept(fleet)
+    dispatch(fleet.deps, txid, inline_token("task-1"), may_inline=lambda _q: False)
+    fleet.publisher.tasks.clear()
+    (delivery,) = fleet.deps.ledger.deliveries(txid)
+    fleet.deps.ledger.claim(delivery.id, "another-worker", lease=60)  # mid-send elsewhere
+    # e.g. the outbox sweep's re-publish: a new message, so a new token
+    dispatch(fleet.deps, txid, inline_token("task-2"))
+    assert sms_fake.messages == [] and fleet.publisher.tasks == []
+    assert fleet.deps.ledger.delivery(delivery.id).claim_token == "another-worker"  # type: ignore[union-attr]
+
+
+def _dispatch_in_child(redis_url: str, cfg: dict[str, Any], txid: str, token: str) -> None:
+    """A worker process: dispatch (and send inline) until the test kills it."""
+    fleet = InlineFleet(redis_url, cfg, ENV)
+    dispatch(fleet.deps, txid, token)
+
+
+def kill_mid_send(redis_url: str, cfg: dict[str, Any], txid: str, token: str,
+                  sms_fake: FakeDysmsapi, *, provider_has_it: bool) -> None:
+    """Run the dispatch in its own process and SIGKILL it while the provider call is open."""
+    ctx = multiprocessing.get_context("spawn")
+    child = ctx.Process(target=_dispatch_in_child, args=(redis_url, cfg, txid, token))
+    child.start()
+    try:
+        if provider_has_it:
+            wait_until(lambda: len(sms_fake.messages) == 1, timeout=30)
+        else:
+            wait_until(lambda: sms_fake.requests["SendSms"] == 1, timeout=30)
+        assert child.pid is not None
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.join(10)
+    assert child.exitcode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("provider_has_it", [True, False], ids=["accepted", "lost"])
+def test_dispatch_redelivered_after_a_kill_mid_inline_send(
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi, redis_url: str,
+        provider_has_it: bool) -> None:
+    cfg = {**config(sms_fake, read_timeout="10s"), "claim_lease": "60s"}
+    fleet = make_fleet(cfg)
+    txid = accept(fleet)
+    # stall: the fake records the SMS, then answers late; hang: it records nothing
+    sms_fake.script({"kind": "stall" if provider_has_it else "hang", "seconds": 20})
+    kill_mid_send(redis_url, cfg, txid, inline_token("task-1"), sms_fake,
+                  provider_has_it=provider_has_it)
+    (delivery,) = fleet.deps.ledger.deliveries(txid)
+    assert (delivery.status, delivery.claim_token) == ("sending", "dispatch:task-1")
+    # Celery puts the message back (reject_on_worker_lost); the same task id comes again.
+    dispatch(fleet.deps, txid, inline_token("task-1"))
+    (delivery,) = fleet.deps.ledger.deliveries(txid)
+    outcomes = [a["outcome"] for a in fleet.deps.ledger.attempts(delivery.id)]
+    assert outcomes == (["found_after_timeout"] if provider_has_it else ["sent"])
+    assert delivery.status == "sent" and len(sms_fake.messages) == 1
+    assert fleet.deps.ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
+    assert fleet.publisher.tasks == [] and fleet.redis.zcard("ntf:open") == 0
+
+
+def test_reaper_rescues_an_inline_send_whose_worker_died(make_fleet: MakeFleet,
+        sms_fake: FakeDysmsapi, redis_url: str) -> None:
+    cfg = config(sms_fake, read_timeout="10s")
+    fleet = make_fleet(cfg)
+    fleet.deps.claim_lease = 1.0  # as the worker's runtime sets it from the config
+    txid = accept(fleet)
+    sms_fake.script({"kind": "stall", "seconds": 20})
+    kill_mid_send(redis_url, cfg, txid, inline_token("task-1"), sms_fake, provider_has_it=True)
+    ledger = fleet.deps.ledger
+    # The whole worker is gone (no redelivery before the visibility timeout): the reaper.
+    assert reap(ledger, fleet.deps.metrics, fleet.publisher, stale_after=60, lease=60) == []
+    time.sleep(1.2)
+    (delivery,) = ledger.deliveries(txid)
+    assert reap(ledger, fleet.deps.metrics, fleet.publisher, stale_after=1, lease=1) == [delivery.id]
+    fleet.drain()
+    (delivery,) = ledger.deliveries(txid)
+    assert [a["outcome"] for a in ledger.attempts(delivery.id)] == ["found_after_timeout"]
+    assert len(sms_fake.messages) == 1
+    assert ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
+
+
+# ---- the channel's pooled connection ---------------------------------------------------------
+
+
+def message(delivery_id: str) -> Outgoing:
+    return Outgoing(delivery_id=delivery_id, transaction_id="tx-1", address="+8613800138000",
+                    kind="alert", rendered=Rendered(subject="", text="", params={"t": "x"}),
+                    data={})
+
+
+def test_sends_reuse_one_connection_and_a_forked_child_opens_its_own(
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> None:
+    fleet = make_fleet(config(sms_fake))
+    channel = fleet.deps.providers["sms"][0]
+    assert isinstance(channel, AliyunSms)
+    for i in range(5):
+        fleet.loop.run(channel.send(message(f"dlv-{i}")))
+    assert len(sms_fake.messages) == 5
+    assert connections_made(sms_fake.endpoint) == 1  # keep-alive: one TCP connection for five SendSms
+    parent_sessions = dict(DaraCore._sessions)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: nothing of the parent's pool, and a send of its own works
+        ok = not DaraCore._sessions
+        try:
+            fleet.loop.run(channel.send(message("dlv-child")))
+            ok = ok and connections_made(sms_fake.endpoint) == 1
+        except Exception:
+            ok = False
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    assert os.read(read, 1) == b"1"
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert DaraCore._sessions == parent_sessions  # the parent keeps its own connection
+    fleet.loop.run(channel.send(message("dlv-after")))
+    assert [m["out_id"] for m in sms_fake.messages][-2:] == ["dlv-child", "dlv-after"]
+    assert connections_made(sms_fake.endpoint) == 1  # the parent's connection outlived the child
+
+
+def connections_made(endpoint: str) -> int:
+    """TCP connections this process's SDK pool opened to `endpoint` (urllib3 counts them)."""
+    (session,) = [v for k, v in DaraCore._sessions.items() if f"//{endpoint}:" in k]
+    pools = session.get_adapter(f"http://{endpoint}/").poolmanager.pools._container.values()
+    return sum(int(p.num_connections) for p in pools if f"{p.host}:{p.port}" == endpoint)
