@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field, fields
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -44,6 +44,7 @@ from tests.fakes.fcm_protocol import (
     validate_message,
     write_service_account,
 )
+from tests.fakes.http_server import QuietHTTPServer
 
 
 @dataclass
@@ -78,12 +79,12 @@ class FakeFcm:
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()  # cuts hangs short on stop/reset
-        self._server: ThreadingHTTPServer | None = None
+        self._server: QuietHTTPServer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
         self._wake.clear()
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), _make_handler(self))
+        self._server = QuietHTTPServer(("127.0.0.1", self.port), _make_handler(self))
         self._server.daemon_threads = True
         self._server.block_on_close = False  # a hanging handler must not block stop()
         self.port = self._server.server_address[1]

@@ -35,7 +35,7 @@ from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
 from functools import lru_cache
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from tests.fakes.http_server import QuietHTTPServer
 from tests.support.servers import free_port
 
 Stage = Literal["mail", "rcpt", "data"]
@@ -309,8 +310,8 @@ def _control_handler(fake: FakeSmtp) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def serve_control(fake: FakeSmtp, port: int) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(("127.0.0.1", port), _control_handler(fake))
+def serve_control(fake: FakeSmtp, port: int) -> QuietHTTPServer:
+    server = QuietHTTPServer(("127.0.0.1", port), _control_handler(fake))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
