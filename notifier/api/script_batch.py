@@ -11,6 +11,7 @@ and at low load a call still goes out at once. The thread uses the ordinary sync
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import Sequence
@@ -69,7 +70,7 @@ class ScriptBatcher:
             for call, result in zip(batch, results, strict=True):
                 by_loop.setdefault(call.loop, []).append((call, result))
             for loop, settled in by_loop.items():
-                if not loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # that loop closed: nobody waits there
                     loop.call_soon_threadsafe(_settle, settled)
 
     def _execute(self, batch: list[_Call]) -> list[Any]:
