@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
+from dataclasses import fields
 from typing import Any
 
 import redis
@@ -252,7 +252,8 @@ class Ledger:
     def record_attempt(self, did: str, attempt: Attempt, *, into: Pipeline | None = None) -> None:
         key = f"{delivery_key(did)}:at"
         pipe = into if into is not None else self.redis.pipeline()
-        pipe.rpush(key, json.dumps({k: v for k, v in asdict(attempt).items() if v not in (None, "")},
+        shown = {f.name: getattr(attempt, f.name) for f in fields(attempt)}  # asdict deep-copies
+        pipe.rpush(key, json.dumps({k: v for k, v in shown.items() if v not in (None, "")},
                                    ensure_ascii=False))
         pipe.expire(key, self.retention)
         if into is None:

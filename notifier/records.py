@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -77,10 +77,11 @@ class DeliveryRecord:
 
     def to_redis(self) -> dict[str, str]:
         out: dict[str, str] = {}
-        for key, value in asdict(self).items():
+        for f in fields(self):  # not asdict(): it deep-copies, on every delivery written
+            value = getattr(self, f.name)
             if value is None:
                 continue
-            out[key] = json.dumps(value) if isinstance(value, list) else str(value)
+            out[f.name] = json.dumps(value) if isinstance(value, list) else str(value)
         return out
 
     @classmethod
