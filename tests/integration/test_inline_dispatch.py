@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -20,37 +19,11 @@ from notifier.pipeline.dispatch import dispatch, inline_token
 from notifier.pipeline.reaper import reap
 from notifier.tasks_spec import DELIVER, DISPATCH
 from tests.fakes.dysmsapi import FakeDysmsapi
+from tests.integration.conftest import SMS_ENV, MakeFleet
 from tests.support.inline import InlineFleet
 from tests.support.servers import wait_until
 
-AK_ID, AK_SECRET = "LTAI-inline", "inline-secret-value"
-ENV = {"ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET}
-MakeFleet = Callable[..., InlineFleet]
-
-
-@pytest.fixture(scope="module")
-def sms_fake() -> Iterator[FakeDysmsapi]:
-    fake = FakeDysmsapi(AK_ID, AK_SECRET).start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture(autouse=True)
-def _reset(sms_fake: FakeDysmsapi) -> None:
-    sms_fake.reset()
-
-
-@pytest.fixture
-def make_fleet(redis_url: str) -> Iterator[MakeFleet]:
-    fleets: list[InlineFleet] = []
-
-    def make(cfg: dict[str, Any]) -> InlineFleet:
-        fleets.append(InlineFleet(redis_url, cfg, ENV))
-        return fleets[-1]
-
-    yield make
-    for fleet in fleets:
-        fleet.close()
+ENV = SMS_ENV
 
 
 def config(fake: FakeDysmsapi, *, channels: tuple[str, ...] = ("sms",),

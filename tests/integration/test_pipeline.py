@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -18,37 +17,11 @@ from notifier.operations import replay_dead_letter
 from notifier.pipeline.dispatch import dispatch
 from notifier.pipeline.reaper import reap
 from tests.fakes.dysmsapi import FakeDysmsapi
+from tests.integration.conftest import SMS_ENV, MakeFleet
 from tests.support.inline import InlineFleet
 
-AK_ID, AK_SECRET = "LTAI-pipeline", "pipeline-secret-value"
-ENV = {"ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET}
-MakeFleet = Callable[..., InlineFleet]
+ENV = SMS_ENV
 FAST_RETRY = {"max_attempts": 3, "base_delay": "50ms", "max_delay": "200ms", "jitter": 0}
-
-
-@pytest.fixture(scope="module")
-def sms_fake() -> Iterator[FakeDysmsapi]:
-    fake = FakeDysmsapi(AK_ID, AK_SECRET).start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture(autouse=True)
-def _reset(sms_fake: FakeDysmsapi) -> None:
-    sms_fake.reset()
-
-
-@pytest.fixture
-def make_fleet(redis_url: str) -> Iterator[Callable[..., InlineFleet]]:
-    fleets: list[InlineFleet] = []
-
-    def make(cfg: dict[str, Any], env: dict[str, str] | None = None) -> InlineFleet:
-        fleets.append(InlineFleet(redis_url, cfg, env))
-        return fleets[-1]
-
-    yield make
-    for fleet in fleets:
-        fleet.close()
 
 
 def aliyun(fake: FakeDysmsapi, **extra: Any) -> dict[str, Any]:
