@@ -26,6 +26,7 @@ from notifier.receipts import apply_due, receipt_inbox
 from notifier.reconciler import reconcile
 from notifier.tasks_spec import APPLY_RECEIPTS, CONTROL_QUEUE
 from tests.fakes.dysmsapi import FakeDysmsapi
+from tests.integration.conftest import MakeFleet
 from tests.support.inline import InlineFleet
 from tests.support.servers import free_port
 
@@ -33,7 +34,6 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 REPORT = "/v1/callbacks/aliyun/sms-report"
 ACK = {"code": 0, "msg": "接收成功"}
 CALLBACK_TOKEN = "cb-token-0123456789"
-AK_ID, AK_SECRET = "LTAI-receipts", "receipts-secret-value"
 CONFIG: dict[str, Any] = {
     "channels": {"sms": {"provider": "sandbox"}, "email": {"provider": "sandbox"}},
     "recipients": {"alice": {"phone": "+8613800138000", "email": "alice@example.com"}},
@@ -214,30 +214,16 @@ def test_storage_failure_answers_5xx_so_aliyun_pushes_again(monkeypatch: pytest.
             assert response.json() != ACK
 
 
-@pytest.fixture(scope="module")
-def sms_fake() -> Iterator[FakeDysmsapi]:
-    fake = FakeDysmsapi(AK_ID, AK_SECRET).start()
-    yield fake
-    fake.stop()
-
-
 @pytest.fixture
-def aliyun_fleet(redis_url: str, sms_fake: FakeDysmsapi) -> Iterator[Callable[[], InlineFleet]]:
-    sms_fake.reset()
-    made: list[InlineFleet] = []
-
+def aliyun_fleet(sms_fake: FakeDysmsapi, make_fleet: MakeFleet) -> Callable[[], InlineFleet]:
     def make() -> InlineFleet:
         sms = {"provider": "aliyun", "endpoint": sms_fake.endpoint, "protocol": "http",
                "sign_name": "运维告警", "templates": {"alert": "SMS_1"},
                "read_timeout": "2s", "connect_timeout": "1s", "recipient_limits": []}
         cfg = {**CONFIG, "channels": {**CONFIG["channels"], "sms": sms}, "reconcile_after": 0}
-        made.append(InlineFleet(redis_url, cfg, {"ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID,
-                                                 "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET}))
-        return made[-1]
+        return make_fleet(cfg)
 
-    yield make
-    for inline in made:
-        inline.close()
+    return make
 
 
 def test_reconciler_applies_what_querysenddetails_says(aliyun_fleet: Callable[[], InlineFleet],
