@@ -91,7 +91,9 @@ class IngestRoutes:
             return exc.status, {"detail": exc.detail}, []
         except (InvalidEvent, IdempotencyConflict) as exc:
             return 422, {"detail": [str(exc)]}, []
-        except redis.RedisError as exc:  # nothing was stored: the sender retries
+        # Redis unreachable (or its answer lost): the sender retries, and if the event was stored
+        # after all, its dedup / idempotency key answers the retry with the same transaction.
+        except redis.RedisError as exc:
             return 503, {"detail": f"redis unavailable ({type(exc).__name__}), retry"}, _RETRY
         except BrokerUnavailable as exc:
             return 503, {"detail": f"temporarily unavailable, retry: {exc}"}, _RETRY
