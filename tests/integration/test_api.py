@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import signal
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +267,34 @@ def test_concurrent_webhooks_in_one_batch_each_get_their_own_transaction(
         stored = json.loads(redis_client.hget(f"ntf:tx:{txid}", "event") or b"{}")
         assert stored["labels"]["n"] == body["commonLabels"]["n"]
     assert redis_client.llen(DISPATCH_QUEUE) == 40
+
+
+def test_a_hung_redis_gets_503_and_the_api_stays_responsive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis stops answering (SIGSTOP: a stuck host, a long fork): the accept waits for the
+    socket timeout and answers 503, while /healthz keeps answering in the meantime — the Redis
+    call runs off the event loop."""
+    monkeypatch.delenv("NOTIFIER_API_TOKEN", raising=False)
+    server = RedisServer(appendonly=False)
+    server.start()
+    assert server.process is not None
+    pid = server.process.pid
+    try:
+        app = create_app(settings_from_mapping({**CONFIG, "redis_url": server.url}))
+        with TestClient(app) as client, ThreadPoolExecutor(max_workers=1) as pool:
+            assert client.post("/v1/events", json={"title": "before"}).status_code == 202
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                pending = pool.submit(client.post, "/v1/events", json={"title": "while hung"})
+                for _ in range(10):  # about a second of health checks: the accept is in flight
+                    assert client.get("/healthz").status_code == 200
+                    time.sleep(0.1)
+                # ...and still waiting on Redis (socket timeout 3 s): health was not queued behind it
+                assert not pending.done()
+                hung = pending.result(timeout=30)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert hung.status_code == 503 and hung.headers["Retry-After"] == "1"
+            assert "redis unavailable" in hung.json()["detail"]
+            assert client.post("/v1/events", json={"title": "after"}).status_code == 202
+    finally:
+        server.close()
