@@ -3,7 +3,6 @@ how every failure a mail server can produce is classified."""
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import time
@@ -20,8 +19,9 @@ from notifier.channels.base import ChannelContext
 from notifier.channels.email_smtp import SmtpEmail
 from notifier.config import SmtpProvider
 from notifier.errors import DeliveryError, PermanentError, TransientError
-from notifier.models import ErrorClass, Outgoing, Rendered
+from notifier.models import ErrorClass, Outgoing, Receipt, Rendered
 from tests.fakes.smtp import FakeSmtp
+from tests.support.channel_calls import send_error, send_now
 from tests.support.servers import clean_env, free_port
 
 PASSWORD = "hunter2-not-in-logs"
@@ -43,14 +43,12 @@ def outgoing(delivery_id: str = "dlv-1", html: str | None = "<p>磁盘 <b>97%</b
     return Outgoing(**fields)
 
 
-def send(channel: SmtpEmail, message: Outgoing | None = None) -> Any:
-    return asyncio.run(channel.send(message or outgoing()))
+def send(channel: SmtpEmail, message: Outgoing | None = None) -> Receipt:
+    return send_now(channel, message or outgoing())
 
 
 def fails(channel: SmtpEmail, message: Outgoing | None = None) -> DeliveryError:
-    with pytest.raises(DeliveryError) as info:
-        send(channel, message)
-    return info.value
+    return send_error(channel, message or outgoing())
 
 
 @pytest.fixture

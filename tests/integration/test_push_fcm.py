@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from notifier.config import FcmProvider
 from notifier.errors import DeliveryError, PermanentError, TransientError
 from notifier.models import ErrorClass, Outgoing, Receipt, Rendered
 from tests.fakes.fcm import FakeFcm, write_service_account
+from tests.support.channel_calls import send_error, send_now
 from tests.support.servers import clean_env, free_port
 
 Factory = Callable[..., FcmPush]
@@ -38,13 +38,11 @@ def outgoing(address: str = "tok-alice", **kw: Any) -> Outgoing:
 
 
 def send(channel: FcmPush, message: Outgoing | None = None) -> Receipt:
-    return asyncio.run(channel.send(message or outgoing()))
+    return send_now(channel, message or outgoing())
 
 
 def fails(channel: FcmPush, message: Outgoing | None = None) -> DeliveryError:
-    with pytest.raises(DeliveryError) as info:
-        send(channel, message)
-    return info.value
+    return send_error(channel, message or outgoing())
 
 
 @pytest.fixture

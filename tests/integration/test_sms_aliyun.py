@@ -23,13 +23,13 @@ from notifier.channels.sms_aliyun import CHINA_TZ, AliyunSms, send_dates
 from notifier.config import AliyunSmsProvider
 from notifier.errors import (
     ConfigError,
-    DeliveryError,
     MaybeSentError,
     PermanentError,
     TransientError,
 )
-from notifier.models import ErrorClass, Outgoing, Receipt, Rendered
+from notifier.models import ErrorClass, Outgoing, Rendered
 from tests.fakes.dysmsapi import FakeDysmsapi
+from tests.support.channel_calls import send_error, send_now
 from tests.support.servers import clean_env, free_port
 
 AK_ID, AK_SECRET = "LTAI5tFakeKeyId0001", "s3cr3t-VALUE-never-printed"
@@ -71,22 +71,12 @@ def outgoing(delivery_id: str = "dlv-1", address: str = "+8613800138000", kind: 
                     rendered=Rendered(params=params or {"title": "DiskFull db-1"}))
 
 
-def send(channel: AliyunSms, message: Outgoing) -> Receipt:
-    return asyncio.run(channel.send(message))
-
-
-def send_error(channel: AliyunSms, message: Outgoing) -> DeliveryError:
-    with pytest.raises(DeliveryError) as info:
-        send(channel, message)
-    return info.value
-
-
 def test_send_puts_the_right_parameters_on_the_wire(fake: FakeDysmsapi, channel: AliyunSms) -> None:
     params = {"title": "磁盘满 db-1", "value": "97% & +5 = ~x"}  # needs careful URL-encoding
     message = Outgoing(delivery_id="dlv-42", transaction_id="tx-9", address="+8613800138000",
                        kind="resolved", rendered=Rendered(params=params),
                        data={"sms_up_extend_code": "0427"})
-    receipt = send(channel, message)
+    receipt = send_now(channel, message)
 
     [record] = fake.messages
     assert record["phone_numbers"] == "13800138000"  # mainland: bare 11 digits
@@ -105,12 +95,12 @@ def test_send_puts_the_right_parameters_on_the_wire(fake: FakeDysmsapi, channel:
 def test_international_number_goes_out_as_country_code_and_number(
     fake: FakeDysmsapi, channel: AliyunSms
 ) -> None:
-    send(channel, outgoing(address="+85251234567"))
+    send_now(channel, outgoing(address="+85251234567"))
     assert fake.messages[0]["phone_numbers"] == "85251234567"
 
 
 def test_kind_without_template_falls_back_to_alert(fake: FakeDysmsapi, channel: AliyunSms) -> None:
-    send(channel, outgoing(kind="digest"))
+    send_now(channel, outgoing(kind="digest"))
     assert fake.messages[0]["template_code"] == "SMS_100001"
 
 
@@ -260,7 +250,7 @@ def test_scripted_refusal_then_recovery(fake: FakeDysmsapi, channel: AliyunSms) 
     fake.script({"kind": "refuse", "seconds": 0.5})
     assert isinstance(send_error(channel, outgoing()), TransientError)
     time.sleep(0.7)
-    send(channel, outgoing())
+    send_now(channel, outgoing())
     assert len(fake.messages) == 1
 
 
@@ -285,8 +275,8 @@ def test_connect_timeout_is_transient() -> None:
 
 def test_query_status_reports_the_delivery_outcome(fake: FakeDysmsapi, channel: AliyunSms) -> None:
     fake.script({"kind": "ok", "send_status": 2, "err_code": "IC:0001"})
-    failed = send(channel, outgoing(delivery_id="dlv-failed"))
-    delivered = send(channel, outgoing(delivery_id="dlv-ok"))
+    failed = send_now(channel, outgoing(delivery_id="dlv-failed"))
+    delivered = send_now(channel, outgoing(delivery_id="dlv-ok"))
     today = datetime.now(CHINA_TZ).date()
 
     phone = "+8613800138000"
@@ -325,7 +315,7 @@ def test_standalone_fake_with_control_api() -> None:
             "queued": 1}
         channel = make_channel(url.removeprefix("http://"))
         assert send_error(channel, outgoing()).error_class is ErrorClass.ACCOUNT
-        send(channel, outgoing(delivery_id="dlv-e2e"))
+        send_now(channel, outgoing(delivery_id="dlv-e2e"))
         assert [m["out_id"] for m in control("/_fake/messages")] == ["dlv-e2e"]
         assert control("/_fake/stats")["requests"] == {"SendSms": 2}
         control("/_fake/reset", {})
