@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import phonenumbers
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -66,6 +67,10 @@ def normalise_phone(raw: str, default_region: str = "CN") -> str:
         if phonenumbers.is_valid_number(number):
             return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
     raise ValueError(f"not a valid phone number: {raw!r}")
+
+
+# A phone number field of any model: whatever form it comes in, it is stored as E.164.
+E164 = Annotated[str, AfterValidator(normalise_phone)]
 
 
 class _Strict(BaseModel):
@@ -202,15 +207,10 @@ class ChannelConfig(_Strict):
 
 
 class Recipient(_Strict):
-    phone: str | None = None
+    phone: E164 | None = None
     email: str | None = None
     push_tokens: list[str] = Field(default_factory=list)
     locale: Literal["en", "zh-CN"] | None = None
-
-    @field_validator("phone")
-    @classmethod
-    def _e164(cls, value: str | None) -> str | None:
-        return None if value is None else normalise_phone(value)
 
     @field_validator("email")
     @classmethod

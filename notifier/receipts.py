@@ -16,10 +16,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from notifier import awaiting
-from notifier.config import normalise_phone
+from notifier.config import E164
 from notifier.inbox import Claimed, Inbox, check_records
 from notifier.ledger import Attempt, DeliveryRecord, delivery_key
 from notifier.models import DeliveryStatus
@@ -45,7 +45,7 @@ class SmsReportIn(BaseModel):
     """One record of an Aliyun SmsReport push; unknown fields are ignored (Aliyun adds some)."""
 
     model_config = ConfigDict(extra="ignore")
-    phone_number: str = Field(min_length=1, max_length=32)
+    phone_number: E164 = Field(min_length=1, max_length=32)
     success: bool
     biz_id: str = Field(min_length=1, max_length=128)
     out_id: str = Field(default="", max_length=256)
@@ -54,11 +54,6 @@ class SmsReportIn(BaseModel):
     send_time: str = Field(default="", max_length=32)
     report_time: str = Field(default="", max_length=32)
     sms_size: str | int = ""
-
-    @field_validator("phone_number")
-    @classmethod
-    def _e164(cls, value: str) -> str:
-        return normalise_phone(value)
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from notifier.config import normalise_phone
+from notifier.config import E164
 from notifier.drills.codes import Verdict, match_reply
 from notifier.drills.service import DrillService
 from notifier.inbox import Inbox, check_records
@@ -34,16 +34,11 @@ class SmsUpIn(BaseModel):
     """One record of an Aliyun SmsUp push; unknown fields are ignored."""
 
     model_config = ConfigDict(extra="ignore")
-    phone_number: str = Field(min_length=1, max_length=32)
+    phone_number: E164 = Field(min_length=1, max_length=32)
     content: str = Field(max_length=2000)
     send_time: str = Field(default="", max_length=32)
     dest_code: str | int = ""
     sequence_id: str | int = ""
-
-    @field_validator("phone_number")
-    @classmethod
-    def _e164(cls, value: str) -> str:
-        return normalise_phone(value)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from notifier.drills.model import DrillConflict, DrillSpec
 from notifier.drills.replies import Reply, apply_due, reply_inbox, store_replies
 from notifier.drills.service import DrillService
 from notifier.scheduler import TIMERS
+from tests.integration.conftest import MakeFleet
 from tests.support.inline import InlineFleet
 
 CONFIG: dict[str, Any] = {
@@ -36,10 +37,8 @@ SPEC = {"name": "DR", "operators": ["ops"], "phases": ["primary stopped", "traff
 
 
 @pytest.fixture
-def fleet(redis_url: str) -> Iterator[InlineFleet]:
-    inline = InlineFleet(redis_url, CONFIG)
-    yield inline
-    inline.close()
+def fleet(make_fleet: MakeFleet) -> InlineFleet:
+    return make_fleet(CONFIG)
 
 
 @pytest.fixture

@@ -42,10 +42,8 @@ CONFIG: dict[str, Any] = {
 
 
 @pytest.fixture
-def fleet(redis_url: str) -> Iterator[InlineFleet]:
-    inline = InlineFleet(redis_url, CONFIG)
-    yield inline
-    inline.close()
+def fleet(make_fleet: MakeFleet) -> InlineFleet:
+    return make_fleet(CONFIG)
 
 
 @pytest.fixture
