@@ -10,6 +10,7 @@ and writes bench/results/latest.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,37 +186,33 @@ class Bench:
 
     # -- baselines --------------------------------------------------------------------------
 
-    def bare_endpoint(self) -> dict[str, Any]:
-        port = free_port()
-        self.procs.python("bare-asgi", "-m", "bench.baselines", "asgi", "--port", str(port),
-                          "--workers", str(self.api_workers))
-        wait_for("bare uvicorn endpoint", lambda: port_open(port), 20,
-                 lambda: self.procs.alive("bare-asgi"))
+    @contextlib.contextmanager
+    def baseline_server(self, kind: str, what: str, *extra: str) -> Iterator[Payloads]:
+        """Start `python -m bench.baselines KIND`, warm it up, yield its payload source, stop it."""
+        port, name = free_port(), f"bare-{kind}"
+        self.procs.python(name, "-m", "bench.baselines", kind, "--port", str(port), *extra)
+        wait_for(what, lambda: port_open(port), 20, lambda: self.procs.alive(name))
         payloads = Payloads(port)
         try:
-            self.say("baseline: bare uvicorn endpoint")
             loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", port, payloads.take(300),
                                                     connections=8, max_seconds=3))  # warm-up
-            steady = self.steady(port, payloads)
-            sat = self.saturation(port, payloads)
+            yield payloads
         finally:
-            self.procs.stop("bare-asgi")
+            self.procs.stop(name)
+
+    def bare_endpoint(self) -> dict[str, Any]:
+        self.say("baseline: bare uvicorn endpoint")
+        with self.baseline_server("asgi", "bare uvicorn endpoint",
+                                  "--workers", str(self.api_workers)) as payloads:
+            steady = self.steady(payloads.port, payloads)
+            sat = self.saturation(payloads.port, payloads)
         return {"steady": load_summary(steady, self.plan.steady_rate), "saturation": load_summary(sat)}
 
     def bare_fastapi(self) -> dict[str, Any]:
         """Context, not a target: what FastAPI itself reaches under the same generator."""
-        port = free_port()
-        self.procs.python("bare-fastapi", "-m", "bench.baselines", "fastapi", "--port", str(port))
-        wait_for("bare FastAPI endpoint", lambda: port_open(port), 20,
-                 lambda: self.procs.alive("bare-fastapi"))
-        payloads = Payloads(port)
-        try:
-            self.say("context: bare FastAPI endpoint")
-            loadgen.run(lambda: loadgen.closed_loop("127.0.0.1", port, payloads.take(300),
-                                                    connections=8, max_seconds=3))
-            sat = self.saturation(port, payloads)
-        finally:
-            self.procs.stop("bare-fastapi")
+        self.say("context: bare FastAPI endpoint")
+        with self.baseline_server("fastapi", "bare FastAPI endpoint") as payloads:
+            sat = self.saturation(payloads.port, payloads)
         return {"saturation": load_summary(sat)}
 
     def noop_celery(self) -> dict[str, Any]:
