@@ -15,12 +15,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from notifier.celery_app import CeleryPublisher, make_celery
 from notifier.config import Settings, load_settings
 from notifier.errors import InvalidEvent
 from notifier.intake import Intake
 from notifier.ledger import Ledger
-from notifier.metrics import Metrics
 from notifier.models import Event, Source
 from notifier.redis_conn import connect
 from notifier.schemas import EventIn
@@ -35,8 +33,7 @@ def _intake(config_path: str | None) -> Intake:
 def intake_for(settings: Settings) -> Intake:
     client = connect(settings.redis_url, settings.redis_sentinel_master, socket_connect_timeout=2,
                      socket_timeout=5)
-    publisher = CeleryPublisher(make_celery(settings.redis_url, settings.redis_sentinel_master))
-    return Intake(settings, Ledger(client, settings.retention), publisher, Metrics(client))
+    return Intake(settings, Ledger(client, settings.retention))
 
 
 def as_event(event: Event | Mapping[str, Any]) -> Event:

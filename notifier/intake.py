@@ -21,10 +21,8 @@ from notifier.errors import BrokerUnavailable, IdempotencyConflict, InvalidEvent
 from notifier.ids import new_transaction_id
 from notifier.ledger import AcceptOutcome, AcceptResult, Ledger
 from notifier.ledger_accept import AcceptCall, AcceptPolicy, accept_call
-from notifier.metrics import Metrics
 from notifier.models import Event, Source
 from notifier.pipeline.routing import unknown_targets
-from notifier.tasks_spec import Publisher
 
 log = logging.getLogger("notifier.intake")
 
@@ -51,11 +49,9 @@ def validate(settings: Settings, event: Event) -> None:
 
 
 class Intake:
-    def __init__(self, settings: Settings, ledger: Ledger, publisher: Publisher, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, ledger: Ledger) -> None:
         self.settings = settings
         self.ledger = ledger
-        self.publisher = publisher  # for the other tasks the API publishes (callbacks)
-        self.metrics = metrics
         self.policy = AcceptPolicy(retention=settings.retention, dedup_window=settings.dedup_window,
                                    idempotency_ttl=settings.idempotency_ttl,
                                    sweep_after=settings.reaper_after)

@@ -47,7 +47,7 @@ def callbacks_router(state: ApiState, _auth: Auth, callback_auth: Auth) -> APIRo
 
     def publish(task: str) -> None:
         try:
-            state.intake.publisher.publish(task, [], CONTROL_QUEUE)
+            state.publisher.publish(task, [], CONTROL_QUEUE)
         except BrokerUnavailable:
             log.warning("stored a push but could not publish %s; the scheduler will", task)
 

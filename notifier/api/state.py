@@ -24,6 +24,7 @@ class ApiState:
         self.metrics = Metrics(self.redis)
         self.celery = make_celery(settings.redis_url, settings.redis_sentinel_master)
         self.accept_batcher = ScriptBatcher(self.redis, ACCEPT)
-        self.intake = Intake(settings, self.ledger, CeleryPublisher(self.celery), self.metrics)
+        self.publisher = CeleryPublisher(self.celery)  # the callbacks' kicks to the worker
+        self.intake = Intake(settings, self.ledger)
         self.registry = CollectorRegistry()
         self.registry.register(FleetCollector(self.redis, FLEET_GAUGES))

@@ -59,7 +59,7 @@ class DrillService:
 
     @classmethod
     def from_deps(cls, deps: PipelineDeps) -> DrillService:
-        intake = Intake(deps.settings, deps.ledger, deps.publisher, deps.metrics)
+        intake = Intake(deps.settings, deps.ledger)
         return cls(deps.settings, deps.ledger.redis, intake, deps.ledger, deps.timers)
 
     def schedule(self, drill: Drill, phase: int, round_: int, due: float) -> None:

@@ -82,8 +82,7 @@ class InlineFleet:
             pacer=Pacer(self.redis),
         )
         self.loop = self.deps.runner
-        self.intake = InlineIntake(self, self.settings, self.deps.ledger, self.publisher,
-                                   self.deps.metrics)
+        self.intake = InlineIntake(self, self.settings, self.deps.ledger)
         self.outcomes: list[tuple[str, str]] = []
 
     def drain(self, timers_until: float = 0.0) -> list[tuple[str, str]]:
