@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis
@@ -43,7 +45,13 @@ def fastapi_app(settings: Settings) -> tuple[FastAPI, ApiState]:
     state = ApiState(settings)
     auth = TokenAuth(os.environ.get("NOTIFIER_API_TOKEN"))
     callback_auth = CallbackAuth(os.environ.get("NOTIFIER_CALLBACK_TOKEN"))
-    app = FastAPI(title="notifier", version="0.1.0")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await state.accept_batcher.aclose()
+
+    app = FastAPI(title="notifier", version="0.1.0", lifespan=lifespan)
     app.state.notifier = state
     app.state.callback_auth = callback_auth
     app.state.auth = auth

@@ -271,8 +271,8 @@ def test_concurrent_webhooks_in_one_batch_each_get_their_own_transaction(
 
 def test_a_hung_redis_gets_503_and_the_api_stays_responsive(monkeypatch: pytest.MonkeyPatch) -> None:
     """Redis stops answering (SIGSTOP: a stuck host, a long fork): the accept waits for the
-    socket timeout and answers 503, while /healthz keeps answering in the meantime — the Redis
-    call runs off the event loop."""
+    socket timeout and answers 503, while /healthz keeps answering in the meantime — waiting on
+    Redis never blocks the event loop."""
     monkeypatch.delenv("NOTIFIER_API_TOKEN", raising=False)
     server = RedisServer(appendonly=False)
     server.start()
