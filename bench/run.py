@@ -666,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short phases (about 1.5 min)")
     parser.add_argument("--concurrency", type=int, default=os.cpu_count() or 2,
                         help="prefork children of the notifier worker and of the no-op baseline")
-    parser.add_argument("--api-workers", type=int, default=1,
+    # One API process per core, as deploy/systemd runs it; the bare endpoint gets as many.
+    parser.add_argument("--api-workers", type=int, default=os.cpu_count() or 2,
                         help="processes of notifier api and of the bare endpoint (same for both)")
     parser.add_argument("--provider", choices=["auto", "fake", "sandbox"], default="auto",
                         help="SMS provider: the Dysmsapi fake process (auto: when it starts) "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
@@ -20,7 +21,7 @@ from notifier.config import Settings
 from notifier.errors import BrokerUnavailable, IdempotencyConflict, InvalidEvent
 from notifier.ids import new_transaction_id
 from notifier.ledger import AcceptOutcome, AcceptResult, Ledger
-from notifier.ledger_accept import AcceptCall, AcceptPolicy, accept_call
+from notifier.ledger_accept import AcceptCall, AcceptPolicy, ScriptCall, accept_call, script_call
 from notifier.models import Event, Source
 from notifier.pipeline.routing import unknown_targets
 
@@ -61,9 +62,13 @@ class Intake:
         """Check the event against the config and build its accept script call."""
         validate(self.settings, event)
         idem = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
-        return accept_call(new_transaction_id(), event, source, self.policy, receiver=receiver,
+        return accept_call(new_transaction_id(), event, source, receiver=receiver,
                            dedup_key=dedup_key, idempotency_key=idem,
                            body_hash=body_hash(event) if idem else "")
+
+    def script_call(self, calls: Sequence[AcceptCall]) -> ScriptCall:
+        """The one accept script call for `calls` (in order), under this intake's policy."""
+        return script_call(calls, self.policy)
 
     def conclude(self, result: AcceptResult, call: AcceptCall) -> Accepted:
         """What the sender is told, once the accept script answered."""
@@ -84,7 +89,7 @@ class Intake:
         call = self.prepare(event, source, receiver=receiver, dedup_key=dedup_key,
                             idempotency_key=idempotency_key)
         try:
-            result = self.ledger.accept(call)
+            [result] = self.ledger.accept(self.script_call([call]))
         except redis.RedisError as exc:
             raise BrokerUnavailable(f"redis unavailable: {type(exc).__name__}") from None
         return self.conclude(result, call)

@@ -17,7 +17,7 @@ import redis
 from redis.client import Pipeline
 
 from notifier import ledger_scripts as scripts
-from notifier.ledger_accept import OUTBOX, AcceptCall, accept_result
+from notifier.ledger_accept import OUTBOX, ScriptCall, accept_results
 from notifier.ledger_rows import (
     Claim,
     deliveries_from,
@@ -74,9 +74,9 @@ class Ledger:
 
     # -- transactions ---------------------------------------------------------------------
 
-    def accept(self, call: AcceptCall) -> AcceptResult:
-        """Store an event and queue its dispatch task (see notifier.ledger_accept)."""
-        return accept_result(self._accept(keys=call.keys, args=call.args))
+    def accept(self, call: ScriptCall) -> list[AcceptResult]:
+        """Store events and queue their dispatch task (see notifier.ledger_accept)."""
+        return accept_results(self._accept(keys=call.keys, args=call.args))
 
     def transaction(self, txid: str) -> TransactionRecord | None:
         return transaction_from(self.redis.hgetall(tx_key(txid)))

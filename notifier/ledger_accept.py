@@ -1,14 +1,20 @@
-"""The accept script's call: one round trip that stores an event and queues its dispatch task.
+"""The accept script's call: one round trip that stores events and queues their dispatch task.
 
-Built here as plain data so the synchronous ledger (the client, drills, replays) and the API's
-batched asynchronous path (notifier.api.script_batch) run the very same script call.
+Built here as plain data so the synchronous ledger (the client, drills, replays: one event per
+call) and the API's batched asynchronous path (notifier.api.script_batch: every event accepted in
+the same event-loop iteration, up to MAX_EVENTS) run the very same script. One call queues one
+dispatch message naming all its events, so a burst of webhooks costs the worker fleet one Celery
+task per batch instead of one per event; an event the script did not store (a duplicate, a
+replay, a conflict) is named too and is skipped by the worker as missing.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import orjson
 
@@ -20,8 +26,10 @@ from notifier.tasks_spec import DISPATCH, DISPATCH_QUEUE
 
 PREFIX = "ntf:"
 OUTBOX = f"{PREFIX}outbox"  # accepted transactions not yet fanned out (txid -> sweep after)
+MAX_EVENTS = 32  # per script call, and so per dispatch message (see notifier.pipeline.dispatch)
 _EVENTS = "notifier_events_received"
 _DISPATCH = TaskMessages(DISPATCH, DISPATCH_QUEUE)
+_ACCEPTED = TxStatus.ACCEPTED.value
 
 
 @dataclass(frozen=True)
@@ -36,38 +44,53 @@ class AcceptPolicy:
 
 @dataclass(frozen=True)
 class AcceptCall:
-    keys: list[str]
-    args: list[str | int]
+    """One event's part of an accept script call."""
+    txid: str
+    keys: tuple[str, str, str]  # its transaction, dedup key (or ''), idempotency key (or '')
+    args: list[str | int]  # see the script's ARGV, after the count
     kind: str  # for the caller's log line
     source: str
 
 
-def accept_call(txid: str, event: Event, source: Source, policy: AcceptPolicy, *,
-                receiver: str = "", dedup_key: str | None = None,
-                idempotency_key: str | None = None, body_hash: str = "") -> AcceptCall:
-    now = time.time()
-    _, message = _DISPATCH.message([txid])
-    record = [
+class ScriptCall(NamedTuple):
+    keys: list[str]
+    args: list[str | int]
+
+
+def accept_call(txid: str, event: Event, source: Source, *, receiver: str = "",
+                dedup_key: str | None = None, idempotency_key: str | None = None,
+                body_hash: str = "") -> AcceptCall:
+    stamp = repr(time.time())
+    origin = source.value
+    args: list[str | int] = [
+        txid, body_hash, origin, *_event_fields(source),
         "id", txid,
-        "source", source.value,
-        "status", TxStatus.ACCEPTED.value,
+        "source", origin,
+        "status", _ACCEPTED,
         "event", orjson.dumps(event.to_json()).decode(),  # 10x json.dumps: the ingest hot path
-        "created_at", repr(now),
-        "updated_at", repr(now),
+        "created_at", stamp,
+        "updated_at", stamp,
         "receiver", receiver,
     ]
-    keys = [
-        f"{PREFIX}tx:{txid}",
-        f"{PREFIX}dedup:{dedup_key}" if dedup_key else "",
-        f"{PREFIX}idem:{idempotency_key}" if idempotency_key else "",
-        OUTBOX,
-        metric_key(_EVENTS),
-        DISPATCH_QUEUE,
-    ]
-    args: list[str | int] = [txid, repr(now), int(policy.retention), int(policy.dedup_window * 1000),
-                             int(policy.idempotency_ttl), body_hash, source.value, *_event_fields(source),
-                             repr(now + max(policy.sweep_after - 5.0, 1.0)), message, *record]
-    return AcceptCall(keys, args, event.kind, source.value)
+    keys = (f"{PREFIX}tx:{txid}", f"{PREFIX}dedup:{dedup_key}" if dedup_key else "",
+            f"{PREFIX}idem:{idempotency_key}" if idempotency_key else "")
+    return AcceptCall(txid, keys, args, event.kind, origin)
+
+
+def script_call(calls: Sequence[AcceptCall], policy: AcceptPolicy) -> ScriptCall:
+    """One script call accepting `calls` in order (at most MAX_EVENTS) and queueing one
+    dispatch message for them."""
+    now = time.time()
+    _, message = _DISPATCH.message([call.txid for call in calls])
+    keys = [OUTBOX, metric_key(_EVENTS), DISPATCH_QUEUE]
+    args: list[str | int] = [repr(now), int(policy.retention), int(policy.dedup_window * 1000),
+                             int(policy.idempotency_ttl), repr(now + max(policy.sweep_after - 5.0, 1.0)),
+                             message]
+    for call in calls:
+        keys.extend(call.keys)
+        args.append(len(call.args))
+        args.extend(call.args)
+    return ScriptCall(keys, args)
 
 
 @functools.cache
@@ -77,6 +100,7 @@ def _event_fields(source: Source) -> tuple[str, str, str]:
     return new, duplicate, replay
 
 
-def accept_result(reply: list[bytes | str]) -> AcceptResult:
-    outcome, txid = reply
-    return AcceptResult(AcceptOutcome(text(outcome)), text(txid))
+def accept_results(reply: list[bytes | str]) -> list[AcceptResult]:
+    """The script's flat reply (outcome, txid, outcome, txid, ...), one result per event."""
+    return [AcceptResult(AcceptOutcome(text(reply[i])), text(reply[i + 1]))
+            for i in range(0, len(reply), 2)]

@@ -1,46 +1,64 @@
 """The ledger's Lua scripts: each decision that two processes could race on is one script."""
 
 ACCEPT = """
--- One round trip for the whole acceptance: dedup/idempotency check, the transaction, its
--- dispatch task on the Celery queue, its outbox entry, the first history line and the events
--- counter. Stored and queued happen together or not at all.
--- KEYS: tx, dedup (or ''), idem (or ''), outbox, events metric hash, dispatch queue
--- ARGV: txid, now, retention_s, dedup_ttl_ms, idem_ttl_s, body_hash, source,
---       metric field new, duplicate, replay, outbox sweep-after time, dispatch message,
---       then the transaction's fields: f1, v1, ...
-local function note(txid, what)
+-- One round trip for the acceptance of one or more events: for each, the dedup/idempotency
+-- check, the transaction, its outbox entry, the first history line and the events counter;
+-- then one Celery dispatch message naming them all. Stored and queued happen together or not
+-- at all.
+-- KEYS: outbox, events metric hash, dispatch queue, then per event: tx, dedup (or ''), idem (or '')
+-- ARGV: now, retention_s, dedup_ttl_ms, idem_ttl_s, outbox sweep-after time, dispatch message,
+--       then per event: the count of its values, then txid, body_hash, source, metric field new,
+--       duplicate, replay, and the transaction's fields f1, v1, ...
+-- Returns: outcome, txid for each event in order.
+local now, retention = tonumber(ARGV[1]), ARGV[2]
+local function note(txid, what, source)
   local log = 'ntf:tx:' .. txid .. ':log'
-  redis.call('RPUSH', log, cjson.encode({at = tonumber(ARGV[2]), event = what, source = ARGV[7]}))
-  redis.call('EXPIRE', log, ARGV[3])
+  redis.call('RPUSH', log, cjson.encode({at = now, event = what, source = source}))
+  redis.call('EXPIRE', log, retention)
 end
-local function suppressed(outcome, txid, field)
+local function suppressed(outcome, txid, field, source)
   redis.call('HINCRBY', 'ntf:tx:' .. txid, 'suppressed_count', 1)
-  note(txid, outcome .. '_suppressed')
-  redis.call('HINCRBYFLOAT', KEYS[5], field, 1)
-  return {outcome, txid}
+  note(txid, outcome .. '_suppressed', source)
+  redis.call('HINCRBYFLOAT', KEYS[2], field, 1)
+  return outcome, txid
 end
-if KEYS[2] ~= '' then
-  local orig = redis.call('GET', KEYS[2])
-  if orig then return suppressed('duplicate', orig, ARGV[9]) end
-end
-if KEYS[3] ~= '' then
-  local prior = redis.call('GET', KEYS[3])
-  if prior then
-    local sep = string.find(prior, '|', 1, true)
-    local txid, hash = string.sub(prior, 1, sep - 1), string.sub(prior, sep + 1)
-    if hash == ARGV[6] then return suppressed('replay', txid, ARGV[10]) end
-    return {'conflict', txid}
+local function accept(k, a, last)
+  local txid, hash, source = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local tx, dedup, idem = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  if dedup ~= '' then
+    local orig = redis.call('GET', dedup)
+    if orig then return suppressed('duplicate', orig, ARGV[a + 4], source) end
   end
+  if idem ~= '' then
+    local prior = redis.call('GET', idem)
+    if prior then
+      local sep = string.find(prior, '|', 1, true)
+      local first, first_hash = string.sub(prior, 1, sep - 1), string.sub(prior, sep + 1)
+      if first_hash == hash then return suppressed('replay', first, ARGV[a + 5], source) end
+      return 'conflict', first
+    end
+  end
+  redis.call('HSET', tx, unpack(ARGV, a + 6, last))
+  redis.call('EXPIRE', tx, retention)
+  if dedup ~= '' then redis.call('SET', dedup, txid, 'PX', ARGV[3]) end
+  if idem ~= '' then redis.call('SET', idem, txid .. '|' .. hash, 'EX', ARGV[4]) end
+  redis.call('ZADD', KEYS[1], ARGV[5], txid)
+  note(txid, 'accepted', source)
+  redis.call('HINCRBYFLOAT', KEYS[2], ARGV[a + 3], 1)
+  return 'new', txid
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 13))
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4]) end
-if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[1] .. '|' .. ARGV[6], 'EX', ARGV[5]) end
-redis.call('ZADD', KEYS[4], ARGV[11], ARGV[1])
-redis.call('LPUSH', KEYS[6], ARGV[12])
-note(ARGV[1], 'accepted')
-redis.call('HINCRBYFLOAT', KEYS[5], ARGV[8], 1)
-return {'new', ARGV[1]}
+local out, stored = {}, false
+local a, k = 7, 4
+while a <= #ARGV do
+  local count = tonumber(ARGV[a])
+  local outcome, txid = accept(k, a + 1, a + count)
+  out[#out + 1] = outcome
+  out[#out + 1] = txid
+  stored = stored or outcome == 'new'
+  a, k = a + count + 1, k + 3
+end
+if stored then redis.call('LPUSH', KEYS[3], ARGV[6]) end
+return out
 """
 
 _ADD = """

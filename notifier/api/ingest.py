@@ -3,7 +3,8 @@
 These two routes are the ingest hot path, so they skip FastAPI's per-request machinery
 (dependency solving, the threadpool a sync route runs in) which cost more than the work itself:
 the body is validated straight from bytes by pydantic, and the accept script (store + queue the
-dispatch task, see notifier.ledger_accept) runs through the shared ScriptBatcher. Everything
+dispatch task, see notifier.ledger_accept) runs through the shared ScriptBatcher,
+which accepts the events of one loop iteration in one script call. Everything
 else of the API stays FastAPI. Behaviour is the API's contract: Bearer/Basic auth, 400 for a
 body that is not JSON, 422 naming the field, 413 from BodySizeLimit around this, 503 with
 Retry-After when Redis is unreachable; the routes are documented in /openapi.json.
@@ -24,8 +25,9 @@ from notifier.api.raw import field_errors, send_json
 from notifier.api.script_batch import ScriptBatcher
 from notifier.errors import BrokerUnavailable, IdempotencyConflict, InvalidEvent
 from notifier.intake import Intake
-from notifier.ledger_accept import AcceptCall, accept_result
+from notifier.ledger_accept import AcceptCall
 from notifier.models import Source
+from notifier.records import AcceptResult
 from notifier.schemas import AlertmanagerWebhook, EventIn
 from notifier.sources import alertmanager_dedup_key, from_alertmanager, from_event_in
 
@@ -56,7 +58,8 @@ Prepare = Callable[[Any, dict[bytes, bytes]], AcceptCall]
 class IngestRoutes:
     """ASGI middleware: serves the ingest routes, passes everything else to the FastAPI app."""
 
-    def __init__(self, app: ASGIApp, intake: Intake, auth: TokenAuth, batcher: ScriptBatcher) -> None:
+    def __init__(self, app: ASGIApp, intake: Intake, auth: TokenAuth,
+                 batcher: ScriptBatcher[AcceptCall, AcceptResult]) -> None:
         self.app = app
         self.intake = intake
         self.auth = auth
@@ -85,8 +88,7 @@ class IngestRoutes:
         spec = SPECS[path]
         try:
             call = self.prepare[path](_parse(spec.model, body), headers)
-            accepted = self.intake.conclude(accept_result(await self.batcher.run(call.keys, call.args)),
-                                            call)
+            accepted = self.intake.conclude(await self.batcher.run(call), call)
         except BadBody as exc:
             return exc.status, {"detail": exc.detail}, []
         except (InvalidEvent, IdempotencyConflict) as exc:

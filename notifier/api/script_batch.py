@@ -1,12 +1,13 @@
 """Run one Lua script for many concurrent requests, pipelined on the API's event loop.
 
-The accept script is the only Redis call on the ingest path, so its client-side cost is most of
-a webhook's CPU. Through redis-py it cost ~120 µs a call even when pipelined from a writer
-thread (command packing in Python, plus the GIL hand-offs between that thread and the event
-loop); here a call is packed by hiredis's C packer and written with every other call made in
-the same loop iteration, and replies are parsed by hiredis as they arrive (~15 µs a call).
-Under load concurrent requests share one write and one round trip (group commit); at low load
-a call goes out at once. Nothing blocks the event loop while Redis is slow.
+The accept script is the only Redis call on the ingest path, so its cost is most of a
+webhook's. Through redis-py it cost ~120 µs a call even when pipelined from a writer thread
+(command packing in Python, plus the GIL hand-offs between that thread and the event loop).
+Here the requests of one event-loop iteration share one script call (the script takes many
+events, and queues one dispatch message for them: see notifier.ledger_accept), packed by
+hiredis's C packer, written together with the loop's other calls, and parsed by hiredis as the
+reply arrives. Under load concurrent requests share a call and a round trip (group commit); at
+low load a request's call goes out at once. Nothing blocks the event loop while Redis is slow.
 
 Where Redis is comes from the synchronous client's pool (notifier.redis_conn.connect), so the
 URL forms, auth, db, TLS and Sentinel mean exactly what they mean everywhere else; a Sentinel
@@ -19,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 import hiredis
 import redis
@@ -29,6 +30,9 @@ from redis.asyncio.connection import RedisSSLContext
 from redis.connection import SSLConnection
 from redis.exceptions import ResponseError
 from redis.sentinel import SentinelConnectionPool
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -70,34 +74,77 @@ async def endpoint_of(client: redis.Redis) -> Endpoint:
                     reply_timeout=options.get("socket_timeout") or 5.0)
 
 
-class ScriptBatcher:
-    """`run(keys, args)` = EVALSHA of one script, batched with every other concurrent call."""
+class ScriptBatcher(Generic[Item, Result]):
+    """`run(item)`: the item's share of one script call that carries every item queued in the
+    same event-loop iteration (at most `max_items` per call; more make more calls, pipelined).
 
-    def __init__(self, client: redis.Redis, source: str) -> None:
+    `combine(items)` builds that call's (keys, args); `split(reply)` gives one result per item,
+    in order. A failed call (Redis unreachable, hung past the socket timeout, an error reply)
+    raises its redis.RedisError in every request it carried."""
+
+    def __init__(self, client: redis.Redis, source: str,
+                 combine: Callable[[list[Item]], tuple[Sequence[str], Sequence[str | int]]],
+                 split: Callable[[Any], Sequence[Result]], max_items: int) -> None:
         self.client = client
         self.source = source
         # What SCRIPT LOAD would answer: EVALSHA needs no round trip to learn it.
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
-        self._links: dict[asyncio.AbstractEventLoop, _Link] = {}  # one per loop (test clients)
+        self.combine = combine
+        self.split = split
+        self.max_items = max_items
+        self._loops: dict[asyncio.AbstractEventLoop, _PerLoop[Item, Result]] = {}  # test clients
 
-    async def run(self, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        """The script's reply; raises a redis.RedisError when Redis is unreachable, hung past
-        the socket timeout, or answers with an error."""
+    async def run(self, item: Item) -> Result:
         loop = asyncio.get_running_loop()
-        link = self._links.get(loop)
-        if link is None or link.closed:
-            self._links = {lp: ln for lp, ln in self._links.items() if not lp.is_closed()}
-            link = self._links[loop] = _Link(loop, self.client)
-        head = (len(keys), *keys, *args)
-        return await link.call(_pack(("EVALSHA", self.sha, *head)),
-                               lambda: _pack(("EVAL", self.source, *head)))
+        here = self._loops.get(loop)
+        if here is None:
+            self._loops = {lp: st for lp, st in self._loops.items() if not lp.is_closed()}
+            here = self._loops[loop] = _PerLoop(loop)
+        future: asyncio.Future[Result] = loop.create_future()
+        here.queued.append((item, future))
+        if len(here.queued) == 1:
+            loop.call_soon(self._flush, here)
+        return await future
 
+    def _flush(self, here: _PerLoop[Item, Result]) -> None:
+        queued, here.queued = here.queued, []
+        for start in range(0, len(queued), self.max_items):
+            task = here.loop.create_task(self._call(here, queued[start:start + self.max_items]))
+            here.calls.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(here.calls.discard)
+
+    async def _call(self, here: _PerLoop[Item, Result],
+                    batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        try:
+            keys, args = self.combine([item for item, _ in batch])
+            head = (len(keys), *keys, *args)
+            if here.link is None or here.link.closed:
+                here.link = _Link(here.loop, self.client)
+            reply = await here.link.call(_pack(("EVALSHA", self.sha, *head)),
+                                         lambda: _pack(("EVAL", self.source, *head)))
+            results = self.split(reply)
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():  # that request went away (client disconnected)
+                future.set_result(result)
 
     async def aclose(self) -> None:
         """Close this loop's connection (the app's shutdown)."""
-        link = self._links.pop(asyncio.get_running_loop(), None)
-        if link is not None:
-            await link.aclose()
+        here = self._loops.pop(asyncio.get_running_loop(), None)
+        if here is not None and here.link is not None:
+            await here.link.aclose()
+
+
+class _PerLoop(Generic[Item, Result]):
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.link: _Link | None = None
+        self.queued: list[tuple[Item, asyncio.Future[Result]]] = []
+        self.calls: set[asyncio.Task[None]] = set()
 
 
 def _pack(command: tuple[str | int, ...]) -> bytes:

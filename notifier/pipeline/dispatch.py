@@ -11,7 +11,8 @@ delivery like any other open one (it is on the open index from the moment it exi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 
 from notifier.ledger import DeliveryRecord
 from notifier.models import DeliveryStatus, TxStatus
@@ -20,17 +21,40 @@ from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.fanout import plan_deliveries
 from notifier.pipeline.outcomes import Outcomes
 from notifier.pipeline.routing import plan_route
-from notifier.tasks_spec import DELIVER, deliver_queue
+from notifier.tasks_spec import DELIVER, DISPATCH, DISPATCH_QUEUE, deliver_queue
 
 # Statuses in which a re-run dispatch takes its inline delivery up again (the claim decides
 # whether this run may send it); any other state has an owner already (a timer, a receipt).
 _RESUMABLE = (DeliveryStatus.QUEUED, DeliveryStatus.SENDING)
+# A dispatch message names up to MAX_EVENTS transactions (one per event the API accepted in
+# the same moment). Past this many seconds on one message, the rest go back on the queue as a
+# new message, so a task never nears its time limit (celeryconfig: 60 s) however slow the
+# provider, and idle workers share the remainder.
+BATCH_BUDGET = 10.0
 
 
 def inline_token(dispatch_task_id: str) -> str:
     """The claim token of a dispatch's inline delivery: the same on every redelivery of that
     dispatch message, and never a deliver task's token (those are task ids themselves)."""
     return f"dispatch:{dispatch_task_id}"
+
+
+def dispatch_all(deps: PipelineDeps, txids: Sequence[str], token: str | None = None,
+                 may_inline: Callable[[str], bool] = lambda _queue: True,
+                 budget: float = BATCH_BUDGET) -> list[str]:
+    """`dispatch` each transaction of one message in turn; what happened to each dispatched.
+
+    Every step is idempotent, so a redelivered message simply runs again; transactions past the
+    budget are re-queued (all of them, or none if that publish fails: the outbox sweep has
+    them)."""
+    started = time.monotonic()
+    done: list[str] = []
+    for position, txid in enumerate(txids):
+        if position and time.monotonic() - started > budget:
+            deps.publisher.publish(DISPATCH, list(txids[position:]), DISPATCH_QUEUE)
+            break
+        done.append(dispatch(deps, txid, token, may_inline))
+    return done
 
 
 def dispatch(deps: PipelineDeps, txid: str, token: str | None = None,

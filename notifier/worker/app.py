@@ -8,7 +8,7 @@ from notifier.celery_app import make_celery
 from notifier.config import Settings
 from notifier.pipeline.deliver import deliver
 from notifier.pipeline.digest import flush
-from notifier.pipeline.dispatch import dispatch, inline_token
+from notifier.pipeline.dispatch import dispatch_all, inline_token
 from notifier.tasks_spec import DELIVER, DIGEST, DISPATCH, TIMER
 from notifier.worker import extra_tasks
 from notifier.worker.runtime import Runtime
@@ -20,10 +20,11 @@ def create_worker_app(settings: Settings) -> Celery:
     runtime = Runtime(settings, app)
 
     @app.task(name=DISPATCH, bind=True)  # type: ignore[untyped-decorator]
-    def dispatch_task(self: Task, txid: str) -> str:
-        # One delivery goes out in this task; its claim token comes from this task's id, so a
-        # redelivery of this message may take over the send (see pipeline.dispatch).
-        return dispatch(runtime.deps(), txid, inline_token(str(self.request.id)), runtime.consumes)
+    def dispatch_task(self: Task, *txids: str) -> str:
+        # One delivery per transaction goes out in this task; its claim token comes from this
+        # task's id, so a redelivery of this message may take over the send (see pipeline.dispatch).
+        done = dispatch_all(runtime.deps(), txids, inline_token(str(self.request.id)), runtime.consumes)
+        return ",".join(done)
 
     @app.task(name=DELIVER, bind=True)  # type: ignore[untyped-decorator]
     def deliver_task(self: Task, delivery_id: str) -> str:

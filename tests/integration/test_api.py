@@ -20,7 +20,9 @@ from fastapi.testclient import TestClient
 
 from notifier.api.app import create_app
 from notifier.config import settings_from_mapping
+from notifier.ledger_accept import MAX_EVENTS
 from notifier.tasks_spec import DISPATCH_QUEUE
+from tests.support.inline import decode_task
 from tests.support.servers import RedisServer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -244,6 +246,9 @@ def test_accept_survives_redis_forgetting_its_scripts(client: TestClient,
 
 def test_concurrent_webhooks_in_one_batch_each_get_their_own_transaction(
         redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests of the same moment share script calls (at most MAX_EVENTS events each) and
+    dispatch messages, but each gets its own answer; a resend inside the same batch is still
+    recognised as a duplicate of the first."""
     monkeypatch.setenv("NOTIFIER_API_TOKEN", TOKEN)
     app = create_app(settings_from_mapping({**CONFIG, "redis_url": redis_url}))
     bodies = []
@@ -252,6 +257,7 @@ def test_concurrent_webhooks_in_one_batch_each_get_their_own_transaction(
         body["groupKey"] = f"group-{i}"
         body["commonLabels"] = {**body["commonLabels"], "n": str(i)}
         bodies.append(body)
+    bodies.append(bodies[3])  # Alertmanager's retry, racing the original
 
     async def post_all() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=app)
@@ -260,13 +266,17 @@ def test_concurrent_webhooks_in_one_batch_each_get_their_own_transaction(
             return await asyncio.gather(*(http.post("/v1/alertmanager", json=b) for b in bodies))
 
     responses = asyncio.run(post_all())
-    assert [r.status_code for r in responses] == [200] * 40
-    txids = [r.json()["transaction_id"] for r in responses]
+    assert [r.status_code for r in responses] == [200] * 41
+    txids = [r.json()["transaction_id"] for r in responses[:40]]
     assert len(set(txids)) == 40
-    for txid, body in zip(txids, bodies, strict=True):  # each answer names its own event
+    assert responses[40].json() == {"transaction_id": txids[3], "suppressed": True}
+    for txid, body in zip(txids, bodies[:40], strict=True):  # each answer names its own event
         stored = json.loads(redis_client.hget(f"ntf:tx:{txid}", "event") or b"{}")
         assert stored["labels"]["n"] == body["commonLabels"]["n"]
-    assert redis_client.llen(DISPATCH_QUEUE) == 40
+    messages = [decode_task(m)[1] for m in redis_client.lrange(DISPATCH_QUEUE, 0, -1)]
+    assert 2 <= len(messages) < 40 and all(len(named) <= MAX_EVENTS for named in messages)
+    named = [txid for message in messages for txid in message]
+    assert set(txids) <= set(named) and len(named) == len(set(named))  # each queued once
 
 
 def test_a_hung_redis_gets_503_and_the_api_stays_responsive(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 
+import pytest
 import redis
 
 from notifier.celery_app import make_celery
@@ -16,10 +17,12 @@ PER_MESSAGE = {("headers", "id"), ("headers", "root_id"), ("headers", "origin"),
                ("properties", "reply_to")}
 
 
-def test_message_matches_what_send_task_lpushes(redis_url: str, redis_client: redis.Redis) -> None:
-    make_celery(redis_url).send_task(DISPATCH, args=["tx-1"], queue=DISPATCH_QUEUE)
+@pytest.mark.parametrize("args", [["tx-1"], ["tx-1", "tx-2", "tx-3"]], ids=["one", "batch"])
+def test_message_matches_what_send_task_lpushes(redis_url: str, redis_client: redis.Redis,
+                                                args: list[str]) -> None:
+    make_celery(redis_url).send_task(DISPATCH, args=args, queue=DISPATCH_QUEUE)
     (by_celery,) = [json.loads(m) for m in redis_client.lrange(DISPATCH_QUEUE, 0, -1)]
-    task_id, text = TaskMessages(DISPATCH, DISPATCH_QUEUE).message(["tx-1"])
+    task_id, text = TaskMessages(DISPATCH, DISPATCH_QUEUE).message(args)
     ours = json.loads(text)
 
     assert base64.b64decode(ours["body"]) == base64.b64decode(by_celery["body"])

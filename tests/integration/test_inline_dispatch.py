@@ -15,7 +15,7 @@ from darabonba.core import DaraCore
 
 from notifier.channels.sms_aliyun import AliyunSms
 from notifier.models import Event, Outgoing, Rendered, Source
-from notifier.pipeline.dispatch import dispatch, inline_token
+from notifier.pipeline.dispatch import dispatch, dispatch_all, inline_token
 from notifier.pipeline.reaper import reap
 from notifier.tasks_spec import DELIVER, DISPATCH
 from tests.fakes.dysmsapi import FakeDysmsapi
@@ -127,23 +127,24 @@ def test_another_dispatch_of_the_same_event_leaves_a_live_send_alone(
     assert fleet.deps.ledger.delivery(delivery.id).claim_token == "another-worker"  # type: ignore[union-attr]
 
 
-def _dispatch_in_child(redis_url: str, cfg: dict[str, Any], txid: str, token: str) -> None:
-    """A worker process: dispatch (and send inline) until the test kills it."""
+def _dispatch_in_child(redis_url: str, cfg: dict[str, Any], txids: list[str], token: str) -> None:
+    """A worker process: dispatch one message (and send inline) until the test kills it."""
     fleet = InlineFleet(redis_url, cfg, ENV)
-    dispatch(fleet.deps, txid, token)
+    dispatch_all(fleet.deps, txids, token)
 
 
-def kill_mid_send(redis_url: str, cfg: dict[str, Any], txid: str, token: str,
-                  sms_fake: FakeDysmsapi, *, provider_has_it: bool) -> None:
-    """Run the dispatch in its own process and SIGKILL it while the provider call is open."""
+def kill_mid_send(redis_url: str, cfg: dict[str, Any], txids: list[str], token: str,
+                  sms_fake: FakeDysmsapi, *, provider_has_it: bool, in_flight: int = 1) -> None:
+    """Run the dispatch in its own process and SIGKILL it while its `in_flight`-th provider
+    call is open (the ones before it were answered)."""
     ctx = multiprocessing.get_context("spawn")
-    child = ctx.Process(target=_dispatch_in_child, args=(redis_url, cfg, txid, token))
+    child = ctx.Process(target=_dispatch_in_child, args=(redis_url, cfg, txids, token))
     child.start()
     try:
         if provider_has_it:
-            wait_until(lambda: len(sms_fake.messages) == 1, timeout=30)
+            wait_until(lambda: len(sms_fake.messages) == in_flight, timeout=30)
         else:
-            wait_until(lambda: sms_fake.requests["SendSms"] == 1, timeout=30)
+            wait_until(lambda: sms_fake.requests["SendSms"] == in_flight, timeout=30)
         assert child.pid is not None
         os.kill(child.pid, signal.SIGKILL)
     finally:
@@ -160,7 +161,7 @@ def test_dispatch_redelivered_after_a_kill_mid_inline_send(
     txid = accept(fleet)
     # stall: the fake records the SMS, then answers late; hang: it records nothing
     sms_fake.script({"kind": "stall" if provider_has_it else "hang", "seconds": 20})
-    kill_mid_send(redis_url, cfg, txid, inline_token("task-1"), sms_fake,
+    kill_mid_send(redis_url, cfg, [txid], inline_token("task-1"), sms_fake,
                   provider_has_it=provider_has_it)
     (delivery,) = fleet.deps.ledger.deliveries(txid)
     assert (delivery.status, delivery.claim_token) == ("sending", "dispatch:task-1")
@@ -174,6 +175,66 @@ def test_dispatch_redelivered_after_a_kill_mid_inline_send(
     assert fleet.publisher.tasks == [] and fleet.redis.zcard("ntf:open") == 0
 
 
+def accept_together(fleet: InlineFleet, *titles: str) -> tuple[list[str], list[str]]:
+    """Accept events in one script call, as the API does with concurrent webhooks ->
+    (the transactions answered, the transactions the one dispatch message names)."""
+    calls = [fleet.intake.prepare(Event(kind="alert", title=t), Source.ALERTMANAGER,
+                                  dedup_key=f"group-{t}") for t in titles]
+    answered = [r.transaction_id for r in fleet.deps.ledger.accept(fleet.intake.script_call(calls))]
+    fleet.take_queued_dispatches()
+    [(task, named, _)] = fleet.publisher.tasks
+    fleet.publisher.tasks.clear()
+    assert task == DISPATCH
+    return answered, named
+
+
+def test_one_message_for_a_batch_sends_each_event_once(make_fleet: MakeFleet,
+                                                       sms_fake: FakeDysmsapi) -> None:
+    fleet = make_fleet(config(sms_fake))
+    answered, named = accept_together(fleet, "A", "B", "A")  # the second A: a duplicate
+    assert answered[2] == answered[0] and len(named) == 3
+    assert dispatch_all(fleet.deps, named, inline_token("task-1")) == ["dispatched", "dispatched",
+                                                                      "missing"]
+    assert fleet.publisher.tasks == []  # no deliver task: one Celery task for the batch
+    assert sorted(m["out_id"] for m in sms_fake.messages) == sorted(
+        d.id for txid in answered[:2] for d in fleet.deps.ledger.deliveries(txid))
+    # the ack was lost: the same message again sends nothing more
+    assert dispatch_all(fleet.deps, named, inline_token("task-1")) == ["done", "done", "missing"]
+    assert len(sms_fake.messages) == 2
+
+
+def test_a_batch_past_its_time_budget_requeues_the_rest_as_one_message(
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> None:
+    fleet = make_fleet(config(sms_fake))
+    _, named = accept_together(fleet, "A", "B", "C")
+    assert dispatch_all(fleet.deps, named, inline_token("task-1"), budget=0.0) == ["dispatched"]
+    assert fleet.publisher.tasks == [(DISPATCH, named[1:], "notifier.dispatch")]
+    assert len(sms_fake.messages) == 1
+    fleet.drain()
+    assert [fleet.deps.ledger.transaction(t).status for t in named] == ["delivered"] * 3  # type: ignore[union-attr]
+    assert len(sms_fake.messages) == 3
+
+
+def test_a_batch_redelivered_after_a_kill_mid_way_resends_nothing(
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi, redis_url: str) -> None:
+    cfg = {**config(sms_fake, read_timeout="10s"), "claim_lease": "60s"}
+    fleet = make_fleet(cfg)
+    _, named = accept_together(fleet, "A", "B", "C")
+    # the first SendSms is answered; the second is recorded by the provider, then answered late
+    sms_fake.script({"kind": "ok"}, {"kind": "stall", "seconds": 20})
+    kill_mid_send(redis_url, cfg, named, inline_token("task-1"), sms_fake, provider_has_it=True,
+                  in_flight=2)
+    statuses = [[d.status for d in fleet.deps.ledger.deliveries(t)] for t in named]
+    assert statuses == [["sent"], ["sending"], []]  # the third was not reached
+    assert dispatch_all(fleet.deps, named, inline_token("task-1")) == ["done", "dispatched",
+                                                                      "dispatched"]
+    attempts = [[a["outcome"] for a in fleet.deps.ledger.attempts(fleet.deps.ledger.deliveries(t)[0].id)]
+                for t in named]
+    assert attempts == [["sent"], ["found_after_timeout"], ["sent"]]
+    assert len(sms_fake.messages) == 3  # each event reached the provider exactly once
+    assert [fleet.deps.ledger.transaction(t).status for t in named] == ["delivered"] * 3  # type: ignore[union-attr]
+
+
 def test_reaper_rescues_an_inline_send_whose_worker_died(make_fleet: MakeFleet,
         sms_fake: FakeDysmsapi, redis_url: str) -> None:
     cfg = config(sms_fake, read_timeout="10s")
@@ -181,7 +242,7 @@ def test_reaper_rescues_an_inline_send_whose_worker_died(make_fleet: MakeFleet,
     fleet.deps.claim_lease = 1.0  # as the worker's runtime sets it from the config
     txid = accept(fleet)
     sms_fake.script({"kind": "stall", "seconds": 20})
-    kill_mid_send(redis_url, cfg, txid, inline_token("task-1"), sms_fake, provider_has_it=True)
+    kill_mid_send(redis_url, cfg, [txid], inline_token("task-1"), sms_fake, provider_has_it=True)
     ledger = fleet.deps.ledger
     # The whole worker is gone (no redelivery before the visibility timeout): the reaper.
     assert reap(ledger, fleet.deps.metrics, fleet.publisher, stale_after=60, lease=60) == []

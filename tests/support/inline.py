@@ -91,8 +91,8 @@ class InlineFleet:
         while True:
             while self.publisher.tasks:
                 task, args, _ = self.publisher.tasks.pop(0)
-                if task == DISPATCH:
-                    self.outcomes.append((args[0], dispatch(self.deps, args[0])))
+                if task == DISPATCH:  # a message may name several transactions
+                    self.outcomes += [(txid, dispatch(self.deps, txid)) for txid in args]
                 elif task == DELIVER:
                     token = uuid.uuid4().hex
                     self.outcomes.append((args[0], deliver(self.deps, args[0], token)))
