@@ -26,7 +26,10 @@ from notifier.tasks_spec import DISPATCH, DISPATCH_QUEUE
 
 PREFIX = "ntf:"
 OUTBOX = f"{PREFIX}outbox"  # accepted transactions not yet fanned out (txid -> sweep after)
-MAX_EVENTS = 32  # per script call, and so per dispatch message (see notifier.pipeline.dispatch)
+# Per script call, and so per dispatch message. One worker child dispatches a message's events
+# one after the other, so this bounds what a burst puts behind one child while others may be
+# idle (8 slow SendSms calls), yet already amortises Celery's per-task cost (see bench/).
+MAX_EVENTS = 8
 _EVENTS = "notifier_events_received"
 _DISPATCH = TaskMessages(DISPATCH, DISPATCH_QUEUE)
 _ACCEPTED = TxStatus.ACCEPTED.value
