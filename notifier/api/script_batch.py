@@ -18,6 +18,7 @@ drops the link so that the next call finds the new one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -80,7 +81,11 @@ class ScriptBatcher(Generic[Item, Result]):
 
     `combine(items)` builds that call's (keys, args); `split(reply)` gives one result per item,
     in order. A failed call (Redis unreachable, hung past the socket timeout, an error reply)
-    raises its redis.RedisError in every request it carried."""
+    raises its redis.RedisError in every request it carried.
+
+    Latency is throughput here: a request waits for its reply, so the calls are written the
+    moment the iteration's batch is complete, and a reply resolves its requests directly from
+    the protocol callback (no task or extra loop iteration in between)."""
 
     def __init__(self, client: redis.Redis, source: str,
                  combine: Callable[[list[Item]], tuple[Sequence[str], Sequence[str | int]]],
@@ -104,29 +109,49 @@ class ScriptBatcher(Generic[Item, Result]):
         here.queued.append((item, future))
         if len(here.queued) == 1:
             loop.call_soon(self._flush, here)
+        elif len(here.queued) >= self.max_items:  # a full call: let Redis start on it now
+            self._flush(here)
         return await future
 
     def _flush(self, here: _PerLoop[Item, Result]) -> None:
         queued, here.queued = here.queued, []
-        for start in range(0, len(queued), self.max_items):
-            task = here.loop.create_task(self._call(here, queued[start:start + self.max_items]))
-            here.calls.add(task)  # the loop keeps only a weak reference to a task
-            task.add_done_callback(here.calls.discard)
+        if not queued:  # sent early, when it filled up
+            return
+        link = here.link
+        if link is None or link.closed:
+            link = here.link = _Link(here.loop, self.client)
+        if link.ready.done():
+            self._send(link, queued)
+        else:  # still connecting: these go out once it is open (or fail with it)
+            link.ready.add_done_callback(lambda _: self._send(link, queued))
 
-    async def _call(self, here: _PerLoop[Item, Result],
-                    batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
-        try:
-            keys, args = self.combine([item for item, _ in batch])
+    def _send(self, link: _Link, queued: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        if link.closed:  # could not connect, or the connection broke since
+            opened = link.ready
+            error = (opened.exception() if opened.done() and not opened.cancelled() else None)
+            _fail(queued, error if isinstance(error, redis.RedisError)
+                  else redis.ConnectionError("connection to Redis lost; retry"))
+            return
+        for start in range(0, len(queued), self.max_items):
+            batch = queued[start:start + self.max_items]
+            try:
+                keys, args = self.combine([item for item, _ in batch])
+            except Exception as exc:
+                _fail(batch, exc)
+                continue
             head = (len(keys), *keys, *args)
-            if here.link is None or here.link.closed:
-                here.link = _Link(here.loop, self.client)
-            reply = await here.link.call(_pack(("EVALSHA", self.sha, *head)),
-                                         lambda: _pack(("EVAL", self.source, *head)))
+            link.send(_pack(("EVALSHA", self.sha, *head)), functools.partial(self._settle, batch),
+                      fallback=functools.partial(_pack, ("EVAL", self.source, *head)))
+        link.write_out()
+
+    def _settle(self, batch: list[tuple[Item, asyncio.Future[Result]]], reply: Any) -> None:
+        if isinstance(reply, Exception):
+            _fail(batch, reply)
+            return
+        try:
             results = self.split(reply)
         except Exception as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            _fail(batch, exc)
             return
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():  # that request went away (client disconnected)
@@ -136,7 +161,13 @@ class ScriptBatcher(Generic[Item, Result]):
         """Close this loop's connection (the app's shutdown)."""
         here = self._loops.pop(asyncio.get_running_loop(), None)
         if here is not None and here.link is not None:
-            await here.link.aclose()
+            here.link.close()
+
+
+def _fail(batch: Sequence[tuple[Any, asyncio.Future[Any]]], error: BaseException) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(error)
 
 
 class _PerLoop(Generic[Item, Result]):
@@ -144,7 +175,6 @@ class _PerLoop(Generic[Item, Result]):
         self.loop = loop
         self.link: _Link | None = None
         self.queued: list[tuple[Item, asyncio.Future[Result]]] = []
-        self.calls: set[asyncio.Task[None]] = set()
 
 
 def _pack(command: tuple[str | int, ...]) -> bytes:
@@ -155,9 +185,9 @@ def _pack(command: tuple[str | int, ...]) -> bytes:
 
 @dataclass
 class _Pending:
-    future: asyncio.Future[Any]
+    settle: Callable[[Any], None]  # called once, with the reply or an exception
     deadline: float
-    fallback: Any  # () -> bytes: the same call as EVAL, sent once if Redis lost the script
+    fallback: Callable[[], bytes] | None  # the same call as EVAL, sent if Redis lost the script
 
 
 class _Link(asyncio.Protocol):
@@ -170,23 +200,26 @@ class _Link(asyncio.Protocol):
         self.reader = hiredis.Reader(replyError=ResponseError)
         self.pending: deque[_Pending] = deque()
         self.outgoing: list[bytes] = []
-        self.flush_scheduled = False
         self.watchdog: asyncio.TimerHandle | None = None
         self.endpoint = Endpoint()
         self.ready = loop.create_task(self._open(client))
         self.ready.add_done_callback(lambda task: task.cancelled() or task.exception())
 
-    async def call(self, command: bytes, fallback: Any = None) -> Any:
-        if not self.ready.done():
-            await asyncio.shield(self.ready)
-        self.ready.result()  # the link could not be opened: that error, to every waiter
-        if self.closed:
-            raise redis.ConnectionError("connection to Redis lost; retry")
-        future = self.loop.create_future()
-        self._send(command, _Pending(future, self.loop.time() + self.endpoint.reply_timeout, fallback))
-        return await future
+    def send(self, command: bytes, settle: Callable[[Any], None],
+             fallback: Callable[[], bytes] | None = None) -> None:
+        """Queue a command (written by `write_out`); `settle` gets its reply or error."""
+        pending = _Pending(settle, self.loop.time() + self.endpoint.reply_timeout, fallback)
+        self.pending.append(pending)
+        self.outgoing.append(command)
+        if self.watchdog is None:
+            self.watchdog = self.loop.call_at(pending.deadline, self._check_deadline)
 
-    async def aclose(self) -> None:
+    def write_out(self) -> None:
+        if self.transport is not None and not self.closed and self.outgoing:
+            self.transport.write(b"".join(self.outgoing))
+        self.outgoing.clear()
+
+    def close(self) -> None:
         if not self.ready.done():
             self.ready.cancel()
         self._fail(redis.ConnectionError("the API is shutting down"))
@@ -208,30 +241,15 @@ class _Link(asyncio.Protocol):
             self.closed = True
             raise
         for command in endpoint.handshake:
-            future = self.loop.create_future()
-            self._send(_pack(command),
-                       _Pending(future, self.loop.time() + endpoint.reply_timeout, None))
+            answered: asyncio.Future[Any] = self.loop.create_future()
+            self.send(_pack(command), functools.partial(_resolve, answered))
+            self.write_out()
             try:
-                await future
+                await answered
             except ResponseError as exc:  # wrong password, no such db: name the step, not the secret
                 refused = redis.ConnectionError(f"Redis refused {command[0]}: {str(exc).split(' ', 1)[0]}")
                 self._fail(refused)
                 raise refused from None
-
-    def _send(self, command: bytes, pending: _Pending) -> None:
-        self.pending.append(pending)
-        self.outgoing.append(command)
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            self.loop.call_soon(self._flush)
-        if self.watchdog is None:
-            self.watchdog = self.loop.call_at(pending.deadline, self._check_deadline)
-
-    def _flush(self) -> None:
-        self.flush_scheduled = False
-        if self.transport is not None and not self.closed and self.outgoing:
-            self.transport.write(b"".join(self.outgoing))
-        self.outgoing.clear()
 
     def _check_deadline(self) -> None:
         self.watchdog = None
@@ -250,10 +268,9 @@ class _Link(asyncio.Protocol):
         if self.watchdog is not None:
             self.watchdog.cancel()
             self.watchdog = None
+        self.outgoing.clear()
         while self.pending:
-            future = self.pending.popleft().future
-            if not future.done():
-                future.set_exception(error)
+            self.pending.popleft().settle(error)
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -264,7 +281,7 @@ class _Link(asyncio.Protocol):
         try:
             self.reader.feed(data)
             while (reply := self.reader.gets()) is not False:
-                self._settle(reply)
+                self._reply(reply)
         except hiredis.ProtocolError:
             self._fail(redis.ConnectionError("Redis sent a reply that is not RESP"))
 
@@ -272,7 +289,7 @@ class _Link(asyncio.Protocol):
         if not self.closed:
             self._fail(redis.ConnectionError("Redis closed the connection"))
 
-    def _settle(self, reply: Any) -> None:
+    def _reply(self, reply: Any) -> None:
         if not self.pending:  # a reply nobody asked for: the stream is out of step
             self._fail(redis.ConnectionError("Redis sent an unexpected reply"))
             return
@@ -281,14 +298,19 @@ class _Link(asyncio.Protocol):
             message = str(reply)
             if message.startswith("NOSCRIPT") and pending.fallback is not None:
                 # Redis restarted or flushed its scripts: EVAL runs it and caches it again
-                self._send(pending.fallback(), _Pending(pending.future, pending.deadline, None))
+                self.send(pending.fallback(), pending.settle)
+                self.write_out()
                 return
             if message.startswith("READONLY"):  # a demoted master: find the new one next call
                 self._fail(redis.ReadOnlyError(message))
                 return
-        if pending.future.done():  # that request went away (client disconnected)
-            return
-        if isinstance(reply, ResponseError):
-            pending.future.set_exception(reply)
-        else:
-            pending.future.set_result(reply)
+        pending.settle(reply)
+
+
+def _resolve(future: asyncio.Future[Any], reply: Any) -> None:
+    if future.done():
+        return
+    if isinstance(reply, BaseException):
+        future.set_exception(reply)
+    else:
+        future.set_result(reply)
