@@ -44,26 +44,53 @@ do
 end
 local EPS = 1e-9
 
--- State of bucket i as of `now`: tokens after refill, the window's recent takes and their sum.
+local function cost_of(member)  -- members are "<seq>:<cost>"
+  return tonumber(string.match(member, ':(.*)$'))
+end
+
+-- State of bucket i as of `now`: tokens after refill, and what the window holds. The hash keeps
+-- `used`, the sum of every take in the zset, so only the takes that left the window since the
+-- last write are read here (each once), not the whole window: a take costs O(1) amortised
+-- however high the limit.
 local function load(i)
   local hkey, zkey = KEYS[2 * i - 1], KEYS[2 * i]
   local base = 1 + (i - 1) * 4
   local cap, rate = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
   local per, wcap = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
-  local h = redis.call('HMGET', hkey, 'tokens', 'ts')
+  local h = redis.call('HMGET', hkey, 'tokens', 'ts', 'used')
   local tokens = cap
   if h[1] then
     tokens = math.min(cap, tonumber(h[1]) + math.max(0, now - tonumber(h[2])) * rate)
   end
-  -- A take at time ts counts while ts > now - per. Members are "<seq>:<cost>".
-  local since = '(' .. string.format('%.6f', now - per)
-  local recent = redis.call('ZRANGEBYSCORE', zkey, since, '+inf', 'WITHSCORES')
-  local used = 0
-  for j = 1, #recent, 2 do
-    used = used + tonumber(string.match(recent[j], ':(.*)$'))
+  -- A take at time ts counts while ts > now - per.
+  local cutoff = string.format('%.6f', now - per)
+  local stored = 0
+  if h[3] then
+    stored = tonumber(h[3])
+  else  -- a window written before `used` was kept: count it once
+    for _, member in ipairs(redis.call('ZRANGE', zkey, 0, -1)) do stored = stored + cost_of(member) end
+  end
+  local gone = 0
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', zkey, '-inf', cutoff)) do
+    gone = gone + cost_of(member)
   end
   return {hkey = hkey, zkey = zkey, cap = cap, rate = rate, per = per, wcap = wcap,
-          tokens = tokens, recent = recent, used = used}
+          tokens = tokens, cutoff = cutoff, used = math.max(0, stored - gone)}
+end
+
+-- Seconds until `excess` worth of the window's oldest takes have left it.
+local function freed_after(b, excess)
+  local freed, offset = 0, 0
+  while true do
+    local page = redis.call('ZRANGEBYSCORE', b.zkey, '(' .. b.cutoff, '+inf', 'WITHSCORES',
+                            'LIMIT', offset, 32)
+    if #page == 0 then return 0 end
+    for j = 1, #page, 2 do
+      freed = freed + cost_of(page[j])
+      if freed + EPS >= excess then return tonumber(page[j + 1]) + b.per - now end
+    end
+    offset = offset + 32
+  end
 end
 """
 
@@ -91,15 +118,7 @@ for i = 1, n do
   end
   local excess = b.used + cost - b.wcap
   if excess > EPS then
-    -- Wait until enough of the oldest takes have left the window.
-    local freed = 0
-    for j = 1, #b.recent, 2 do
-      freed = freed + tonumber(string.match(b.recent[j], ':(.*)$'))
-      if freed + EPS >= excess then
-        w = math.max(w, tonumber(b.recent[j + 1]) + b.per - now)
-        break
-      end
-    end
+    w = math.max(w, freed_after(b, excess))
   end
   if w > wait then
     wait, limiting = w, i
@@ -113,8 +132,9 @@ for i = 1, n do
   local left = b.tokens - cost
   local seq = redis.call('HINCRBY', b.hkey, 'seq', 1)
   local stamp = string.format('%.6f', now)
-  redis.call('HSET', b.hkey, 'tokens', string.format('%.17g', left), 'ts', stamp)
-  redis.call('ZREMRANGEBYSCORE', b.zkey, '-inf', string.format('%.6f', now - b.per))
+  redis.call('HSET', b.hkey, 'tokens', string.format('%.17g', left), 'ts', stamp,
+             'used', string.format('%.17g', b.used + cost))
+  redis.call('ZREMRANGEBYSCORE', b.zkey, '-inf', b.cutoff)
   redis.call('ZADD', b.zkey, stamp, seq .. ':' .. string.format('%.17g', cost))
   -- Idle keys go once the bucket is full and the window empty: absent == full.
   local ttl = math.ceil(math.max((b.cap - left) / b.rate, b.per) * 1000)

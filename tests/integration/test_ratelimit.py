@@ -104,6 +104,40 @@ def test_rolling_window_gives_slots_back_one_by_one(redis_client: redis.Redis) -
     assert decision.retry_after >= 0.6 - (asked_after - second_before) - 1e-3
 
 
+def test_a_long_window_waits_for_exactly_the_takes_that_must_leave_it(
+        redis_client: redis.Redis) -> None:
+    """70 in any minute, all used: a take of 40 waits until the 40th-oldest take leaves the
+    window (found by reading the window's oldest takes page by page)."""
+    buckets = TokenBuckets(redis_client)
+    minute = bucket("push:team", rate=70, per=60.0)
+    taken = []  # (just before, just after) each take
+    for _ in range(70):
+        before = time.monotonic()
+        assert buckets.take([minute]).allowed
+        taken.append((before, time.monotonic()))
+        time.sleep(0.01)  # takes 10 ms apart: a neighbour's expiry is outside the bounds below
+    asked_before = time.monotonic()
+    decision = buckets.take([minute], cost=40)
+    asked_after = time.monotonic()
+    assert not decision.allowed
+    fortieth_before, fortieth_after = taken[39]
+    assert 60 - (asked_after - fortieth_before) - 1e-3 <= decision.retry_after
+    assert decision.retry_after <= 60 - (asked_before - fortieth_after) + 1e-3
+
+
+def test_a_window_kept_by_an_older_version_still_counts(redis_client: redis.Redis) -> None:
+    """Buckets written before the window's running sum was kept (no `used` field) are counted
+    in full once, so an upgrade never lets a day budget through twice."""
+    buckets = TokenBuckets(redis_client)
+    day = bucket("sms:+8613800138000:day", rate=5, per=60.0, burst=5)
+    for _ in range(3):
+        assert buckets.take([day]).allowed
+    redis_client.hdel("ntf:tb:sms:+8613800138000:day", "used")
+    assert buckets.take([day]).allowed and buckets.take([day]).allowed
+    assert not buckets.take([day]).allowed
+    assert float(redis_client.hget("ntf:tb:sms:+8613800138000:day", "used") or 0) == 5.0
+
+
 def test_multi_take_is_all_or_nothing(redis_client: redis.Redis) -> None:
     buckets = TokenBuckets(redis_client)
     channel = bucket("sms", rate=100, burst=100)
