@@ -83,9 +83,9 @@ class ScriptBatcher(Generic[Item, Result]):
     in order. A failed call (Redis unreachable, hung past the socket timeout, an error reply)
     raises its redis.RedisError in every request it carried.
 
-    Latency is throughput here: a request waits for its reply, so the calls are written the
-    moment the iteration's batch is complete, and a reply resolves its requests directly from
-    the protocol callback (no task or extra loop iteration in between)."""
+    Latency is throughput here: a request waits for its reply, so a call is written the moment
+    the iteration's batch is complete (or as soon as it is full), and a reply resolves its
+    requests directly from the protocol callback (no task or extra loop iteration between)."""
 
     def __init__(self, client: redis.Redis, source: str,
                  combine: Callable[[list[Item]], tuple[Sequence[str], Sequence[str | int]]],
@@ -148,10 +148,15 @@ class ScriptBatcher(Generic[Item, Result]):
         if isinstance(reply, Exception):
             _fail(batch, reply)
             return
-        try:
-            results = self.split(reply)
-        except Exception as exc:
+        try:  # runs in the protocol's callback: whatever happens, every request hears of it
+            results = list(self.split(reply))
+            if len(results) != len(batch):
+                raise redis.ResponseError(f"script answered {len(results)} of {len(batch)} calls")
+        except redis.RedisError as exc:
             _fail(batch, exc)
+            return
+        except Exception as exc:  # not the script's answer: whatever sits on that port is no Redis
+            _fail(batch, redis.ResponseError(f"unexpected reply to the script ({type(exc).__name__})"))
             return
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():  # that request went away (client disconnected)

@@ -4,7 +4,10 @@ echo it, and a Redis restart between accepts (new connection, script cache empty
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,3 +102,45 @@ def test_a_redis_restart_between_accepts_loses_nothing(server: RedisServer) -> N
     check = redis.Redis(port=server.port)
     queued = [json.loads(m)["headers"]["argsrepr"] for m in check.lrange(DISPATCH_QUEUE, 0, -1)]
     assert sorted(queued) == sorted(repr([r.json()["transaction_id"]]) for r in (before, after))
+
+
+class ImpostorRedis:
+    """A TCP server on loopback that answers every command the same wrong way."""
+
+    def __init__(self, reply: bytes | None) -> None:
+        self.reply = reply  # None: close the connection as soon as a command arrives
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.server.accept()
+                threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            while conn.recv(65536):
+                if self.reply is None:
+                    return
+                conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize("reply", [b"+OK\r\n", b"*1\r\n$3\r\nnew\r\n", b"HTTP/1.1 400 Bad\r\n\r\n", None],
+                         ids=["status", "short-array", "not-resp", "hang-up"])
+def test_something_that_is_not_redis_gets_503s_never_a_500(reply: bytes | None) -> None:
+    impostor = ImpostorRedis(reply)
+    try:
+        app = create_app(settings_from_mapping({**CONFIG, "redis_url":
+                                                f"redis://127.0.0.1:{impostor.port}/0"}))
+        with TestClient(app) as client:
+            for attempt in range(2):  # the second on a fresh connection
+                response = client.post("/v1/events", json={"title": f"attempt {attempt}"})
+                assert response.status_code == 503, response.text
+                assert "redis unavailable" in response.json()["detail"]
+    finally:
+        impostor.close()
