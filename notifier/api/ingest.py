@@ -4,9 +4,10 @@ These two routes are the ingest hot path, so they skip FastAPI's per-request mac
 (dependency solving, the threadpool a sync route runs in) which cost more than the work itself:
 the body is validated straight from bytes by pydantic, and the accept script (store + queue the
 dispatch task, see notifier.ledger_accept) runs through the shared ScriptBatcher, which accepts
-the events of one loop iteration in one script call. Everything else of the API stays FastAPI. Behaviour is the API's contract: Bearer/Basic auth, 400 for a
-body that is not JSON, 422 naming the field, 413 from BodySizeLimit around this, 503 with
-Retry-After when Redis is unreachable; the routes are documented in /openapi.json.
+the events of one loop iteration in one script call. Everything else of the API stays FastAPI.
+Behaviour is the API's contract: Bearer/Basic auth, 400 for a body that is not JSON, 422 naming
+the field, 413 from BodySizeLimit around this, 503 with Retry-After when Redis is unreachable;
+the routes are documented in /openapi.json.
 """
 
 from __future__ import annotations
