@@ -44,6 +44,7 @@ from redis.client import Pipeline
 
 from notifier.config import BreakerPolicy
 from notifier.errors import CircuitOpen
+from notifier.redis_conn import queue_script
 
 KEY_PREFIX = "ntf:breaker:"
 REGISTRY_KEY = "ntf:breakers"
@@ -235,8 +236,7 @@ class FleetBreaker:
             by, reason, HISTORY_CAP, EVENTS_CAP,
         ]  # fmt: skip
         if into is not None:
-            # EVAL, not EVALSHA: a NOSCRIPT reply inside a pipeline could not be retried alone.
-            into.eval(_SCRIPT, len(keys), *keys, *args)
+            queue_script(into, _SCRIPT, keys, args)
             return None
         return self._script(keys=keys, args=args)
 

@@ -17,7 +17,8 @@ import redis
 from redis.client import Pipeline
 
 from notifier import ledger_scripts as scripts
-from notifier.ledger_accept import OUTBOX, ScriptCall, accept_results
+from notifier.ledger_accept import ScriptCall, accept_results
+from notifier.ledger_keys import DEADLETTERS, OPEN, OUTBOX, PREFIX, delivery_key, tx_key
 from notifier.ledger_rows import (
     Claim,
     deliveries_from,
@@ -38,26 +39,15 @@ from notifier.records import (
     TransactionRecord,
     text,
 )
+from notifier.redis_conn import queue_script
 
-__all__ = ["AcceptOutcome", "AcceptResult", "Attempt", "Claim", "ClaimResult", "DeliveryRecord", "Ledger",
-           "TransactionRecord", "text"]
+__all__ = ["DEADLETTERS", "OPEN", "OUTBOX", "PREFIX", "AcceptOutcome", "AcceptResult", "Attempt", "Claim",
+           "ClaimResult", "DeliveryRecord", "Ledger", "TransactionRecord", "delivery_key", "text", "tx_key"]
 
-PREFIX = "ntf:"
-
-DEADLETTERS = f"{PREFIX}deadletters"  # failed transactions (txid -> failed at)
-OPEN = f"{PREFIX}open"  # deliveries not yet final (delivery id -> created at), for the reaper
 _FINAL = ("sent", "delivered", "failed", "fallen_back", "suppressed")
 # What the roll-up script needs of the delivery statuses, from their one definition.
 _TERMINAL = ",".join(s.value for s in DeliveryStatus if s.terminal)
 _REACHED = ",".join(s.value for s in DeliveryStatus if s.succeeded or s is DeliveryStatus.SUPPRESSED)
-
-
-def tx_key(txid: str) -> str:
-    return f"{PREFIX}tx:{txid}"
-
-
-def delivery_key(did: str) -> str:
-    return f"{PREFIX}dl:{did}"
 
 
 class Ledger:
@@ -86,8 +76,7 @@ class Ledger:
         """Both in one round trip (what a dispatch starts from)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(tx_key(txid))
-        # EVAL, not EVALSHA: inside a pipeline a NOSCRIPT reply could not be retried alone.
-        pipe.eval(scripts.DELIVERIES_OF, 1, f"{tx_key(txid)}:dl")
+        queue_script(pipe, scripts.DELIVERIES_OF, [f"{tx_key(txid)}:dl"], [])
         raw_tx, raw_deliveries = pipe.execute()
         return transaction_from(raw_tx), deliveries_from(raw_deliveries)
 
@@ -121,8 +110,7 @@ class Ledger:
                      metric_field("notifier_transactions_finished", status=status.value)]
         args += close
         if into is not None:
-            # EVAL, not EVALSHA: inside a pipeline a NOSCRIPT reply could not be retried alone.
-            into.eval(scripts.ROLL_UP, len(keys), *keys, *args)
+            queue_script(into, scripts.ROLL_UP, keys, args)
             return None
         return rolled_up(self._roll_up(keys=keys, args=args))
 
@@ -148,9 +136,6 @@ class Ledger:
 
     def fanned_out(self, txid: str) -> None:
         self.redis.zrem(OUTBOX, txid)
-
-    def dead_letter(self, txid: str) -> None:
-        self.redis.zadd(DEADLETTERS, {txid: time.time()})
 
     def dead_letters(self, limit: int = 100) -> list[tuple[str, float]]:
         rows: list[Any] = self.redis.zrevrange(DEADLETTERS, 0, limit - 1, withscores=True)
@@ -195,9 +180,6 @@ class Ledger:
 
     def delivery(self, did: str) -> DeliveryRecord | None:
         return delivery_from(self.redis.hgetall(delivery_key(did)))
-
-    def delivery_ids(self, txid: str) -> list[str]:
-        return [text(x) for x in self.redis.lrange(f"{tx_key(txid)}:dl", 0, -1)]
 
     def deliveries(self, txid: str) -> list[DeliveryRecord]:
         return deliveries_from(self._deliveries_of(keys=[f"{tx_key(txid)}:dl"]))

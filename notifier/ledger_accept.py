@@ -19,13 +19,12 @@ from typing import NamedTuple
 import orjson
 
 from notifier.celery_wire import TaskMessages
+from notifier.ledger_keys import OUTBOX, PREFIX, tx_key
 from notifier.metrics import metric_field, metric_key
 from notifier.models import Event, Source, TxStatus
 from notifier.records import AcceptOutcome, AcceptResult, text
 from notifier.tasks_spec import DISPATCH, DISPATCH_QUEUE
 
-PREFIX = "ntf:"
-OUTBOX = f"{PREFIX}outbox"  # accepted transactions not yet fanned out (txid -> sweep after)
 # Per script call, and so per dispatch message. One worker child dispatches a message's events
 # one after the other, so this bounds what a burst puts behind one child while others may be
 # idle (8 slow SendSms calls), yet already amortises Celery's per-task cost (see bench/).
@@ -75,7 +74,7 @@ def accept_call(txid: str, event: Event, source: Source, *, receiver: str = "",
         "updated_at", stamp,
         "receiver", receiver,
     ]
-    keys = (f"{PREFIX}tx:{txid}", f"{PREFIX}dedup:{dedup_key}" if dedup_key else "",
+    keys = (tx_key(txid), f"{PREFIX}dedup:{dedup_key}" if dedup_key else "",
             f"{PREFIX}idem:{idempotency_key}" if idempotency_key else "")
     return AcceptCall(txid, keys, args, event.kind, origin)
 

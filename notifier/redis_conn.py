@@ -8,10 +8,12 @@ current master on (re)connect.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis
+from redis.client import Pipeline
 from redis.sentinel import Sentinel
 
 from notifier.errors import ConfigError
@@ -49,3 +51,10 @@ def connect(url: str, master: str | None = None, **options: Any) -> redis.Redis:
     client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
         master, db=db, password=password, **options)
     return client
+
+
+def queue_script(pipe: Pipeline, source: str, keys: Sequence[str], args: Sequence[Any]) -> None:
+    """Queue a Lua script on a pipeline, as EVAL: an EVALSHA's NOSCRIPT reply (Redis restarted
+    or flushed its scripts) could not be retried alone inside the pipeline, and redis-py's
+    registered scripts would add a SCRIPT EXISTS round trip to every pipeline."""
+    pipe.eval(source, len(keys), *keys, *args)

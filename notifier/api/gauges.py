@@ -7,8 +7,7 @@ from collections.abc import Mapping
 import redis
 
 from notifier.breaker import list_breakers
-from notifier.ledger import DEADLETTERS
-from notifier.ledger_accept import OUTBOX
+from notifier.ledger_keys import DEADLETTERS, OUTBOX
 from notifier.metrics import Gauges
 from notifier.scheduler import TIMERS
 from notifier.tasks_spec import ALL_QUEUES
