@@ -30,7 +30,6 @@ from notifier.config import Settings, config_path, load_settings
 from notifier.errors import NotifierError
 from notifier.ledger import Ledger
 from notifier.logs import configure_logging
-from notifier.metrics import Metrics
 from notifier.models import Source, TxStatus
 from notifier.operations import BreakerControl, replay_dead_letter
 from notifier.periodic import periodic_jobs
@@ -101,11 +100,9 @@ def cmd_scheduler(args: argparse.Namespace, settings: Settings) -> int:
     client = _redis(settings)
     publisher = CeleryPublisher(make_celery(settings.redis_url, settings.redis_sentinel_master))
     ledger = Ledger(client, settings.retention)
-    metrics = Metrics(client)
 
     def reaper() -> None:
-        reap(ledger, metrics, publisher, stale_after=settings.reaper_after,
-             lease=settings.claim_lease)
+        reap(ledger, publisher, stale_after=settings.reaper_after, lease=settings.claim_lease)
 
     jobs = [*periodic_jobs(settings, client, publisher), (min(settings.reaper_after / 2, 10.0), reaper)]
     Scheduler(client, publisher, interval=settings.scheduler_interval, periodic=jobs).run_forever()

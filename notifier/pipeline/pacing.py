@@ -23,28 +23,16 @@ return tostring(slot - now)
 """
 
 
-_QUEUE_AHEAD = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local tail = tonumber(redis.call('GET', KEYS[1]) or '0')
-return tostring(math.max(tail - now, 0))
-"""
-
-
 class Pacer:
     def __init__(self, client: redis.Redis) -> None:
         self._next_slot = client.register_script(_NEXT_SLOT)
-        self._queue_ahead = client.register_script(_QUEUE_AHEAD)
-
-    def queue_ahead(self, bucket: Bucket) -> bool:
-        """Are deferred deliveries waiting for this bucket? Then a newcomer queues behind them:
-        taking a freed token first would let it jump the line and send in clumps."""
-        return float(self._queue_ahead(keys=[self.key(bucket)])) > 0
 
     @staticmethod
     def key(bucket: Bucket) -> str:
-        """The bucket's schedule tail (epoch seconds of its last handed-out slot): what
-        `TokenBuckets.take(..., behind=)` checks, as `queue_ahead` does, in the take itself."""
+        """The bucket's schedule tail (epoch seconds of its last handed-out slot). While it is
+        ahead, deferred deliveries are waiting for this bucket and a newcomer queues behind them
+        (taking a freed token first would jump the line and send in clumps): checked by
+        `TokenBuckets.take(..., behind=)` in the take itself."""
         return f"{PREFIX}pace:{bucket.key}"
 
     def slot(self, bucket: Bucket, earliest: float) -> float:

@@ -11,17 +11,12 @@ from __future__ import annotations
 import time
 
 from notifier.ledger import Ledger
-from notifier.metrics import Metrics
 from notifier.models import DeliveryStatus
 from notifier.pipeline.rollup import finish_transaction
 from notifier.tasks_spec import DELIVER, Publisher, deliver_queue
 
 
-def reap(ledger: Ledger, metrics: Metrics, publisher: Publisher, *, stale_after: float,
-         lease: float) -> list[str]:
-    # `metrics` is unused since the roll-up's counter moved into the ledger's finish script;
-    # kept so the CLI and the tests call the reaper as before.
-    del metrics
+def reap(ledger: Ledger, publisher: Publisher, *, stale_after: float, lease: float) -> list[str]:
     now = time.time()
     requeued: list[str] = []
     for did in ledger.open_older_than(stale_after):

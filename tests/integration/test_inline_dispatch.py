@@ -245,10 +245,10 @@ def test_reaper_rescues_an_inline_send_whose_worker_died(make_fleet: MakeFleet,
     kill_mid_send(redis_url, cfg, [txid], inline_token("task-1"), sms_fake, provider_has_it=True)
     ledger = fleet.deps.ledger
     # The whole worker is gone (no redelivery before the visibility timeout): the reaper.
-    assert reap(ledger, fleet.deps.metrics, fleet.publisher, stale_after=60, lease=60) == []
+    assert reap(ledger, fleet.publisher, stale_after=60, lease=60) == []
     time.sleep(1.2)
     (delivery,) = ledger.deliveries(txid)
-    assert reap(ledger, fleet.deps.metrics, fleet.publisher, stale_after=1, lease=1) == [delivery.id]
+    assert reap(ledger, fleet.publisher, stale_after=1, lease=1) == [delivery.id]
     fleet.drain()
     (delivery,) = ledger.deliveries(txid)
     assert [a["outcome"] for a in ledger.attempts(delivery.id)] == ["found_after_timeout"]

@@ -179,15 +179,15 @@ def test_reaper_requeues_lost_tasks_and_finishes_orphaned_rollups(make_fleet: Ma
     fleet.publisher.tasks.clear()  # ...and lose every deliver task, as a SIGKILL would
     (orphaned,) = fleet.deps.ledger.deliveries(orphan)
     fleet.deps.ledger.update(orphaned.id, status="sent")  # sent, then the worker died
-    ledger, metrics = fleet.deps.ledger, fleet.deps.metrics
-    assert reap(ledger, metrics, fleet.publisher, stale_after=60, lease=10) == []  # not stale yet
+    ledger = fleet.deps.ledger
+    assert reap(ledger, fleet.publisher, stale_after=60, lease=10) == []  # not stale yet
     time.sleep(1.1)
-    requeued = reap(ledger, metrics, fleet.publisher, stale_after=1, lease=10)
+    requeued = reap(ledger, fleet.publisher, stale_after=1, lease=10)
     assert requeued == [f"{lost}.0"]
     assert ledger.transaction(orphan).status == "delivered"  # type: ignore[union-attr]
     fleet.drain()
     assert ledger.transaction(lost).status == "delivered"  # type: ignore[union-attr]
-    assert reap(ledger, metrics, fleet.publisher, stale_after=0, lease=10) == []
+    assert reap(ledger, fleet.publisher, stale_after=0, lease=10) == []
     assert fleet.redis.zcard("ntf:open") == 0
 
 
