@@ -7,6 +7,7 @@ instance exports the same fleet totals: scrape one, or aggregate with max(), not
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from bisect import bisect_left
@@ -73,7 +74,14 @@ SPECS: dict[str, MetricSpec] = {
 
 
 def _labels_field(values: Mapping[str, str], spec: MetricSpec) -> str:
-    return json.dumps([str(values.get(name, "")) for name in spec.labels], ensure_ascii=False)
+    return _field(tuple(str(values.get(name, "")) for name in spec.labels))
+
+
+@functools.lru_cache(maxsize=4096)
+def _field(values: tuple[str, ...]) -> str:
+    """A series' hash field. Label sets are few and repeat on every delivery, so each is
+    encoded once rather than on every increment of the hot path."""
+    return json.dumps(list(values), ensure_ascii=False)
 
 
 def metric_key(name: str) -> str:

@@ -18,7 +18,6 @@ def text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-
 class AcceptOutcome(StrEnum):
     NEW = "new"
     DUPLICATE = "duplicate"  # same Alertmanager group content within the window

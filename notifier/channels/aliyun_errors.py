@@ -95,7 +95,6 @@ TABLE: dict[str, ErrorClass] = {
 }
 
 
-
 def business_limit_class(message: str) -> tuple[ErrorClass, float | None]:
     """isv.BUSINESS_LIMIT_CONTROL: the message names the window (e.g. 触发分钟级流控Permits:1).
 

@@ -74,7 +74,6 @@ TRANSPORT_ERRORS: tuple[tuple[type[Exception], ErrorClass, str], ...] = (
 )
 
 
-
 @dataclass(frozen=True)
 class FcmErrorBody:
     """The interesting parts of an error response; empty strings when absent."""

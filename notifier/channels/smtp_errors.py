@@ -80,7 +80,6 @@ EXCEPTIONS: tuple[tuple[type[BaseException], ErrorClass, str], ...] = (
 )
 
 
-
 def reply_class(code: int) -> ErrorClass:
     """The class of one SMTP reply code, from the table or its first digit."""
     if code in REPLY_CODES:
