@@ -22,7 +22,7 @@ from notifier.api.drills import drills_router
 from notifier.api.ingest import IngestRoutes, document
 from notifier.api.limits import BodySizeLimit
 from notifier.api.operations import operations_router
-from notifier.api.raw import field_errors
+from notifier.api.raw import RETRY_AFTER_SECONDS, field_errors, unavailable_detail
 from notifier.api.state import ApiState
 from notifier.api.views import transaction_view
 from notifier.config import Settings, load_settings
@@ -58,13 +58,13 @@ def fastapi_app(settings: Settings) -> tuple[FastAPI, ApiState]:
 
     @app.exception_handler(BrokerUnavailable)
     async def _unavailable(_: Request, exc: BrokerUnavailable) -> JSONResponse:
-        return JSONResponse({"detail": f"temporarily unavailable, retry: {exc}"}, status_code=503,
-                            headers={"Retry-After": "1"})
+        return JSONResponse({"detail": unavailable_detail(exc)}, status_code=503,
+                            headers={"Retry-After": RETRY_AFTER_SECONDS})
 
     @app.exception_handler(redis.RedisError)
     async def _redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
-        return JSONResponse({"detail": f"redis unavailable ({type(exc).__name__}), retry"},
-                            status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse({"detail": unavailable_detail(exc)}, status_code=503,
+                            headers={"Retry-After": RETRY_AFTER_SECONDS})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

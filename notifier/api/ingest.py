@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from notifier.api.auth import CHALLENGE, UNAUTHORIZED, TokenAuth
-from notifier.api.raw import field_errors, send_json
+from notifier.api.raw import RETRY_AFTER_SECONDS, field_errors, send_json, unavailable_detail
 from notifier.api.script_batch import ScriptBatcher
 from notifier.errors import BrokerUnavailable, IdempotencyConflict, InvalidEvent
 from notifier.intake import Intake
@@ -32,7 +32,7 @@ from notifier.schemas import AlertmanagerWebhook, EventIn
 from notifier.sources import alertmanager_dedup_key, from_alertmanager, from_event_in
 
 IDEMPOTENCY_KEY_MAX = 200
-_RETRY = [(b"retry-after", b"1")]
+_RETRY = [(b"retry-after", RETRY_AFTER_SECONDS.encode())]
 
 
 class BadBody(Exception):
@@ -95,10 +95,8 @@ class IngestRoutes:
             return 422, {"detail": [str(exc)]}, []
         # Redis unreachable (or its answer lost): the sender retries, and if the event was stored
         # after all, its dedup / idempotency key answers the retry with the same transaction.
-        except redis.RedisError as exc:
-            return 503, {"detail": f"redis unavailable ({type(exc).__name__}), retry"}, _RETRY
-        except BrokerUnavailable as exc:
-            return 503, {"detail": f"temporarily unavailable, retry: {exc}"}, _RETRY
+        except (redis.RedisError, BrokerUnavailable) as exc:
+            return 503, {"detail": unavailable_detail(exc)}, _RETRY
         answer: dict[str, Any] = {"transaction_id": accepted.transaction_id}
         if accepted.suppressed:
             answer["suppressed"] = True

@@ -6,9 +6,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
+import redis
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.types import Send
+
+from notifier.errors import BrokerUnavailable
+
+RETRY_AFTER_SECONDS = "1"  # what a 503 asks the sender to wait
 
 
 async def send_json(send: Send, status: int, payload: Any,
@@ -18,6 +23,13 @@ async def send_json(send: Send, status: int, payload: Any,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
+
+
+def unavailable_detail(exc: redis.RedisError | BrokerUnavailable) -> str:
+    """The 503's detail when Redis cannot be reached: what failed, never where or with what."""
+    if isinstance(exc, redis.RedisError):
+        return f"redis unavailable ({type(exc).__name__}), retry"
+    return f"temporarily unavailable, retry: {exc}"
 
 
 def field_errors(exc: ValidationError | RequestValidationError) -> list[str]:
