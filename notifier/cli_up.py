@@ -118,7 +118,8 @@ def _start_redis(tree: ProcessTree) -> str:
     data_dir = (STATE_DIR / "redis").resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     tree.start("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir",
-                         str(data_dir), "--appendonly", "yes", "--save", ""], dict(os.environ),
+                         str(data_dir), "--appendonly", "yes", "--appendfsync", "always",
+                         "--save", ""], dict(os.environ),
                quiet=True)
     return f"redis://127.0.0.1:{port}/0"
 

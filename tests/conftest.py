@@ -24,8 +24,9 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def private_redis() -> Iterator[RedisServer]:
-    """A redis-server of the test's own, for tests that stop, crash or restart it."""
-    server = RedisServer()
+    """A redis-server of the test's own, for tests that stop, crash or restart it (fsyncing
+    every write, as a deployment that must keep every acknowledged alert through a crash does)."""
+    server = RedisServer(appendfsync="always")
     server.start()
     yield server
     server.close()

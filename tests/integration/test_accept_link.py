@@ -37,7 +37,7 @@ def _open_api(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def server(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
-    options: dict[str, Any] = getattr(request, "param", {})
+    options: dict[str, Any] = {"appendfsync": "always", **getattr(request, "param", {})}  # it is crashed
     redis_server = RedisServer(**options)
     redis_server.start()
     yield redis_server

@@ -43,7 +43,7 @@ class RedisServer:
     """A private redis-server with append-only persistence, restartable on the same port."""
 
     def __init__(self, appendonly: bool = True, password: str | None = None,
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (), appendfsync: str = "everysec") -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
@@ -51,6 +51,7 @@ class RedisServer:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="notifier-redis-"))
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.password = password  # requirepass
         self.extra_args = list(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
@@ -63,7 +64,7 @@ class RedisServer:
         args = [
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
             "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec", "--protected-mode", "yes",
+            "--appendfsync", self.appendfsync, "--protected-mode", "yes",
             *(["--requirepass", self.password] if self.password else []), *self.extra_args,
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -92,8 +93,10 @@ class RedisServer:
         self.process = None
 
     def kill(self) -> None:
-        """SIGKILL: a process crash. Redis writes the AOF before it replies, so whatever a client
-        saw acknowledged survives (fsync `everysec` only matters for a machine crash)."""
+        """SIGKILL: a process crash. Only a server started with appendfsync="always" keeps
+        everything it acknowledged: under `everysec` Redis postpones its AOF write (up to 2 s)
+        while a background fsync is still running, yet replies meanwhile, and a crash then loses
+        those replies' writes (seen in CI on a slow disk)."""
         if self.process is not None:
             self.process.kill()
             self.process.wait()
