@@ -27,5 +27,11 @@ def delivery_id(transaction_id: str, index: int) -> str:
     return f"{transaction_id}.{index}"
 
 
+def batch_out_id(delivery_ids: list[str]) -> str:
+    """The provider OutId of one request carrying several deliveries: deterministic, so a
+    redelivered task that sends the same batch looks it up under the same id."""
+    return f"{delivery_ids[0]}+{len(delivery_ids) - 1}"
+
+
 def fallback_id(parent: str, step: int) -> str:
     return f"{parent}.f{step}"

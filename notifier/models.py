@@ -185,6 +185,9 @@ class Outgoing:
     rendered: Rendered
     # Sender-side data that rides along (push data payload, SMS SmsUpExtendCode ...).
     data: Mapping[str, str] = field(default_factory=dict)
+    # Other OutIds this message may already have gone out under (a batch it was part of):
+    # a maybe-sent look-up matches any of them.
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -141,8 +141,10 @@ def apply_report(deps: PipelineDeps, report: Report) -> str:
     """Apply one receipt; idempotent. Returns delivered | failed | duplicate | early | stale |
     mismatch."""
     ledger = deps.ledger
-    did = report.out_id or awaiting.delivery_for_biz(ledger.redis, report.biz_id)
-    rec = ledger.delivery(did) if did else None
+    rec = ledger.delivery(report.out_id) if report.out_id else None
+    if rec is None:  # no OutId, or a batch's: find it by number
+        did = awaiting.delivery_for(ledger.redis, report.out_id, report.biz_id, report.phone)
+        rec = ledger.delivery(did) if did else None
     if rec is None:
         return "early"  # its send is not recorded yet (or it is not ours): keep it
     if rec.channel != "sms" or report.phone not in rec.address.split(","):

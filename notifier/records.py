@@ -73,6 +73,9 @@ class DeliveryRecord:
     claim_token: str = ""
     claim_at: float | None = None
     maybe_sent_at: float | None = None  # a send timed out after leaving: look it up first
+    # The provider's OutId of its last send together with other recipients (one request for
+    # several numbers): a look-up or a receipt finds it under that id, not under its own.
+    sent_as: str = ""
 
     def to_redis(self) -> dict[str, str]:
         out: dict[str, str] = {}

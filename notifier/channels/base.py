@@ -50,7 +50,10 @@ class Channel(ABC):
 
     @abstractmethod
     async def send(self, message: Outgoing) -> Receipt:
-        """Send one message. Raise a `notifier.errors.DeliveryError` subclass on failure."""
+        """Send one message. Raise a `notifier.errors.DeliveryError` subclass on failure.
+
+        A provider whose `limits.max_batch` is above 1 may get several recipients at once:
+        `address` then lists them, comma-separated, all getting the same message."""
 
     async def lookup(self, message: Outgoing, sent_after: float) -> Receipt | None:
         """After a MaybeSentError: did `message` go out after `sent_after` (epoch seconds)?

@@ -83,13 +83,13 @@ def read_outbox(context: ChannelContext, channel: str, limit: int = 20) -> list[
     return [json.loads(row) for row in rows]
 
 
-def aliyun_report(entry: dict[str, Any], now: float) -> dict[str, Any]:
-    """What Aliyun's SmsReport push says about a sandbox-'sent' SMS: delivered."""
+def aliyun_report(entry: dict[str, Any], now: float, phone: str) -> dict[str, Any]:
+    """What Aliyun's SmsReport push says about a sandbox-'sent' SMS to `phone`: delivered."""
     def beijing(ts: float) -> str:
         return datetime.fromtimestamp(ts, _CHINA).strftime("%Y-%m-%d %H:%M:%S")
 
     return {
-        "phone_number": str(entry["to"]).lstrip("+"),  # Aliyun drops the '+' (86138...)
+        "phone_number": phone.strip().lstrip("+"),  # Aliyun drops the '+' (86138...)
         "send_time": beijing(float(entry["at"])), "report_time": beijing(now),
         "success": True, "err_code": "DELIVERED", "err_msg": "用户接收成功", "sms_size": "1",
         "biz_id": entry["provider_message_id"], "out_id": entry["delivery_id"],
@@ -132,7 +132,10 @@ def push_reports(client: redis.Redis, post: Post = http_post, now: float | None 
         if float(item["entry"]["at"]) + REPORT_DELAY > at:
             break  # FIFO: everything behind it is younger
         client.lpop(REPORTS)
-        if post(str(item["url"]), [aliyun_report(item["entry"], at)]):
+        # One record per number (a batch went to several), in one push as Aliyun batches them.
+        numbers = str(item["entry"]["to"]).split(",")
+        reports = [aliyun_report(item["entry"], at, phone) for phone in numbers]
+        if post(str(item["url"]), reports):
             pushed += 1
             continue
         tries = int(item.get("tries", 0)) + 1

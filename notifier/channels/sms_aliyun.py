@@ -139,18 +139,20 @@ class AliyunSms(Channel):
 
     async def lookup(self, message: Outgoing, sent_after: float) -> Receipt | None:
         """Did this delivery reach Aliyun after all? QuerySendDetails by number and day, matched
-        on OutId (= delivery_id). Any SendStatus counts: Aliyun accepted it, so resending would
-        duplicate it. The records carry no BizId, so `provider_message_id` is empty; the
-        delivery receipt (SmsReport) brings it later, keyed on the same OutId.
+        on OutId (= delivery_id, or the id of a batch it went out in: `aliases`). Any SendStatus
+        counts: Aliyun accepted it, so resending would duplicate it. The records carry no BizId,
+        so `provider_message_id` is empty; the delivery receipt (SmsReport) brings it later,
+        keyed on the same OutId.
 
         If QuerySendDetails itself fails (down, or a RAM policy allowing SendSms only) we cannot
         tell, and say None: a possible duplicate beats an alert that never goes out. Records can
         also lag the send by a few seconds, so a very early None is not proof."""
         try:
             phone = aliyun_phones(message.address).split(",")[0]  # one request: any will do
+            out_ids = {message.delivery_id, *message.aliases}
             for day in send_dates(sent_after):
                 for record in await self._records(phone, day, biz_id=None):
-                    if record.get("OutId") == message.delivery_id:
+                    if record.get("OutId") in out_ids:
                         detail = {key: str(record.get(key) or "") for key in STATUS_FIELDS}
                         detail["found_by"] = "QuerySendDetails"
                         return Receipt(provider_message_id="", detail=detail)

@@ -1,4 +1,5 @@
 """One delivery step: claim → (look up a maybe-sent) → render → rate limit → breaker → send.
+Several deliveries of one event with the same message go out in one request (deliver_batch).
 
 Plain Python: the Celery task calls `deliver(deps, delivery_id, token)` and nothing more; the
 dispatch step calls it too, for the one delivery it sends itself (with the transaction it has).
@@ -7,17 +8,35 @@ dispatch step calls it too, for the one delivery it sends itself (with the trans
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
+from notifier.channels.base import Channel
 from notifier.config import AliyunSmsProvider, ChannelConfig
 from notifier.errors import CircuitOpen, DeliveryError, PermanentError, TransientError
+from notifier.ids import batch_out_id
 from notifier.ledger import ClaimResult, DeliveryRecord, TransactionRecord
-from notifier.models import Event, Outgoing, Rendered
+from notifier.models import ErrorClass, Event, Outgoing, Rendered
+from notifier.pipeline.batching import by_message
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.digest import hold
 from notifier.pipeline.outcomes import Outcomes
 from notifier.pipeline.rollup import finish_transaction
 from notifier.ratelimit import Bucket
 from notifier.templates import TemplateContext
+
+# Classes of error that may be about a single number of a batch request (an invalid number,
+# its rate window); the others (a provider outage, the account) are about every member alike.
+_ONE_NUMBER_MAY_CAUSE = frozenset({ErrorClass.PERMANENT, ErrorClass.RECIPIENT_BUDGET})
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A claimed delivery that passed every step before the provider call."""
+    rec: DeliveryRecord
+    tx: TransactionRecord
+    provider: Channel
+    message: Outgoing
 
 
 def deliver(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | None = None) -> str:
@@ -26,6 +45,34 @@ def deliver(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | No
     `token` identifies this attempt: a redelivery of the same task message carries the same one
     and may take over a claim its dead predecessor left. `tx`: the delivery's transaction, when
     the caller has it in hand (the claim then does not read it again)."""
+    ready = _prepare(deps, did, token, tx)
+    return ready if isinstance(ready, str) else _send(deps, [ready])[0]
+
+
+def deliver_batch(deps: PipelineDeps, dids: Sequence[str], token: str,
+                  tx: TransactionRecord | None = None) -> list[str]:
+    """`deliver` for several deliveries of one event (dispatch groups them: see
+    notifier.pipeline.batching). Each is claimed, looked up and rate limited on its own; those
+    left with the same message through the same provider go out in one request."""
+    results: dict[str, str] = {}
+    ready: list[_Ready] = []
+    for did in dids:
+        prepared = _prepare(deps, did, token, tx)
+        if isinstance(prepared, str):
+            results[did] = prepared
+            continue
+        ready.append(prepared)
+        tx = tx or prepared.tx  # members share it: read once
+    for batch in by_message(ready, lambda r: r.provider, lambda r: r.message):
+        for member, result in zip(batch, _send(deps, batch), strict=True):
+            results[member.rec.id] = result
+    return [results[did] for did in dids]
+
+
+def _prepare(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | None
+             ) -> _Ready | str:
+    """Claim → (look up a maybe-sent) → render → rate limit: the delivery ready to send, or
+    what happened to it instead."""
     claim = deps.ledger.claim(did, token, deps.claim_lease, with_transaction=tx is None)
     result, rec = claim.result, claim.delivery
     if result is ClaimResult.DONE:
@@ -65,31 +112,61 @@ def deliver(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | No
     refused = _rate_limit(deps, rec, cfg, outcomes)
     if refused is not None:
         return refused
+    return _Ready(rec, tx, provider, message)
+
+
+def _send(deps: PipelineDeps, batch: list[_Ready]) -> list[str]:
+    """One provider request for the batch (its members share provider and message); what
+    happened to each member."""
+    provider = batch[0].provider
+    cfg = deps.settings.channels[batch[0].rec.channel]
+    outcomes = Outcomes(deps)
+    message = batch[0].message
+    members = [ready.rec for ready in batch]
+    if len(batch) > 1:
+        out_id = batch_out_id([rec.id for rec in members])
+        members = [replace(rec, sent_as=out_id) for rec in members]
+        # Written before the request: if this worker dies mid-send, whoever takes a member over
+        # looks it up under the batch's OutId.
+        pipe = deps.ledger.redis.pipeline()
+        for rec in members:
+            deps.ledger.update(rec.id, into=pipe, sent_as=out_id)
+        pipe.execute()
+        message = replace(message, delivery_id=out_id, aliases=(),
+                          address=",".join(rec.address for rec in members))
 
     breaker = deps.breaker_for(provider.breaker_name, cfg.breaker)
     try:
         permit = breaker.acquire()
     except CircuitOpen:
-        deps.ledger.uncount_attempt(rec.id)
-        return outcomes.next_provider(rec, "circuit_open", provider.breaker_name)
+        for rec in members:
+            deps.ledger.uncount_attempt(rec.id)
+        return [outcomes.next_provider(rec, "circuit_open", provider.breaker_name) for rec in members]
 
     started_wall, started = time.time(), time.monotonic()
     try:
         receipt = deps.runner.run(provider.send(message))
     except DeliveryError as exc:
         (breaker.record_failure if exc.trips_breaker else breaker.record_success)(permit)
-        return outcomes.failed_send(rec, provider.provider_name, exc,
-                                    time.monotonic() - started, started_wall)
+        error = exc
     except Exception as exc:  # a provider bug must not lose the message: retry, then fall back
         breaker.record_failure(permit)
         error = TransientError("unexpected", type(exc).__name__)
-        return outcomes.failed_send(rec, provider.provider_name, error,
-                                    time.monotonic() - started, started_wall)
-    latency = time.monotonic() - started
-    pipe = deps.ledger.redis.pipeline()  # the breaker's success rides with the send's record
-    breaker.record_success(permit, into=pipe)
-    return outcomes.sent(rec, provider.provider_name, receipt, latency=latency,
-                         accepted_at=tx.created_at, into=pipe)
+    else:
+        latency = time.monotonic() - started
+        pipe = deps.ledger.redis.pipeline()  # the breaker's success rides with the send's record
+        breaker.record_success(permit, into=pipe)
+        return [outcomes.sent(rec, provider.provider_name, receipt, latency=latency,
+                              accepted_at=ready.tx.created_at, into=pipe if i == 0 else None)
+                for i, (rec, ready) in enumerate(zip(members, batch, strict=True))]
+    elapsed = time.monotonic() - started
+    if len(members) > 1 and error.error_class in _ONE_NUMBER_MAY_CAUSE:
+        # One bad or capped number refuses the whole request: each goes again on its own, so
+        # only that one recipient falls back.
+        return [outcomes.unbatched(rec, provider.provider_name, error, elapsed, started_wall)
+                for rec in members]
+    return [outcomes.failed_send(rec, provider.provider_name, error, elapsed, started_wall)
+            for rec in members]
 
 
 def _rate_limit(deps: PipelineDeps, rec: DeliveryRecord, cfg: ChannelConfig, outcomes: Outcomes
@@ -157,4 +234,4 @@ def _message(deps: PipelineDeps, rec: DeliveryRecord, tx: TransactionRecord,
     if "sms_up_extend_code" in tx.event.extra:
         data["sms_up_extend_code"] = tx.event.extra["sms_up_extend_code"]
     return Outgoing(delivery_id=rec.id, transaction_id=tx.id, address=rec.address, kind=rec.kind,
-                    rendered=rendered, data=data)
+                    rendered=rendered, data=data, aliases=(rec.sent_as,) if rec.sent_as else ())

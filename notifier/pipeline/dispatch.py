@@ -1,5 +1,6 @@
 """Expand an accepted transaction into deliveries; queue a deliver task for each but one, and
-send that one in the same step.
+send that one in the same step. Deliveries a provider can send in one request (an event paging
+several people by SMS) share a task, and the one sent here takes its batch along.
 
 Sending one delivery inline saves a Celery task (publish, fetch, ack) for the common event with
 a single delivery. It goes through `deliver`, the same code as a deliver task, with a claim
@@ -16,7 +17,8 @@ from collections.abc import Callable, Sequence
 
 from notifier.ledger import DeliveryRecord
 from notifier.models import DeliveryStatus, TxStatus
-from notifier.pipeline.deliver import deliver
+from notifier.pipeline.batching import by_provider
+from notifier.pipeline.deliver import deliver, deliver_batch
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.fanout import plan_deliveries
 from notifier.pipeline.outcomes import Outcomes
@@ -89,15 +91,28 @@ def dispatch(deps: PipelineDeps, txid: str, token: str | None = None,
         queued = [r for r in records if r.id in new_ids]
     inline = _inline_pick(records, may_inline) if token is not None else None
     outcomes = Outcomes(deps)
+    sendable: list[DeliveryRecord] = []
     for record in queued:
-        if record is inline:
-            continue
         if not record.address:
             outcomes.fall_back(record, "no_address", record.reason)
-            continue
-        deps.publisher.publish(DELIVER, [record.id], deliver_queue(record.channel))
-    if inline is not None and token is not None and inline.status in _RESUMABLE:
-        deliver(deps, inline.id, token, tx=tx)
+        else:
+            sendable.append(record)
+    if token is not None:
+        # A re-run of this dispatch takes up again what its first run sent itself (the inline
+        # delivery, the batch it went in); the claim decides whether it may.
+        listed = {r.id for r in sendable}
+        sendable += [r for r in records if r.id not in listed and r.status in _RESUMABLE
+                     and (r is inline or r.claim_token == token)]
+    inline_batch: list[DeliveryRecord] = []
+    for batch in by_provider(deps, sendable):
+        if inline is not None and any(r is inline for r in batch):
+            inline_batch = batch
+        else:
+            deps.publisher.publish(DELIVER, [r.id for r in batch], deliver_queue(batch[0].channel))
+    if token is not None and len(inline_batch) == 1:
+        deliver(deps, inline_batch[0].id, token, tx=tx)
+    elif token is not None and inline_batch:
+        deliver_batch(deps, [r.id for r in inline_batch], token, tx=tx)
     return "dispatched"
 
 

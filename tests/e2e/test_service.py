@@ -66,6 +66,7 @@ def service_config(fakes: dict[str, Any]) -> dict[str, Any]:
             "alice": {"phone": "+8613800138000", "email": "alice@example.com",
                       "push_tokens": ["fcm-token-alice"]},
             "bob": {"phone": "+8613900139000", "email": "bob@example.com", "locale": "zh-CN"},
+            "carol": {"phone": "+8613700137000"},
         },
         "groups": {"oncall": ["alice", "bob"]},
         "routes": [
@@ -123,6 +124,23 @@ def test_critical_group_goes_out_by_sms_and_push(stack: Stack, fakes: dict[str, 
     assert pushes[0]["message"]["token"] == "fcm-token-alice"
     assert pushes[0]["message"]["data"]["transaction_id"] == view["transaction_id"]
     assert fakes["smtp"].messages == []  # nothing failed, so no fallback email
+
+
+def test_one_events_sms_to_several_people_is_one_request_through_the_worker(
+        stack: Stack, fakes: dict[str, Any]) -> None:
+    # alice's push goes out within the dispatch task; both SMS (same text: both read English)
+    # are one deliver task naming two deliveries, sent by a worker as one SendSms.
+    txid = stack.post("/v1/events", {"title": "Batch check", "severity": "critical",
+                                     "to": ["alice", "carol"], "channels": ["push", "sms"]}
+                      ).json()["transaction_id"]
+    view = stack.wait_final(txid)
+    assert view["status"] == "delivered", json.dumps(view, indent=1)
+    assert fakes["sms"].requests["SendSms"] == 1 and len(fakes["fcm"].messages) == 1
+    sms = by_channel(view, "sms")
+    assert sorted(m["phone"] for m in fakes["sms"].messages) == ["13700137000", "13800138000"]
+    (biz_id,) = {m["biz_id"] for m in fakes["sms"].messages}
+    assert [(d["recipient"], d["status"], d["provider_message_id"]) for d in sms] == [
+        ("alice", "sent", biz_id), ("carol", "sent", biz_id)]
 
 
 def test_warning_group_is_emailed_with_label_text_inert(stack: Stack, fakes: dict[str, Any]) -> None:

@@ -131,6 +131,9 @@ class FakeDysmsapi:
         # rejected and Content is rendered; otherwise any SMS_<digits> code is accepted.
         self.templates = dict(templates) if templates is not None else None
         self.requests: Counter[str] = Counter()
+        # Numbers the carrier refuses (as Aliyun does a number that is not a mobile, or one on its
+        # blacklist): any request naming one fails whole with isv.MOBILE_NUMBER_ILLEGAL.
+        self.refused_numbers: set[str] = set()
         self._lock = threading.Lock()
         self._messages: list[dict[str, Any]] = []
         self._by_phone: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -172,7 +175,7 @@ class FakeDysmsapi:
     def reset(self) -> None:
         with self._lock:
             for store in (self._messages, self._by_phone, self._queue, self._nonces,
-                          self.requests):
+                          self.requests, self.refused_numbers):
                 store.clear()
 
     def start(self) -> FakeDysmsapi:
@@ -420,7 +423,8 @@ class FakeDysmsapi:
                 q: Mapping[str, str], how: Mapping[str, Any]) -> str:
         """Check every recipient first (one bad number fails the whole request), then record."""
         for phone, _sign, _params, extend in items:
-            _phone(phone)
+            if _phone(phone) in self.refused_numbers:
+                raise Reply("isv.MOBILE_NUMBER_ILLEGAL", "非法手机号")
             if extend and not re.fullmatch(r"\d{1,12}", extend):
                 raise Reply("isv.EXTEND_CODE_ERROR", "扩展码使用错误")
         now = time.time()

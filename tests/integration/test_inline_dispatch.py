@@ -76,11 +76,14 @@ def test_multi_delivery_event_queues_the_rest(make_fleet: MakeFleet,
     fleet = make_fleet(config(sms_fake, channels=("sms", "email"), recipients=("alice", "bob")))
     txid = accept(fleet)
     dispatch(fleet.deps, txid, inline_token("task-1"))
-    first, *rest = fleet.deps.ledger.deliveries(txid)
-    assert (first.channel, first.recipient, first.status) == ("sms", "alice", "sent")
-    assert {tuple(args) for task, args, _ in fleet.publisher.tasks if task == DELIVER} == {
-        (r.id,) for r in rest}
-    assert len(rest) == 3 and {r.status for r in rest} == {"queued"}
+    alice_sms, alice_email, bob_sms, bob_email = fleet.deps.ledger.deliveries(txid)
+    # Both SMS went out here, in one SendSms; each email is a task of its own.
+    assert [(d.channel, d.recipient, d.status) for d in (alice_sms, bob_sms)] == [
+        ("sms", "alice", "sent"), ("sms", "bob", "sent")]
+    assert [m["out_id"] for m in sms_fake.messages] == [f"{alice_sms.id}+1"] * 2
+    assert sorted(tuple(args) for task, args, _ in fleet.publisher.tasks if task == DELIVER) == [
+        (alice_email.id,), (bob_email.id,)]
+    assert {r.status for r in (alice_email, bob_email)} == {"queued"}
     assert fleet.deps.ledger.transaction(txid).status == "dispatching"  # type: ignore[union-attr]
     fleet.drain()
     assert fleet.deps.ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
