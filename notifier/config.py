@@ -6,6 +6,7 @@ A bad file raises `ConfigError` whose message names the key path and the problem
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -51,6 +52,7 @@ def parse_duration(value: object) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
+@functools.lru_cache(maxsize=4096)  # parsed on every SMS send and receipt: a few numbers, often
 def normalise_phone(raw: str, default_region: str = "CN") -> str:
     """Any of '+8613800138000', '8613800138000', '13800138000' -> '+8613800138000' (E.164).
 
