@@ -52,10 +52,11 @@ def reconcile(deps: PipelineDeps, limit: int = 50, budget: float = 30.0) -> dict
     return counts
 
 
-def _ours(row: dict[str, object], did: str, by_biz: bool) -> bool:
-    """OutId is our delivery ID; a query by BizId is ours even where OutId was not echoed."""
+def _ours(row: dict[str, object], rec: DeliveryRecord, by_biz: bool) -> bool:
+    """OutId is our delivery ID (or the batch's it went out in); a query by BizId is ours even
+    where OutId was not echoed."""
     out = str(row.get("OutId") or "")
-    return out == did or (by_biz and not out)
+    return out in (rec.id, rec.sent_as or rec.id) or (by_biz and not out)
 
 
 def _provider(deps: PipelineDeps, rec: DeliveryRecord) -> AliyunSms | None:
@@ -83,7 +84,7 @@ def _reconcile_one(deps: PipelineDeps, did: str, now: float) -> str:
         for day in send_dates(sent_at, now):
             rows = deps.runner.run(provider.query_status(phone, day,
                                                          rec.provider_message_id or None))
-            row = next((r for r in rows if _ours(r, did, bool(rec.provider_message_id))), None)
+            row = next((r for r in rows if _ours(r, rec, bool(rec.provider_message_id))), None)
             if row is not None:
                 break
     except DeliveryError as exc:

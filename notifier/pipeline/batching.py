@@ -40,7 +40,9 @@ def by_provider(deps: PipelineDeps, records: Sequence[DeliveryRecord]) -> list[l
 def by_message(items: Sequence[T], provider_of: Callable[[T], Channel],
                message_of: Callable[[T], Outgoing]) -> list[list[T]]:
     """Items whose messages are the same, through the same provider, together (up to its batch
-    size). Recipients of one event can still get different messages (locale, their name)."""
+    size). Recipients of one event can still get different messages (locale, their name). An
+    address appears once per request: two people sharing a phone get a request each, or
+    their receipts (keyed by BizId and number) could not be told apart."""
     def key(item: T) -> Hashable:
         message = message_of(item)
         rendered = message.rendered
@@ -48,18 +50,25 @@ def by_message(items: Sequence[T], provider_of: Callable[[T], Channel],
         return (id(provider_of(item)), message.kind, rendered.subject, rendered.text, rendered.html,
                 json.dumps(dict(rendered.params), sort_keys=True), json.dumps(data, sort_keys=True))
 
-    return _chunked(items, key, lambda item: provider_of(item).limits.max_batch)
+    return _chunked(items, key, lambda item: provider_of(item).limits.max_batch,
+                    lambda item: message_of(item).address)
 
 
-def _chunked(items: Sequence[T], key: Callable[[T], Hashable], size: Callable[[T], int]
-             ) -> list[list[T]]:
-    """Group by key, in first-seen order, each group cut to its size."""
-    groups: dict[Hashable, list[list[T]]] = {}
+def _chunked(items: Sequence[T], key: Callable[[T], Hashable], size: Callable[[T], int],
+             address: Callable[[T], str] | None = None) -> list[list[T]]:
+    """Group by key, in first-seen order, each group cut to its size; an item whose address its
+    key's open chunk already has starts a chunk of its own."""
+    groups: dict[Hashable, list[tuple[list[T], set[str]]]] = {}
     order: list[list[T]] = []
     for item in items:
         chunks = groups.setdefault(key(item), [])
-        if not chunks or len(chunks[-1]) >= max(1, size(item)):
-            chunks.append([])
-            order.append(chunks[-1])
-        chunks[-1].append(item)
+        where = address(item) if address is not None else ""
+        fits = next((c for c in chunks if len(c[0]) < max(1, size(item)) and where not in c[1]), None)
+        if fits is None:
+            fits = ([], set())
+            chunks.append(fits)
+            order.append(fits[0])
+        fits[0].append(item)
+        if where:
+            fits[1].add(where)
     return order

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from notifier.channels.base import Channel
 from notifier.config import AliyunSmsProvider, ChannelConfig
-from notifier.errors import CircuitOpen, DeliveryError, PermanentError, TransientError
+from notifier.errors import CircuitOpen, DeliveryError, MaybeSentError, PermanentError
 from notifier.ids import batch_out_id
 from notifier.ledger import ClaimResult, DeliveryRecord, TransactionRecord
 from notifier.models import ErrorClass, Event, Outgoing, Rendered
@@ -149,9 +149,11 @@ def _send(deps: PipelineDeps, batch: list[_Ready]) -> list[str]:
     except DeliveryError as exc:
         (breaker.record_failure if exc.trips_breaker else breaker.record_success)(permit)
         error = exc
-    except Exception as exc:  # a provider bug must not lose the message: retry, then fall back
+    except Exception as exc:
+        # A provider bug, or the task's soft time limit mid-request: nothing says whether the
+        # request left, so retry (then fall back) but look it up first.
         breaker.record_failure(permit)
-        error = TransientError("unexpected", type(exc).__name__)
+        error = MaybeSentError("unexpected", type(exc).__name__)
     else:
         latency = time.monotonic() - started
         pipe = deps.ledger.redis.pipeline()  # the breaker's success rides with the send's record
@@ -161,10 +163,12 @@ def _send(deps: PipelineDeps, batch: list[_Ready]) -> list[str]:
                 for i, (rec, ready) in enumerate(zip(members, batch, strict=True))]
     elapsed = time.monotonic() - started
     if len(members) > 1 and error.error_class in _ONE_NUMBER_MAY_CAUSE:
-        # One bad or capped number refuses the whole request: each goes again on its own, so
-        # only that one recipient falls back.
-        return [outcomes.unbatched(rec, provider.provider_name, error, elapsed, started_wall)
-                for rec in members]
+        # One bad or capped number refuses the whole request: send each half again (still
+        # claimed, tokens already taken) until the numbers at fault are alone, so only their
+        # recipients fall back. One bad number among n costs about 2·log2(n) more requests.
+        outcomes.batch_refused(members, provider.provider_name, error, elapsed, started_wall)
+        half = len(batch) // 2
+        return _send(deps, batch[:half]) + _send(deps, batch[half:])
     return [outcomes.failed_send(rec, provider.provider_name, error, elapsed, started_wall)
             for rec in members]
 

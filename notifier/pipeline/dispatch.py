@@ -97,22 +97,26 @@ def dispatch(deps: PipelineDeps, txid: str, token: str | None = None,
             outcomes.fall_back(record, "no_address", record.reason)
         else:
             sendable.append(record)
+    ours: set[str] = set()  # what this dispatch sends itself, under its own claim token
     if token is not None:
         # A re-run of this dispatch takes up again what its first run sent itself (the inline
-        # delivery, the batch it went in); the claim decides whether it may.
+        # delivery, the batch it went in): only this token may take those claims over, so they
+        # are sent here, never handed to a deliver task.
+        ours = {r.id for r in records if r.status in _RESUMABLE
+                and (r is inline or r.claim_token == token)}
         listed = {r.id for r in sendable}
-        sendable += [r for r in records if r.id not in listed and r.status in _RESUMABLE
-                     and (r is inline or r.claim_token == token)]
-    inline_batch: list[DeliveryRecord] = []
+        sendable += [r for r in records if r.id in ours and r.id not in listed]
+    here: list[list[DeliveryRecord]] = []
     for batch in by_provider(deps, sendable):
-        if inline is not None and any(r is inline for r in batch):
-            inline_batch = batch
+        if any(r.id in ours for r in batch):
+            here.append(batch)
         else:
             deps.publisher.publish(DELIVER, [r.id for r in batch], deliver_queue(batch[0].channel))
-    if token is not None and len(inline_batch) == 1:
-        deliver(deps, inline_batch[0].id, token, tx=tx)
-    elif token is not None and inline_batch:
-        deliver_batch(deps, [r.id for r in inline_batch], token, tx=tx)
+    for batch in here:
+        if len(batch) == 1:
+            deliver(deps, batch[0].id, token or "", tx=tx)
+        else:
+            deliver_batch(deps, [r.id for r in batch], token or "", tx=tx)
     return "dispatched"
 
 

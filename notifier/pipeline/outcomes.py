@@ -109,24 +109,21 @@ class Outcomes:
             return self.next_provider(rec, reason, error.code)
         return self.fall_back(rec, cls, error.code)
 
-    def unbatched(self, rec: DeliveryRecord, provider: str, error: DeliveryError, latency: float,
-                  started_at: float) -> str:
-        """A batch request refused for what may be one member's number: record it, and send this
-        member again on its own (its own error then decides; the refusal uses up no retry)."""
+    def batch_refused(self, members: list[DeliveryRecord], provider: str, error: DeliveryError,
+                      latency: float, started_at: float) -> None:
+        """A request carrying several recipients was refused for what may be one number's fault:
+        the attempt on each member's record (its own request follows)."""
         cls = error.error_class.value
         pipe = self.ledger.redis.pipeline()
-        self.metrics.inc("notifier_send_attempts", into=pipe, channel=rec.channel,
-                         provider=provider, result=cls)
-        self.ledger.record_attempt(rec.id, Attempt(
-            at=started_at, provider=provider, outcome="batch_refused", error_code=error.code,
-            message=error.message[:300], latency_ms=round(latency * 1000, 3),
-        ), into=pipe)
-        self.ledger.uncount_attempt(rec.id, into=pipe)
-        self.ledger.update(rec.id, into=pipe, status=DeliveryStatus.QUEUED.value, next_at=None)
+        self.metrics.inc("notifier_send_attempts", amount=len(members), into=pipe,
+                         channel=members[0].channel, provider=provider, result=cls)
+        for rec in members:
+            self.ledger.record_attempt(rec.id, Attempt(
+                at=started_at, provider=provider, outcome="batch_refused", error_code=error.code,
+                message=error.message[:300], latency_ms=round(latency * 1000, 3),
+            ), into=pipe)
+            _log(rec, "batch_refused", provider, error.code, "sending in smaller requests")
         pipe.execute()
-        _log(rec, "batch_refused", provider, error.code, "sending on its own")
-        self.deps.publisher.publish(DELIVER, [rec.id], deliver_queue(rec.channel))
-        return "unbatched"
 
     def deferred(self, rec: DeliveryRecord, until: float, scope: str) -> str:
         pipe = self.ledger.redis.pipeline()

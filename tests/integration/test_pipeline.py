@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 
 from notifier.breaker import FleetBreaker
-from notifier.channels.sandbox import outbox_key
-from notifier.models import Event, Source
+from notifier.channels.base import ChannelContext
+from notifier.channels.sandbox import SandboxSms, outbox_key, read_outbox
+from notifier.config import SandboxProvider
+from notifier.models import Event, Outgoing, Receipt, Source
 from notifier.operations import replay_dead_letter
 from notifier.pipeline.dispatch import dispatch
 from notifier.pipeline.reaper import reap
@@ -245,3 +247,35 @@ def test_dispatch_rerun_after_a_crash_mid_fanout_still_creates_every_delivery(
     assert fleet.deps.ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
     again = fleet.deps.ledger.add_deliveries([delivery])  # a redelivered dispatch adds nothing
     assert again == [] and len(fleet.deps.ledger.deliveries(txid)) == 1
+
+
+class _CrashesAfterSending(SandboxSms):
+    """A provider with a bug: the message goes out, then its code raises something no error
+    table knows (as would the task's soft time limit firing mid-request)."""
+
+    crashes = 1
+
+    async def send(self, message: Outgoing) -> Receipt:
+        receipt = await super().send(message)
+        if self.crashes:
+            self.crashes -= 1
+            raise RuntimeError("bug after the request left")
+        return receipt
+
+    async def lookup(self, message: Outgoing, sent_after: float) -> Receipt | None:
+        for entry in read_outbox(ChannelContext(redis=self.redis), "sms", 100):
+            if entry["delivery_id"] in (message.delivery_id, *message.aliases):
+                return Receipt(provider_message_id=str(entry["provider_message_id"]))
+        return None
+
+
+def test_an_unexpected_error_mid_send_is_looked_up_before_sending_again(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(config({"provider": "sandbox"}))
+    buggy = _CrashesAfterSending(SandboxProvider(provider="sandbox"), ChannelContext(redis=fleet.redis))
+    fleet.deps.providers = {**fleet.deps.providers, "sms": [buggy]}
+    txid = submit(fleet)
+    fleet.drain(timers_until=3)
+    (delivery,) = fleet.deps.ledger.deliveries(txid)
+    assert [a["outcome"] for a in fleet.deps.ledger.attempts(delivery.id)] == [
+        "maybe_sent", "found_after_timeout"]
+    assert delivery.status == "sent" and len(outbox(fleet, "sms")) == 1  # sent once, not twice

@@ -6,6 +6,7 @@ Dysmsapi fake (which checks its signature), real processes SIGKILLed mid-send.""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,9 +17,11 @@ from notifier.api.app import create_app
 from notifier.channels.sandbox import REPORTS, push_reports
 from notifier.config import settings_from_mapping
 from notifier.ledger import DeliveryRecord
+from notifier.ledger_keys import delivery_key, tx_key
 from notifier.models import Event, Source
 from notifier.pipeline.dispatch import dispatch, inline_token
 from notifier.receipts import apply_due
+from notifier.reconciler import reconcile
 from tests.fakes.dysmsapi import FakeDysmsapi
 from tests.integration.conftest import MakeFleet
 from tests.integration.test_inline_dispatch import kill_mid_send
@@ -115,21 +118,54 @@ def test_an_event_paging_three_people_is_one_sendsms_with_a_delivery_each(
 def test_a_number_the_carrier_refuses_fails_the_batch_and_only_its_owner_falls_back(
         make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> None:
     sms_fake.refused_numbers.add("13900139000")  # bob's
-    fleet = make_fleet(config(sms_fake))
+    # One SMS per person per hour: the smaller requests must not take the tokens again.
+    fleet = make_fleet(config(sms_fake, recipient_limits=[{"rate": 1, "per": "1h", "burst": 1}]))
     txid = page(fleet)
     fleet.drain()
-    # one batch request refused whole, then each number on its own
-    assert sms_fake.requests["SendSms"] == 4
+    # [alice bob carol] refused, then [alice] sent, [bob carol] refused, [bob] refused, [carol] sent
+    assert sms_fake.requests["SendSms"] == 5
     assert sorted(m["phone"] for m in sms_fake.messages) == ["13700137000", "13800138000"]
     sms = sms_of(fleet, txid)
-    assert outcomes(fleet, sms["alice"]) == outcomes(fleet, sms["carol"]) == ["batch_refused", "sent"]
-    assert outcomes(fleet, sms["bob"]) == ["batch_refused", "permanent"]
+    assert outcomes(fleet, sms["alice"]) == ["batch_refused", "sent"]
+    assert outcomes(fleet, sms["carol"]) == ["batch_refused", "batch_refused", "sent"]
+    assert outcomes(fleet, sms["bob"]) == ["batch_refused", "batch_refused", "permanent"]
+    assert {p: d.attempt for p, d in sms.items()} == {"alice": 1, "bob": 1, "carol": 1}
     assert {p: d.status for p, d in sms.items()} == {"alice": "sent", "bob": "fallen_back",
                                                      "carol": "sent"}
     assert sms["bob"].error_code == "isv.MOBILE_NUMBER_ILLEGAL"
     emails = [d.recipient for d in fleet.deps.ledger.deliveries(txid) if d.channel == "email"]
     assert emails == ["bob"]
     assert fleet.deps.ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
+
+
+def test_two_people_sharing_a_phone_get_a_request_each(make_fleet: MakeFleet,
+                                                       sms_fake: FakeDysmsapi, api: TestClient) -> None:
+    cfg = config(sms_fake)
+    cfg["recipients"]["carol"] = {"phone": PEOPLE["alice"]["phone"]}  # the on-call handset
+    fleet = make_fleet(cfg)
+    txid = page(fleet)
+    fleet.drain()
+    assert sorted(len(set(m["phone"] for m in sms_fake.messages if m["biz_id"] == biz))
+                  for biz in {m["biz_id"] for m in sms_fake.messages}) == [1, 2]
+    sms = sms_of(fleet, txid)
+    # their receipts (BizId + number) still find each of them
+    body = [receipt(d.address, d.provider_message_id, d.sent_as or d.id) for d in sms.values()]
+    assert api.post(REPORT, params={"token": CALLBACK_TOKEN}, json=body).status_code == 200
+    assert apply_due(fleet.deps) == {"delivered": 3}
+    assert {p: d.status for p, d in sms_of(fleet, txid).items()} == {
+        "alice": "delivered", "bob": "delivered", "carol": "delivered"}
+
+
+def test_the_reconciler_asks_about_a_batch_member_by_the_batchs_out_id(
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> None:
+    fleet = make_fleet({**config(sms_fake, people=("alice", "bob")), "reconcile_after": 0})
+    sms_fake.script({"kind": "ok", "send_status": 2, "err_code": "IC:0001"})  # bob's never arrives
+    txid = page(fleet)
+    fleet.drain()
+    assert reconcile(fleet.deps) == {"failed": 2}  # both numbers of that one request failed
+    fleet.drain()
+    emails = sorted(d.recipient for d in fleet.deps.ledger.deliveries(txid) if d.channel == "email")
+    assert emails == ["alice", "bob"]
 
 
 def test_recipients_whose_messages_differ_get_a_request_each(make_fleet: MakeFleet,
@@ -206,6 +242,29 @@ def test_a_worker_killed_mid_batch_send_neither_loses_nor_duplicates(
     assert sorted(m["phone"] for m in sms_fake.messages) == ["13800138000", "13900139000"]
     assert fleet.deps.ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
     assert fleet.publisher.tasks == [] and fleet.redis.zcard("ntf:open") == 0
+
+
+def test_a_dispatch_redelivered_after_part_of_its_batch_was_recorded_finishes_the_rest(
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> None:
+    fleet = make_fleet(config(sms_fake))
+    txid = page(fleet)
+    fleet.publisher.tasks.clear()
+    token = inline_token("task-1")
+    dispatch(fleet.deps, txid, token)
+    assert sms_fake.requests["SendSms"] == 1
+    # As if the worker died after recording alice's send: bob and carol still hold the
+    # dispatch's claim, mid-send, and alice is done.
+    sms = sms_of(fleet, txid)
+    for person in ("bob", "carol"):
+        fleet.redis.hset(delivery_key(sms[person].id), mapping={
+            "status": "sending", "claim_token": token, "claim_at": repr(time.time())})
+    fleet.redis.hset(tx_key(txid), "status", "dispatching")  # so not rolled up yet
+    dispatch(fleet.deps, txid, token)  # the same message again
+    assert fleet.publisher.tasks == []  # not handed to a task that could not take the claims
+    sms = sms_of(fleet, txid)
+    assert [outcomes(fleet, sms[p]) for p in ("bob", "carol")] == [
+        ["sent", "found_after_timeout"]] * 2
+    assert {d.status for d in sms.values()} == {"sent"} and sms_fake.requests["SendSms"] == 1
 
 
 def test_sandbox_reports_each_number_of_a_batch(redis_url: str, api: TestClient) -> None:
