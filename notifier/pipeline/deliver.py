@@ -54,6 +54,8 @@ def deliver_batch(deps: PipelineDeps, dids: Sequence[str], token: str,
     """`deliver` for several deliveries of one event (dispatch groups them: see
     notifier.pipeline.batching). Each is claimed, looked up and rate limited on its own; those
     left with the same message through the same provider go out in one request."""
+    if len(dids) == 1:  # the common case: nothing to group
+        return [deliver(deps, dids[0], token, tx)]
     results: dict[str, str] = {}
     ready: list[_Ready] = []
     for did in dids:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from notifier.ledger import DeliveryRecord
 from notifier.models import DeliveryStatus, TxStatus
 from notifier.pipeline.batching import by_provider
-from notifier.pipeline.deliver import deliver, deliver_batch
+from notifier.pipeline.deliver import deliver_batch
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.fanout import plan_deliveries
 from notifier.pipeline.outcomes import Outcomes
@@ -112,11 +112,8 @@ def dispatch(deps: PipelineDeps, txid: str, token: str | None = None,
             here.append(batch)
         else:
             deps.publisher.publish(DELIVER, [r.id for r in batch], deliver_queue(batch[0].channel))
-    for batch in here:
-        if len(batch) == 1:
-            deliver(deps, batch[0].id, token or "", tx=tx)
-        else:
-            deliver_batch(deps, [r.id for r in batch], token or "", tx=tx)
+    for batch in here:  # empty without a token
+        deliver_batch(deps, [r.id for r in batch], str(token), tx=tx)
     return "dispatched"
 
 

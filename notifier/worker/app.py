@@ -6,7 +6,7 @@ from celery import Celery, Task
 
 from notifier.celery_app import make_celery
 from notifier.config import Settings
-from notifier.pipeline.deliver import deliver, deliver_batch
+from notifier.pipeline.deliver import deliver_batch
 from notifier.pipeline.digest import flush
 from notifier.pipeline.dispatch import dispatch_all, inline_token
 from notifier.tasks_spec import DELIVER, DIGEST, DISPATCH, TIMER
@@ -30,8 +30,6 @@ def create_worker_app(settings: Settings) -> Celery:
     def deliver_task(self: Task, *delivery_ids: str) -> str:
         # The task id is the claim token: a redelivery of this very message may take over.
         # Several ids: one event's recipients that one provider request may carry together.
-        if len(delivery_ids) == 1:
-            return deliver(runtime.deps(), delivery_ids[0], str(self.request.id))
         return ",".join(deliver_batch(runtime.deps(), delivery_ids, str(self.request.id)))
 
     @app.task(name=DIGEST, bind=True)  # type: ignore[untyped-decorator]

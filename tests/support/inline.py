@@ -23,7 +23,7 @@ from notifier.config import BreakerPolicy, Settings, settings_from_mapping
 from notifier.intake import Accepted, Intake
 from notifier.ledger import Ledger
 from notifier.metrics import Metrics
-from notifier.pipeline.deliver import deliver, deliver_batch
+from notifier.pipeline.deliver import deliver_batch
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.digest import flush
 from notifier.pipeline.dispatch import dispatch
@@ -93,10 +93,7 @@ class InlineFleet:
                 task, args, _ = self.publisher.tasks.pop(0)
                 if task == DISPATCH:  # a message may name several transactions
                     self.outcomes += [(txid, dispatch(self.deps, txid)) for txid in args]
-                elif task == DELIVER and len(args) == 1:
-                    token = uuid.uuid4().hex
-                    self.outcomes.append((args[0], deliver(self.deps, args[0], token)))
-                elif task == DELIVER:  # one event's recipients, for one provider request
+                elif task == DELIVER:  # several ids: one event's recipients, one request
                     token = uuid.uuid4().hex
                     self.outcomes += list(zip(args, deliver_batch(self.deps, args, token), strict=True))
                 elif task == DIGEST:
