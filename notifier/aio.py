@@ -2,6 +2,10 @@
 
 The loop is created lazily, after Celery has forked the worker children: a loop (or an SMTP
 client bound to one) created before the fork would be shared by every child.
+
+The loop runs one provider coroutine at a time and nothing else, so a provider may block it
+(the Aliyun SDK's pooled sync client does: notifier.channels.sms_aliyun). Never hand provider
+coroutines to a loop that serves other work, such as the API's.
 """
 
 from __future__ import annotations

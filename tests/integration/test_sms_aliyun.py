@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery.exceptions import SoftTimeLimitExceeded
 
 from notifier.channels.aliyun_errors import TABLE
 from notifier.channels.base import ChannelContext
@@ -200,6 +202,30 @@ def test_read_timeout_after_send_is_maybe_sent_and_lookup_finds_it(
     found = asyncio.run(channel.lookup(message, sent_after))
     assert found is not None
     assert found.detail["OutId"] == "dlv-stalled" and found.detail["SendStatus"] == "3"
+
+
+def test_soft_time_limit_mid_request_is_maybe_sent_and_the_next_send_is_clean(
+    fake: FakeDysmsapi, channel: AliyunSms
+) -> None:
+    # The SDK call runs on the worker's own thread, so Celery's soft time limit (a signal whose
+    # handler raises SoftTimeLimitExceeded) lands inside the request itself, as here.
+    def soft_limit(_signum: int, _frame: object) -> None:
+        raise SoftTimeLimitExceeded()
+
+    fake.script({"kind": "stall", "seconds": 0.4})  # below the 0.5 s read timeout
+    previous = signal.signal(signal.SIGALRM, soft_limit)
+    signal.setitimer(signal.ITIMER_REAL, 0.15)
+    try:
+        error = send_error(channel, outgoing(delivery_id="dlv-interrupted"))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert isinstance(error, MaybeSentError)  # the request had left: look it up, never resend
+    # The pooled keep-alive connection was cut mid-answer: the next request must not read the
+    # stalled answer as its own.
+    receipt = send_now(channel, outgoing(delivery_id="dlv-next"))
+    assert [m["out_id"] for m in fake.messages] == ["dlv-interrupted", "dlv-next"]
+    assert receipt.provider_message_id == fake.messages[1]["biz_id"]
 
 
 def test_hang_is_maybe_sent_and_lookup_then_finds_nothing(
