@@ -35,8 +35,10 @@ Redis (AOF) resumes exactly where it was.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import pybreaker
 import redis
@@ -249,6 +251,23 @@ class FleetBreaker:
             wait = float(reply[1])
             raise CircuitOpen(self.name, None if wait < 0 else wait)
         return Permit(self.name, int(reply[1]), _text(reply[2]) == "trial", _text(reply[3]))
+
+    def queue_peek(self, pipe: Pipeline) -> Callable[[Sequence[Any]], Permit | None]:
+        """Read the state on a pipeline the caller runs anyway; give the returned function that
+        pipeline's replies. It answers the permit `acquire` would give in CLOSED or
+        FORCED_CLOSED, where acquiring only reads the generation (saving the script's round
+        trip on every send), or None in any other state: then call `acquire`, which decides.
+        The registration `acquire` does waits for the first result recorded."""
+        at = len(pipe)
+        pipe.hmget(self._key, "state", "gen")
+
+        def permit(replies: Sequence[Any]) -> Permit | None:
+            state, generation = (_text(value) for value in replies[at])
+            if state in ("", BreakerState.CLOSED, BreakerState.FORCED_CLOSED):
+                return Permit(self.name, int(generation or 0), False)
+            return None
+
+        return permit
 
     def record_success(self, permit: Permit, *, into: Pipeline | None = None) -> None:
         """`into`: queue it on the pipeline that records the send (one round trip for both)."""

@@ -26,12 +26,15 @@ Redis errors propagate: nobody is let through on a guess.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from notifier.config import RateLimit
+from notifier.redis_conn import queue_script
 
 # Float noise from refill arithmetic must not turn "exactly one token" into a refusal.
 _EPSILON = 1e-9
@@ -202,6 +205,26 @@ class TokenBuckets:
         `behind`: a key holding a time (epoch seconds, e.g. the tail of a queue of deferred
         takers): while it is in the future, take nothing and answer `behind=True`; checked in
         the same script, so a caller that must queue behind others needs no extra round trip."""
+        call = self._call(buckets, cost, behind)
+        if isinstance(call, Decision):
+            return call
+        return self._decision(buckets, self._take(keys=call[0], args=call[1]))
+
+    def queue_take(self, pipe: Pipeline, buckets: Sequence[Bucket], cost: float = 1.0, *,
+                   behind: str | None = None) -> Callable[[Sequence[Any]], Decision]:
+        """`take` queued on a pipeline the caller runs anyway (one round trip for this and
+        reads of the same step); give the returned function that pipeline's replies."""
+        call = self._call(buckets, cost, behind)
+        if isinstance(call, Decision):
+            decided = call
+            return lambda _replies: decided
+        at = len(pipe)
+        queue_script(pipe, _TAKE, call[0], call[1])
+        return lambda replies: self._decision(buckets, replies[at])
+
+    def _call(self, buckets: Sequence[Bucket], cost: float, behind: str | None
+              ) -> Decision | tuple[list[str], list[str]]:
+        """The take script's KEYS and ARGV, or the decision when no call is needed."""
         if not buckets:
             return Decision(True, 0.0, None)
         if cost <= 0:
@@ -216,7 +239,11 @@ class TokenBuckets:
             args += bucket._args()
         if behind is not None:
             keys.append(behind)
-        allowed, wait, index = self._take(keys=keys, args=args)
+        return keys, args
+
+    @staticmethod
+    def _decision(buckets: Sequence[Bucket], reply: Any) -> Decision:
+        allowed, wait, index = reply
         if int(allowed):
             return Decision(True, 0.0, None)
         if int(index) < 0:

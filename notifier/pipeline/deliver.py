@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from notifier.breaker import FleetBreaker, Permit
 from notifier.channels.base import Channel
 from notifier.config import AliyunSmsProvider, ChannelConfig
 from notifier.errors import CircuitOpen, DeliveryError, MaybeSentError, PermanentError
@@ -22,7 +23,7 @@ from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.digest import hold
 from notifier.pipeline.outcomes import Outcomes
 from notifier.pipeline.rollup import finish_transaction
-from notifier.ratelimit import Bucket
+from notifier.ratelimit import Bucket, Decision
 from notifier.templates import TemplateContext
 
 # Classes of error that may be about a single number of a batch request (an invalid number,
@@ -37,6 +38,8 @@ class _Ready:
     tx: TransactionRecord
     provider: Channel
     message: Outgoing
+    breaker: FleetBreaker
+    permit: Permit | None  # read with the rate-limit take; None: ask `breaker.acquire`
 
 
 def deliver(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | None = None) -> str:
@@ -111,17 +114,17 @@ def _prepare(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | N
             return outcomes.sent(rec, provider.provider_name, found, latency=None,
                                  outcome="found_after_timeout", accepted_at=tx.created_at)
 
-    refused = _rate_limit(deps, rec, cfg, outcomes)
+    breaker = deps.breaker_for(provider.breaker_name, cfg.breaker)
+    refused, permit = _rate_limit(deps, rec, cfg, outcomes, breaker)
     if refused is not None:
         return refused
-    return _Ready(rec, tx, provider, message)
+    return _Ready(rec, tx, provider, message, breaker, permit)
 
 
 def _send(deps: PipelineDeps, batch: list[_Ready]) -> list[str]:
     """One provider request for the batch (its members share provider and message); what
     happened to each member."""
     provider = batch[0].provider
-    cfg = deps.settings.channels[batch[0].rec.channel]
     outcomes = Outcomes(deps)
     message = batch[0].message
     members = [ready.rec for ready in batch]
@@ -137,9 +140,9 @@ def _send(deps: PipelineDeps, batch: list[_Ready]) -> list[str]:
         message = replace(message, delivery_id=out_id, aliases=(),
                           address=",".join(rec.address for rec in members))
 
-    breaker = deps.breaker_for(provider.breaker_name, cfg.breaker)
+    breaker = batch[0].breaker
     try:
-        permit = breaker.acquire()
+        permit = batch[-1].permit or breaker.acquire()  # the freshest read of its state
     except CircuitOpen:
         for rec in members:
             deps.ledger.uncount_attempt(rec.id)
@@ -175,19 +178,30 @@ def _send(deps: PipelineDeps, batch: list[_Ready]) -> list[str]:
             for rec in members]
 
 
-def _rate_limit(deps: PipelineDeps, rec: DeliveryRecord, cfg: ChannelConfig, outcomes: Outcomes
-                ) -> str | None:
-    """Take this send's tokens; None when taken, else what was done instead (deferred, held
-    for a digest, fallen back)."""
+def _rate_limit(deps: PipelineDeps, rec: DeliveryRecord, cfg: ChannelConfig, outcomes: Outcomes,
+                breaker: FleetBreaker) -> tuple[str | None, Permit | None]:
+    """Take this send's tokens: (None, the breaker's permit if its state read says closed) when
+    taken, else (what was done instead: deferred, held for a digest, fallen back; None)."""
     buckets = _buckets(rec, cfg)
     channel_bucket = buckets[0] if cfg.rate_limit else None
     # A newcomer (never waited on a timer) queues behind paced deliveries instead of taking a
     # token they are waiting for (checked by the take itself: no extra round trip).
     newcomer = channel_bucket is not None and rec.next_at is None
-    decision = deps.buckets.take(
-        buckets, behind=deps.pacer.key(channel_bucket) if channel_bucket and newcomer else None)
+    pipe = deps.ledger.redis.pipeline(transaction=False)
+    decide = deps.buckets.queue_take(
+        pipe, buckets, behind=deps.pacer.key(channel_bucket) if channel_bucket and newcomer else None)
+    peek = breaker.queue_peek(pipe)  # rides on the take's round trip instead of its own
+    replies = pipe.execute()
+    decision = decide(replies)
     if decision.allowed:
-        return None
+        return None, peek(replies)
+    return _refused(deps, rec, cfg, outcomes, buckets=buckets, decision=decision), None
+
+
+def _refused(deps: PipelineDeps, rec: DeliveryRecord, cfg: ChannelConfig, outcomes: Outcomes, *,
+             buckets: list[Bucket], decision: Decision) -> str:
+    """What a refused take leads to: deferred, held for a digest, or fallen back."""
+    channel_bucket = buckets[0] if cfg.rate_limit else None
     if decision.behind and channel_bucket is not None:
         return outcomes.deferred(rec, time.time() + deps.pacer.slot(channel_bucket, 0.0), "channel")
     scope = "recipient" if decision.limiting != rec.channel else "channel"

@@ -60,6 +60,37 @@ def test_opens_after_fail_max_consecutive_failures(redis_client: redis.Redis) ->
     assert (event["from"], event["to"], event["failures"]) == ("closed", "open", "3")
 
 
+def peeked(breaker: FleetBreaker) -> Permit | None:
+    pipe = breaker._redis.pipeline(transaction=False)
+    answer = breaker.queue_peek(pipe)
+    return answer(pipe.execute())
+
+
+def test_a_state_read_gives_the_permit_acquire_would_only_where_acquire_just_reads(
+    redis_client: redis.Redis,
+) -> None:
+    # What a send reads along with its rate-limit take: in CLOSED (also never used) and
+    # FORCED_CLOSED the permit acquire gives; anywhere else None, so the caller must acquire.
+    breaker = FleetBreaker(redis_client, "push:fcm", POLICY)
+    assert peeked(breaker) == breaker.acquire() == Permit("push:fcm", 0, False)
+    fail(breaker, 1)
+    assert peeked(breaker) == breaker.acquire()  # failures counted, still closed
+    fail(breaker, 2)
+    assert peeked(breaker) is None  # open: acquire refuses
+    time.sleep(0.35)
+    assert peeked(breaker) is None  # due for half-open: only acquire moves it and hands a trial
+    trial = breaker.acquire()
+    assert trial.trial and peeked(breaker) is None  # half-open: trials are counted by acquire
+    breaker.record_success(trial)
+    closed = breaker.acquire()
+    assert peeked(breaker) == closed and closed.generation > trial.generation
+    breaker.force_open("ops", "maintenance")
+    assert peeked(breaker) is None
+    breaker.force_close("ops", "provider says fine")
+    assert peeked(breaker) == breaker.acquire()
+    assert peeked(breaker) != Permit("push:fcm", 0, False)  # the generation moved with each change
+
+
 def test_half_open_trial_success_closes(redis_client: redis.Redis) -> None:
     breaker = FleetBreaker(redis_client, "email:smtp", POLICY)
     open_breaker(breaker)
