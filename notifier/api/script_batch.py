@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ from typing import Any, Generic, TypeVar, cast
 
 import hiredis
 import redis
-from redis.asyncio.connection import RedisSSLContext
 from redis.connection import SSLConnection
 from redis.exceptions import ResponseError
 from redis.sentinel import SentinelConnectionPool
@@ -61,18 +61,31 @@ async def endpoint_of(client: redis.Redis) -> Endpoint:
         handshake.append(("AUTH", user, options["password"]) if user else ("AUTH", options["password"]))
     if options.get("db"):
         handshake.append(("SELECT", int(options["db"])))
-    tls = None
-    if issubclass(pool.connection_class, SSLConnection):
-        tls = RedisSSLContext(keyfile=options.get("ssl_keyfile"), certfile=options.get("ssl_certfile"),
-                              cert_reqs=options.get("ssl_cert_reqs", "required"),
-                              ca_certs=options.get("ssl_ca_certs"), ca_data=options.get("ssl_ca_data"),
-                              ca_path=options.get("ssl_ca_path"),
-                              check_hostname=options.get("ssl_check_hostname", True),
-                              password=options.get("ssl_password")).get()
+    tls = tls_context(options) if issubclass(pool.connection_class, SSLConnection) else None
     return Endpoint(host=host, port=port, path=options.get("path", ""), tls=tls,
                     handshake=tuple(handshake),
                     connect_timeout=options.get("socket_connect_timeout") or 5.0,
                     reply_timeout=options.get("socket_timeout") or 5.0)
+
+
+_VERIFY = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def tls_context(options: dict[str, Any]) -> ssl.SSLContext:
+    """The TLS context the synchronous client's `ssl_*` options describe (a rediss:// URL's
+    query), as its SSLConnection builds it. Built here: redis-py's asyncio RedisSSLContext
+    lacks ssl_ca_path and ssl_password before 7.2, which this project does not use (pyproject)."""
+    reqs = options.get("ssl_cert_reqs", "required")
+    context = ssl.create_default_context()
+    context.check_hostname = bool(options.get("ssl_check_hostname", True)) and reqs != "none"
+    context.verify_mode = _VERIFY[reqs] if isinstance(reqs, str) else ssl.VerifyMode(reqs)
+    if options.get("ssl_certfile") or options.get("ssl_keyfile"):
+        context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"),
+                                options.get("ssl_password"))
+    if options.get("ssl_ca_certs") or options.get("ssl_ca_path") or options.get("ssl_ca_data"):
+        context.load_verify_locations(options.get("ssl_ca_certs"), options.get("ssl_ca_path"),
+                                      options.get("ssl_ca_data"))
+    return context
 
 
 class ScriptBatcher(Generic[Item, Result]):
