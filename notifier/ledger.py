@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import fields
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import redis
@@ -42,12 +42,21 @@ from notifier.records import (
 from notifier.redis_conn import queue_script
 
 __all__ = ["DEADLETTERS", "OPEN", "OUTBOX", "PREFIX", "AcceptOutcome", "AcceptResult", "Attempt", "Claim",
-           "ClaimResult", "DeliveryRecord", "Ledger", "TransactionRecord", "delivery_key", "text", "tx_key"]
+           "ClaimResult", "DeliveryRecord", "FanOut", "Ledger", "TransactionRecord", "delivery_key", "text",
+           "tx_key"]
 
 _FINAL = ("sent", "delivered", "failed", "fallen_back", "suppressed")
 # What the roll-up script needs of the delivery statuses, from their one definition.
 _TERMINAL = ",".join(s.value for s in DeliveryStatus if s.terminal)
 _REACHED = ",".join(s.value for s in DeliveryStatus if s.succeeded or s is DeliveryStatus.SUPPRESSED)
+
+
+@dataclass(frozen=True)
+class FanOut:
+    """One transaction's dispatch write (`Ledger.fan_out`); `detail` goes on its history line."""
+    transaction_id: str
+    records: Sequence[DeliveryRecord]
+    detail: Mapping[str, str]
 
 
 class Ledger:
@@ -57,7 +66,6 @@ class Ledger:
         self._accept = client.register_script(scripts.ACCEPT)
         self._claim = client.register_script(scripts.CLAIM)
         self._add = client.register_script(scripts.ADD_DELIVERIES)
-        self._fan_out = client.register_script(scripts.FAN_OUT)
         self._deliveries_of = client.register_script(scripts.DELIVERIES_OF)
         self._roll_up = client.register_script(scripts.ROLL_UP)
         self._finish = client.register_script(scripts.FINISH)
@@ -71,14 +79,17 @@ class Ledger:
     def transaction(self, txid: str) -> TransactionRecord | None:
         return transaction_from(self.redis.hgetall(tx_key(txid)))
 
-    def transaction_and_deliveries(self, txid: str
-                                   ) -> tuple[TransactionRecord | None, list[DeliveryRecord]]:
-        """Both in one round trip (what a dispatch starts from)."""
+    def transactions_and_deliveries(self, txids: Sequence[str]
+                                    ) -> list[tuple[TransactionRecord | None, list[DeliveryRecord]]]:
+        """Each transaction with its deliveries, all in one round trip (what the transactions of
+        one dispatch message start from)."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(tx_key(txid))
-        queue_script(pipe, scripts.DELIVERIES_OF, [f"{tx_key(txid)}:dl"], [])
-        raw_tx, raw_deliveries = pipe.execute()
-        return transaction_from(raw_tx), deliveries_from(raw_deliveries)
+        for txid in txids:
+            pipe.hgetall(tx_key(txid))
+            queue_script(pipe, scripts.DELIVERIES_OF, [f"{tx_key(txid)}:dl"], [])
+        replies = pipe.execute()
+        return [(transaction_from(replies[i]), deliveries_from(replies[i + 1]))
+                for i in range(0, len(replies), 2)]
 
     def finish(self, txid: str, status: TxStatus, close: Sequence[str] = ()) -> bool:
         """Set a transaction's status; True only for the call that first made it terminal, which
@@ -134,8 +145,9 @@ class Ledger:
         """Its dispatch task is on the broker: sweep it only if not fanned out `within` s."""
         self.redis.zadd(OUTBOX, {txid: time.time() + within - 5.0}, xx=True)
 
-    def fanned_out(self, txid: str) -> None:
-        self.redis.zrem(OUTBOX, txid)
+    def fanned_out(self, *txids: str) -> None:
+        if txids:
+            self.redis.zrem(OUTBOX, *txids)
 
     def dead_letters(self, limit: int = 100) -> list[tuple[str, float]]:
         rows: list[Any] = self.redis.zrevrange(DEADLETTERS, 0, limit - 1, withscores=True)
@@ -156,15 +168,21 @@ class Ledger:
         created = self._add(keys=[OPEN, *keys], args=[self.retention, *args])
         return [text(x) for x in created]
 
-    def fan_out(self, txid: str, records: Sequence[DeliveryRecord], **detail: str) -> list[str]:
-        """A dispatch's write: status `dispatching`, the deliveries that do not exist yet, the
-        `dispatched` history line (with `detail`), off the outbox. Returns the created ids."""
-        keys, args = self._delivery_args(records)
-        line = entry(float(args[0]), "dispatched", detail)
-        created = self._fan_out(
-            keys=[OPEN, tx_key(txid), f"{tx_key(txid)}:log", OUTBOX, *keys],
-            args=[self.retention, args[0], txid, TxStatus.DISPATCHING.value, line, *args[1:]])
-        return [text(x) for x in created]
+    def fan_out(self, writes: Sequence[FanOut]) -> list[list[str]]:
+        """Dispatches' writes, one round trip for all (each all or nothing, see FAN_OUT): status
+        `dispatching`, the deliveries that do not exist yet, the `dispatched` history line,
+        off the outbox. Returns the ids each write created."""
+        if not writes:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for write in writes:
+            keys, args = self._delivery_args(write.records)
+            txid = write.transaction_id
+            line = entry(float(args[0]), "dispatched", dict(write.detail))
+            queue_script(pipe, scripts.FAN_OUT,
+                         [OPEN, tx_key(txid), f"{tx_key(txid)}:log", OUTBOX, *keys],
+                         [self.retention, args[0], txid, TxStatus.DISPATCHING.value, line, *args[1:]])
+        return [[text(x) for x in created] for created in pipe.execute()]
 
     @staticmethod
     def _delivery_args(records: Sequence[DeliveryRecord]) -> tuple[list[str], list[str]]:

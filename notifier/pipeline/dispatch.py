@@ -8,14 +8,19 @@ token derived from the dispatch task's id: a redelivery of the same dispatch mes
 killed mid-send) re-claims it as 'reclaimed' and looks up a maybe-sent message first, exactly
 as a redelivered deliver task would. If the whole worker dies, the reaper re-queues the inline
 delivery like any other open one (it is on the open index from the moment it exists).
+
+A message names the events the API accepted in the same moment: they are read in one round
+trip and fanned out in another, before the first send. A worker dying after that leaves only
+queued deliveries, which the redelivered message (or the reaper) sends as above.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from notifier.ledger import DeliveryRecord
+from notifier.ledger import DeliveryRecord, FanOut, TransactionRecord
 from notifier.models import DeliveryStatus, TxStatus
 from notifier.pipeline.batching import by_provider
 from notifier.pipeline.deliver import deliver_batch
@@ -41,58 +46,86 @@ def inline_token(dispatch_task_id: str) -> str:
     return f"dispatch:{dispatch_task_id}"
 
 
+@dataclass(frozen=True)
+class _Fanned:
+    """A transaction with its deliveries, ready for its sends."""
+    tx: TransactionRecord
+    records: list[DeliveryRecord]
+    queued: list[DeliveryRecord]  # still to send (created by this fan-out, or left queued)
+
+
 def dispatch_all(deps: PipelineDeps, txids: Sequence[str], token: str | None = None,
                  may_inline: Callable[[str], bool] = lambda _queue: True,
                  budget: float = BATCH_BUDGET) -> list[str]:
-    """`dispatch` each transaction of one message in turn; what happened to each dispatched.
+    """Dispatch the transactions of one message: what happened to each dispatched.
 
-    Every step is idempotent, so a redelivered message simply runs again; transactions past the
+    Idempotent: a redelivered message recreates nothing and re-queues only queued work. All the
+    transactions are read in one round trip and fanned out in another, then each one's
+    deliveries go out in turn (`token`, `may_inline`: see `dispatch`). Transactions past the
     budget are re-queued (all of them, or none if that publish fails: the outbox sweep has
-    them)."""
+    them); they are fanned out already, so their new message only sends."""
     started = time.monotonic()
+    txids = list(dict.fromkeys(txids))  # a message naming one twice: once is enough
+    ready = _fan_out(deps, txids)
     done: list[str] = []
     for position, txid in enumerate(txids):
         if position and time.monotonic() - started > budget:
             deps.publisher.publish(DISPATCH, list(txids[position:]), DISPATCH_QUEUE)
             break
-        done.append(dispatch(deps, txid, token, may_inline))
+        fanned = ready[txid]
+        done.append(fanned if isinstance(fanned, str) else _send(deps, fanned, token, may_inline))
     return done
 
 
 def dispatch(deps: PipelineDeps, txid: str, token: str | None = None,
              may_inline: Callable[[str], bool] = lambda _queue: True) -> str:
-    """Idempotent: a redelivered dispatch recreates nothing and re-queues only queued work.
+    """Dispatch one transaction: route it, fan it out into deliveries and send them.
 
     `token` (see `inline_token`): send one delivery here instead of queueing it; None queues
     every delivery. `may_inline(queue)`: whether this worker serves that delivery queue (a
     worker started for the dispatch queue only must not send SMS)."""
+    return dispatch_all(deps, [txid], token, may_inline)[0]
+
+
+def _fan_out(deps: PipelineDeps, txids: Sequence[str]) -> dict[str, _Fanned | str]:
+    """Each transaction fanned out, or what it came to instead (missing, done, no route)."""
     ledger = deps.ledger
-    tx, existing = ledger.transaction_and_deliveries(txid)
-    if tx is None:
-        ledger.fanned_out(txid)
-        return "missing"
-    if TxStatus(tx.status).terminal:
-        ledger.fanned_out(txid)
-        return "done"
-    if existing:
-        records = existing
-        queued = [r for r in existing if r.status == DeliveryStatus.QUEUED]
-        ledger.fanned_out(txid)
-    else:
-        plan = plan_route(deps.settings, tx.event, tx.receiver)
-        if plan is None or not plan.recipients:
+    ready: dict[str, _Fanned | str] = {}
+    settled: list[str] = []  # off the outbox: nothing (more) to fan out
+    writes: list[tuple[TransactionRecord, list[DeliveryRecord], FanOut]] = []
+    for txid, (tx, existing) in zip(txids, ledger.transactions_and_deliveries(txids), strict=True):
+        if tx is None or TxStatus(tx.status).terminal:
+            ready[txid] = "missing" if tx is None else "done"
+            settled.append(txid)
+        elif existing:
+            ready[txid] = _Fanned(tx, existing, [r for r in existing if r.status == DeliveryStatus.QUEUED])
+            settled.append(txid)
+        elif (plan := plan_route(deps.settings, tx.event, tx.receiver)) is None or not plan.recipients:
             ledger.log(txid, "no_route", detail="no route matched and the event named no recipients")
             ledger.finish(txid, TxStatus.FAILED)
-            ledger.fanned_out(txid)
-            return "no_route"
-        records = plan_deliveries(deps.settings, txid, tx.event.kind, plan)
-        new_ids = set(ledger.fan_out(txid, records, deliveries=str(len(records)),
-                                     route="-" if plan.route_index is None else str(plan.route_index)))
-        queued = [r for r in records if r.id in new_ids]
+            ready[txid] = "no_route"
+            settled.append(txid)
+        else:
+            records = plan_deliveries(deps.settings, txid, tx.event.kind, plan)
+            detail = {"deliveries": str(len(records)),
+                      "route": "-" if plan.route_index is None else str(plan.route_index)}
+            writes.append((tx, records, FanOut(txid, records, detail)))
+    ledger.fanned_out(*settled)
+    created = ledger.fan_out([write for _tx, _records, write in writes])
+    for (tx, records, _write), new_ids in zip(writes, created, strict=True):
+        ready[tx.id] = _Fanned(tx, records, [r for r in records if r.id in set(new_ids)])
+    return ready
+
+
+def _send(deps: PipelineDeps, fanned: _Fanned, token: str | None,
+          may_inline: Callable[[str], bool]) -> str:
+    """Queue a transaction's deliveries, or send them here: those this dispatch sends itself
+    (see `inline_token`) with their batch."""
+    records, tx = fanned.records, fanned.tx
     inline = _inline_pick(records, may_inline) if token is not None else None
     outcomes = Outcomes(deps)
     sendable: list[DeliveryRecord] = []
-    for record in queued:
+    for record in fanned.queued:
         if not record.address:
             outcomes.fall_back(record, "no_address", record.reason)
         else:

@@ -26,7 +26,7 @@ from notifier.metrics import Metrics
 from notifier.pipeline.deliver import deliver_batch
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.digest import flush
-from notifier.pipeline.dispatch import dispatch
+from notifier.pipeline.dispatch import dispatch_all
 from notifier.pipeline.pacing import Pacer
 from notifier.ratelimit import TokenBuckets
 from notifier.scheduler import Timers
@@ -92,7 +92,7 @@ class InlineFleet:
             while self.publisher.tasks:
                 task, args, _ = self.publisher.tasks.pop(0)
                 if task == DISPATCH:  # a message may name several transactions
-                    self.outcomes += [(txid, dispatch(self.deps, txid)) for txid in args]
+                    self.outcomes += list(zip(args, dispatch_all(self.deps, args), strict=True))
                 elif task == DELIVER:  # several ids: one event's recipients, one request
                     token = uuid.uuid4().hex
                     self.outcomes += list(zip(args, deliver_batch(self.deps, args, token), strict=True))
