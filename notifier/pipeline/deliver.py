@@ -195,13 +195,13 @@ def _rate_limit(deps: PipelineDeps, rec: DeliveryRecord, cfg: ChannelConfig, out
     decision = decide(replies)
     if decision.allowed:
         return None, peek(replies)
-    return _refused(deps, rec, cfg, outcomes, buckets=buckets, decision=decision), None
+    return _refused(deps, rec, cfg, outcomes, buckets=buckets, channel_bucket=channel_bucket,
+                    decision=decision), None
 
 
 def _refused(deps: PipelineDeps, rec: DeliveryRecord, cfg: ChannelConfig, outcomes: Outcomes, *,
-             buckets: list[Bucket], decision: Decision) -> str:
+             buckets: list[Bucket], channel_bucket: Bucket | None, decision: Decision) -> str:
     """What a refused take leads to: deferred, held for a digest, or fallen back."""
-    channel_bucket = buckets[0] if cfg.rate_limit else None
     if decision.behind and channel_bucket is not None:
         return outcomes.deferred(rec, time.time() + deps.pacer.slot(channel_bucket, 0.0), "channel")
     scope = "recipient" if decision.limiting != rec.channel else "channel"

@@ -92,7 +92,7 @@ def _fan_out(deps: PipelineDeps, txids: Sequence[str]) -> dict[str, _Fanned | st
     ledger = deps.ledger
     ready: dict[str, _Fanned | str] = {}
     settled: list[str] = []  # off the outbox: nothing (more) to fan out
-    writes: list[tuple[TransactionRecord, list[DeliveryRecord], FanOut]] = []
+    writes: list[tuple[TransactionRecord, FanOut]] = []
     for txid, (tx, existing) in zip(txids, ledger.transactions_and_deliveries(txids), strict=True):
         if tx is None or TxStatus(tx.status).terminal:
             ready[txid] = "missing" if tx is None else "done"
@@ -109,11 +109,13 @@ def _fan_out(deps: PipelineDeps, txids: Sequence[str]) -> dict[str, _Fanned | st
             records = plan_deliveries(deps.settings, txid, tx.event.kind, plan)
             detail = {"deliveries": str(len(records)),
                       "route": "-" if plan.route_index is None else str(plan.route_index)}
-            writes.append((tx, records, FanOut(txid, records, detail)))
+            writes.append((tx, FanOut(txid, records, detail)))
     ledger.fanned_out(*settled)
-    created = ledger.fan_out([write for _tx, _records, write in writes])
-    for (tx, records, _write), new_ids in zip(writes, created, strict=True):
-        ready[tx.id] = _Fanned(tx, records, [r for r in records if r.id in set(new_ids)])
+    created = ledger.fan_out([write for _tx, write in writes])
+    for (tx, write), new_ids in zip(writes, created, strict=True):
+        new = set(new_ids)
+        records = list(write.records)
+        ready[tx.id] = _Fanned(tx, records, [r for r in records if r.id in new])
     return ready
 
 
