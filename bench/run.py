@@ -40,6 +40,7 @@ from tests.support.servers import free_port
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 TOKEN = "bench-token"
+ALERT_NAMES = 50  # webhook i fires BenchAlert{i % 50}
 KEY_ID, KEY_SECRET = "LTAIbenchbenchbench", "bench-secret-not-real"
 
 
@@ -67,7 +68,7 @@ QUICK = Plan(steady_seconds=5.0, sat_seconds=4.0, sat_max=1500, e2e_seconds=6.0,
 def webhook(i: int, nonce: str) -> bytes:
     """One Alertmanager v4 webhook; every one is its own group (groupKey + fingerprint), so
     notifier's dedup never short-circuits it."""
-    name = f"BenchAlert{i % 50}"
+    name = f"BenchAlert{i % ALERT_NAMES}"
     labels = {"alertname": name, "severity": "warning", "cluster": "bench",
               "instance": f"host-{nonce}-{i}:9100"}
     body = {
@@ -223,7 +224,7 @@ class Bench:
         client = self.redis
 
         def drained() -> bool:
-            return client.llen(NOOP_QUEUE) == 0 and client.hlen("unacked") == 0
+            return bool(client.llen(NOOP_QUEUE) == 0 and client.hlen("unacked") == 0)
 
         try:
             self.say(f"baseline: bare Celery no-op task, prefork concurrency {self.concurrency}")
@@ -277,15 +278,19 @@ class Bench:
                 "rate_limit": high}
         else:
             sms = {"provider": "sandbox", "rate_limit": high}
-        # One phone gets every message: its per-number bucket (2/min for Aliyun by default)
+        # A pager gets many messages: its per-number bucket (2/min for Aliyun by default)
         # would hold them for a digest. It still runs on every send, it just never binds.
         sms["recipient_limits"] = [high]
-        return {
-            "redis_url": self.redis_url, "locale": "en",
-            "channels": {"sms": sms},
-            "recipients": {"bench": {"phone": "+8613800138000"}},
-            "routes": [{"match": {}, "to": ["bench"], "channels": ["sms"]}],
-        }
+        pagers = self.args.pagers
+        recipients = {f"oncall{k}": {"phone": f"+86138{k:08d}"} for k in range(pagers)}
+        # Each alert name pages one on-call number (alert name k -> pager k mod N), the first
+        # matching route wins; with one pager, one route.
+        routes: list[dict[str, Any]] = [{"match": {}, "to": ["oncall0"], "channels": ["sms"]}] \
+            if pagers == 1 else [
+            {"match": {"alertname": f"BenchAlert{k}"}, "to": [f"oncall{k % pagers}"],
+             "channels": ["sms"]} for k in range(ALERT_NAMES)]
+        return {"redis_url": self.redis_url, "locale": "en", "channels": {"sms": sms},
+                "recipients": recipients, "routes": routes}
 
     def start_notifier(self, sink_port: int | None) -> int:
         port = free_port()
@@ -424,7 +429,7 @@ class Bench:
                 self.notes.append(f"Dysmsapi fake did not start ({exc}); used the sandbox provider")
         port = self.start_notifier(fake_port)
         assert self.redis is not None
-        sink = FakeSink(fake_port) if fake_port is not None else SandboxSink(self.redis)
+        sink = FakeSink(fake_port, self.redis) if fake_port is not None else SandboxSink(self.redis)
         self.say(f"notifier up on :{port}; SMS provider: {sink.name}; "
                  f"worker concurrency {self.concurrency}; api workers {self.api_workers}")
         payloads = Payloads(port)
@@ -522,7 +527,8 @@ class Bench:
             "mode": "quick" if self.args.quick else "full",
             "machine": machine(),
             "setup": {"worker_concurrency": self.concurrency, "api_workers": self.api_workers,
-                      "redis_appendfsync": self.args.appendfsync, "plan": self.plan.__dict__},
+                      "redis_appendfsync": self.args.appendfsync, "pagers": self.args.pagers,
+                      "plan": self.plan.__dict__},
             "code": code_version(),
             "baselines": {"bare_endpoint": baseline_http, "celery_noop": baseline_celery,
                           "bare_fastapi": baseline_fastapi},
@@ -676,9 +682,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="redis-server AOF fsync policy (both notifier and baselines)")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the API during saturation ingest and the worker during drain")
+    parser.add_argument("--pagers", type=int, default=ALERT_NAMES,
+                        help=f"on-call numbers the events page, one per alert name mod N "
+                             f"(default {ALERT_NAMES}: a fleet serving many teams; 1: every event "
+                             "to one number, so no two events can share a provider request)")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
+    if not 1 <= args.pagers <= ALERT_NAMES:
+        parser.error(f"--pagers: between 1 and {ALERT_NAMES} (one alert name pages one number)")
     started = time.monotonic()
     result = Bench(args).run()
     rows, all_met = table(result)
@@ -692,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nnotifier bench ({result['mode']}, {result['bench_seconds']}s) on {m['cpu']}, "
           f"{m['cpus']} CPUs, {m['memory']}, Python {m['python']}, {m['redis_server'][:40]}")
     print(f"SMS provider: {result['notifier']['provider']}; worker concurrency "
-          f"{args.concurrency}; redis appendfsync {args.appendfsync}\n")
+          f"{args.concurrency}; redis appendfsync {args.appendfsync}; {args.pagers} pager(s)\n")
     print(render(rows))
     for note in result["notes"]:
         print(f"note: {note}")

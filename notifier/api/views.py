@@ -38,6 +38,8 @@ def transaction_view(ledger: Ledger, txid: str) -> dict[str, Any] | None:
                 "error_code": d.error_code or None,
                 "error_class": d.error_class or None,
                 "provider_message_id": d.provider_message_id or None,
+                # The OutId of a request that carried several deliveries (Aliyun console, receipts)
+                "sent_as": d.sent_as or None,
                 "request_id": d.request_id or None,
                 "digest_id": d.digest_id or None,
                 "next_at": d.next_at,

@@ -6,7 +6,7 @@ A channel knows nothing of retries, rate limits, breakers, fallback or the ledge
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -24,7 +24,10 @@ class ChannelLimits:
     address: AddressKind
     body_maxlen: int  # longest text worth sending; the renderer cuts to it
     title_maxlen: int = 0  # 0: the channel has no title
-    max_batch: int = 1  # recipients one provider request may carry
+    max_batch: int = 1  # recipients one provider request may carry, all getting the same text
+    # Recipients one request may carry when each gets a text of its own (`Channel.send_each`:
+    # Aliyun's SendBatchSms takes 100): events paging different people share a request.
+    max_mixed_batch: int = 1
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,19 @@ class Channel(ABC):
 
         A provider whose `limits.max_batch` is above 1 may get several recipients at once:
         `address` then lists them, comma-separated, all getting the same message."""
+
+    def mixed_key(self, message: Outgoing) -> Hashable | None:
+        """What messages must have in common to go out in one `send_each` request (asked only
+        when `limits.max_mixed_batch` is above 1); None: this message goes alone."""
+        del message
+        return None
+
+    async def send_each(self, messages: Sequence[Outgoing], batch_id: str) -> Receipt:
+        """Send several messages, each to its own recipient with its own text, in one request
+        under `batch_id` (the provider's OutId); all share a `mixed_key` and no address twice.
+        One receipt for all; the request succeeds or fails as a whole."""
+        del messages, batch_id
+        raise NotImplementedError(f"{type(self).__name__} sends one text per request")
 
     async def lookup(self, message: Outgoing, sent_after: float) -> Receipt | None:
         """After a MaybeSentError: did `message` go out after `sent_after` (epoch seconds)?

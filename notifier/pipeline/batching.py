@@ -1,10 +1,11 @@
-"""Which deliveries share one provider request: recipients of the same event on a provider that
-takes several at once (`ChannelLimits.max_batch`: SendSms takes up to 1,000 numbers), getting
-exactly the same message.
+"""Which deliveries share one provider request: recipients getting exactly the same message
+through a provider that takes several numbers at once (`ChannelLimits.max_batch`: SendSms takes
+up to 1,000), then those left alone with others of the same provider that takes a text per
+recipient (`max_mixed_batch`: SendBatchSms takes 100), such as events paging different people.
 
 Two steps, because what a message says is known only once it is rendered: dispatch groups an
 event's deliveries by channel and provider (one task for a team's pages instead of one each);
-the deliver step then sends each set of identical messages in one request.
+the deliver step then groups the rendered messages into requests (`by_request`).
 """
 
 from __future__ import annotations
@@ -37,21 +38,47 @@ def by_provider(deps: PipelineDeps, records: Sequence[DeliveryRecord]) -> list[l
     return _chunked(records, key, size)
 
 
+def by_request(items: Sequence[T], provider_of: Callable[[T], Channel],
+               message_of: Callable[[T], Outgoing]) -> list[list[T]]:
+    """Items as provider requests: the same message together (`by_message`); each item then
+    still alone joins the others of its provider that can go in one `send_each` request (the
+    same `mixed_key`, up to `max_mixed_batch`, no address twice)."""
+    requests: list[list[T]] = []
+    alone: list[T] = []
+    for group in by_message(items, provider_of, message_of):
+        provider = provider_of(group[0])
+        if len(group) == 1 and provider.limits.max_mixed_batch > 1 \
+                and provider.mixed_key(message_of(group[0])) is not None:
+            alone.append(group[0])
+        else:
+            requests.append(group)
+    return requests + _chunked(
+        alone, lambda item: (id(provider_of(item)), provider_of(item).mixed_key(message_of(item))),
+        lambda item: provider_of(item).limits.max_mixed_batch, lambda item: message_of(item).address)
+
+
 def by_message(items: Sequence[T], provider_of: Callable[[T], Channel],
                message_of: Callable[[T], Outgoing]) -> list[list[T]]:
     """Items whose messages are the same, through the same provider, together (up to its batch
     size). Recipients of one event can still get different messages (locale, their name). An
     address appears once per request: two people sharing a phone get a request each, or
     their receipts (keyed by BizId and number) could not be told apart."""
-    def key(item: T) -> Hashable:
-        message = message_of(item)
-        rendered = message.rendered
-        data = {k: v for k, v in message.data.items() if k not in _PER_DELIVERY_DATA}
-        return (id(provider_of(item)), message.kind, rendered.subject, rendered.text, rendered.html,
-                json.dumps(dict(rendered.params), sort_keys=True), json.dumps(data, sort_keys=True))
-
-    return _chunked(items, key, lambda item: provider_of(item).limits.max_batch,
+    return _chunked(items, lambda item: _message_key(provider_of(item), message_of(item)),
+                    lambda item: provider_of(item).limits.max_batch,
                     lambda item: message_of(item).address)
+
+
+def same_message(messages: Sequence[Outgoing]) -> bool:
+    """Whether these messages (of one provider) are one text: one request to all their numbers."""
+    first = _message_key(None, messages[0])
+    return all(_message_key(None, message) == first for message in messages[1:])
+
+
+def _message_key(provider: Channel | None, message: Outgoing) -> Hashable:
+    rendered = message.rendered
+    data = {k: v for k, v in message.data.items() if k not in _PER_DELIVERY_DATA}
+    return (id(provider), message.kind, rendered.subject, rendered.text, rendered.html,
+            json.dumps(dict(rendered.params), sort_keys=True), json.dumps(data, sort_keys=True))
 
 
 def _chunked(items: Sequence[T], key: Callable[[T], Hashable], size: Callable[[T], int],

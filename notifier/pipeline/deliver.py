@@ -1,5 +1,7 @@
 """One delivery step: claim → (look up a maybe-sent) → render → rate limit → breaker → send.
-Several deliveries of one event with the same message go out in one request (deliver_batch).
+Several deliveries go out in one request where their provider allows (`batching.by_request`):
+those of one event's task (deliver_batch), and those a dispatch sends for the events of its
+message (`prepare`, then `send_prepared` for all of them).
 
 Plain Python: the Celery task calls `deliver(deps, delivery_id, token)` and nothing more; the
 dispatch step calls it too, for the one delivery it sends itself (with the transaction it has).
@@ -8,8 +10,9 @@ dispatch step calls it too, for the one delivery it sends itself (with the trans
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from notifier.breaker import FleetBreaker, Permit
 from notifier.channels.base import Channel
@@ -17,8 +20,8 @@ from notifier.config import AliyunSmsProvider, ChannelConfig
 from notifier.errors import CircuitOpen, DeliveryError, MaybeSentError, PermanentError
 from notifier.ids import batch_out_id
 from notifier.ledger import ClaimResult, DeliveryRecord, TransactionRecord
-from notifier.models import ErrorClass, Event, Outgoing, Rendered
-from notifier.pipeline.batching import by_message
+from notifier.models import ErrorClass, Event, Outgoing, Receipt, Rendered
+from notifier.pipeline.batching import by_request, same_message
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.digest import hold
 from notifier.pipeline.outcomes import Outcomes
@@ -32,7 +35,7 @@ _ONE_NUMBER_MAY_CAUSE = frozenset({ErrorClass.PERMANENT, ErrorClass.RECIPIENT_BU
 
 
 @dataclass(frozen=True)
-class _Ready:
+class Ready:
     """A claimed delivery that passed every step before the provider call."""
     rec: DeliveryRecord
     tx: TransactionRecord
@@ -48,7 +51,7 @@ def deliver(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | No
     `token` identifies this attempt: a redelivery of the same task message carries the same one
     and may take over a claim its dead predecessor left. `tx`: the delivery's transaction, when
     the caller has it in hand (the claim then does not read it again)."""
-    ready = _prepare(deps, did, token, tx)
+    ready = prepare(deps, did, token, tx)
     return ready if isinstance(ready, str) else _send(deps, [ready])[0]
 
 
@@ -56,26 +59,34 @@ def deliver_batch(deps: PipelineDeps, dids: Sequence[str], token: str,
                   tx: TransactionRecord | None = None) -> list[str]:
     """`deliver` for several deliveries of one event (dispatch groups them: see
     notifier.pipeline.batching). Each is claimed, looked up and rate limited on its own; those
-    left with the same message through the same provider go out in one request."""
+    left go out in as few requests as their provider allows."""
     if len(dids) == 1:  # the common case: nothing to group
         return [deliver(deps, dids[0], token, tx)]
     results: dict[str, str] = {}
-    ready: list[_Ready] = []
+    ready: list[Ready] = []
     for did in dids:
-        prepared = _prepare(deps, did, token, tx)
+        prepared = prepare(deps, did, token, tx)
         if isinstance(prepared, str):
             results[did] = prepared
             continue
         ready.append(prepared)
         tx = tx or prepared.tx  # members share it: read once
-    for batch in by_message(ready, lambda r: r.provider, lambda r: r.message):
-        for member, result in zip(batch, _send(deps, batch), strict=True):
-            results[member.rec.id] = result
+    results.update(send_prepared(deps, ready))
     return [results[did] for did in dids]
 
 
-def _prepare(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | None
-             ) -> _Ready | str:
+def send_prepared(deps: PipelineDeps, ready: Sequence[Ready]) -> dict[str, str]:
+    """Send prepared deliveries (of one event or several) in as few requests as their providers
+    allow; what happened to each, by delivery id."""
+    results: dict[str, str] = {}
+    for batch in by_request(ready, lambda r: r.provider, lambda r: r.message):
+        for member, result in zip(batch, _send(deps, batch), strict=True):
+            results[member.rec.id] = result
+    return results
+
+
+def prepare(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | None
+            ) -> Ready | str:
     """Claim → (look up a maybe-sent) → render → rate limit: the delivery ready to send, or
     what happened to it instead."""
     claim = deps.ledger.claim(did, token, deps.claim_lease, with_transaction=tx is None)
@@ -118,18 +129,17 @@ def _prepare(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | N
     refused, permit = _rate_limit(deps, rec, cfg, outcomes, breaker)
     if refused is not None:
         return refused
-    return _Ready(rec, tx, provider, message, breaker, permit)
+    return Ready(rec, tx, provider, message, breaker, permit)
 
 
-def _send(deps: PipelineDeps, batch: list[_Ready]) -> list[str]:
-    """One provider request for the batch (its members share provider and message); what
-    happened to each member."""
+def _send(deps: PipelineDeps, batch: list[Ready]) -> list[str]:
+    """One provider request for the batch (members of one `by_request` group); what happened
+    to each member."""
     provider = batch[0].provider
     outcomes = Outcomes(deps)
-    message = batch[0].message
     members = [ready.rec for ready in batch]
-    if len(batch) > 1:
-        out_id = batch_out_id([rec.id for rec in members])
+    out_id = batch_out_id([rec.id for rec in members]) if len(batch) > 1 else ""
+    if out_id:
         members = [replace(rec, sent_as=out_id) for rec in members]
         # Written before the request: if this worker dies mid-send, whoever takes a member over
         # looks it up under the batch's OutId.
@@ -137,8 +147,6 @@ def _send(deps: PipelineDeps, batch: list[_Ready]) -> list[str]:
         for rec in members:
             deps.ledger.update(rec.id, into=pipe, sent_as=out_id)
         pipe.execute()
-        message = replace(message, delivery_id=out_id, aliases=(),
-                          address=",".join(rec.address for rec in members))
 
     breaker = batch[0].breaker
     try:
@@ -150,7 +158,7 @@ def _send(deps: PipelineDeps, batch: list[_Ready]) -> list[str]:
 
     started_wall, started = time.time(), time.monotonic()
     try:
-        receipt = deps.runner.run(provider.send(message))
+        receipt = deps.runner.run(_request(batch, members, out_id))
     except DeliveryError as exc:
         (breaker.record_failure if exc.trips_breaker else breaker.record_success)(permit)
         error = exc
@@ -161,11 +169,14 @@ def _send(deps: PipelineDeps, batch: list[_Ready]) -> list[str]:
         error = MaybeSentError("unexpected", type(exc).__name__)
     else:
         latency = time.monotonic() - started
-        pipe = deps.ledger.redis.pipeline()  # the breaker's success rides with the send's record
+        # One round trip for the breaker's success and every member's record.
+        pipe = deps.ledger.redis.pipeline()
         breaker.record_success(permit, into=pipe)
-        return [outcomes.sent(rec, provider.provider_name, receipt, latency=latency,
-                              accepted_at=ready.tx.created_at, into=pipe if i == 0 else None)
-                for i, (rec, ready) in enumerate(zip(members, batch, strict=True))]
+        results = [outcomes.sent(rec, provider.provider_name, receipt, latency=latency,
+                                 accepted_at=ready.tx.created_at, into=pipe, execute=False)
+                   for rec, ready in zip(members, batch, strict=True)]
+        pipe.execute()
+        return results
     elapsed = time.monotonic() - started
     if len(members) > 1 and error.error_class in _ONE_NUMBER_MAY_CAUSE:
         # One bad or capped number refuses the whole request: send each half again (still
@@ -176,6 +187,20 @@ def _send(deps: PipelineDeps, batch: list[_Ready]) -> list[str]:
         return _send(deps, batch[:half]) + _send(deps, batch[half:])
     return [outcomes.failed_send(rec, provider.provider_name, error, elapsed, started_wall)
             for rec in members]
+
+
+def _request(batch: list[Ready], members: list[DeliveryRecord], out_id: str
+             ) -> Coroutine[Any, Any, Receipt]:
+    """The provider call for a batch: its one message, the same text to every member's number,
+    or a text each (`send_each`)."""
+    first = batch[0]
+    if not out_id:
+        return first.provider.send(first.message)
+    messages = [ready.message for ready in batch]
+    if same_message(messages):
+        return first.provider.send(replace(first.message, delivery_id=out_id, aliases=(),
+                                           address=",".join(rec.address for rec in members)))
+    return first.provider.send_each([replace(m, aliases=()) for m in messages], out_id)
 
 
 def _rate_limit(deps: PipelineDeps, rec: DeliveryRecord, cfg: ChannelConfig, outcomes: Outcomes,

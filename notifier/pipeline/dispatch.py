@@ -11,7 +11,12 @@ delivery like any other open one (it is on the open index from the moment it exi
 
 A message names the events the API accepted in the same moment: they are read in one round
 trip and fanned out in another, before the first send. A worker dying after that leaves only
-queued deliveries, which the redelivered message (or the reaper) sends as above.
+queued deliveries, which the redelivered message (or the reaper) sends as above. What the
+dispatch sends itself through a provider that carries a text per recipient (SendBatchSms) is
+held, claimed and ready, until an event needs a number the held set has already (one request
+never carries a number twice) or the message's events are all prepared, and then sent in as
+few requests as the provider takes: an alert storm paging different people costs one request
+per message instead of one per event, and a claim is never held longer than one request.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 from notifier.ledger import DeliveryRecord, FanOut, TransactionRecord
 from notifier.models import DeliveryStatus, TxStatus
 from notifier.pipeline.batching import by_provider
-from notifier.pipeline.deliver import deliver_batch
+from notifier.pipeline.deliver import Ready, prepare, send_prepared
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.fanout import plan_deliveries
 from notifier.pipeline.outcomes import Outcomes
@@ -44,6 +49,35 @@ def inline_token(dispatch_task_id: str) -> str:
     """The claim token of a dispatch's inline delivery: the same on every redelivery of that
     dispatch message, and never a deliver task's token (those are task ids themselves)."""
     return f"dispatch:{dispatch_task_id}"
+
+
+class _Held:
+    """Deliveries this dispatch has prepared for a provider that can carry other events'
+    messages in the same request, waiting for the message's next events to join them."""
+
+    def __init__(self, deps: PipelineDeps) -> None:
+        self.deps = deps
+        self.ready: list[Ready] = []
+        self.addresses: set[tuple[str, str]] = set()
+
+    def shares(self, record: DeliveryRecord) -> bool:
+        providers = self.deps.providers.get(record.channel, ())
+        return record.provider_index < len(providers) \
+            and providers[record.provider_index].limits.max_mixed_batch > 1
+
+    def make_room(self, records: Sequence[DeliveryRecord]) -> None:
+        """Send what is held first if these records need a number it holds already."""
+        if any((r.channel, r.address) in self.addresses for r in records if self.shares(r)):
+            self.flush()
+
+    def add(self, ready: Ready) -> None:
+        self.ready.append(ready)
+        self.addresses.add((ready.rec.channel, ready.rec.address))
+
+    def flush(self) -> None:
+        ready, self.ready = self.ready, []
+        self.addresses.clear()
+        send_prepared(self.deps, ready)
 
 
 @dataclass(frozen=True)
@@ -68,12 +102,17 @@ def dispatch_all(deps: PipelineDeps, txids: Sequence[str], token: str | None = N
     txids = list(dict.fromkeys(txids))  # a message naming one twice: once is enough
     ready = _fan_out(deps, txids)
     done: list[str] = []
+    held = _Held(deps)
     for position, txid in enumerate(txids):
         if position and time.monotonic() - started > budget:
             deps.publisher.publish(DISPATCH, list(txids[position:]), DISPATCH_QUEUE)
             break
         fanned = ready[txid]
-        done.append(fanned if isinstance(fanned, str) else _send(deps, fanned, token, may_inline))
+        if isinstance(fanned, str):
+            done.append(fanned)
+            continue
+        done.append(_send(deps, fanned, token, may_inline, held))
+    held.flush()
     return done
 
 
@@ -120,9 +159,10 @@ def _fan_out(deps: PipelineDeps, txids: Sequence[str]) -> dict[str, _Fanned | st
 
 
 def _send(deps: PipelineDeps, fanned: _Fanned, token: str | None,
-          may_inline: Callable[[str], bool]) -> str:
+          may_inline: Callable[[str], bool], held: _Held) -> str:
     """Queue a transaction's deliveries, or send them here: those this dispatch sends itself
-    (see `inline_token`) with their batch."""
+    (see `inline_token`) with their batch; of those, what could share a request with other
+    events' messages joins `held` instead."""
     records, tx = fanned.records, fanned.tx
     inline = _inline_pick(records, may_inline) if token is not None else None
     outcomes = Outcomes(deps)
@@ -147,8 +187,18 @@ def _send(deps: PipelineDeps, fanned: _Fanned, token: str | None,
             here.append(batch)
         else:
             deps.publisher.publish(DELIVER, [r.id for r in batch], deliver_queue(batch[0].channel))
-    for batch in here:  # empty without a token
-        deliver_batch(deps, [r.id for r in batch], str(token), tx=tx)
+    mine = [r for batch in here for r in batch]  # empty without a token
+    held.make_room(mine)
+    now: list[Ready] = []
+    for record in mine:
+        prepared = prepare(deps, record.id, str(token), tx)
+        if isinstance(prepared, str):
+            continue
+        if held.shares(prepared.rec):
+            held.add(prepared)
+        else:
+            now.append(prepared)
+    send_prepared(deps, now)
     return "dispatched"
 
 

@@ -43,8 +43,10 @@ class Outcomes:
 
     def sent(self, rec: DeliveryRecord, provider: str, receipt: Receipt, *, latency: float | None,
              outcome: str = "sent", accepted_at: float | None = None,
-             into: Pipeline | None = None) -> str:
-        """`into`: a pipeline with writes of the same step already queued (the breaker's)."""
+             into: Pipeline | None = None, execute: bool = True) -> str:
+        """`into`: a pipeline with writes of the same step already queued (the breaker's);
+        `execute=False` leaves them queued there, for the other members of a batch request to
+        join (the caller executes it; a digest's writes run at once, its roll-up reads them)."""
         now = time.time()
         # One round trip for the record, its metrics, its receipt index and the roll-up's read.
         pipe = into if into is not None else self.ledger.redis.pipeline()
@@ -70,7 +72,7 @@ class Outcomes:
             self.metrics.observe("notifier_end_to_end_latency_seconds", now - accepted_at,
                                  into=pipe, channel=rec.channel)
         index_sent(pipe, rec, receipt, now, self.deps.settings.retention)
-        self._finish_all(rec, pipe, reached=True)
+        self._finish_all(rec, pipe, reached=True, execute=execute or into is None)
         _log(rec, outcome, provider)
         return outcome
 
@@ -213,12 +215,15 @@ class Outcomes:
         _log(rec, "fallen_back", detail=f"to {channel}: {detail}")
         return "fallen_back"
 
-    def _finish_all(self, rec: DeliveryRecord, pipe: Pipeline, reached: bool) -> None:
+    def _finish_all(self, rec: DeliveryRecord, pipe: Pipeline, reached: bool,
+                    execute: bool = True) -> None:
         """Run the step's writes queued on `pipe`, then roll up this delivery's transaction, and
-        those of the deliveries a digest carried; the delivery then leaves the open index."""
+        those of the deliveries a digest carried; the delivery then leaves the open index.
+        `execute=False`: only queue this delivery's roll-up on `pipe` (not for a digest)."""
         if not rec.digest_of:  # the common case: the roll-up rides on the same round trip
             finish_transaction(self.ledger, rec.transaction_id, close=[rec.id], into=pipe)
-            pipe.execute()
+            if execute:
+                pipe.execute()
             return
         pipe.execute()
         txids = [rec.transaction_id]

@@ -147,7 +147,8 @@ def kill_mid_send(redis_url: str, cfg: dict[str, Any], txids: list[str], token: 
         if provider_has_it:
             wait_until(lambda: len(sms_fake.messages) == in_flight, timeout=30)
         else:
-            wait_until(lambda: sms_fake.requests["SendSms"] == in_flight, timeout=30)
+            wait_until(lambda: sms_fake.requests["SendSms"] + sms_fake.requests["SendBatchSms"]
+                       == in_flight, timeout=30)
         assert child.pid is not None
         os.kill(child.pid, signal.SIGKILL)
     finally:
