@@ -16,7 +16,8 @@ dispatch sends itself through a provider that carries a text per recipient (Send
 held, claimed and ready, until an event needs a number the held set has already (one request
 never carries a number twice) or the message's events are all prepared, and then sent in as
 few requests as the provider takes: an alert storm paging different people costs one request
-per message instead of one per event, and a claim is never held longer than one request.
+per message instead of one per event. A held claim waits at most the message's time budget
+(BATCH_BUDGET, far inside the claim lease) and the requests before its own.
 """
 
 from __future__ import annotations
