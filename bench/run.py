@@ -456,7 +456,8 @@ class Bench:
                  f"{self.plan.sat_seconds:.0f}s / {self.plan.sat_max} webhooks (fleet paused)")
         sink.reset()
         self.procs.pause(*fleet)
-        self.profile_start("api", self.procs.pid("api"), subprocesses=False)
+        # With --workers N, uvicorn's parent only supervises: its children serve the requests.
+        self.profile_start("api", self.procs.pid("api"), subprocesses=self.api_workers > 1)
         usage = Usage(self.procs, self.redis).start()
         sat = self.saturation(port, payloads)
         out["ingest_saturation"] = {**load_summary(sat),
@@ -669,7 +670,7 @@ def render(rows: list[list[str]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short phases (about 1.5 min)")
+    parser.add_argument("--quick", action="store_true", help="short phases (under a minute)")
     parser.add_argument("--concurrency", type=int, default=os.cpu_count() or 2,
                         help="prefork children of the notifier worker and of the no-op baseline")
     # One API process per core, as deploy/systemd runs it; the bare endpoint gets as many.
