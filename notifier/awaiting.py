@@ -41,9 +41,12 @@ def index_sent(pipe: Pipeline, rec: DeliveryRecord, receipt: Receipt, sent_at: f
 def delivery_for(client: redis.Redis, out_id: str, biz_id: str, phone: str) -> str | None:
     """The delivery a receipt is about when its OutId is not a delivery id: a batch member by
     OutId or BizId and number, else a single send by BizId (a receipt without OutId)."""
-    keys = [OUT_PREFIX + f"{out_id}|{phone}"] if out_id else []
+    # BizId and number first: unique per request and number, as Aliyun keys its receipts.
+    keys = [BIZ_PREFIX + f"{biz_id}|{phone}"] if biz_id else []
+    if out_id:
+        keys.append(OUT_PREFIX + f"{out_id}|{phone}")
     if biz_id:
-        keys += [BIZ_PREFIX + f"{biz_id}|{phone}", BIZ_PREFIX + biz_id]
+        keys.append(BIZ_PREFIX + biz_id)
     found = next((value for value in client.mget(keys) if value), None) if keys else None
     return text(found) or None
 

@@ -41,6 +41,7 @@ class DeliveryError(NotifierError):
         *,
         error_class: ErrorClass | None = None,
         retry_after: float | None = None,
+        recipient_scoped: bool | None = None,
     ) -> None:
         super().__init__(f"{code}: {message}" if message else code)
         self.code = code
@@ -49,11 +50,16 @@ class DeliveryError(NotifierError):
             self.error_class = error_class
         # Seconds the provider asked us to wait (Retry-After, x-acs-retry-after), if any.
         self.retry_after = retry_after
+        # May be about one recipient of a request rather than all of it (an invalid number,
+        # one number's rate window): a request carrying several is sent again in halves.
+        self.recipient_scoped = recipient_scoped if recipient_scoped is not None else \
+            self.error_class in (ErrorClass.PERMANENT, ErrorClass.RECIPIENT_BUDGET)
 
     @property
     def trips_breaker(self) -> bool:
-        """Failures that say the provider (not this one message) is unwell."""
-        return self.error_class in (ErrorClass.TRANSIENT, ErrorClass.MAYBE_SENT, ErrorClass.ACCOUNT)
+        """Failures that say the provider (not this one message or recipient) is unwell."""
+        return self.error_class in (ErrorClass.TRANSIENT, ErrorClass.MAYBE_SENT, ErrorClass.ACCOUNT) \
+            and not self.recipient_scoped
 
 
 class TransientError(DeliveryError):
@@ -98,6 +104,8 @@ _BY_CLASS: dict[ErrorClass, type[DeliveryError]] = {
 
 
 def classified(error_class: ErrorClass, code: str, message: str = "",
-               retry_after: float | None = None) -> DeliveryError:
+               retry_after: float | None = None, *,
+               recipient_scoped: bool | None = None) -> DeliveryError:
     """The one way a protocol table turns its verdict into an exception."""
-    return _BY_CLASS[error_class](code, message, error_class=error_class, retry_after=retry_after)
+    return _BY_CLASS[error_class](code, message, error_class=error_class, retry_after=retry_after,
+                                  recipient_scoped=recipient_scoped)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 
@@ -28,9 +29,14 @@ def delivery_id(transaction_id: str, index: int) -> str:
 
 
 def batch_out_id(delivery_ids: list[str]) -> str:
-    """The provider OutId of one request carrying several deliveries: deterministic, so a
-    redelivered task that sends the same batch looks it up under the same id."""
-    return f"{delivery_ids[0]}+{len(delivery_ids) - 1}"
+    """The provider OutId of one request carrying several deliveries: the first member, how
+    many more, and a digest of all of them. Two requests with different members never share an
+    OutId, even when they start with the same delivery (a member resent with new company after
+    a crash, or halved out of a refused request): a look-up or a receipt by OutId and number
+    then always names the request that delivery went in. (Recorded as `sent_as` before the
+    request leaves, so no one has to recompute it.)"""
+    digest = hashlib.blake2b("|".join(delivery_ids).encode(), digest_size=4).hexdigest()
+    return f"{delivery_ids[0]}+{len(delivery_ids) - 1}.{digest}"
 
 
 def fallback_id(parent: str, step: int) -> str:

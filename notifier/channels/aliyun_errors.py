@@ -127,8 +127,10 @@ def classify_response(
         # it came back after the request went out, so the send may have happened.
         return MaybeSentError("InvalidResponse", message or "answer without a Code")
     if code == BUSINESS_LIMIT_CONTROL:
+        # Every window caps one number: a shared request is halved until that number is alone.
         error_class, window_wait = business_limit_class(message)
-        return classified(error_class, code, message, retry_after or window_wait)
+        return classified(error_class, code, message, retry_after or window_wait,
+                          recipient_scoped=True)
     return classified(class_of(code), code, message, retry_after)
 
 

@@ -20,7 +20,7 @@ from notifier.config import AliyunSmsProvider, ChannelConfig
 from notifier.errors import CircuitOpen, DeliveryError, MaybeSentError, PermanentError
 from notifier.ids import batch_out_id
 from notifier.ledger import ClaimResult, DeliveryRecord, TransactionRecord
-from notifier.models import ErrorClass, Event, Outgoing, Receipt, Rendered
+from notifier.models import Event, Outgoing, Receipt, Rendered
 from notifier.pipeline.batching import by_request, same_message
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.digest import hold
@@ -28,10 +28,6 @@ from notifier.pipeline.outcomes import Outcomes
 from notifier.pipeline.rollup import finish_transaction
 from notifier.ratelimit import Bucket, Decision
 from notifier.templates import TemplateContext
-
-# Classes of error that may be about a single number of a batch request (an invalid number,
-# its rate window); the others (a provider outage, the account) are about every member alike.
-_ONE_NUMBER_MAY_CAUSE = frozenset({ErrorClass.PERMANENT, ErrorClass.RECIPIENT_BUDGET})
 
 
 @dataclass(frozen=True)
@@ -122,6 +118,8 @@ def prepare(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | No
     if maybe_since is not None:
         found = deps.runner.run(provider.lookup(message, maybe_since))
         if found is not None:
+            if (matched := found.detail.get("OutId")) is not None:  # which request it went in
+                rec = replace(rec, sent_as="" if matched == rec.id else matched)
             return outcomes.sent(rec, provider.provider_name, found, latency=None,
                                  outcome="found_after_timeout", accepted_at=tx.created_at)
 
@@ -139,7 +137,11 @@ def _send(deps: PipelineDeps, batch: list[Ready]) -> list[str]:
     outcomes = Outcomes(deps)
     members = [ready.rec for ready in batch]
     out_id = batch_out_id([rec.id for rec in members]) if len(batch) > 1 else ""
-    if out_id:
+    if not out_id:
+        # Alone, it goes under its own id. A `sent_as` left from an earlier request stays on
+        # the record until this send is recorded: a look-up after a timeout needs both.
+        members = [replace(members[0], sent_as="")]
+    else:
         members = [replace(rec, sent_as=out_id) for rec in members]
         # Written before the request: if this worker dies mid-send, whoever takes a member over
         # looks it up under the batch's OutId.
@@ -178,7 +180,7 @@ def _send(deps: PipelineDeps, batch: list[Ready]) -> list[str]:
         pipe.execute()
         return results
     elapsed = time.monotonic() - started
-    if len(members) > 1 and error.error_class in _ONE_NUMBER_MAY_CAUSE:
+    if len(members) > 1 and error.recipient_scoped:
         # One bad or capped number refuses the whole request: send each half again (still
         # claimed, tokens already taken) until the numbers at fault are alone, so only their
         # recipients fall back. One bad number among n costs about 2·log2(n) more requests.

@@ -104,16 +104,20 @@ def dispatch_all(deps: PipelineDeps, txids: Sequence[str], token: str | None = N
     ready = _fan_out(deps, txids)
     done: list[str] = []
     held = _Held(deps)
-    for position, txid in enumerate(txids):
-        if position and time.monotonic() - started > budget:
-            deps.publisher.publish(DISPATCH, list(txids[position:]), DISPATCH_QUEUE)
-            break
-        fanned = ready[txid]
-        if isinstance(fanned, str):
-            done.append(fanned)
-            continue
-        done.append(_send(deps, fanned, token, may_inline, held))
-    held.flush()
+    try:
+        for position, txid in enumerate(txids):
+            if position and time.monotonic() - started > budget:
+                deps.publisher.publish(DISPATCH, list(txids[position:]), DISPATCH_QUEUE)
+                break
+            fanned = ready[txid]
+            if isinstance(fanned, str):
+                done.append(fanned)
+                continue
+            done.append(_send(deps, fanned, token, may_inline, held))
+    finally:
+        # Also when a later event failed (Celery acks a failed task: no redelivery): the held
+        # ones are claimed by this message alone and would wait for the reaper's lease.
+        held.flush()
     return done
 
 

@@ -54,6 +54,7 @@ class Outcomes:
             rec.id, into=pipe, status=DeliveryStatus.SENT.value, provider=provider, sent_at=now,
             provider_message_id=receipt.provider_message_id, request_id=receipt.request_id,
             next_at=None, maybe_sent_at=None, error_code="", error_class="",
+            sent_as=rec.sent_as or None,  # the OutId it went under, if not its own id
         )
         self.ledger.record_attempt(rec.id, Attempt(
             at=now, provider=provider, outcome=outcome,

@@ -80,7 +80,8 @@ def test_multi_delivery_event_queues_the_rest(make_fleet: MakeFleet,
     # Both SMS went out here, in one SendSms; each email is a task of its own.
     assert [(d.channel, d.recipient, d.status) for d in (alice_sms, bob_sms)] == [
         ("sms", "alice", "sent"), ("sms", "bob", "sent")]
-    assert [m["out_id"] for m in sms_fake.messages] == [f"{alice_sms.id}+1"] * 2
+    assert [m["out_id"] for m in sms_fake.messages] == [alice_sms.sent_as] * 2
+    assert alice_sms.sent_as == bob_sms.sent_as and alice_sms.sent_as.startswith(f"{alice_sms.id}+1.")
     assert sorted(tuple(args) for task, args, _ in fleet.publisher.tasks if task == DELIVER) == [
         (alice_email.id,), (bob_email.id,)]
     assert {r.status for r in (alice_email, bob_email)} == {"queued"}

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from notifier.breaker import BreakerState
+from notifier.errors import BrokerUnavailable
 from notifier.ledger import DeliveryRecord
 from notifier.models import Event, Source
 from notifier.pipeline.dispatch import dispatch_all, inline_token
@@ -36,10 +38,12 @@ def config(fake: FakeDysmsapi, **sms_extra: Any) -> dict[str, Any]:
 
 
 def accept_together(fleet: InlineFleet, *pages: tuple[str, str],
-                    extra: dict[str, dict[str, str]] | None = None) -> list[str]:
+                    extra: dict[str, dict[str, str]] | None = None,
+                    kinds: dict[str, str] | None = None) -> list[str]:
     """Accept (person, title) events in one script call, as the API does with concurrent
     webhooks; returns the transactions the one dispatch message names."""
-    calls = [fleet.intake.prepare(Event(kind="alert", title=title, labels={"pager": person},
+    calls = [fleet.intake.prepare(Event(kind=(kinds or {}).get(title, "alert"), title=title,
+                                        labels={"pager": person},
                                         extra=(extra or {}).get(title, {})),
                                   Source.ALERTMANAGER, dedup_key=f"group-{title}")
              for person, title in pages]
@@ -68,7 +72,8 @@ def test_events_paging_different_people_share_one_sendbatchsms(
     assert (sms_fake.requests["SendBatchSms"], sms_fake.requests["SendSms"]) == (1, 0)
     assert fleet.publisher.tasks == []
     deliveries = [sms(fleet, txid) for txid in named]
-    batch_id = f"{deliveries[0].id}+2"
+    batch_id = deliveries[0].sent_as
+    assert batch_id.startswith(f"{deliveries[0].id}+2.")
     sent = by_phone(sms_fake)
     # each number got its own event's text, under the request's one OutId and BizId
     for person, title in (("alice", "DiskFull db-1"), ("bob", "HighLatency api"),
@@ -130,6 +135,59 @@ def test_a_number_refused_in_a_shared_request_fails_only_its_event(
     assert outcomes(fleet, bob) == ["batch_refused", "batch_refused", "permanent"]
     assert (bob.status, bob.error_code) == ("fallen_back", "isv.MOBILE_NUMBER_ILLEGAL")
     assert [fleet.deps.ledger.transaction(t).status for t in named] == ["delivered"] * 3  # type: ignore[union-attr]
+    # each records the OutId its SMS went out under (alone: its own id), not an earlier try's
+    sent = by_phone(sms_fake)
+    assert [sent[PHONE[p]]["out_id"] for p in ("alice", "carol")] == [alice.id, carol.id]
+    assert (alice.sent_as, carol.sent_as) == ("", "")
+
+
+def test_one_numbers_minute_window_halves_a_shared_request_without_tripping_the_breaker(
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> None:
+    fleet = make_fleet(config(sms_fake))
+    sms_fake.script({"kind": "business", "code": "isv.BUSINESS_LIMIT_CONTROL",
+                     "message": "触发分钟级流控Permits:1"})  # once, for the shared request
+    named = accept_together(fleet, ("alice", "A"), ("bob", "B"), ("carol", "C"))
+    dispatch_all(fleet.deps, named, TOKEN)
+    # [alice bob carol] refused; [alice] and [bob carol] went: nobody waits a minute for one
+    assert (sms_fake.requests["SendBatchSms"], sms_fake.requests["SendSms"]) == (2, 1)
+    deliveries = [sms(fleet, t) for t in named]
+    assert [outcomes(fleet, d) for d in deliveries] == [["batch_refused", "sent"]] * 3
+    sent = by_phone(sms_fake)
+    assert [sent[PHONE[p]]["out_id"] for p in PHONE] == [d.sent_as or d.id for d in deliveries]
+    breaker = fleet.deps.breaker_for("sms:aliyun", fleet.settings.channels["sms"].breaker)
+    status = breaker.status()
+    assert (status.state, status.failures) == (BreakerState.CLOSED, 0)
+
+
+def test_templates_of_different_kinds_never_share_a_request(
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> None:
+    fleet = make_fleet(config(sms_fake, templates={"alert": "SMS_1", "resolved": "SMS_2"}))
+    named = accept_together(fleet, ("alice", "A"), ("bob", "B"), ("carol", "C"),
+                            kinds={"B": "resolved"})
+    dispatch_all(fleet.deps, named, TOKEN)
+    assert (sms_fake.requests["SendBatchSms"], sms_fake.requests["SendSms"]) == (1, 1)
+    sent = by_phone(sms_fake)
+    assert [(sent[PHONE[p]]["action"], sent[PHONE[p]]["template_code"]) for p in PHONE] == [
+        ("SendBatchSms", "SMS_1"), ("SendSms", "SMS_2"), ("SendBatchSms", "SMS_1")]
+
+
+def test_a_failure_mid_message_still_sends_what_was_held(
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = config(sms_fake)
+    cfg["routes"][1]["channels"] = ["sms", "email"]  # bob's page also queues an email task
+    fleet = make_fleet(cfg)
+    named = accept_together(fleet, ("alice", "A"), ("bob", "B"))
+
+    def broker_down(task: str, args: list[str], queue: str) -> None:
+        raise BrokerUnavailable("redis unavailable: ConnectionError")
+
+    monkeypatch.setattr(fleet.publisher, "publish", broker_down)
+    with pytest.raises(BrokerUnavailable):
+        dispatch_all(fleet.deps, named, TOKEN)
+    # Celery acks the failed task: alice's claimed, held SMS went out rather than wait for the
+    # reaper; bob's was never claimed and is queued for the outbox sweep's re-publish
+    assert list(by_phone(sms_fake)) == [PHONE["alice"]]
+    assert sms(fleet, named[0]).status == "sent" and sms(fleet, named[1]).status == "queued"
 
 
 def test_extension_codes_ride_per_number_and_never_mix_with_none(
@@ -160,7 +218,8 @@ def test_a_worker_killed_mid_sendbatchsms_neither_loses_nor_duplicates(
                   in_flight=3 if provider_has_it else 1)
     deliveries = [sms(fleet, t) for t in named]
     assert {d.status for d in deliveries} == {"sending"}
-    assert {d.sent_as for d in deliveries} == {f"{deliveries[0].id}+2"}
+    (batch_id,) = {d.sent_as for d in deliveries}
+    assert batch_id.startswith(f"{deliveries[0].id}+2.")
     # Celery redelivers the message (same task id): each is looked up under the batch's OutId
     assert dispatch_all(fleet.deps, named, TOKEN) == ["dispatched"] * 3
     expected = ["found_after_timeout"] if provider_has_it else ["sent"]

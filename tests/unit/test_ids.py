@@ -1,4 +1,5 @@
-"""Transaction IDs: ULIDs (48-bit ms time + 80 random bits, Crockford base32), time-sortable."""
+"""Transaction IDs: ULIDs (48-bit ms time + 80 random bits, Crockford base32), time-sortable;
+the OutIds of requests carrying several deliveries."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 
 import pytest
 
-from notifier.ids import _ALPHABET, ulid
+from notifier.ids import _ALPHABET, batch_out_id, ulid
 
 
 def decode(text: str) -> int:
@@ -28,3 +29,12 @@ def test_ulids_sort_by_time() -> None:
     ids = [ulid(t) for t in (1.0, 2.5, 1_000_000.0, 1_800_000_000.123)]
     assert ids == sorted(ids)
     assert len({ulid() for _ in range(1000)}) == 1000
+
+
+def test_batch_out_ids_differ_whenever_the_members_do() -> None:
+    # Resent after a crash with new company, the first member must not reuse the old OutId:
+    # a look-up of the new company's number would match the old request's message.
+    first, again = batch_out_id(["tx-1.0", "tx-2.0"]), batch_out_id(["tx-1.0", "tx-3.0"])
+    assert first != again
+    assert first.startswith("tx-1.0+1.") and again.startswith("tx-1.0+1.")
+    assert batch_out_id(["tx-1.0", "tx-2.0"]) == first  # the same request: the same OutId
