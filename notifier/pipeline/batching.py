@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Hashable, Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from notifier.channels.base import Channel
 from notifier.ledger import DeliveryRecord
@@ -24,6 +25,19 @@ T = TypeVar("T")
 _PER_DELIVERY_DATA = ("delivery_id",)
 
 
+@dataclass(frozen=True)
+class Request(Generic[T]):
+    """Items that go out in one provider request."""
+    members: list[T]
+    one_text: bool  # all get the same message (one `send`), or each its own (`send_each`)
+
+
+def provider_for(deps: PipelineDeps, record: DeliveryRecord) -> Channel | None:
+    """The provider a delivery is on, if its channel still has that many."""
+    providers = deps.providers.get(record.channel, ())
+    return providers[record.provider_index] if record.provider_index < len(providers) else None
+
+
 def by_provider(deps: PipelineDeps, records: Sequence[DeliveryRecord]) -> list[list[DeliveryRecord]]:
     """The records as deliver tasks: those on the same channel and provider together, up to the
     provider's batch size; records of a provider that takes one recipient per request alone."""
@@ -31,30 +45,32 @@ def by_provider(deps: PipelineDeps, records: Sequence[DeliveryRecord]) -> list[l
         return record.channel, record.provider_index
 
     def size(record: DeliveryRecord) -> int:
-        providers = deps.providers.get(record.channel, ())
-        return providers[record.provider_index].limits.max_batch \
-            if record.provider_index < len(providers) else 1
+        provider = provider_for(deps, record)
+        return provider.limits.max_batch if provider is not None else 1
 
     return _chunked(records, key, size)
 
 
 def by_request(items: Sequence[T], provider_of: Callable[[T], Channel],
-               message_of: Callable[[T], Outgoing]) -> list[list[T]]:
+               message_of: Callable[[T], Outgoing]) -> list[Request[T]]:
     """Items as provider requests: the same message together (`by_message`); each item then
     still alone joins the others of its provider that can go in one `send_each` request (the
     same `mixed_key`, up to `max_mixed_batch`, no address twice)."""
-    requests: list[list[T]] = []
-    alone: list[T] = []
+    requests: list[Request[T]] = []
+    alone: list[tuple[Hashable, T]] = []
     for group in by_message(items, provider_of, message_of):
         provider = provider_of(group[0])
-        if len(group) == 1 and provider.limits.max_mixed_batch > 1 \
-                and provider.mixed_key(message_of(group[0])) is not None:
-            alone.append(group[0])
+        mixed = provider.mixed_key(message_of(group[0])) \
+            if len(group) == 1 and provider.limits.max_mixed_batch > 1 else None
+        if mixed is None:
+            requests.append(Request(group, one_text=True))
         else:
-            requests.append(group)
-    return requests + _chunked(
-        alone, lambda item: (id(provider_of(item)), provider_of(item).mixed_key(message_of(item))),
-        lambda item: provider_of(item).limits.max_mixed_batch, lambda item: message_of(item).address)
+            alone.append(((id(provider), mixed), group[0]))
+    for chunk in _chunked(alone, lambda pair: pair[0],
+                          lambda pair: provider_of(pair[1]).limits.max_mixed_batch,
+                          lambda pair: message_of(pair[1]).address):
+        requests.append(Request([item for _key, item in chunk], one_text=len(chunk) == 1))
+    return requests
 
 
 def by_message(items: Sequence[T], provider_of: Callable[[T], Channel],
@@ -68,13 +84,7 @@ def by_message(items: Sequence[T], provider_of: Callable[[T], Channel],
                     lambda item: message_of(item).address)
 
 
-def same_message(messages: Sequence[Outgoing]) -> bool:
-    """Whether these messages (of one provider) are one text: one request to all their numbers."""
-    first = _message_key(None, messages[0])
-    return all(_message_key(None, message) == first for message in messages[1:])
-
-
-def _message_key(provider: Channel | None, message: Outgoing) -> Hashable:
+def _message_key(provider: Channel, message: Outgoing) -> Hashable:
     rendered = message.rendered
     data = {k: v for k, v in message.data.items() if k not in _PER_DELIVERY_DATA}
     return (id(provider), message.kind, rendered.subject, rendered.text, rendered.html,

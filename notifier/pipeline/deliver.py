@@ -21,7 +21,7 @@ from notifier.errors import CircuitOpen, DeliveryError, MaybeSentError, Permanen
 from notifier.ids import batch_out_id
 from notifier.ledger import ClaimResult, DeliveryRecord, TransactionRecord
 from notifier.models import Event, Outgoing, Receipt, Rendered
-from notifier.pipeline.batching import by_request, same_message
+from notifier.pipeline.batching import by_request
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.digest import hold
 from notifier.pipeline.outcomes import Outcomes
@@ -48,7 +48,7 @@ def deliver(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | No
     and may take over a claim its dead predecessor left. `tx`: the delivery's transaction, when
     the caller has it in hand (the claim then does not read it again)."""
     ready = prepare(deps, did, token, tx)
-    return ready if isinstance(ready, str) else _send(deps, [ready])[0]
+    return ready if isinstance(ready, str) else _send(deps, [ready], one_text=True)[0]
 
 
 def deliver_batch(deps: PipelineDeps, dids: Sequence[str], token: str,
@@ -75,8 +75,9 @@ def send_prepared(deps: PipelineDeps, ready: Sequence[Ready]) -> dict[str, str]:
     """Send prepared deliveries (of one event or several) in as few requests as their providers
     allow; what happened to each, by delivery id."""
     results: dict[str, str] = {}
-    for batch in by_request(ready, lambda r: r.provider, lambda r: r.message):
-        for member, result in zip(batch, _send(deps, batch), strict=True):
+    for request in by_request(ready, lambda r: r.provider, lambda r: r.message):
+        for member, result in zip(request.members, _send(deps, request.members, request.one_text),
+                                  strict=True):
             results[member.rec.id] = result
     return results
 
@@ -130,9 +131,9 @@ def prepare(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | No
     return Ready(rec, tx, provider, message, breaker, permit)
 
 
-def _send(deps: PipelineDeps, batch: list[Ready]) -> list[str]:
-    """One provider request for the batch (members of one `by_request` group); what happened
-    to each member."""
+def _send(deps: PipelineDeps, batch: list[Ready], one_text: bool) -> list[str]:
+    """One provider request for the batch (members of one `by_request` group, `one_text`: all
+    with the same message); what happened to each member."""
     provider = batch[0].provider
     outcomes = Outcomes(deps)
     members = [ready.rec for ready in batch]
@@ -160,7 +161,7 @@ def _send(deps: PipelineDeps, batch: list[Ready]) -> list[str]:
 
     started_wall, started = time.time(), time.monotonic()
     try:
-        receipt = deps.runner.run(_request(batch, members, out_id))
+        receipt = deps.runner.run(_request(batch, members, out_id, one_text))
     except DeliveryError as exc:
         (breaker.record_failure if exc.trips_breaker else breaker.record_success)(permit)
         error = exc
@@ -186,23 +187,22 @@ def _send(deps: PipelineDeps, batch: list[Ready]) -> list[str]:
         # recipients fall back. One bad number among n costs about 2·log2(n) more requests.
         outcomes.batch_refused(members, provider.provider_name, error, elapsed, started_wall)
         half = len(batch) // 2
-        return _send(deps, batch[:half]) + _send(deps, batch[half:])
+        return _send(deps, batch[:half], one_text) + _send(deps, batch[half:], one_text)
     return [outcomes.failed_send(rec, provider.provider_name, error, elapsed, started_wall)
             for rec in members]
 
 
-def _request(batch: list[Ready], members: list[DeliveryRecord], out_id: str
+def _request(batch: list[Ready], members: list[DeliveryRecord], out_id: str, one_text: bool
              ) -> Coroutine[Any, Any, Receipt]:
     """The provider call for a batch: its one message, the same text to every member's number,
     or a text each (`send_each`)."""
     first = batch[0]
     if not out_id:
         return first.provider.send(first.message)
-    messages = [ready.message for ready in batch]
-    if same_message(messages):
+    if one_text:
         return first.provider.send(replace(first.message, delivery_id=out_id, aliases=(),
                                            address=",".join(rec.address for rec in members)))
-    return first.provider.send_each([replace(m, aliases=()) for m in messages], out_id)
+    return first.provider.send_each([replace(r.message, aliases=()) for r in batch], out_id)
 
 
 def _rate_limit(deps: PipelineDeps, rec: DeliveryRecord, cfg: ChannelConfig, outcomes: Outcomes,

@@ -26,9 +26,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from notifier.channels.base import Channel
 from notifier.ledger import DeliveryRecord, FanOut, TransactionRecord
 from notifier.models import DeliveryStatus, TxStatus
-from notifier.pipeline.batching import by_provider
+from notifier.pipeline.batching import by_provider, provider_for
 from notifier.pipeline.deliver import Ready, prepare, send_prepared
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.fanout import plan_deliveries
@@ -61,14 +62,14 @@ class _Held:
         self.ready: list[Ready] = []
         self.addresses: set[tuple[str, str]] = set()
 
-    def shares(self, record: DeliveryRecord) -> bool:
-        providers = self.deps.providers.get(record.channel, ())
-        return record.provider_index < len(providers) \
-            and providers[record.provider_index].limits.max_mixed_batch > 1
+    @staticmethod
+    def shares(provider: Channel | None) -> bool:
+        return provider is not None and provider.limits.max_mixed_batch > 1
 
     def make_room(self, records: Sequence[DeliveryRecord]) -> None:
         """Send what is held first if these records need a number it holds already."""
-        if any((r.channel, r.address) in self.addresses for r in records if self.shares(r)):
+        if any((r.channel, r.address) in self.addresses for r in records
+               if self.shares(provider_for(self.deps, r))):
             self.flush()
 
     def add(self, ready: Ready) -> None:
@@ -199,7 +200,7 @@ def _send(deps: PipelineDeps, fanned: _Fanned, token: str | None,
         prepared = prepare(deps, record.id, str(token), tx)
         if isinstance(prepared, str):
             continue
-        if held.shares(prepared.rec):
+        if held.shares(prepared.provider):
             held.add(prepared)
         else:
             now.append(prepared)
