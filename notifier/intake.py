@@ -21,7 +21,15 @@ from notifier.config import Settings
 from notifier.errors import BrokerUnavailable, IdempotencyConflict, InvalidEvent
 from notifier.ids import new_transaction_id
 from notifier.ledger import AcceptOutcome, AcceptResult, Ledger
-from notifier.ledger_accept import AcceptCall, AcceptPolicy, ScriptCall, accept_call, script_call
+from notifier.ledger_accept import (
+    AcceptCall,
+    AcceptPolicy,
+    ScriptCall,
+    accept_call,
+    accept_results,
+    script_call,
+)
+from notifier.logs import log_lines
 from notifier.models import Event, Source
 from notifier.pipeline.routing import unknown_targets
 
@@ -70,19 +78,27 @@ class Intake:
         """The one accept script call for `calls` (in order), under this intake's policy."""
         return script_call(calls, self.policy)
 
-    def conclude(self, result: AcceptResult, call: AcceptCall) -> Accepted:
+    def results(self, calls: Sequence[AcceptCall], reply: list[bytes | str]) -> list[AcceptResult]:
+        """The accept script's reply to `calls` (the API's batched path): one result each."""
+        results = accept_results(reply)
+        if len(results) == len(calls):
+            self.log_stored(calls, results)
+        return results
+
+    def log_stored(self, calls: Sequence[AcceptCall], results: Sequence[AcceptResult]) -> None:
+        """A line for each event the script stored, written together (see logs.log_lines)."""
+        log_lines(log, logging.INFO, [
+            (f"accepted {call.kind} event from {call.source}", {"transaction_id": result.transaction_id})
+            for call, result in zip(calls, results, strict=True) if result.outcome is AcceptOutcome.NEW])
+
+    def conclude(self, result: AcceptResult) -> Accepted:
         """What the sender is told, once the accept script answered."""
         if result.outcome is AcceptOutcome.CONFLICT:
             raise IdempotencyConflict(
                 f"Idempotency-Key was already used with a different body (transaction "
                 f"{result.transaction_id})"
             )
-        if result.outcome is not AcceptOutcome.NEW:
-            return Accepted(result.transaction_id, suppressed=result.outcome is AcceptOutcome.DUPLICATE)
-        if log.isEnabledFor(logging.INFO):
-            log.info("accepted %s event from %s", call.kind, call.source,
-                     extra={"transaction_id": result.transaction_id})
-        return Accepted(result.transaction_id)
+        return Accepted(result.transaction_id, suppressed=result.outcome is AcceptOutcome.DUPLICATE)
 
     def submit(self, event: Event, source: Source, *, receiver: str = "",
                dedup_key: str | None = None, idempotency_key: str | None = None) -> Accepted:
@@ -92,4 +108,5 @@ class Intake:
             [result] = self.ledger.accept(self.script_call([call]))
         except redis.RedisError as exc:
             raise BrokerUnavailable(f"redis unavailable: {type(exc).__name__}") from None
-        return self.conclude(result, call)
+        self.log_stored([call], [result])
+        return self.conclude(result)

@@ -135,7 +135,17 @@ class Ledger:
             pipe.execute()
 
     def history(self, txid: str) -> list[dict[str, Any]]:
-        return [json.loads(x) for x in self.redis.lrange(f"{tx_key(txid)}:log", 0, -1)]
+        """The transaction's history, first its acceptance (from the transaction itself: the
+        accept script writes no line for it), then the lines written since."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(tx_key(txid), ["created_at", "source"])
+        pipe.lrange(f"{tx_key(txid)}:log", 0, -1)
+        (created_at, source), lines = pipe.execute()
+        history = [json.loads(x) for x in lines]
+        if created_at is not None and not (history and history[0]["event"] == "accepted"):
+            # (a transaction accepted by an earlier version has its line already)
+            history.insert(0, {"at": float(created_at), "event": "accepted", "source": text(source)})
+        return history
 
     def outbox_older_than(self, age: float, limit: int = 500) -> list[str]:
         cutoff = time.time() - age

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
+
+import orjson
 
 from notifier.models import Alert, Event
 from notifier.schemas import AlertmanagerWebhook, EventIn
@@ -52,11 +53,11 @@ def alertmanager_dedup_key(payload: AlertmanagerWebhook) -> str:
     Alertmanager re-sends an identical body on retry and at repeat_interval; a changed set of
     alerts gives a new key and so a new notification.
     """
-    alerts = sorted(f"{a.fingerprint or json.dumps(a.labels, sort_keys=True)}:{a.status}"
-                    for a in payload.alerts)
-    material = json.dumps([payload.receiver, payload.groupKey, payload.status, alerts,
-                           payload.truncatedAlerts], ensure_ascii=False)
-    return hashlib.sha256(material.encode()).hexdigest()
+    alerts = sorted(f"{a.fingerprint or orjson.dumps(a.labels, option=orjson.OPT_SORT_KEYS).decode()}"
+                    f":{a.status}" for a in payload.alerts)
+    material = orjson.dumps([payload.receiver, payload.groupKey, payload.status, alerts,
+                             payload.truncatedAlerts])
+    return hashlib.sha256(material).hexdigest()
 
 
 def from_event_in(body: EventIn) -> Event:

@@ -88,7 +88,7 @@ class IngestRoutes:
         spec = SPECS[path]
         try:
             call = self.prepare[path](_parse(spec.model, body), headers)
-            accepted = self.intake.conclude(await self.batcher.run(call), call)
+            accepted = self.intake.conclude(await self.batcher.run(call))
         except BadBody as exc:
             return exc.status, {"detail": exc.detail}, []
         except (InvalidEvent, IdempotencyConflict) as exc:

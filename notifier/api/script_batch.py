@@ -92,8 +92,8 @@ class ScriptBatcher(Generic[Item, Result]):
     """`run(item)`: the item's share of one script call that carries every item queued in the
     same event-loop iteration (at most `max_items` per call; more make more calls, pipelined).
 
-    `combine(items)` builds that call's (keys, args); `split(reply)` gives one result per item,
-    in order. A failed call (Redis unreachable, hung past the socket timeout, an error reply)
+    `combine(items)` builds that call's (keys, args); `split(items, reply)` gives one result
+    per item, in order. A failed call (Redis unreachable, hung past the socket timeout, an error reply)
     raises its redis.RedisError in every request it carried.
 
     Latency is throughput here: a request waits for its reply, so a call is written the moment
@@ -102,7 +102,7 @@ class ScriptBatcher(Generic[Item, Result]):
 
     def __init__(self, client: redis.Redis, source: str,
                  combine: Callable[[list[Item]], tuple[Sequence[str], Sequence[str | int]]],
-                 split: Callable[[Any], Sequence[Result]], max_items: int) -> None:
+                 split: Callable[[list[Item], Any], Sequence[Result]], max_items: int) -> None:
         self.client = client
         self.source = source
         # What SCRIPT LOAD would answer: EVALSHA needs no round trip to learn it.
@@ -162,7 +162,7 @@ class ScriptBatcher(Generic[Item, Result]):
             _fail(batch, reply)
             return
         try:  # runs in the protocol's callback: whatever happens, every request hears of it
-            results = list(self.split(reply))
+            results = list(self.split([item for item, _ in batch], reply))
             if len(results) != len(batch):
                 raise redis.ResponseError(f"script answered {len(results)} of {len(batch)} calls")
         except redis.RedisError as exc:

@@ -10,7 +10,7 @@ from notifier.celery_app import CeleryPublisher, make_celery
 from notifier.config import Settings
 from notifier.intake import Intake
 from notifier.ledger import Ledger
-from notifier.ledger_accept import MAX_EVENTS, AcceptCall, accept_results
+from notifier.ledger_accept import MAX_EVENTS, AcceptCall
 from notifier.ledger_scripts import ACCEPT
 from notifier.metrics import FleetCollector, Metrics
 from notifier.records import AcceptResult
@@ -28,6 +28,7 @@ class ApiState:
         self.publisher = CeleryPublisher(self.celery)  # the callbacks' kicks to the worker
         self.intake = Intake(settings, self.ledger)
         self.accept_batcher: ScriptBatcher[AcceptCall, AcceptResult] = ScriptBatcher(
-            self.redis, ACCEPT, combine=self.intake.script_call, split=accept_results, max_items=MAX_EVENTS)
+            self.redis, ACCEPT, combine=self.intake.script_call, split=self.intake.results,
+            max_items=MAX_EVENTS)
         self.registry = CollectorRegistry()
         self.registry.register(FleetCollector(self.redis, FLEET_GAUGES))

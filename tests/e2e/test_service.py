@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def stack(fakes: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> It
     server = RedisServer()
     server.start()
     env = {"NOTIFIER_API_TOKEN": API_TOKEN, "ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID,
-           "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET}
+           "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET, "NOTIFIER_LOG_LEVEL": "INFO"}
     # Two API processes on one port, as deployed on a multi-core host.
     running = Stack(tmp_path_factory.mktemp("stack"), server.url, service_config(fakes), env=env,
                     api_workers=2)
@@ -221,3 +222,32 @@ def test_secrets_never_in_api_output_or_logs(stack: Stack) -> None:
     for name in ("api", "worker", "scheduler"):
         dumped += stack.log(name)
     assert AK_SECRET not in dumped and API_TOKEN not in dumped
+
+
+def test_api_logs_one_json_line_per_accepted_event(stack: Stack) -> None:
+    """Concurrent webhooks share one accept script call and one log record; each stored event
+    still gets a JSON line of its own carrying its transaction ID, and a duplicate gets none."""
+    def post(title: str) -> str:
+        response = stack.post("/v1/events", {"title": title, "to": ["alice"], "channels": ["email"]})
+        assert response.status_code == 202, response.text
+        return str(response.json()["transaction_id"])
+
+    with ThreadPoolExecutor(8) as pool:
+        txids = list(pool.map(post, [f"log line {i}" for i in range(8)]))
+    duplicate = stack.post("/v1/alertmanager", fixture("alertmanager-firing.json")).json()
+    again = stack.post("/v1/alertmanager", fixture("alertmanager-firing.json")).json()
+    assert again["transaction_id"] == duplicate["transaction_id"] and again.get("suppressed")
+
+    def accepted_lines() -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in stack.log("api").splitlines() if line.startswith("{")]
+        return [line for line in lines if line["msg"].startswith("accepted ")]
+
+    wait_until(lambda: {*txids, duplicate["transaction_id"]}
+               <= {line.get("transaction_id") for line in accepted_lines()}, timeout=10)
+    mine = [line for line in accepted_lines()
+            if line.get("transaction_id") in {*txids, duplicate["transaction_id"]}]
+    assert len(mine) == len(txids) + 1  # one each; the suppressed duplicate adds no line
+    assert all(line["level"] == "info" and line["logger"] == "notifier.intake" for line in mine)
+    by_id = {line["transaction_id"]: line["msg"] for line in mine}
+    assert by_id[duplicate["transaction_id"]] == "accepted alert event from alertmanager"
+    assert {by_id[t] for t in txids} == {"accepted alert event from api"}

@@ -56,3 +56,17 @@ def test_a_lost_dispatch_message_is_swept_once_per_period(
     assert sorted(a[0] for _, a, _ in sweeper.tasks) == sorted(txids)
     sweep(redis_url, redis_client, sweeper)  # once per reaper_after, not every tick
     assert len(sweeper.tasks) == 2
+
+
+def test_history_starts_with_the_acceptance_once(redis_url: str, redis_client: redis.Redis) -> None:
+    settings = settings_from_mapping({**CONFIG, "redis_url": redis_url})
+    ledger = Ledger(redis_client)
+    txid = Intake(settings, ledger).submit(Event(kind="alert", title="history"), Source.API).transaction_id
+    ledger.log(txid, "dispatched", deliveries="1")
+    created = float(redis_client.hget(f"ntf:tx:{txid}", "created_at") or 0)
+    assert ledger.history(txid)[0] == {"at": created, "event": "accepted", "source": "api"}
+    assert [h["event"] for h in ledger.history(txid)] == ["accepted", "dispatched"]
+    # A transaction accepted before the script stopped writing that line keeps just its own.
+    redis_client.lpush(f"ntf:tx:{txid}:log", '{"at": 1.0, "event": "accepted", "source": "api"}')
+    assert [h["event"] for h in ledger.history(txid)] == ["accepted", "dispatched"]
+    assert ledger.history("tx-unknown") == []

@@ -39,8 +39,8 @@ class Stack:
         self.with_scheduler = scheduler
         self.api_workers = api_workers
         self.config_path = workdir / "notifier.yaml"
-        self.env = clean_env(NOTIFIER_CONFIG=str(self.config_path), NOTIFIER_LOG_LEVEL="WARNING",
-                             PYTHONPATH=str(REPO), **(env or {}))
+        self.env = clean_env(**{"NOTIFIER_CONFIG": str(self.config_path), "NOTIFIER_LOG_LEVEL": "WARNING",
+                                "PYTHONPATH": str(REPO), **(env or {})})
         self.env.pop("NOTIFIER_REDIS_URL", None)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.token = (env or {}).get("NOTIFIER_API_TOKEN")
