@@ -15,6 +15,8 @@ import os
 import socket
 from collections.abc import Sequence
 
+import orjson
+
 _MARK = "\x00{}\x00"
 # Celery protocol 2 body: (args, kwargs, embed); what send_task serialises for a plain call.
 _BODY = '[[%s], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]'
@@ -45,25 +47,23 @@ class TaskMessages:
                 "body_encoding": "base64", "delivery_tag": _MARK.format("tag"),
             },
         })
-        # json.dumps escapes the NUL marks as \u0000; split the text on them once.
-        self._parts = template.split('"\\u0000')
-        self._slots = [part.split('\\u0000"', 1) for part in self._parts[1:]]
+        # json.dumps escapes the NUL marks as \u0000: turn each marked slot into a %-format
+        # field once, so a message is one format operation.
+        parts = template.replace("%", "%%").split('"\\u0000')
+        fields = [part.split('\\u0000"', 1) for part in parts[1:]]
+        self._format = parts[0] + "".join(
+            (f"%({name})s" if name == "argsrepr" else f'"%({name})s"') + rest for name, rest in fields)
 
     def message(self, args: Sequence[str]) -> tuple[str, str]:
         """(task id, the JSON text to LPUSH onto `self.queue`)."""
         task_id = _uuid4()
-        body = _BODY % ", ".join(map(json.dumps, args))
-        values = {
+        body = _BODY % ", ".join([orjson.dumps(arg).decode() for arg in args])
+        return task_id, self._format % {
             "body": base64.b64encode(body.encode()).decode(),
             "id": task_id,
-            "argsrepr": json.dumps(repr(list(args))),
+            "argsrepr": orjson.dumps(repr(list(args))).decode(),
             "tag": task_id,  # unique per message is all kombu needs of it
         }
-        out = [self._parts[0]]
-        for name, rest in self._slots:
-            out.append(values[name] if name == "argsrepr" else f'"{values[name]}"')
-            out.append(rest)
-        return task_id, "".join(out)
 
 
 def _uuid4() -> str:

@@ -9,14 +9,21 @@ import time
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
-# Two digits per 10 bits: a ULID is 13 table look-ups (IDs are made on the ingest hot path).
+# IDs are made on the ingest hot path. The random part's 16 digits are 16 random bytes, each
+# mapped to a digit by its low 5 bits (256 is a multiple of 32: uniform), in one C call; the
+# first 10 digits, exactly the 48-bit millisecond, are computed once per millisecond.
+_DIGIT_OF_BYTE = bytes(_ALPHABET[b & 31].encode()[0] for b in range(256))
 _PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
+_now_millis, _now_digits = -1, ""
 
 
 def ulid(now: float | None = None) -> str:
+    global _now_millis, _now_digits  # noqa: PLW0603 - a per-process cache of one value
     millis = int((time.time() if now is None else now) * 1000)
-    value = (millis << 80) | int.from_bytes(os.urandom(10), "big")
-    return "".join([_PAIRS[(value >> shift) & 0x3FF] for shift in range(120, -10, -10)])
+    if millis != _now_millis:
+        _now_millis = millis
+        _now_digits = "".join([_PAIRS[(millis >> shift) & 0x3FF] for shift in (40, 30, 20, 10, 0)])
+    return _now_digits + os.urandom(16).translate(_DIGIT_OF_BYTE).decode()
 
 
 def new_transaction_id() -> str:

@@ -25,13 +25,17 @@ from notifier.ledger_accept import (
     AcceptCall,
     AcceptPolicy,
     ScriptCall,
+    Stored,
     accept_call,
     accept_results,
+    event_json,
     script_call,
 )
 from notifier.logs import log_lines
 from notifier.models import Event, Source
 from notifier.pipeline.routing import unknown_targets
+from notifier.schemas import AlertmanagerWebhook
+from notifier.sources import alertmanager_kind
 
 log = logging.getLogger("notifier.intake")
 
@@ -70,9 +74,15 @@ class Intake:
         """Check the event against the config and build its accept script call."""
         validate(self.settings, event)
         idem = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
-        return accept_call(new_transaction_id(), event, source, receiver=receiver,
-                           dedup_key=dedup_key, idempotency_key=idem,
+        return accept_call(new_transaction_id(), event.kind, event_json(event), source,
+                           receiver=receiver, dedup_key=dedup_key, idempotency_key=idem,
                            body_hash=body_hash(event) if idem else "")
+
+    def prepare_alertmanager(self, webhook: AlertmanagerWebhook, body: bytes, dedup_key: str) -> AcceptCall:
+        """The accept call of a validated Alertmanager webhook, kept as its body (see Stored).
+        Nothing to check against the config: such an event names no recipients or channels."""
+        return accept_call(new_transaction_id(), alertmanager_kind(webhook), Stored("webhook", body),
+                           Source.ALERTMANAGER, receiver=webhook.receiver, dedup_key=dedup_key)
 
     def script_call(self, calls: Sequence[AcceptCall]) -> ScriptCall:
         """The one accept script call for `calls` (in order), under this intake's policy."""

@@ -7,8 +7,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from notifier.models import Event, TxStatus
+from notifier.models import TxStatus
 from notifier.records import ClaimResult, DeliveryRecord, Fields, TransactionRecord, text
+from notifier.sources import stored_event
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def transaction_from(raw: Fields) -> TransactionRecord | None:
         id=data["id"],
         source=data["source"],
         status=data["status"],
-        event=Event.from_json(json.loads(data["event"])),
+        event=stored_event(data),
         created_at=float(data["created_at"]),
         updated_at=float(data["updated_at"]),
         finished_at=float(data["finished_at"]) if "finished_at" in data else None,

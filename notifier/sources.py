@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Mapping
 
 import orjson
 
@@ -22,6 +24,10 @@ def _severity(payload: AlertmanagerWebhook) -> str:
     return next(iter(sorted(found - {""})), "warning")
 
 
+def alertmanager_kind(payload: AlertmanagerWebhook) -> str:
+    return "alert" if payload.status == "firing" else "resolved"
+
+
 def from_alertmanager(payload: AlertmanagerWebhook) -> Event:
     alerts = tuple(
         Alert(status=a.status, labels=a.labels, annotations=a.annotations, starts_at=a.startsAt,
@@ -35,7 +41,7 @@ def from_alertmanager(payload: AlertmanagerWebhook) -> Event:
     body = (payload.commonAnnotations.get("summary") or first.get("summary")
             or first.get("description", ""))
     return Event(
-        kind="alert" if payload.status == "firing" else "resolved",
+        kind=alertmanager_kind(payload),
         title=f"[{payload.status.upper()}:{shown + payload.truncatedAlerts}] {group}".strip(),
         body=body,
         severity=_severity(payload),
@@ -64,3 +70,10 @@ def from_event_in(body: EventIn) -> Event:
     return Event(kind=body.kind, title=body.title, body=body.body, severity=body.severity,
                  labels=body.labels, annotations=body.annotations, to=tuple(body.to),
                  channels=tuple(body.channels))
+
+
+def stored_event(fields: Mapping[str, str]) -> Event:
+    """The event of a stored transaction (notifier.ledger_accept.Stored says how it is kept)."""
+    if "webhook" in fields:  # validated when accepted: parsing it again cannot fail
+        return from_alertmanager(AlertmanagerWebhook.model_validate_json(fields["webhook"]))
+    return Event.from_json(json.loads(fields["event"]))

@@ -29,7 +29,7 @@ from notifier.ledger_accept import AcceptCall
 from notifier.models import Source
 from notifier.records import AcceptResult
 from notifier.schemas import AlertmanagerWebhook, EventIn
-from notifier.sources import alertmanager_dedup_key, from_alertmanager, from_event_in
+from notifier.sources import alertmanager_dedup_key, from_event_in
 
 IDEMPOTENCY_KEY_MAX = 200
 _RETRY = [(b"retry-after", RETRY_AFTER_SECONDS.encode())]
@@ -52,7 +52,7 @@ SPECS = {
     "/v1/alertmanager": RouteSpec("Alertmanager webhook (v4)", 200, AlertmanagerWebhook),
     "/v1/events": RouteSpec("Generic event; honours Idempotency-Key", 202, EventIn),
 }
-Prepare = Callable[[Any, dict[bytes, bytes]], AcceptCall]
+Prepare = Callable[[Any, bytes, dict[bytes, bytes]], AcceptCall]  # (the model, its body, headers)
 
 
 class IngestRoutes:
@@ -87,7 +87,7 @@ class IngestRoutes:
                       ) -> tuple[int, dict[str, Any], list[tuple[bytes, bytes]]]:
         spec = SPECS[path]
         try:
-            call = self.prepare[path](_parse(spec.model, body), headers)
+            call = self.prepare[path](_parse(spec.model, body), body, headers)
             accepted = self.intake.conclude(await self.batcher.run(call))
         except BadBody as exc:
             return exc.status, {"detail": exc.detail}, []
@@ -102,15 +102,14 @@ class IngestRoutes:
             answer["suppressed"] = True
         return spec.status, answer, []
 
-    def _alertmanager(self, webhook: AlertmanagerWebhook, _headers: dict[bytes, bytes]) -> AcceptCall:
+    def _alertmanager(self, webhook: AlertmanagerWebhook, body: bytes,
+                      _headers: dict[bytes, bytes]) -> AcceptCall:
         if webhook.version != "4":
             raise BadBody(422, [f"version: unsupported Alertmanager webhook version "
                                 f"{webhook.version!r} (expected '4')"])
-        return self.intake.prepare(from_alertmanager(webhook), Source.ALERTMANAGER,
-                                   receiver=webhook.receiver,
-                                   dedup_key=alertmanager_dedup_key(webhook))
+        return self.intake.prepare_alertmanager(webhook, body, alertmanager_dedup_key(webhook))
 
-    def _event(self, event_in: EventIn, headers: dict[bytes, bytes]) -> AcceptCall:
+    def _event(self, event_in: EventIn, _body: bytes, headers: dict[bytes, bytes]) -> AcceptCall:
         key = headers.get(b"idempotency-key")
         if key is not None and len(key) > IDEMPOTENCY_KEY_MAX:
             raise BadBody(422, [f"Idempotency-Key: longer than {IDEMPOTENCY_KEY_MAX} characters"])

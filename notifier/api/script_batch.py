@@ -101,7 +101,7 @@ class ScriptBatcher(Generic[Item, Result]):
     requests directly from the protocol callback (no task or extra loop iteration between)."""
 
     def __init__(self, client: redis.Redis, source: str,
-                 combine: Callable[[list[Item]], tuple[Sequence[str], Sequence[str | int]]],
+                 combine: Callable[[list[Item]], tuple[Sequence[str], Sequence[str | bytes | int]]],
                  split: Callable[[list[Item], Any], Sequence[Result]], max_items: int) -> None:
         self.client = client
         self.source = source
@@ -195,7 +195,7 @@ class _PerLoop(Generic[Item, Result]):
         self.queued: list[tuple[Item, asyncio.Future[Result]]] = []
 
 
-def _pack(command: tuple[str | int, ...]) -> bytes:
+def _pack(command: tuple[str | bytes | int, ...]) -> bytes:
     """RESP bytes of one command, packed in C (hiredis's stub types a 1-tuple by mistake)."""
     packed: bytes = hiredis.pack_command(command)  # type: ignore[arg-type]
     return packed

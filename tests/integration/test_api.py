@@ -20,7 +20,10 @@ from fastapi.testclient import TestClient
 
 from notifier.api.app import create_app
 from notifier.config import settings_from_mapping
+from notifier.ledger import Ledger
 from notifier.ledger_accept import MAX_EVENTS
+from notifier.schemas import AlertmanagerWebhook
+from notifier.sources import from_alertmanager
 from notifier.tasks_spec import DISPATCH_QUEUE
 from tests.support.inline import decode_task
 from tests.support.servers import RedisServer
@@ -59,6 +62,11 @@ def test_alertmanager_fixture_is_stored_and_its_dispatch_published(client: TestC
     assert view["status"] == "accepted" and view["source"] == "alertmanager"
     assert view["event"]["kind"] == "alert" and view["receiver"] == "notifier"
     assert view["event"]["alerts"][0]["fingerprint"] == "cdb42a40decd3214"
+    # Kept as the body Alertmanager sent; every reader sees the Event built from it.
+    posted = from_alertmanager(AlertmanagerWebhook.model_validate(fixture("alertmanager-firing.json")))
+    assert view["event"] == posted.to_json()
+    stored = json.loads(redis_client.hget(f"ntf:tx:{txid}", "webhook"))
+    assert stored == fixture("alertmanager-firing.json")
     queued = [json.loads(m) for m in redis_client.lrange(DISPATCH_QUEUE, 0, -1)]
     assert [m["headers"]["argsrepr"] for m in queued] == [repr([txid])]
 
@@ -270,9 +278,10 @@ def test_concurrent_webhooks_in_one_batch_each_get_their_own_transaction(
     txids = [r.json()["transaction_id"] for r in responses[:40]]
     assert len(set(txids)) == 40
     assert responses[40].json() == {"transaction_id": txids[3], "suppressed": True}
+    ledger = Ledger(redis_client)
     for txid, body in zip(txids, bodies[:40], strict=True):  # each answer names its own event
-        stored = json.loads(redis_client.hget(f"ntf:tx:{txid}", "event") or b"{}")
-        assert stored["labels"]["n"] == body["commonLabels"]["n"]
+        stored = ledger.transaction(txid)
+        assert stored is not None and stored.event.labels["n"] == body["commonLabels"]["n"]
     messages = [decode_task(m)[1] for m in redis_client.lrange(DISPATCH_QUEUE, 0, -1)]
     assert 2 <= len(messages) < 40 and all(len(named) <= MAX_EVENTS for named in messages)
     named = [txid for message in messages for txid in message]

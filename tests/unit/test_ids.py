@@ -21,8 +21,12 @@ def test_ulid_encodes_time_and_randomness(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(os, "urandom", lambda n: bytes(range(1, n + 1)))
     text = ulid(1469922850.259)
     assert len(text) == 26 and set(text) <= set(_ALPHABET)
-    assert decode(text) == (1469922850259 << 80) | int.from_bytes(bytes(range(1, 11)), "big")
+    assert decode(text) >> 80 == 1469922850259
     assert text.startswith("01ARZ3NDEK")  # the ULID spec's example time, 1469922850259 ms
+    assert text[10:] == "".join(_ALPHABET[b & 31] for b in range(1, 17))  # a digit per random byte
+    monkeypatch.setattr(os, "urandom", lambda n: bytes([31 + 32 * (k % 8) for k in range(n)]))
+    assert ulid(1469922850.259)[10:] == "Z" * 16  # only a byte's low 5 bits count: uniform digits
+    assert ulid(1469922850.260)[:10] == "01ARZ3NDEM"  # the next millisecond's digits
 
 
 def test_ulids_sort_by_time() -> None:
