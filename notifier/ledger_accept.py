@@ -49,7 +49,7 @@ class AcceptCall:
     """One event's part of an accept script call."""
     txid: str
     keys: tuple[str, str, str]  # its transaction, dedup key (or ''), idempotency key (or '')
-    args: list[str | bytes | int]  # see the script's ARGV, after the count
+    args: list[str | bytes | int]  # its 9 values of the script's ARGV
     kind: str  # for the caller's log line
     source: str
 
@@ -75,18 +75,9 @@ def event_json(event: Event) -> Stored:
 def accept_call(txid: str, kind: str, stored: Stored, source: Source, *, receiver: str = "",
                 dedup_key: str | None = None, idempotency_key: str | None = None,
                 body_hash: str = "") -> AcceptCall:
-    stamp = repr(time.time())
     origin = source.value
-    args: list[str | bytes | int] = [
-        txid, body_hash, origin, *_event_fields(source),
-        "id", txid,
-        "source", origin,
-        "status", _ACCEPTED,
-        stored.field, stored.value,
-        "created_at", stamp,
-        "updated_at", stamp,
-        "receiver", receiver,
-    ]
+    args: list[str | bytes | int] = [txid, body_hash, origin, *_event_fields(source),
+                                     stored.field, stored.value, receiver]
     keys = (tx_key(txid), f"{PREFIX}dedup:{dedup_key}" if dedup_key else "",
             f"{PREFIX}idem:{idempotency_key}" if idempotency_key else "")
     return AcceptCall(txid, keys, args, kind, origin)
@@ -94,16 +85,15 @@ def accept_call(txid: str, kind: str, stored: Stored, source: Source, *, receive
 
 def script_call(calls: Sequence[AcceptCall], policy: AcceptPolicy) -> ScriptCall:
     """One script call accepting `calls` in order (at most MAX_EVENTS) and queueing one
-    dispatch message for them."""
+    dispatch message for them; the events' transactions are created at this call's time."""
     now = time.time()
     _, message = _DISPATCH.message([call.txid for call in calls])
     keys = [OUTBOX, metric_key(_EVENTS), DISPATCH_QUEUE]
     args: list[str | bytes | int] = [repr(now), int(policy.retention), int(policy.dedup_window * 1000),
-                             int(policy.idempotency_ttl), repr(now + max(policy.sweep_after - 5.0, 1.0)),
-                             message]
+                                     int(policy.idempotency_ttl),
+                                     repr(now + max(policy.sweep_after - 5.0, 1.0)), message, _ACCEPTED]
     for call in calls:
         keys.extend(call.keys)
-        args.append(len(call.args))
         args.extend(call.args)
     return ScriptCall(keys, args)
 

@@ -8,22 +8,25 @@ ACCEPT = """
 -- list entry written here cost a quarter of the script's time per event.)
 -- KEYS: outbox, events metric hash, dispatch queue, then per event: tx, dedup (or ''), idem (or '')
 -- ARGV: now, retention_s, dedup_ttl_ms, idem_ttl_s, outbox sweep-after time, dispatch message,
---       then per event: the count of its values, then txid, body_hash, source, metric field new,
---       duplicate, replay, and the transaction's fields f1, v1, ...
+--       the accepted status, then 9 per event: txid, body_hash, source, metric field new,
+--       duplicate, replay, the field keeping the event and its value, receiver. (Few values
+--       per event: each is packed, parsed and copied into Lua once more per webhook.)
 -- Returns: outcome, txid for each event in order.
-local now, retention = tonumber(ARGV[1]), ARGV[2]
-local function note(txid, what, source)
-  local log = 'ntf:tx:' .. txid .. ':log'
-  redis.call('RPUSH', log, cjson.encode({at = now, event = what, source = source}))
-  redis.call('EXPIRE', log, retention)
+local now, retention = ARGV[1], ARGV[2]
+local counted = {}  -- metric field -> events: one HINCRBYFLOAT per field, not per event
+local function count(field)
+  counted[field] = (counted[field] or 0) + 1
 end
 local function suppressed(outcome, txid, field, source)
   redis.call('HINCRBY', 'ntf:tx:' .. txid, 'suppressed_count', 1)
-  note(txid, outcome .. '_suppressed', source)
-  redis.call('HINCRBYFLOAT', KEYS[2], field, 1)
+  local log = 'ntf:tx:' .. txid .. ':log'
+  redis.call('RPUSH', log, cjson.encode({at = tonumber(now), event = outcome .. '_suppressed',
+                                         source = source}))
+  redis.call('EXPIRE', log, retention)
+  count(field)
   return outcome, txid
 end
-local function accept(k, a, last)
+local function accept(k, a)
   local txid, hash, source = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local tx, dedup, idem = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   if dedup ~= '' then
@@ -39,24 +42,25 @@ local function accept(k, a, last)
       return 'conflict', first
     end
   end
-  redis.call('HSET', tx, unpack(ARGV, a + 6, last))
+  redis.call('HSET', tx, 'id', txid, 'source', source, 'status', ARGV[7], ARGV[a + 6], ARGV[a + 7],
+             'created_at', now, 'updated_at', now, 'receiver', ARGV[a + 8])
   redis.call('EXPIRE', tx, retention)
   if dedup ~= '' then redis.call('SET', dedup, txid, 'PX', ARGV[3]) end
   if idem ~= '' then redis.call('SET', idem, txid .. '|' .. hash, 'EX', ARGV[4]) end
   redis.call('ZADD', KEYS[1], ARGV[5], txid)
-  redis.call('HINCRBYFLOAT', KEYS[2], ARGV[a + 3], 1)
+  count(ARGV[a + 3])
   return 'new', txid
 end
 local out, stored = {}, false
-local a, k = 7, 4
-while a <= #ARGV do
-  local count = tonumber(ARGV[a])
-  local outcome, txid = accept(k, a + 1, a + count)
+local k = 4
+for a = 8, #ARGV, 9 do
+  local outcome, txid = accept(k, a)
   out[#out + 1] = outcome
   out[#out + 1] = txid
   stored = stored or outcome == 'new'
-  a, k = a + count + 1, k + 3
+  k = k + 3
 end
+for field, n in pairs(counted) do redis.call('HINCRBYFLOAT', KEYS[2], field, n) end
 if stored then redis.call('LPUSH', KEYS[3], ARGV[6]) end
 return out
 """

@@ -22,6 +22,7 @@ from notifier.api.app import create_app
 from notifier.config import settings_from_mapping
 from notifier.ledger import Ledger
 from notifier.ledger_accept import MAX_EVENTS
+from notifier.metrics import metric_field, metric_key
 from notifier.schemas import AlertmanagerWebhook
 from notifier.sources import from_alertmanager
 from notifier.tasks_spec import DISPATCH_QUEUE
@@ -286,6 +287,11 @@ def test_concurrent_webhooks_in_one_batch_each_get_their_own_transaction(
     assert 2 <= len(messages) < 40 and all(len(named) <= MAX_EVENTS for named in messages)
     named = [txid for message in messages for txid in message]
     assert set(txids) <= set(named) and len(named) == len(set(named))  # each queued once
+    counted = {k.decode(): float(v) for k, v in redis_client.hgetall(
+        metric_key("notifier_events_received")).items()}  # a script call counts all its events
+    assert sorted(counted.values()) == [1.0, 40.0]
+    assert {k for k, v in counted.items() if v == 40.0} == {metric_field(
+        "notifier_events_received", source="alertmanager", outcome="new")}
 
 
 def test_a_hung_redis_gets_503_and_the_api_stays_responsive(monkeypatch: pytest.MonkeyPatch) -> None:
