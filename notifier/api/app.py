@@ -35,10 +35,11 @@ ROUTERS = [operations_router, callbacks_router, drills_router]
 
 def create_app(settings: Settings) -> ASGIApp:
     """The API as uvicorn serves it: the ingest routes in front of the FastAPI app (they skip
-    its per-request machinery, see notifier.api.ingest), all under one body-size limit."""
+    its per-request machinery, see notifier.api.ingest), both under one body-size limit."""
     app, state = fastapi_app(settings)
-    ingest = IngestRoutes(app, intake=state.intake, auth=app.state.auth, batcher=state.accept_batcher)
-    return BodySizeLimit(ingest, max_bytes=settings.max_body_bytes)
+    return IngestRoutes(BodySizeLimit(app, max_bytes=settings.max_body_bytes), intake=state.intake,
+                        auth=app.state.auth, batcher=state.accept_batcher,
+                        max_bytes=settings.max_body_bytes)
 
 
 def fastapi_app(settings: Settings) -> tuple[FastAPI, ApiState]:

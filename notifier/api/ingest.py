@@ -6,7 +6,8 @@ the body is validated straight from bytes by pydantic, and the accept script (st
 dispatch task, see notifier.ledger_accept) runs through the shared ScriptBatcher, which accepts
 the events of one loop iteration in one script call. Everything else of the API stays FastAPI.
 Behaviour is the API's contract: Bearer/Basic auth, 400 for a body that is not JSON, 422 naming
-the field, 413 from BodySizeLimit around this, 503 with Retry-After when Redis is unreachable;
+the field, 413 past max_body_bytes (as BodySizeLimit answers for the rest of the API), 503 with
+Retry-After when Redis is unreachable;
 the routes are documented in /openapi.json.
 """
 
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from notifier.api.auth import CHALLENGE, UNAUTHORIZED, TokenAuth
+from notifier.api.limits import declared_too_large, read_body, too_large_detail
 from notifier.api.raw import RETRY_AFTER_SECONDS, field_errors, send_json, unavailable_detail
 from notifier.api.script_batch import ScriptBatcher
 from notifier.errors import BrokerUnavailable, IdempotencyConflict, InvalidEvent
@@ -59,8 +61,9 @@ class IngestRoutes:
     """ASGI middleware: serves the ingest routes, passes everything else to the FastAPI app."""
 
     def __init__(self, app: ASGIApp, intake: Intake, auth: TokenAuth,
-                 batcher: ScriptBatcher[AcceptCall, AcceptResult]) -> None:
+                 batcher: ScriptBatcher[AcceptCall, AcceptResult], max_bytes: int) -> None:
         self.app = app
+        self.max_bytes = max_bytes
         self.intake = intake
         self.auth = auth
         self.batcher = batcher
@@ -76,11 +79,19 @@ class IngestRoutes:
             await send_json(send, 405, {"detail": "Method Not Allowed"}, [(b"allow", b"POST")])
             return
         headers = dict(scope["headers"])
+        too_large = declared_too_large(headers, self.max_bytes)
+        if too_large:
+            await send_json(send, 413, {"detail": too_large_detail(self.max_bytes)})
+            return
         if not self.auth.allows(headers.get(b"authorization", b"").decode("latin-1")):
             challenge = (CHALLENGE[0].lower().encode(), CHALLENGE[1].encode())
             await send_json(send, 401, {"detail": UNAUTHORIZED}, [challenge])
             return
-        status, payload, extra = await self._accept(path, await _body(receive), headers)
+        body = await read_body(receive, None if too_large is False else self.max_bytes)
+        if body is None:
+            await send_json(send, 413, {"detail": too_large_detail(self.max_bytes)})
+            return
+        status, payload, extra = await self._accept(path, body, headers)
         await send_json(send, status, payload, extra)
 
     async def _accept(self, path: str, body: bytes, headers: dict[bytes, bytes],
@@ -115,18 +126,6 @@ class IngestRoutes:
             raise BadBody(422, [f"Idempotency-Key: longer than {IDEMPOTENCY_KEY_MAX} characters"])
         return self.intake.prepare(from_event_in(event_in), Source.API,
                                    idempotency_key=key.decode("latin-1") if key else None)
-
-
-async def _body(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
-    more = True
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunks.append(message.get("body", b""))
-        more = message.get("more_body", False)
-    return b"".join(chunks)
 
 
 def _parse(model: type[BaseModel], body: bytes) -> Any:

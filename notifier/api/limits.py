@@ -7,11 +7,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from notifier.api.raw import send_json
 
 
-class BodyTooLarge(Exception):
-    pass
+def declared_too_large(headers: dict[bytes, bytes], max_bytes: int) -> bool | None:
+    """Whether the Content-Length is over the limit; None when there is none (chunked): then the
+    body must be counted as it is read. (With one, the server's HTTP parser holds the body to
+    it: no counting needed.)"""
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit():
+        return int(declared) > max_bytes
+    return None
+
+
+def too_large_detail(max_bytes: int) -> str:
+    return f"request body larger than {max_bytes} bytes"
 
 
 class BodySizeLimit:
+    """For the FastAPI app; the ingest routes (notifier.api.ingest) apply the same limit as they
+    read the body."""
+
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
@@ -20,36 +33,48 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers", []))
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit():
-            if int(declared) > self.max_bytes:
+        too_large = declared_too_large(dict(scope.get("headers", [])), self.max_bytes)
+        if too_large is not None:
+            if too_large:
                 await self._reject(send)
-            else:  # the server's HTTP parser holds the body to its Content-Length: no counting
+            else:
                 await self.app(scope, receive, send)
             return
-        seen = 0
-        started = False
+        # No Content-Length (chunked): read it here, counting, and hand the app the whole body.
+        # (Raising from inside the app's receive would not do: FastAPI turns an error while
+        # reading the body into its own 400/422, which would not say what is wrong.)
+        body = await read_body(receive, self.max_bytes)
+        if body is None:
+            await self._reject(send)
+            return
+        handed = False
 
-        async def counting_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge
-            return message
+        async def replay() -> Message:
+            nonlocal handed
+            if handed:
+                return await receive()  # what comes after the body: the disconnect
+            handed = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await self._reject(send)
+        await self.app(scope, replay, send)
 
     async def _reject(self, send: Send) -> None:
-        await send_json(send, 413, {"detail": f"request body larger than {self.max_bytes} bytes"})
+        await send_json(send, 413, {"detail": too_large_detail(self.max_bytes)})
+
+
+async def read_body(receive: Receive, max_bytes: int | None) -> bytes | None:
+    """The whole request body; None once it grows past `max_bytes` (None: no limit to count)."""
+    chunks: list[bytes] = []
+    seen = 0
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        seen += len(chunk)
+        if max_bytes is not None and seen > max_bytes:
+            return None
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)

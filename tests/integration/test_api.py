@@ -123,6 +123,8 @@ BAD_INPUTS = [
     ("/v1/events", json.dumps({"title": "t", "colour": "red"}).encode(), 422, "colour"),
     ("/v1/events", json.dumps([1, 2]).encode(), 422, "body"),
     ("/v1/events", json.dumps({"title": "x" * 70_000}).encode(), 413, "larger than"),
+    ("/v1/alertmanager", json.dumps({"receiver": "x" * 70_000}).encode(), 413, "larger than"),
+    ("/v1/drills", json.dumps({"name": "x" * 70_000}).encode(), 413, "larger than"),  # FastAPI's
 ]
 
 
@@ -139,8 +141,9 @@ def test_oversized_body_without_content_length_is_413(client: TestClient) -> Non
         for _ in range(100):
             yield b" " * 1024
 
-    response = client.post("/v1/events", content=chunks())
-    assert response.status_code == 413
+    for path in ("/v1/events", "/v1/alertmanager", "/v1/drills"):
+        response = client.post(path, content=chunks())
+        assert response.status_code == 413 and "larger than" in response.text, path
 
 
 def test_auth_required_on_v1_bearer_or_basic(client: TestClient) -> None:
