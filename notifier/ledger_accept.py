@@ -105,7 +105,9 @@ def _event_fields(source: Source) -> tuple[str, str, str]:
     return new, duplicate, replay
 
 
+_OUTCOMES = {form: o for o in AcceptOutcome for form in (o.value, o.value.encode())}
+
+
 def accept_results(reply: list[bytes | str]) -> list[AcceptResult]:
     """The script's flat reply (outcome, txid, outcome, txid, ...), one result per event."""
-    return [AcceptResult(AcceptOutcome(text(reply[i])), text(reply[i + 1]))
-            for i in range(0, len(reply), 2)]
+    return [AcceptResult(_OUTCOMES[reply[i]], text(reply[i + 1])) for i in range(0, len(reply), 2)]

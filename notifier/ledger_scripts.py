@@ -14,6 +14,7 @@ ACCEPT = """
 -- Returns: outcome, txid for each event in order.
 local now, retention = ARGV[1], ARGV[2]
 local counted = {}  -- metric field -> events: one HINCRBYFLOAT per field, not per event
+local outboxed = {}  -- score, txid, ...: one ZADD for the call's new transactions
 local function count(field)
   counted[field] = (counted[field] or 0) + 1
 end
@@ -47,7 +48,8 @@ local function accept(k, a)
   redis.call('EXPIRE', tx, retention)
   if dedup ~= '' then redis.call('SET', dedup, txid, 'PX', ARGV[3]) end
   if idem ~= '' then redis.call('SET', idem, txid .. '|' .. hash, 'EX', ARGV[4]) end
-  redis.call('ZADD', KEYS[1], ARGV[5], txid)
+  outboxed[#outboxed + 1] = ARGV[5]
+  outboxed[#outboxed + 1] = txid
   count(ARGV[a + 3])
   return 'new', txid
 end
@@ -61,6 +63,7 @@ for a = 8, #ARGV, 9 do
   k = k + 3
 end
 for field, n in pairs(counted) do redis.call('HINCRBYFLOAT', KEYS[2], field, n) end
+if #outboxed > 0 then redis.call('ZADD', KEYS[1], unpack(outboxed)) end
 if stored then redis.call('LPUSH', KEYS[3], ARGV[6]) end
 return out
 """

@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from notifier.models import DeliveryStatus, Event
 
@@ -25,8 +25,7 @@ class AcceptOutcome(StrEnum):
     CONFLICT = "conflict"  # same idempotency key, other body
 
 
-@dataclass(frozen=True)
-class AcceptResult:
+class AcceptResult(NamedTuple):  # one per webhook: a tuple is cheaper than a frozen dataclass
     outcome: AcceptOutcome
     transaction_id: str
 
