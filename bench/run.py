@@ -53,7 +53,7 @@ class Plan:
     # (and batches small); the bare endpoint is the load generator's limit either way.
     sat_connections: int = 128
     sat_seconds: float = 10.0
-    sat_max: int = 6000
+    sat_max: int = 12000  # the bare endpoint needs about a second of it: a short burst was noisy
     e2e_rate: float = 50.0  # events/s for the webhook -> provider latency target
     e2e_seconds: float = 30.0
     noop_tasks: int = 10000
