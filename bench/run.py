@@ -263,8 +263,10 @@ class Bench:
         return loadgen.run(lambda: loadgen.open_loop("127.0.0.1", port, requests, rate,
                                                      max_seconds=seconds + 2))
 
-    def saturation(self, port: int, payloads: Payloads) -> LoadResult:
+    def saturation(self, port: int, payloads: Payloads, usage: Usage | None = None) -> LoadResult:
         requests = payloads.take(self.plan.sat_max)
+        if usage is not None:  # CPU from here: building the requests is the generator's work
+            usage.start()
         return loadgen.run(lambda: loadgen.closed_loop(
             "127.0.0.1", port, requests, connections=self.plan.sat_connections,
             max_seconds=self.plan.sat_seconds))
@@ -461,8 +463,8 @@ class Bench:
         self.procs.pause(*fleet)
         # With --workers N, uvicorn's parent only supervises: its children serve the requests.
         self.profile_start("api", self.procs.pid("api"), subprocesses=self.api_workers > 1)
-        usage = Usage(self.procs, self.redis).start()
-        sat = self.saturation(port, payloads)
+        usage = Usage(self.procs, self.redis)
+        sat = self.saturation(port, payloads, usage)
         out["ingest_saturation"] = {**load_summary(sat),
                                     "usage": usage.stop(len(accepted_txids(sat)))}
         self.profile_stop("api")
