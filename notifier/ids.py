@@ -14,16 +14,17 @@ _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # first 10 digits, exactly the 48-bit millisecond, are computed once per millisecond.
 _DIGIT_OF_BYTE = bytes(_ALPHABET[b & 31].encode()[0] for b in range(256))
 _PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
-_now_millis, _now_digits = -1, ""
+_now: tuple[int, str] = (-1, "")  # (millisecond, its digits), replaced whole: thread-safe
 
 
 def ulid(now: float | None = None) -> str:
-    global _now_millis, _now_digits  # noqa: PLW0603 - a per-process cache of one value
+    global _now  # noqa: PLW0603 - a per-process cache of one value
     millis = int((time.time() if now is None else now) * 1000)
-    if millis != _now_millis:
-        _now_millis = millis
-        _now_digits = "".join([_PAIRS[(millis >> shift) & 0x3FF] for shift in (40, 30, 20, 10, 0)])
-    return _now_digits + os.urandom(16).translate(_DIGIT_OF_BYTE).decode()
+    cached, digits = _now
+    if millis != cached:
+        digits = "".join([_PAIRS[(millis >> shift) & 0x3FF] for shift in (40, 30, 20, 10, 0)])
+        _now = (millis, digits)
+    return digits + os.urandom(16).translate(_DIGIT_OF_BYTE).decode()
 
 
 def new_transaction_id() -> str:
