@@ -21,7 +21,11 @@ class AlertmanagerAlert(BaseModel):
 
 
 class AlertmanagerWebhook(BaseModel):
-    """Alertmanager's webhook payload, version 4 (0.25)."""
+    """Alertmanager's webhook payload, version 4 (0.25).
+
+    Transactions keep the body as received and every reader validates it again
+    (notifier.sources.stored_event): a change here must still accept the bodies stored within
+    `retention`, or their events could not be read."""
 
     model_config = ConfigDict(extra="allow")
     version: str
