@@ -25,11 +25,11 @@ from notifier.ledger_accept import (
     AcceptCall,
     AcceptPolicy,
     ScriptCall,
-    Stored,
     accept_call,
     accept_results,
     event_json,
     script_call,
+    webhook_body,
 )
 from notifier.logs import log_lines
 from notifier.models import Event, Source
@@ -79,9 +79,10 @@ class Intake:
                            body_hash=body_hash(event) if idem else "")
 
     def prepare_alertmanager(self, webhook: AlertmanagerWebhook, body: bytes, dedup_key: str) -> AcceptCall:
-        """The accept call of a validated Alertmanager webhook, kept as its body (see Stored).
+        """The accept call of a validated Alertmanager webhook, kept as its body (see
+        notifier.ledger_accept.Stored).
         Nothing to check against the config: such an event names no recipients or channels."""
-        return accept_call(new_transaction_id(), alertmanager_kind(webhook), Stored("webhook", body),
+        return accept_call(new_transaction_id(), alertmanager_kind(webhook), webhook_body(body),
                            Source.ALERTMANAGER, receiver=webhook.receiver, dedup_key=dedup_key)
 
     def script_call(self, calls: Sequence[AcceptCall]) -> ScriptCall:

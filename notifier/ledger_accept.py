@@ -68,8 +68,15 @@ class Stored(NamedTuple):
     value: str | bytes
 
 
+EVENT_FIELD, WEBHOOK_FIELD = "event", "webhook"
+
+
 def event_json(event: Event) -> Stored:
-    return Stored("event", orjson.dumps(event.to_json()).decode())  # 10x json.dumps
+    return Stored(EVENT_FIELD, orjson.dumps(event.to_json()).decode())  # 10x json.dumps
+
+
+def webhook_body(body: bytes) -> Stored:
+    return Stored(WEBHOOK_FIELD, body)
 
 
 def accept_call(txid: str, kind: str, stored: Stored, source: Source, *, receiver: str = "",

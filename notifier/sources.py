@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import orjson
 
+from notifier.ledger_accept import EVENT_FIELD, WEBHOOK_FIELD
 from notifier.models import Alert, Event
 from notifier.schemas import AlertmanagerWebhook, EventIn
 
@@ -74,6 +75,6 @@ def from_event_in(body: EventIn) -> Event:
 
 def stored_event(fields: Mapping[str, str]) -> Event:
     """The event of a stored transaction (notifier.ledger_accept.Stored says how it is kept)."""
-    if "webhook" in fields:  # validated when accepted: parsing it again cannot fail
-        return from_alertmanager(AlertmanagerWebhook.model_validate_json(fields["webhook"]))
-    return Event.from_json(json.loads(fields["event"]))
+    if WEBHOOK_FIELD in fields:  # validated when accepted: parsing it again cannot fail
+        return from_alertmanager(AlertmanagerWebhook.model_validate_json(fields[WEBHOOK_FIELD]))
+    return Event.from_json(json.loads(fields[EVENT_FIELD]))

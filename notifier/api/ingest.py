@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from notifier.api.auth import CHALLENGE, UNAUTHORIZED, TokenAuth
-from notifier.api.limits import declared_too_large, read_body, too_large_detail
+from notifier.api.limits import declared_too_large, read_body, reject_too_large
 from notifier.api.raw import RETRY_AFTER_SECONDS, field_errors, send_json, unavailable_detail
 from notifier.api.script_batch import ScriptBatcher
 from notifier.errors import BrokerUnavailable, IdempotencyConflict, InvalidEvent
@@ -81,7 +81,7 @@ class IngestRoutes:
         headers = dict(scope["headers"])
         too_large = declared_too_large(headers, self.max_bytes)
         if too_large:
-            await send_json(send, 413, {"detail": too_large_detail(self.max_bytes)})
+            await reject_too_large(send, self.max_bytes)
             return
         if not self.auth.allows(headers.get(b"authorization", b"").decode("latin-1")):
             challenge = (CHALLENGE[0].lower().encode(), CHALLENGE[1].encode())
@@ -89,7 +89,7 @@ class IngestRoutes:
             return
         body = await read_body(receive, None if too_large is False else self.max_bytes)
         if body is None:
-            await send_json(send, 413, {"detail": too_large_detail(self.max_bytes)})
+            await reject_too_large(send, self.max_bytes)
             return
         status, payload, extra = await self._accept(path, body, headers)
         await send_json(send, status, payload, extra)

@@ -17,8 +17,8 @@ def declared_too_large(headers: dict[bytes, bytes], max_bytes: int) -> bool | No
     return None
 
 
-def too_large_detail(max_bytes: int) -> str:
-    return f"request body larger than {max_bytes} bytes"
+async def reject_too_large(send: Send, max_bytes: int) -> None:
+    await send_json(send, 413, {"detail": f"request body larger than {max_bytes} bytes"})
 
 
 class BodySizeLimit:
@@ -36,7 +36,7 @@ class BodySizeLimit:
         too_large = declared_too_large(dict(scope.get("headers", [])), self.max_bytes)
         if too_large is not None:
             if too_large:
-                await self._reject(send)
+                await reject_too_large(send, self.max_bytes)
             else:
                 await self.app(scope, receive, send)
             return
@@ -45,7 +45,7 @@ class BodySizeLimit:
         # reading the body into its own 400/422, which would not say what is wrong.)
         body = await read_body(receive, self.max_bytes)
         if body is None:
-            await self._reject(send)
+            await reject_too_large(send, self.max_bytes)
             return
         handed = False
 
@@ -57,9 +57,6 @@ class BodySizeLimit:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
-
-    async def _reject(self, send: Send) -> None:
-        await send_json(send, 413, {"detail": too_large_detail(self.max_bytes)})
 
 
 async def read_body(receive: Receive, max_bytes: int | None) -> bytes | None:
