@@ -109,6 +109,9 @@ def ms(value: float) -> float | None:
     return None if value != value else round(value * 1000, 2)  # NaN (no samples) -> null
 
 
+LOADGEN = "loadgen (this process)"
+
+
 class Usage:
     """CPU seconds per process (with its children) and Redis commands, over one phase."""
 
@@ -125,6 +128,7 @@ class Usage:
     def start(self) -> Usage:
         self.started = time.monotonic()
         self.cpu = {name: cpu_seconds(self.procs.pid(name)) for name in self.procs.procs}
+        self.cpu[LOADGEN] = time.process_time()  # the load generator runs in this process
         self.commands = self._commands()
         return self
 
@@ -133,6 +137,7 @@ class Usage:
         wall = max(time.monotonic() - self.started, 1e-9)
         cpu = {name: round((cpu_seconds(self.procs.pid(name)) - before) / wall * 100, 1)
                for name, before in self.cpu.items() if name in self.procs.procs}
+        cpu[LOADGEN] = round((time.process_time() - self.cpu[LOADGEN]) / wall * 100, 1)
         after = self._commands()
         delta = {k: v - self.commands.get(k, 0) for k, v in after.items()
                  if v - self.commands.get(k, 0) > 0}
@@ -209,8 +214,11 @@ class Bench:
         with self.baseline_server("asgi", "bare uvicorn endpoint",
                                   "--workers", str(self.api_workers)) as payloads:
             steady = self.steady(payloads.port, payloads)
-            sat = self.saturation(payloads.port, payloads)
-        return {"steady": load_summary(steady, self.plan.steady_rate), "saturation": load_summary(sat)}
+            assert self.redis is not None
+            usage = Usage(self.procs, self.redis)
+            sat = self.saturation(payloads.port, payloads, usage)
+            saturation = {**load_summary(sat), "usage": usage.stop(len(sat.ok))}
+        return {"steady": load_summary(steady, self.plan.steady_rate), "saturation": saturation}
 
     def bare_fastapi(self) -> dict[str, Any]:
         """Context, not a target: what FastAPI itself reaches under the same generator."""

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import redis
 
@@ -40,8 +40,7 @@ from notifier.sources import alertmanager_kind
 log = logging.getLogger("notifier.intake")
 
 
-@dataclass(frozen=True)
-class Accepted:
+class Accepted(NamedTuple):  # one per webhook: a tuple is built in a fifth of a dataclass's time
     transaction_id: str
     suppressed: bool = False  # a duplicate of an earlier transaction: nothing new is sent
 

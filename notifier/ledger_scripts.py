@@ -2,15 +2,17 @@
 
 ACCEPT = """
 -- One round trip for the acceptance of one or more events: for each, the dedup/idempotency
--- check, the transaction, its outbox entry and the events counter; then one Celery dispatch
--- message naming them all. Stored and queued happen together or not at all. (Its "accepted"
--- history line is the transaction's created_at and source, read back by Ledger.history: a
--- list entry written here cost a quarter of the script's time per event.)
+-- check, the transaction, its outbox entry and the events counter; then a Celery dispatch
+-- message for each group of events that stored one. Stored and queued happen together or not
+-- at all. (Its "accepted" history line is the transaction's created_at and source, read back
+-- by Ledger.history: a list entry written here cost a quarter of the script's time per event.)
 -- KEYS: outbox, events metric hash, dispatch queue, then per event: tx, dedup (or ''), idem (or '')
--- ARGV: now, retention_s, dedup_ttl_ms, idem_ttl_s, outbox sweep-after time, dispatch message,
---       the accepted status, then 9 per event: txid, body_hash, source, metric field new,
---       duplicate, replay, the field keeping the event and its value, receiver. (Few values
---       per event: each is packed, parsed and copied into Lua once more per webhook.)
+-- ARGV: now, retention_s, dedup_ttl_ms, idem_ttl_s, outbox sweep-after time, events per
+--       dispatch message, the accepted status, then 9 per event: txid, body_hash, source, metric
+--       field new, duplicate, replay, the field keeping the event and its value, receiver;
+--       then the dispatch messages, the first naming the first events-per-message events, and
+--       so on. (Few values per event: each is packed, parsed and copied into Lua once more per
+--       webhook.)
 -- Returns: outcome, txid for each event in order.
 local now, retention = ARGV[1], ARGV[2]
 local counted = {}  -- metric field -> events: one HINCRBYFLOAT per field, not per event
@@ -53,18 +55,21 @@ local function accept(k, a)
   count(ARGV[a + 3])
   return 'new', txid
 end
-local out, stored = {}, false
-local k = 4
-for a = 8, #ARGV, 9 do
-  local outcome, txid = accept(k, a)
+local events, per_message = (#KEYS - 3) / 3, tonumber(ARGV[6])
+local out, queued, last = {}, {}, 0  -- queued: the messages to push, last: ARGV index of the latest
+for i = 0, events - 1 do
+  local outcome, txid = accept(4 + 3 * i, 8 + 9 * i)
   out[#out + 1] = outcome
   out[#out + 1] = txid
-  stored = stored or outcome == 'new'
-  k = k + 3
+  local message = 8 + 9 * events + math.floor(i / per_message)
+  if outcome == 'new' and message ~= last then
+    queued[#queued + 1] = ARGV[message]
+    last = message
+  end
 end
 for field, n in pairs(counted) do redis.call('HINCRBYFLOAT', KEYS[2], field, n) end
 if #outboxed > 0 then redis.call('ZADD', KEYS[1], unpack(outboxed)) end
-if stored then redis.call('LPUSH', KEYS[3], ARGV[6]) end
+if #queued > 0 then redis.call('LPUSH', KEYS[3], unpack(queued)) end
 return out
 """
 

@@ -60,8 +60,8 @@ def alertmanager_dedup_key(payload: AlertmanagerWebhook) -> str:
     Alertmanager re-sends an identical body on retry and at repeat_interval; a changed set of
     alerts gives a new key and so a new notification.
     """
-    alerts = sorted(f"{a.fingerprint or orjson.dumps(a.labels, option=orjson.OPT_SORT_KEYS).decode()}"
-                    f":{a.status}" for a in payload.alerts)
+    alerts = sorted([f"{a.fingerprint or orjson.dumps(a.labels, option=orjson.OPT_SORT_KEYS).decode()}"
+                     f":{a.status}" for a in payload.alerts])
     material = orjson.dumps([payload.receiver, payload.groupKey, payload.status, alerts,
                              payload.truncatedAlerts])
     return hashlib.sha256(material).hexdigest()

@@ -40,7 +40,7 @@ from notifier.tasks_spec import DELIVER, DISPATCH, DISPATCH_QUEUE, deliver_queue
 # Statuses in which a re-run dispatch takes its inline delivery up again (the claim decides
 # whether this run may send it); any other state has an owner already (a timer, a receipt).
 _RESUMABLE = (DeliveryStatus.QUEUED, DeliveryStatus.SENDING)
-# A dispatch message names up to MAX_EVENTS transactions (one per event the API accepted in
+# A dispatch message names up to ledger_accept.EVENTS_PER_TASK transactions (one per event the API accepted in
 # the same moment). Past this many seconds on one message, the rest go back on the queue as a
 # new message, so a task never nears its time limit (celeryconfig: 60 s) however slow the
 # provider, and idle workers share the remainder.

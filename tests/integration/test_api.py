@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from notifier.api.app import create_app
 from notifier.config import settings_from_mapping
 from notifier.ledger import Ledger
-from notifier.ledger_accept import MAX_EVENTS
+from notifier.ledger_accept import EVENTS_PER_TASK
 from notifier.metrics import metric_field, metric_key
 from notifier.schemas import AlertmanagerWebhook
 from notifier.sources import from_alertmanager
@@ -259,8 +259,8 @@ def test_accept_survives_redis_forgetting_its_scripts(client: TestClient,
 def test_concurrent_webhooks_in_one_batch_each_get_their_own_transaction(
         redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     """Requests of the same moment share script calls (at most MAX_EVENTS events each) and
-    dispatch messages, but each gets its own answer; a resend inside the same batch is still
-    recognised as a duplicate of the first."""
+    dispatch messages (at most EVENTS_PER_TASK each), but each gets its own answer; a resend
+    inside the same batch is still recognised as a duplicate of the first."""
     monkeypatch.setenv("NOTIFIER_API_TOKEN", TOKEN)
     app = create_app(settings_from_mapping({**CONFIG, "redis_url": redis_url}))
     bodies = []
@@ -287,7 +287,8 @@ def test_concurrent_webhooks_in_one_batch_each_get_their_own_transaction(
         stored = ledger.transaction(txid)
         assert stored is not None and stored.event.labels["n"] == body["commonLabels"]["n"]
     messages = [decode_task(m)[1] for m in redis_client.lrange(DISPATCH_QUEUE, 0, -1)]
-    assert 2 <= len(messages) < 40 and all(len(named) <= MAX_EVENTS for named in messages)
+    assert 40 / EVENTS_PER_TASK <= len(messages) < 40
+    assert all(len(named) <= EVENTS_PER_TASK for named in messages)
     named = [txid for message in messages for txid in message]
     assert set(txids) <= set(named) and len(named) == len(set(named))  # each queued once
     counted = {k.decode(): float(v) for k, v in redis_client.hgetall(

@@ -11,8 +11,10 @@ import redis
 from notifier.config import settings_from_mapping
 from notifier.intake import Intake
 from notifier.ledger import Ledger
+from notifier.ledger_accept import EVENTS_PER_TASK, AcceptCall
 from notifier.models import Event, Source
 from notifier.periodic import periodic_jobs
+from notifier.records import AcceptOutcome
 from notifier.tasks_spec import DISPATCH, DISPATCH_QUEUE
 from tests.support.inline import ListPublisher, decode_task
 
@@ -36,6 +38,34 @@ def test_accept_queues_the_dispatch_task_in_the_same_step(redis_url: str,
     assert redis_client.hget(f"ntf:tx:{txid}", "status") == b"accepted"
     (message,) = redis_client.lrange(DISPATCH_QUEUE, 0, -1)
     assert decode_task(message) == (DISPATCH, [txid])
+
+
+def test_one_call_queues_a_message_per_group_of_events_that_stored_one(
+        redis_url: str, redis_client: redis.Redis) -> None:
+    """A script call carries more events than one dispatch message names: they go out as
+    messages of EVENTS_PER_TASK, in order, and a group that stored nothing queues none."""
+    settings = settings_from_mapping({**CONFIG, "redis_url": redis_url})
+    ledger = Ledger(redis_client)
+    intake = Intake(settings, ledger)
+
+    def call(title: str) -> AcceptCall:
+        return intake.prepare(Event(kind="alert", title=title), Source.ALERTMANAGER,
+                              dedup_key=f"group-{title}")
+    first = [call(f"first-{i}") for i in range(EVENTS_PER_TASK)]
+    ledger.accept(intake.script_call(first))
+    redis_client.delete(DISPATCH_QUEUE)
+    # a group of new events, a group of resends of the first ones, then a short group
+    calls = ([call(f"new-{i}") for i in range(EVENTS_PER_TASK)]
+             + [call(f"first-{i}") for i in range(EVENTS_PER_TASK)]
+             + [call(f"last-{i}") for i in range(3)])
+    results = ledger.accept(intake.script_call(calls))
+    outcomes = [r.outcome for r in results]
+    assert outcomes == ([AcceptOutcome.NEW] * EVENTS_PER_TASK + [AcceptOutcome.DUPLICATE] * EVENTS_PER_TASK
+                        + [AcceptOutcome.NEW] * 3)
+    queued = [decode_task(m) for m in reversed(redis_client.lrange(DISPATCH_QUEUE, 0, -1))]
+    txids = [c.txid for c in calls]
+    assert queued == [(DISPATCH, txids[:EVENTS_PER_TASK]), (DISPATCH, txids[-3:])]  # oldest first
+    assert redis_client.zcard("ntf:outbox") == 2 * EVENTS_PER_TASK + 3
 
 
 def test_a_lost_dispatch_message_is_swept_once_per_period(
