@@ -91,7 +91,7 @@ def main() -> None:
         import uvicorn  # noqa: PLC0415
 
         options: dict[str, Any] = {"host": "127.0.0.1", "port": args.port, "log_level": "warning",
-                                   "access_log": False}
+                                   "access_log": False, "proxy_headers": False}  # notifier api's
         if args.what == "asgi" and args.workers > 1:  # as `notifier api --workers N` runs
             uvicorn.run("bench.baselines:bare_app", workers=args.workers, **options)
         else:
