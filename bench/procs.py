@@ -119,9 +119,13 @@ class Procs:
         port = free_port()
         data = self.workdir / "redis"
         data.mkdir(exist_ok=True)
+        # No automatic AOF rewrite: it forks Redis, and the child's CPU lands in whichever phase
+        # happens to run (it did, in the saturation rounds); its cost depends on the dataset's
+        # size, not on the events a phase measures.
         self.spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir",
                              str(data), "--save", "", "--appendonly", "yes",
-                             "--appendfsync", appendfsync, "--protected-mode", "yes"])
+                             "--appendfsync", appendfsync, "--auto-aof-rewrite-percentage", "0",
+                             "--protected-mode", "yes"])
         client = redis.Redis(port=port, socket_connect_timeout=0.2)
 
         def pings() -> bool:

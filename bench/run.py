@@ -230,7 +230,10 @@ class Bench:
         assert self.redis is not None
         usage = Usage(self.procs, self.redis)
         sat = self.saturation(payloads.port, payloads, usage)
-        return {**load_summary(sat), "usage": usage.stop(len(sat.ok))}, sat
+        aof = self.redis.info("persistence")  # a rewrite's fork competes with what is measured
+        return {**load_summary(sat), "usage": usage.stop(len(sat.ok)),
+                "redis_aof": {k: aof.get(k) for k in ("aof_current_size", "aof_rewrites",
+                                                      "aof_rewrite_in_progress")}}, sat
 
     def bare_fastapi(self) -> dict[str, Any]:
         """Context, not a target: what FastAPI itself reaches under the same generator."""
