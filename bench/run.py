@@ -124,6 +124,7 @@ class Usage:
         self.procs, self.redis = procs, client
         self.started = 0.0
         self.cpu: dict[str, float] = {}
+        self.loadgen_cpu = 0.0  # the load generator runs in this process
         self.commands: dict[str, int] = {}
 
     def _commands(self) -> dict[str, int]:
@@ -133,7 +134,7 @@ class Usage:
     def start(self) -> Usage:
         self.started = time.monotonic()
         self.cpu = {name: cpu_seconds(self.procs.pid(name)) for name in self.procs.procs}
-        self.cpu[LOADGEN] = time.process_time()  # the load generator runs in this process
+        self.loadgen_cpu = time.process_time()
         self.commands = self._commands()
         return self
 
@@ -142,7 +143,7 @@ class Usage:
         wall = max(time.monotonic() - self.started, 1e-9)
         cpu = {name: round((cpu_seconds(self.procs.pid(name)) - before) / wall * 100, 1)
                for name, before in self.cpu.items() if name in self.procs.procs}
-        cpu[LOADGEN] = round((time.process_time() - self.cpu[LOADGEN]) / wall * 100, 1)
+        cpu[LOADGEN] = round((time.process_time() - self.loadgen_cpu) / wall * 100, 1)
         after = self._commands()
         delta = {k: v - self.commands.get(k, 0) for k, v in after.items()
                  if v - self.commands.get(k, 0) > 0}
@@ -230,8 +231,9 @@ class Bench:
         assert self.redis is not None
         usage = Usage(self.procs, self.redis)
         sat = self.saturation(payloads.port, payloads, usage)
+        used = usage.stop(len(sat.ok))
         aof = self.redis.info("persistence")  # a rewrite's fork competes with what is measured
-        return {**load_summary(sat), "usage": usage.stop(len(sat.ok)),
+        return {**load_summary(sat), "usage": used,
                 "redis_aof": {k: aof.get(k) for k in ("aof_current_size", "aof_rewrites",
                                                       "aof_rewrite_in_progress")}}, sat
 
