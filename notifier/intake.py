@@ -34,7 +34,7 @@ from notifier.ledger_accept import (
 from notifier.logs import log_lines
 from notifier.models import Event, Source
 from notifier.pipeline.routing import unknown_targets
-from notifier.schemas import AlertmanagerWebhook
+from notifier.schemas import WebhookFields
 from notifier.sources import alertmanager_kind
 
 log = logging.getLogger("notifier.intake")
@@ -77,7 +77,7 @@ class Intake:
                            receiver=receiver, dedup_key=dedup_key, idempotency_key=idem,
                            body_hash=body_hash(event) if idem else "")
 
-    def prepare_alertmanager(self, webhook: AlertmanagerWebhook, body: bytes, dedup_key: str) -> AcceptCall:
+    def prepare_alertmanager(self, webhook: WebhookFields, body: bytes, dedup_key: str) -> AcceptCall:
         """The accept call of a validated Alertmanager webhook, kept as its body (see
         notifier.ledger_accept.Stored).
         Nothing to check against the config: such an event names no recipients or channels."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,6 +39,35 @@ class AlertmanagerWebhook(BaseModel):
     externalURL: str = ""
     groupKey: str
     truncatedAlerts: int = Field(default=0, ge=0)
+
+
+class AlertFields(Protocol):
+    """What accepting a webhook reads of an alert (see WebhookFields)."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def labels(self) -> Mapping[str, str]: ...
+    @property
+    def fingerprint(self) -> str: ...
+
+
+class WebhookFields(Protocol):
+    """What accepting a webhook reads of it: an AlertmanagerWebhook, or the API's first-pass
+    decoding of the same body (notifier.api.first_pass), which has the same fields."""
+
+    @property
+    def version(self) -> str: ...
+    @property
+    def receiver(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def groupKey(self) -> str: ...
+    @property
+    def truncatedAlerts(self) -> int: ...
+    @property
+    def alerts(self) -> Sequence[AlertFields]: ...
 
 
 class EventIn(BaseModel):

@@ -10,7 +10,7 @@ import orjson
 
 from notifier.ledger_accept import EVENT_FIELD, WEBHOOK_FIELD
 from notifier.models import Alert, Event
-from notifier.schemas import AlertmanagerWebhook, EventIn
+from notifier.schemas import AlertmanagerWebhook, EventIn, WebhookFields
 
 SEVERITY_ORDER = ("critical", "error", "warning", "info", "none")
 
@@ -25,7 +25,7 @@ def _severity(payload: AlertmanagerWebhook) -> str:
     return next(iter(sorted(found - {""})), "warning")
 
 
-def alertmanager_kind(payload: AlertmanagerWebhook) -> str:
+def alertmanager_kind(payload: WebhookFields) -> str:
     return "alert" if payload.status == "firing" else "resolved"
 
 
@@ -54,7 +54,7 @@ def from_alertmanager(payload: AlertmanagerWebhook) -> Event:
     )
 
 
-def alertmanager_dedup_key(payload: AlertmanagerWebhook) -> str:
+def alertmanager_dedup_key(payload: WebhookFields) -> str:
     """Same group, same status, same alerts (fingerprint + status) -> same key.
 
     Alertmanager re-sends an identical body on retry and at repeat_interval; a changed set of

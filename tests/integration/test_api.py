@@ -85,6 +85,20 @@ def test_identical_resend_is_suppressed_and_points_at_the_original(client: TestC
     assert resolved["transaction_id"] != first["transaction_id"] and "suppressed" not in resolved
 
 
+def test_a_webhook_only_pydantic_accepts_is_accepted_and_dedups_with_its_strict_twin(
+        client: TestClient, redis_client: Any) -> None:
+    # truncatedAlerts as "1": the first-pass decoder refuses it (notifier.api.first_pass), the
+    # model accepts it. It must be stored as any webhook, and be the same group for dedup.
+    strict = fixture("alertmanager-critical-truncated.json")
+    lax = client.post("/v1/alertmanager", json={**strict, "truncatedAlerts": str(strict["truncatedAlerts"])})
+    assert lax.status_code == 200, lax.text
+    txid = lax.json()["transaction_id"]
+    assert client.get(f"/v1/transactions/{txid}").json()["event"]["truncated_alerts"] == 1
+    assert redis_client.llen(DISPATCH_QUEUE) == 1
+    again = client.post("/v1/alertmanager", json=strict).json()
+    assert again == {"transaction_id": txid, "suppressed": True}
+
+
 def test_changed_alert_set_is_a_new_notification(client: TestClient) -> None:
     body = fixture("alertmanager-critical-truncated.json")
     first = client.post("/v1/alertmanager", json=body).json()
