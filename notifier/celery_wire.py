@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import orjson
 
+from notifier.ids import random16
+
 _MARK = "\x00{}\x00"
 # Celery protocol 2 body: (args, kwargs, embed); what send_task serialises for a plain call.
 _BODY = '[[%s], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]'
@@ -68,7 +70,7 @@ class TaskMessages:
 
 def _uuid4() -> str:
     """A random (version 4) UUID string; uuid.uuid4() costs 8x this on the ingest hot path."""
-    raw = bytearray(os.urandom(16))
+    raw = bytearray(random16())
     raw[6] = (raw[6] & 0x0F) | 0x40
     raw[8] = (raw[8] & 0x3F) | 0x80
     h = raw.hex()

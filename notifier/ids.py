@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections import deque
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -16,6 +17,24 @@ _DIGIT_OF_BYTE = bytes(_ALPHABET[b & 31].encode()[0] for b in range(256))
 _PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
 _now: tuple[int, str] = (-1, "")  # (millisecond, its digits), replaced whole: thread-safe
 
+# Random bytes come from the OS's CSPRNG a pool at a time: a getrandom call per ID was a system
+# call per webhook on the ingest path. deque.popleft is atomic, so no two threads ever get the
+# same chunk; a forked child (Celery's prefork pool) drops the pool it inherited, or it would
+# repeat its parent's next IDs.
+_CHUNK, _CHUNKS_PER_DRAW = 16, 256
+_pool: deque[bytes] = deque()
+os.register_at_fork(after_in_child=_pool.clear)
+
+
+def random16() -> bytes:
+    """16 bytes from os.urandom, none ever handed out twice."""
+    while True:
+        try:
+            return _pool.popleft()
+        except IndexError:  # empty (or emptied by another thread since): draw more
+            block = os.urandom(_CHUNK * _CHUNKS_PER_DRAW)
+            _pool.extend([block[i:i + _CHUNK] for i in range(0, len(block), _CHUNK)])
+
 
 def ulid(now: float | None = None) -> str:
     global _now  # noqa: PLW0603 - a per-process cache of one value
@@ -24,7 +43,7 @@ def ulid(now: float | None = None) -> str:
     if millis != cached:
         digits = "".join([_PAIRS[(millis >> shift) & 0x3FF] for shift in (40, 30, 20, 10, 0)])
         _now = (millis, digits)
-    return digits + os.urandom(16).translate(_DIGIT_OF_BYTE).decode()
+    return digits + random16().translate(_DIGIT_OF_BYTE).decode()
 
 
 def new_transaction_id() -> str:

@@ -89,8 +89,8 @@ def tls_context(options: dict[str, Any]) -> ssl.SSLContext:
 
 
 class ScriptBatcher(Generic[Item, Result]):
-    """`run(item)`: the item's share of one script call that carries every item queued in the
-    same event-loop iteration (at most `max_items` per call; more make more calls, pipelined).
+    """`await run(item)`: the item's share of one script call that carries every item queued in
+    the same event-loop iteration (at most `max_items` per call; more make more calls, pipelined).
 
     `combine(items)` builds that call's (keys, args); `split(items, reply)` gives one result
     per item, in order. A failed call (Redis unreachable, hung past the socket timeout, an error reply)
@@ -112,7 +112,8 @@ class ScriptBatcher(Generic[Item, Result]):
         self.max_items = max_items
         self._loops: dict[asyncio.AbstractEventLoop, _PerLoop[Item, Result]] = {}  # test clients
 
-    async def run(self, item: Item) -> Result:
+    def run(self, item: Item) -> asyncio.Future[Result]:
+        """The item's result, to await (a plain future: no coroutine of its own per request)."""
         loop = asyncio.get_running_loop()
         here = self._loops.get(loop)
         if here is None:
@@ -124,7 +125,7 @@ class ScriptBatcher(Generic[Item, Result]):
             loop.call_soon(self._flush, here)
         elif len(here.queued) >= self.max_items:  # a full call: let Redis start on it now
             self._flush(here)
-        return await future
+        return future
 
     def _flush(self, here: _PerLoop[Item, Result]) -> None:
         queued, here.queued = here.queued, []

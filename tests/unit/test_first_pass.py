@@ -66,7 +66,7 @@ EDGES: dict[str, bytes] = {
     "truncatedAlerts in exponent form": _replace('"truncatedAlerts":0', '"truncatedAlerts":1e1'),
     "truncatedAlerts as a bool": _with(truncatedAlerts=True),
     "truncatedAlerts negative": _with(truncatedAlerts=-1),
-    "truncatedAlerts huge": _replace('"truncatedAlerts":0', '"truncatedAlerts":123456789012345678901234567890'),
+    "truncatedAlerts huge": _replace('"truncatedAlerts":0', '"truncatedAlerts":' + "9" * 30),
     "unknown status": _with(status="pending"),
     "status in other case": _with(status="Firing"),
     "no groupKey": json.dumps({k: v for k, v in json.loads(_firing()).items() if k != "groupKey"}).encode(),
