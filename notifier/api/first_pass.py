@@ -26,7 +26,8 @@ import msgspec
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-Decode = Callable[[bytes], Any]  # raises ValueError for a body it does not accept
+# Raises ValueError for a body it does not accept, RecursionError for one nested too deep.
+Decode = Callable[[bytes], Any]
 
 _BOUNDS: dict[type, str] = {annotated_types.MinLen: "min_length", annotated_types.MaxLen: "max_length",
                             annotated_types.Ge: "ge", annotated_types.Gt: "gt",

@@ -137,7 +137,9 @@ def _parse(spec: RouteSpec, body: bytes) -> Any:
     if spec.decoder is not None:
         try:
             return spec.decoder(body)
-        except ValueError:  # refused: the model decides (a lax form it accepts, or the error)
+        # Refused (or nested past its recursion limit): the model decides, accepting a lax form
+        # or answering the error.
+        except (ValueError, RecursionError):
             pass
     if not body.strip():
         raise BadBody(400, "request body is empty; expected JSON")

@@ -129,6 +129,8 @@ BAD_INPUTS = [
                                      "groupKey": "k", "alerts": []}).encode(), 422, "alerts"),
     ("/v1/alertmanager", json.dumps({**fixture("alertmanager-firing.json"), "status": "boom"}).encode(),
      422, "status"),
+    pytest.param("/v1/alertmanager", b'{"x":' + b"[" * 5000 + b"]" * 5000 + b"}", 400,
+                 "recursion limit", id="alertmanager-nested-5000-deep"),
     ("/v1/events", json.dumps({"severity": "critical"}).encode(), 422, "title"),
     ("/v1/events", json.dumps({"title": "t", "kind": "../../etc"}).encode(), 422, "kind"),
     ("/v1/events", json.dumps({"title": "t", "to": ["nobody"]}).encode(), 422, "nobody"),
