@@ -38,7 +38,9 @@ class AlertmanagerWebhook(BaseModel):
     commonAnnotations: dict[str, str] = Field(default_factory=dict)
     externalURL: str = ""
     groupKey: str
-    truncatedAlerts: int = Field(default=0, ge=0)
+    # Bounded so that it fits the dedup key's JSON (orjson: 64-bit integers); Alertmanager's
+    # is a uint64 count of alerts left out, never near the bound.
+    truncatedAlerts: int = Field(default=0, ge=0, le=2**63 - 1)
 
 
 class AlertFields(Protocol):

@@ -99,6 +99,17 @@ def test_a_webhook_only_pydantic_accepts_is_accepted_and_dedups_with_its_strict_
     assert again == {"transaction_id": txid, "suppressed": True}
 
 
+def test_a_webhook_with_fields_beyond_the_model_is_accepted_and_readable(client: TestClient) -> None:
+    # Undeclared fields skip the first pass (notifier.api.first_pass): pydantic accepts them.
+    body = fixture("alertmanager-firing.json")
+    body["futureField"] = {"nested": [1, None]}
+    body["alerts"][0]["silencedBy"] = ["abc"]
+    accepted = client.post("/v1/alertmanager", json=body)
+    assert accepted.status_code == 200, accepted.text
+    view = client.get(f"/v1/transactions/{accepted.json()['transaction_id']}")
+    assert view.status_code == 200 and view.json()["event"]["alerts"][0]["fingerprint"] == "cdb42a40decd3214"
+
+
 def test_changed_alert_set_is_a_new_notification(client: TestClient) -> None:
     body = fixture("alertmanager-critical-truncated.json")
     first = client.post("/v1/alertmanager", json=body).json()
@@ -120,6 +131,7 @@ def test_events_idempotency_key(client: TestClient) -> None:
     assert fresh.json()["transaction_id"] != first.json()["transaction_id"]
 
 
+FIRING_TAIL = json.dumps(fixture("alertmanager-firing.json")).encode()[1:]  # after its "{"
 BAD_INPUTS = [
     ("/v1/alertmanager", b"{not json", 400, "not valid JSON"),
     ("/v1/alertmanager", b"", 400, "empty"),
@@ -131,6 +143,13 @@ BAD_INPUTS = [
      422, "status"),
     pytest.param("/v1/alertmanager", b'{"x":' + b"[" * 5000 + b"]" * 5000 + b"}", 400,
                  "recursion limit", id="alertmanager-nested-5000-deep"),
+    # Undeclared fields pydantic refuses, which a decoder skipping them would have stored:
+    pytest.param("/v1/alertmanager", b'{"x":"\xff",' + FIRING_TAIL, 400, "not valid JSON",
+                 id="alertmanager-extra-field-invalid-utf8"),
+    pytest.param("/v1/alertmanager", b'{"x":' + b"[" * 300 + b"]" * 300 + b"," + FIRING_TAIL, 400,
+                 "recursion limit", id="alertmanager-extra-field-300-deep"),
+    ("/v1/alertmanager", json.dumps({**fixture("alertmanager-firing.json"),
+                                     "truncatedAlerts": 2**64}).encode(), 422, "truncatedAlerts"),
     ("/v1/events", json.dumps({"severity": "critical"}).encode(), 422, "title"),
     ("/v1/events", json.dumps({"title": "t", "kind": "../../etc"}).encode(), 422, "kind"),
     ("/v1/events", json.dumps({"title": "t", "to": ["nobody"]}).encode(), 422, "nobody"),

@@ -79,6 +79,13 @@ EDGES: dict[str, bytes] = {
     "extra fields, nested": _with(extra={"deep": [1, {"x": None}]}),
     "extra alert field": _alert_with(silenced=True),
     "deeply nested extra field": _replace('{"receiver"', '{"x":' + "[" * 5000 + "]" * 5000 + ',"receiver"'),
+    # What msgspec lets through when it skips a field pydantic checks (found in review):
+    "extra field, invalid utf-8": b'{"x":"\xff",' + _firing().encode()[1:],
+    "extra field, 4301-digit integer": b'{"x":1' + b"0" * 4300 + b"," + _firing().encode()[1:],
+    "extra field, 300 deep": b'{"x":' + b"[" * 300 + b"]" * 300 + b"," + _firing().encode()[1:],
+    "extra alert field, 250 deep": _replace('"status":"firing","labels"',
+                                            '"status":"firing","x":' + "[" * 250 + "]" * 250 + ',"labels"'),
+    "truncatedAlerts past 64 bits": _replace('"truncatedAlerts":0', '"truncatedAlerts":18446744073709551616'),
 }
 
 
@@ -110,10 +117,10 @@ def test_the_first_pass_accepts_only_what_the_model_accepts_and_reads_it_alike(b
     assert msgspec.to_builtins(decoded) == _declared(model)
 
 
-def test_lax_forms_are_left_to_the_model() -> None:
+def test_lax_forms_and_undeclared_fields_are_left_to_the_model() -> None:
     # The reason the model must still run after a refusal: these are valid webhooks to it.
     for name in ("truncatedAlerts as a float", "truncatedAlerts as a string",
-                 "duplicate key, last valid"):
+                 "duplicate key, last valid", "extra fields, nested", "extra alert field"):
         with pytest.raises(ValueError):
             DECODE(EDGES[name])
         AlertmanagerWebhook.model_validate_json(EDGES[name])
