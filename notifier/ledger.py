@@ -21,12 +21,14 @@ from notifier.ledger_accept import ScriptCall, accept_results
 from notifier.ledger_keys import DEADLETTERS, OPEN, OUTBOX, PREFIX, delivery_key, tx_key
 from notifier.ledger_rows import (
     Claim,
+    Unreadable,
     deliveries_from,
     delivery_from,
     entry,
     pairs,
     rolled_up,
     transaction_from,
+    transaction_or_unreadable,
 )
 from notifier.metrics import metric_field, metric_key
 from notifier.models import DeliveryStatus, TxStatus
@@ -79,16 +81,18 @@ class Ledger:
     def transaction(self, txid: str) -> TransactionRecord | None:
         return transaction_from(self.redis.hgetall(tx_key(txid)))
 
-    def transactions_and_deliveries(self, txids: Sequence[str]
-                                    ) -> list[tuple[TransactionRecord | None, list[DeliveryRecord]]]:
+    def transactions_and_deliveries(
+            self, txids: Sequence[str],
+    ) -> list[tuple[TransactionRecord | Unreadable | None, list[DeliveryRecord]]]:
         """Each transaction with its deliveries, all in one round trip (what the transactions of
-        one dispatch message start from)."""
+        one dispatch message start from); one that cannot be read comes back as Unreadable, so
+        that it does not hold back the others."""
         pipe = self.redis.pipeline(transaction=False)
         for txid in txids:
             pipe.hgetall(tx_key(txid))
             queue_script(pipe, scripts.DELIVERIES_OF, [f"{tx_key(txid)}:dl"], [])
         replies = pipe.execute()
-        return [(transaction_from(replies[i]), deliveries_from(replies[i + 1]))
+        return [(transaction_or_unreadable(replies[i]), deliveries_from(replies[i + 1]))
                 for i in range(0, len(replies), 2)]
 
     def finish(self, txid: str, status: TxStatus, close: Sequence[str] = ()) -> bool:

@@ -49,6 +49,22 @@ def transaction_from(raw: Fields) -> TransactionRecord | None:
     )
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A stored transaction that cannot be read back (its event no longer validates, a field is
+    missing or garbled): what went wrong, by name only."""
+
+    error: str
+
+
+def transaction_or_unreadable(raw: Fields) -> TransactionRecord | Unreadable | None:
+    """transaction_from, for a reader that must go on with the other transactions it reads."""
+    try:
+        return transaction_from(raw)
+    except (ValueError, KeyError, TypeError) as exc:  # ValueError: pydantic's, JSON, UTF-8
+        return Unreadable(type(exc).__name__)
+
+
 def delivery_from(raw: Fields) -> DeliveryRecord | None:
     return DeliveryRecord.from_redis(raw) if raw and b"transaction_id" in raw else None
 

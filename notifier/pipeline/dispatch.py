@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from notifier.channels.base import Channel
 from notifier.ledger import DeliveryRecord, FanOut, TransactionRecord
+from notifier.ledger_rows import Unreadable
 from notifier.models import DeliveryStatus, TxStatus
 from notifier.pipeline.batching import by_provider, provider_for
 from notifier.pipeline.deliver import Ready, prepare, send_prepared
@@ -139,7 +140,13 @@ def _fan_out(deps: PipelineDeps, txids: Sequence[str]) -> dict[str, _Fanned | st
     settled: list[str] = []  # off the outbox: nothing (more) to fan out
     writes: list[tuple[TransactionRecord, FanOut]] = []
     for txid, (tx, existing) in zip(txids, ledger.transactions_and_deliveries(txids), strict=True):
-        if tx is None or TxStatus(tx.status).terminal:
+        if isinstance(tx, Unreadable):
+            # It fails on its own, as a dead letter; the rest of its message still goes out.
+            ledger.log(txid, "unreadable", detail=f"its stored event cannot be read ({tx.error})")
+            ledger.finish(txid, TxStatus.FAILED)
+            ready[txid] = "unreadable"
+            settled.append(txid)
+        elif tx is None or TxStatus(tx.status).terminal:
             ready[txid] = "missing" if tx is None else "done"
             settled.append(txid)
         elif existing:

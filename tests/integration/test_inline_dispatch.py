@@ -4,6 +4,7 @@ does after a worker died mid-send (real processes, SIGKILL), and the reaper's re
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -206,6 +207,28 @@ def test_one_message_for_a_batch_sends_each_event_once(make_fleet: MakeFleet,
     # the ack was lost: the same message again sends nothing more
     assert dispatch_all(fleet.deps, named, inline_token("task-1")) == ["done", "done", "missing"]
     assert len(sms_fake.messages) == 2
+
+
+def test_an_unreadable_event_fails_alone_and_the_rest_of_its_message_goes_out(
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> None:
+    # Stored events are validated when accepted, so this takes a change of schema or a damaged
+    # row; whatever the cause, the other events of the message must still be sent.
+    fleet = make_fleet(config(sms_fake))
+    _, named = accept_together(fleet, "A", "B", "C")
+    fleet.redis.hset(f"ntf:tx:{named[1]}", "event", '{"kind": "alert", "title": 7')
+    outcomes = dispatch_all(fleet.deps, named, inline_token("task-1"))
+    assert outcomes == ["dispatched", "unreadable", "dispatched"]
+    ledger = fleet.deps.ledger
+    assert [ledger.transaction(t).status for t in (named[0], named[2])] == ["delivered"] * 2  # type: ignore[union-attr]
+    assert len(sms_fake.messages) == 2
+    assert [t for t, _ in ledger.dead_letters()] == [named[1]]
+    unreadable = fleet.redis.hget(f"ntf:tx:{named[1]}", "status")
+    assert unreadable == b"failed"
+    history = [json.loads(line) for line in fleet.redis.lrange(f"ntf:tx:{named[1]}:log", 0, -1)]
+    assert any(h["event"] == "unreadable" and "JSONDecodeError" in h["detail"] for h in history)
+    # Its message again (the ack was lost): nothing is sent twice, the failure stays.
+    assert dispatch_all(fleet.deps, named, inline_token("task-1")) == ["done", "unreadable", "done"]
+    assert len(sms_fake.messages) == 2 and len(ledger.dead_letters()) == 1
 
 
 def test_a_batch_past_its_time_budget_requeues_the_rest_as_one_message(
