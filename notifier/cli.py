@@ -31,7 +31,7 @@ from notifier.errors import NotifierError
 from notifier.ledger import Ledger
 from notifier.logs import configure_logging
 from notifier.models import Source, TxStatus
-from notifier.operations import BreakerControl, replay_dead_letter
+from notifier.operations import BreakerControl, Unreplayable, replay_dead_letter
 from notifier.periodic import periodic_jobs
 from notifier.pipeline.reaper import reap
 from notifier.redis_conn import connect
@@ -166,7 +166,11 @@ def cmd_deadletters(args: argparse.Namespace, settings: Settings) -> int:
     client = _redis(settings)
     ledger = Ledger(client, settings.retention)
     if args.action == "replay":
-        new = replay_dead_letter(ledger, intake_for(settings), args.txid)
+        try:
+            new = replay_dead_letter(ledger, intake_for(settings), args.txid)
+        except Unreplayable as exc:
+            print(exc, file=sys.stderr)
+            return 1
         if new is None:
             print(f"{args.txid!r} is not a dead letter", file=sys.stderr)
             return 1

@@ -81,6 +81,10 @@ class Ledger:
     def transaction(self, txid: str) -> TransactionRecord | None:
         return transaction_from(self.redis.hgetall(tx_key(txid)))
 
+    def transaction_or_unreadable(self, txid: str) -> TransactionRecord | Unreadable | None:
+        """The transaction, or what is legible of it when it cannot be read (see ledger_rows)."""
+        return transaction_or_unreadable(self.redis.hgetall(tx_key(txid)))
+
     def transactions_and_deliveries(
             self, txids: Sequence[str],
     ) -> list[tuple[TransactionRecord | Unreadable | None, list[DeliveryRecord]]]:

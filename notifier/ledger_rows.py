@@ -52,17 +52,31 @@ def transaction_from(raw: Fields) -> TransactionRecord | None:
 @dataclass(frozen=True)
 class Unreadable:
     """A stored transaction that cannot be read back (its event no longer validates, a field is
-    missing or garbled): what went wrong, by name only."""
+    missing or garbled): what went wrong, by name only, and its status and source as far as
+    they are legible."""
 
     error: str
+    status: str
+    source: str
+
+    @property
+    def detail(self) -> str:
+        return f"its stored event cannot be read ({self.error})"
 
 
 def transaction_or_unreadable(raw: Fields) -> TransactionRecord | Unreadable | None:
-    """transaction_from, for a reader that must go on with the other transactions it reads."""
+    """transaction_from, for a reader that must go on with the other transactions it reads, or
+    show the damaged one."""
     try:
         return transaction_from(raw)
     except (ValueError, KeyError, TypeError) as exc:  # ValueError: pydantic's, JSON, UTF-8
-        return Unreadable(type(exc).__name__)
+        legible = {_legible(k): _legible(v) for k, v in raw.items()}
+        return Unreadable(type(exc).__name__, legible.get("status") or "unknown",
+                          legible.get("source") or "unknown")
+
+
+def _legible(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def delivery_from(raw: Fields) -> DeliveryRecord | None:

@@ -6,8 +6,10 @@ import redis
 
 from notifier.breaker import BreakerStatus, FleetBreaker, list_breakers
 from notifier.config import Settings
+from notifier.errors import NotifierError
 from notifier.intake import Intake
 from notifier.ledger import Ledger
+from notifier.ledger_rows import Unreadable
 from notifier.models import Source
 
 
@@ -39,9 +41,15 @@ class BreakerControl:
         return breaker.status()
 
 
+class Unreplayable(NotifierError):
+    """A dead letter whose stored event cannot be read: there is nothing to send again."""
+
+
 def replay_dead_letter(ledger: Ledger, intake: Intake, txid: str) -> str | None:
     """Send a failed transaction's event again as a new transaction linked to the old one."""
-    tx = ledger.transaction(txid)
+    tx = ledger.transaction_or_unreadable(txid)
+    if isinstance(tx, Unreadable):  # checked before the dead letter is taken off its list
+        raise Unreplayable(f"{txid} cannot be replayed: {tx.detail}")
     if tx is None or not ledger.clear_dead_letter(txid):
         return None
     accepted = intake.submit(tx.event, Source.REPLAY, receiver=tx.receiver)

@@ -13,9 +13,11 @@ def _clock(ts: float | None) -> str:
 
 
 def render_timeline(view: dict[str, Any]) -> str:
+    event = view["event"]
     lines = [
         f"transaction {view['transaction_id']}  status: {view['status']}  source: {view['source']}",
-        f"  event: [{view['event']['kind']}/{view['event']['severity']}] {view['event']['title']}",
+        f"  event: [{event['kind']}/{event['severity']}] {event['title']}" if event is not None
+        else f"  event: {view['event_error']}",
         f"  accepted {_clock(view['created_at'])}  finished {_clock(view['finished_at'])}"
         + (f"  duplicates suppressed: {view['suppressed_duplicates']}"
            if view["suppressed_duplicates"] else ""),

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, Field
 
 from notifier.api.state import ApiState
-from notifier.operations import BreakerControl, replay_dead_letter
+from notifier.operations import BreakerControl, Unreplayable, replay_dead_letter
 
 Auth = Callable[..., None]
 
@@ -42,7 +42,10 @@ def operations_router(state: ApiState, auth: Auth, _callback_auth: Auth) -> APIR
 
     @router.post("/v1/deadletters/{txid}/replay", status_code=202)
     def replay(txid: str) -> dict[str, str]:
-        new_txid = replay_dead_letter(state.ledger, state.intake, txid)
+        try:
+            new_txid = replay_dead_letter(state.ledger, state.intake, txid)
+        except Unreplayable as exc:
+            raise HTTPException(409, str(exc)) from None
         if new_txid is None:
             raise HTTPException(404, f"{txid!r} is not a dead letter")
         return {"transaction_id": new_txid, "replay_of": txid}

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from notifier.ledger import Ledger
+from notifier.ledger import Ledger, TransactionRecord
+from notifier.ledger_rows import Unreadable
 
 
 def transaction_view(ledger: Ledger, txid: str) -> dict[str, Any] | None:
-    tx = ledger.transaction(txid)
+    tx = ledger.transaction_or_unreadable(txid)
     if tx is None:
         return None
     deliveries = ledger.deliveries(txid)
     attempts = ledger.attempts_of(d.id for d in deliveries)
     return {
-        "transaction_id": tx.id,
-        "status": tx.status,
-        "source": tx.source,
-        "receiver": tx.receiver or None,
-        "created_at": tx.created_at,
-        "updated_at": tx.updated_at,
-        "finished_at": tx.finished_at,
-        "suppressed_duplicates": tx.suppressed_count,
-        "event": tx.event.to_json(),
+        **(_unreadable(txid, tx) if isinstance(tx, Unreadable) else _readable(tx)),
         "deliveries": [
             {
                 "delivery_id": d.id,
@@ -51,3 +44,25 @@ def transaction_view(ledger: Ledger, txid: str) -> dict[str, Any] | None:
         ],
         "history": ledger.history(txid),
     }
+
+
+def _readable(tx: TransactionRecord) -> dict[str, Any]:
+    return {
+        "transaction_id": tx.id,
+        "status": tx.status,
+        "source": tx.source,
+        "receiver": tx.receiver or None,
+        "created_at": tx.created_at,
+        "updated_at": tx.updated_at,
+        "finished_at": tx.finished_at,
+        "suppressed_duplicates": tx.suppressed_count,
+        "event": tx.event.to_json(),
+    }
+
+
+def _unreadable(txid: str, tx: Unreadable) -> dict[str, Any]:
+    # Damaged, or stored by a version whose schema this one no longer reads: show what it is
+    # (its deliveries and history follow as usual) rather than fail the whole view.
+    return {"transaction_id": txid, "status": tx.status, "source": tx.source, "receiver": None,
+            "created_at": None, "updated_at": None, "finished_at": None,
+            "suppressed_duplicates": 0, "event": None, "event_error": tx.detail}

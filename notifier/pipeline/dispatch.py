@@ -142,7 +142,7 @@ def _fan_out(deps: PipelineDeps, txids: Sequence[str]) -> dict[str, _Fanned | st
     for txid, (tx, existing) in zip(txids, ledger.transactions_and_deliveries(txids), strict=True):
         if isinstance(tx, Unreadable):
             # It fails on its own, as a dead letter; the rest of its message still goes out.
-            ledger.log(txid, "unreadable", detail=f"its stored event cannot be read ({tx.error})")
+            ledger.log(txid, "unreadable", detail=tx.detail)
             ledger.finish(txid, TxStatus.FAILED)
             ready[txid] = "unreadable"
             settled.append(txid)

@@ -110,6 +110,23 @@ def test_a_webhook_with_fields_beyond_the_model_is_accepted_and_readable(client:
     assert view.status_code == 200 and view.json()["event"]["alerts"][0]["fingerprint"] == "cdb42a40decd3214"
 
 
+def test_a_damaged_transaction_is_shown_not_a_500_and_is_not_replayed(client: TestClient,
+                                                                       redis_client: Any) -> None:
+    # Damage, or a stored body a later schema no longer reads: dispatch fails it as a dead letter
+    # (tests/integration/test_inline_dispatch.py); the operator must still see it.
+    txid = client.post("/v1/alertmanager", json=fixture("alertmanager-firing.json")).json()["transaction_id"]
+    redis_client.hset(f"ntf:tx:{txid}", mapping={"webhook": b'{"receiver": "\xff', "status": "failed"})
+    redis_client.zadd("ntf:deadletters", {txid: time.time()})
+    view = client.get(f"/v1/transactions/{txid}")
+    assert view.status_code == 200, view.text
+    assert view.json()["event"] is None and view.json()["status"] == "failed"
+    assert "cannot be read" in view.json()["event_error"] and view.json()["source"] == "alertmanager"
+    replay = client.post(f"/v1/deadletters/{txid}/replay")
+    assert replay.status_code == 409 and "cannot be read" in replay.text
+    listed = client.get("/v1/deadletters").json()
+    assert [d["transaction_id"] for d in listed] == [txid]  # still there for the operator
+
+
 def test_changed_alert_set_is_a_new_notification(client: TestClient) -> None:
     body = fixture("alertmanager-critical-truncated.json")
     first = client.post("/v1/alertmanager", json=body).json()

@@ -14,11 +14,14 @@ from typing import Any
 import pytest
 from darabonba.core import DaraCore
 
+from notifier.api.views import transaction_view
 from notifier.channels.sms_aliyun import AliyunSms
 from notifier.models import Event, Outgoing, Rendered, Source
+from notifier.operations import Unreplayable, replay_dead_letter
 from notifier.pipeline.dispatch import dispatch, dispatch_all, inline_token
 from notifier.pipeline.reaper import reap
 from notifier.tasks_spec import DELIVER, DISPATCH
+from notifier.timeline import render_timeline
 from tests.fakes.dysmsapi import FakeDysmsapi
 from tests.integration.conftest import SMS_ENV, MakeFleet
 from tests.support.inline import InlineFleet
@@ -229,6 +232,13 @@ def test_an_unreadable_event_fails_alone_and_the_rest_of_its_message_goes_out(
     # Its message again (the ack was lost): nothing is sent twice, the failure stays.
     assert dispatch_all(fleet.deps, named, inline_token("task-1")) == ["done", "unreadable", "done"]
     assert len(sms_fake.messages) == 2 and len(ledger.dead_letters()) == 1
+    # `notifier status` shows it; replaying it is refused and leaves the dead letter in place.
+    view = transaction_view(ledger, named[1])
+    assert view is not None and view["event"] is None and view["status"] == "failed"
+    assert "event: its stored event cannot be read (JSONDecodeError)" in render_timeline(view)
+    with pytest.raises(Unreplayable, match="cannot be read"):
+        replay_dead_letter(ledger, fleet.intake, named[1])
+    assert [t for t, _ in ledger.dead_letters()] == [named[1]]
 
 
 def test_a_batch_past_its_time_budget_requeues_the_rest_as_one_message(
