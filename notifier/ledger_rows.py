@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 from notifier.models import TxStatus
 from notifier.records import ClaimResult, DeliveryRecord, Fields, TransactionRecord, text
 from notifier.sources import stored_event
+
+log = logging.getLogger("notifier.ledger")
 
 
 @dataclass(frozen=True)
@@ -64,13 +67,24 @@ class Unreadable:
         return f"its stored event cannot be read ({self.error})"
 
 
+# What reading a damaged or foreign row can raise: pydantic's and JSON's ValueErrors, UTF-8, a
+# missing field, a field of the wrong shape, JSON nested past the recursion limit.
+UNREADABLE_ERRORS = (ValueError, LookupError, TypeError, AttributeError, RecursionError)
+
+
 def transaction_or_unreadable(raw: Fields) -> TransactionRecord | Unreadable | None:
     """transaction_from, for a reader that must go on with the other transactions it reads, or
-    show the damaged one."""
+    show the damaged one. Each one is logged with its traceback: the cause may as well be a bug
+    in reading as damage, and the log says which."""
     try:
-        return transaction_from(raw)
-    except (ValueError, KeyError, TypeError) as exc:  # ValueError: pydantic's, JSON, UTF-8
+        tx = transaction_from(raw)
+        if tx is not None:
+            TxStatus(tx.status)  # a garbled status is as unreadable as a garbled event
+        return tx
+    except UNREADABLE_ERRORS as exc:
         legible = {_legible(k): _legible(v) for k, v in raw.items()}
+        log.error("transaction %s cannot be read", legible.get("id", "?"), exc_info=True,
+                  extra={"transaction_id": legible.get("id")})
         return Unreadable(type(exc).__name__, legible.get("status") or "unknown",
                           legible.get("source") or "unknown")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from notifier.ledger import Ledger, TransactionRecord
-from notifier.ledger_rows import Unreadable
+from notifier.ledger_rows import UNREADABLE_ERRORS, Unreadable
 
 
 def transaction_view(ledger: Ledger, txid: str) -> dict[str, Any] | None:
@@ -42,7 +42,7 @@ def transaction_view(ledger: Ledger, txid: str) -> dict[str, Any] | None:
             }
             for d in deliveries
         ],
-        "history": ledger.history(txid),
+        "history": _history(ledger, txid, tx),
     }
 
 
@@ -66,3 +66,12 @@ def _unreadable(txid: str, tx: Unreadable) -> dict[str, Any]:
     return {"transaction_id": txid, "status": tx.status, "source": tx.source, "receiver": None,
             "created_at": None, "updated_at": None, "finished_at": None,
             "suppressed_duplicates": 0, "event": None, "event_error": tx.detail}
+
+
+def _history(ledger: Ledger, txid: str, tx: TransactionRecord | Unreadable) -> list[dict[str, Any]]:
+    try:
+        return ledger.history(txid)
+    except UNREADABLE_ERRORS:
+        if not isinstance(tx, Unreadable):
+            raise
+        return []  # the row's own fields are damaged too: nothing legible to show

@@ -133,6 +133,10 @@ def dispatch(deps: PipelineDeps, txid: str, token: str | None = None,
     return dispatch_all(deps, [txid], token, may_inline)[0]
 
 
+def _terminal(status: str) -> bool:
+    return status in TxStatus.__members__.values() and TxStatus(status).terminal
+
+
 def _fan_out(deps: PipelineDeps, txids: Sequence[str]) -> dict[str, _Fanned | str]:
     """Each transaction fanned out, or what it came to instead (missing, done, no route)."""
     ledger = deps.ledger
@@ -141,9 +145,12 @@ def _fan_out(deps: PipelineDeps, txids: Sequence[str]) -> dict[str, _Fanned | st
     writes: list[tuple[TransactionRecord, FanOut]] = []
     for txid, (tx, existing) in zip(txids, ledger.transactions_and_deliveries(txids), strict=True):
         if isinstance(tx, Unreadable):
-            # It fails on its own, as a dead letter; the rest of its message still goes out.
-            ledger.log(txid, "unreadable", detail=tx.detail)
-            ledger.finish(txid, TxStatus.FAILED)
+            # The rest of its message still goes out. Not fanned out yet: it fails on its own,
+            # as a dead letter. Fanned out or finished before it became unreadable: its status
+            # is left as it is (its deliveries may well have been sent).
+            if not existing and not _terminal(tx.status):
+                ledger.log(txid, "unreadable", detail=tx.detail)
+                ledger.finish(txid, TxStatus.FAILED)
             ready[txid] = "unreadable"
             settled.append(txid)
         elif tx is None or TxStatus(tx.status).terminal:

@@ -212,33 +212,65 @@ def test_one_message_for_a_batch_sends_each_event_once(make_fleet: MakeFleet,
     assert len(sms_fake.messages) == 2
 
 
+# Ways a stored transaction can become unreadable (a damaged row, a schema that moved on), and
+# what reading it raises.
+DAMAGE = {
+    "JSONDecodeError": {"event": '{"kind": "alert", "title": 7'},
+    "AttributeError": {"event": json.dumps({"kind": "alert", "title": "t", "labels": []})},
+    "RecursionError": {"event": "[" * 100_000},
+    "ValueError": {"status": "garbled"},
+}
+
+
+@pytest.mark.parametrize("error", list(DAMAGE))
 def test_an_unreadable_event_fails_alone_and_the_rest_of_its_message_goes_out(
-        make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> None:
-    # Stored events are validated when accepted, so this takes a change of schema or a damaged
-    # row; whatever the cause, the other events of the message must still be sent.
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi, error: str) -> None:
+    # Stored events are validated when accepted, so this takes a damaged row or a change of
+    # schema; whatever the cause, the other events of the message must still be sent.
     fleet = make_fleet(config(sms_fake))
     _, named = accept_together(fleet, "A", "B", "C")
-    fleet.redis.hset(f"ntf:tx:{named[1]}", "event", '{"kind": "alert", "title": 7')
+    fleet.redis.hset(f"ntf:tx:{named[1]}", mapping=DAMAGE[error])
     outcomes = dispatch_all(fleet.deps, named, inline_token("task-1"))
     assert outcomes == ["dispatched", "unreadable", "dispatched"]
     ledger = fleet.deps.ledger
     assert [ledger.transaction(t).status for t in (named[0], named[2])] == ["delivered"] * 2  # type: ignore[union-attr]
     assert len(sms_fake.messages) == 2
     assert [t for t, _ in ledger.dead_letters()] == [named[1]]
-    unreadable = fleet.redis.hget(f"ntf:tx:{named[1]}", "status")
-    assert unreadable == b"failed"
+    assert fleet.redis.hget(f"ntf:tx:{named[1]}", "status") == b"failed"
+    assert fleet.redis.zscore("ntf:outbox", named[1]) is None  # the sweep will not resend it
     history = [json.loads(line) for line in fleet.redis.lrange(f"ntf:tx:{named[1]}:log", 0, -1)]
-    assert any(h["event"] == "unreadable" and "JSONDecodeError" in h["detail"] for h in history)
-    # Its message again (the ack was lost): nothing is sent twice, the failure stays.
-    assert dispatch_all(fleet.deps, named, inline_token("task-1")) == ["done", "unreadable", "done"]
+    assert [h["detail"] for h in history if h["event"] == "unreadable"] == [
+        f"its stored event cannot be read ({error})"]
+    # Its message again (the ack was lost): nothing is sent or written twice. (A garbled status
+    # was overwritten by "failed": that transaction reads again, as done.)
+    again = "done" if error == "ValueError" else "unreadable"
+    assert dispatch_all(fleet.deps, named, inline_token("task-1")) == ["done", again, "done"]
     assert len(sms_fake.messages) == 2 and len(ledger.dead_letters()) == 1
+    assert fleet.redis.llen(f"ntf:tx:{named[1]}:log") == len(history)
+    if error == "ValueError":
+        return
     # `notifier status` shows it; replaying it is refused and leaves the dead letter in place.
     view = transaction_view(ledger, named[1])
     assert view is not None and view["event"] is None and view["status"] == "failed"
-    assert "event: its stored event cannot be read (JSONDecodeError)" in render_timeline(view)
+    assert f"event: its stored event cannot be read ({error})" in render_timeline(view)
     with pytest.raises(Unreplayable, match="cannot be read"):
         replay_dead_letter(ledger, fleet.intake, named[1])
     assert [t for t, _ in ledger.dead_letters()] == [named[1]]
+
+
+def test_a_transaction_unreadable_after_its_send_keeps_its_status(make_fleet: MakeFleet,
+                                                                  sms_fake: FakeDysmsapi) -> None:
+    # Delivered, then damaged: a redelivered message must not turn it into a failure.
+    fleet = make_fleet(config(sms_fake))
+    _, named = accept_together(fleet, "A", "B")
+    assert dispatch_all(fleet.deps, named, inline_token("task-1")) == ["dispatched", "dispatched"]
+    fleet.redis.hset(f"ntf:tx:{named[0]}", "event", "{")
+    assert dispatch_all(fleet.deps, named, inline_token("task-1")) == ["unreadable", "done"]
+    assert fleet.redis.hget(f"ntf:tx:{named[0]}", "status") == b"delivered"
+    assert fleet.deps.ledger.dead_letters() == [] and len(sms_fake.messages) == 2
+    fleet.redis.hset(f"ntf:tx:{named[0]}", "created_at", "garbled")  # the row itself, too
+    view = transaction_view(fleet.deps.ledger, named[0])
+    assert view is not None and view["status"] == "delivered" and view["history"] == []
 
 
 def test_a_batch_past_its_time_budget_requeues_the_rest_as_one_message(
