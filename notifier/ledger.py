@@ -240,7 +240,7 @@ class Ledger:
         result = ClaimResult(text(reply[0]))
         if len(reply) < 3:
             return Claim(result)
-        return Claim(result, delivery_from(pairs(reply[1])), transaction_from(pairs(reply[2])))
+        return Claim(result, delivery_from(pairs(reply[1])), transaction_or_unreadable(pairs(reply[2])))
 
     def update(self, did: str, *, into: Pipeline | None = None,
                **changes: str | float | int | list[str] | None) -> None:

@@ -22,7 +22,7 @@ class Claim:
 
     result: ClaimResult
     delivery: DeliveryRecord | None = None
-    transaction: TransactionRecord | None = None
+    transaction: TransactionRecord | Unreadable | None = None
 
 
 def entry(at: float, what: str, detail: Mapping[str, str]) -> str:

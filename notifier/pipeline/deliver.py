@@ -20,6 +20,7 @@ from notifier.config import AliyunSmsProvider, ChannelConfig
 from notifier.errors import CircuitOpen, DeliveryError, MaybeSentError, PermanentError
 from notifier.ids import batch_out_id
 from notifier.ledger import ClaimResult, DeliveryRecord, TransactionRecord
+from notifier.ledger_rows import Unreadable
 from notifier.models import Event, Outgoing, Receipt, Rendered
 from notifier.pipeline.batching import by_request
 from notifier.pipeline.deps import PipelineDeps
@@ -96,10 +97,16 @@ def prepare(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | No
         return result.value
     if result is not ClaimResult.CLAIMED and result is not ClaimResult.RECLAIMED:
         return result.value
-    tx = tx or claim.transaction
+    tx_or_unreadable = tx or claim.transaction
     outcomes = Outcomes(deps)
-    if rec is None or tx is None:
+    if rec is None or tx_or_unreadable is None:
         return "missing"
+    if isinstance(tx_or_unreadable, Unreadable):
+        # Became unreadable after its deliveries were queued (damage, a schema that moved on):
+        # no message can be built from it, on this channel or any other, as with a broken
+        # template; this ends the delivery instead of failing every attempt until retention.
+        return outcomes.fall_back(rec, "unreadable", tx_or_unreadable.detail)
+    tx = tx_or_unreadable
     if not rec.address:
         return outcomes.fall_back(rec, "no_address")
     providers = deps.providers[rec.channel]
@@ -256,8 +263,8 @@ def _digest_events(deps: PipelineDeps, rec: DeliveryRecord) -> tuple[Event, ...]
         if member is None or member.transaction_id in seen:
             continue
         seen.add(member.transaction_id)
-        member_tx = deps.ledger.transaction(member.transaction_id)
-        if member_tx is not None:
+        member_tx = deps.ledger.transaction_or_unreadable(member.transaction_id)
+        if isinstance(member_tx, TransactionRecord):  # an unreadable one: the digest goes without
             events.append(member_tx.event)
     return tuple(events)
 

@@ -16,8 +16,10 @@ from darabonba.core import DaraCore
 
 from notifier.api.views import transaction_view
 from notifier.channels.sms_aliyun import AliyunSms
+from notifier.ledger import DeliveryRecord
 from notifier.models import Event, Outgoing, Rendered, Source
 from notifier.operations import Unreplayable, replay_dead_letter
+from notifier.pipeline.deliver import _digest_events
 from notifier.pipeline.dispatch import dispatch, dispatch_all, inline_token
 from notifier.pipeline.reaper import reap
 from notifier.tasks_spec import DELIVER, DISPATCH
@@ -271,6 +273,37 @@ def test_a_transaction_unreadable_after_its_send_keeps_its_status(make_fleet: Ma
     fleet.redis.hset(f"ntf:tx:{named[0]}", "created_at", "garbled")  # the row itself, too
     view = transaction_view(fleet.deps.ledger, named[0])
     assert view is not None and view["status"] == "delivered" and view["history"] == []
+
+
+def test_a_delivery_queued_before_its_transaction_became_unreadable_fails_once(
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> None:
+    # Fanned out by one version, its deliver task run by one that cannot read it (or damage in
+    # between): the delivery must end, not fail at every attempt until retention.
+    fleet = make_fleet(config(sms_fake))
+    txid = accept(fleet)
+    assert dispatch(fleet.deps, txid) == "dispatched"  # no token: the delivery is queued
+    assert [t for t, _, _ in fleet.publisher.tasks] == [DELIVER]
+    fleet.redis.hset(f"ntf:tx:{txid}", "event", "{")
+    fleet.drain()
+    (delivery,) = fleet.deps.ledger.deliveries(txid)
+    assert delivery.status == "failed" and "cannot be read (JSONDecodeError)" in delivery.reason
+    assert sms_fake.messages == [] and fleet.publisher.tasks == []
+    assert fleet.redis.hget(f"ntf:tx:{txid}", "status") == b"failed"
+    assert [t for t, _ in fleet.deps.ledger.dead_letters()] == [txid]
+    assert fleet.redis.zcard("ntf:open") == 0  # nothing left for the reaper to requeue
+
+
+def test_a_digest_goes_without_a_member_that_became_unreadable(make_fleet: MakeFleet,
+                                                               sms_fake: FakeDysmsapi) -> None:
+    fleet = make_fleet(config(sms_fake))
+    _, named = accept_together(fleet, "A", "B")
+    dispatch_all(fleet.deps, named, None)
+    members = [fleet.deps.ledger.deliveries(t)[0].id for t in named]
+    fleet.redis.hset(f"ntf:tx:{named[1]}", "event", "{")
+    digest = DeliveryRecord(id=f"{named[0]}.dg-1", transaction_id=named[0], channel="sms",
+                            recipient="alice", address="+8613800138000", kind="digest",
+                            digest_of=members)
+    assert [e.title for e in _digest_events(fleet.deps, digest)] == ["A"]
 
 
 def test_a_batch_past_its_time_budget_requeues_the_rest_as_one_message(
