@@ -127,7 +127,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     ledger = Ledger(_redis(settings), settings.retention)
     deadline = time.monotonic() + args.wait
     view = transaction_view(ledger, args.txid)
-    while view is not None and not _finished(view["status"]) and time.monotonic() < deadline:
+    while view is not None and not _finished(TxStatus.of(view["status"])) and time.monotonic() < deadline:
         time.sleep(0.2)
         view = transaction_view(ledger, args.txid)
     if view is None:
@@ -137,9 +137,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _finished(status: str) -> bool:
-    """Nothing more to wait for: a terminal status, or one this version cannot read."""
-    return status not in TxStatus.__members__.values() or TxStatus(status).terminal
+def _finished(status: TxStatus | None) -> bool:
+    """Nothing more to wait for: a terminal status, or one this version cannot read (None)."""
+    return status is None or status.terminal
 
 
 def cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:

@@ -28,6 +28,12 @@ class TxStatus(StrEnum):
     def terminal(self) -> bool:
         return self in _TX_TERMINAL
 
+    @classmethod
+    def of(cls, status: str) -> TxStatus | None:
+        """The status a stored string names; None for one this version does not know (a
+        damaged row, or a status a later version added)."""
+        return cls(status) if status in cls.__members__.values() else None
+
 
 _TX_TERMINAL = frozenset({TxStatus.DELIVERED, TxStatus.PARTIAL, TxStatus.FAILED, TxStatus.SUPPRESSED})
 

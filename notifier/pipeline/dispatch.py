@@ -41,10 +41,10 @@ from notifier.tasks_spec import DELIVER, DISPATCH, DISPATCH_QUEUE, deliver_queue
 # Statuses in which a re-run dispatch takes its inline delivery up again (the claim decides
 # whether this run may send it); any other state has an owner already (a timer, a receipt).
 _RESUMABLE = (DeliveryStatus.QUEUED, DeliveryStatus.SENDING)
-# A dispatch message names up to ledger_accept.EVENTS_PER_TASK transactions (one per event the API accepted in
-# the same moment). Past this many seconds on one message, the rest go back on the queue as a
-# new message, so a task never nears its time limit (celeryconfig: 60 s) however slow the
-# provider, and idle workers share the remainder.
+# A dispatch message names up to ledger_accept.EVENTS_PER_TASK transactions (one per event the
+# API accepted in the same moment). Past this many seconds on one message, the rest go back on
+# the queue as a new message, so a task never nears its time limit (celeryconfig: 60 s) however
+# slow the provider, and idle workers share the remainder.
 BATCH_BUDGET = 10.0
 
 
@@ -133,10 +133,6 @@ def dispatch(deps: PipelineDeps, txid: str, token: str | None = None,
     return dispatch_all(deps, [txid], token, may_inline)[0]
 
 
-def _terminal(status: str) -> bool:
-    return status in TxStatus.__members__.values() and TxStatus(status).terminal
-
-
 def _fan_out(deps: PipelineDeps, txids: Sequence[str]) -> dict[str, _Fanned | str]:
     """Each transaction fanned out, or what it came to instead (missing, done, no route)."""
     ledger = deps.ledger
@@ -148,7 +144,8 @@ def _fan_out(deps: PipelineDeps, txids: Sequence[str]) -> dict[str, _Fanned | st
             # The rest of its message still goes out. Not fanned out yet: it fails on its own,
             # as a dead letter. Fanned out or finished before it became unreadable: its status
             # is left as it is (its deliveries may well have been sent).
-            if not existing and not _terminal(tx.status):
+            known = TxStatus.of(tx.status)
+            if not existing and not (known is not None and known.terminal):
                 ledger.log(txid, "unreadable", detail=tx.detail)
                 ledger.finish(txid, TxStatus.FAILED)
             ready[txid] = "unreadable"
