@@ -80,15 +80,18 @@ class _Strict(BaseModel):
 
 
 class RateLimit(_Strict):
-    """A token bucket: `rate` tokens refill every `per`; at most `burst` banked."""
+    """A token bucket: `rate` tokens refill every `per`; at most `burst` banked (by default
+    `rate`, and never less than one message)."""
 
     rate: float = Field(gt=0)
     per: Duration = 1.0
-    burst: float | None = Field(default=None, gt=0)
+    # A bucket that banks less than one token can never send a message (each costs one).
+    burst: float | None = Field(default=None, ge=1)
 
     @property
     def capacity(self) -> float:
-        return self.burst if self.burst is not None else self.rate
+        # "rate: 0.5, per: 1s" means one message every two seconds, so it banks one, not half.
+        return self.burst if self.burst is not None else max(self.rate, 1.0)
 
     @property
     def refill_per_second(self) -> float:

@@ -172,6 +172,18 @@ def test_channel_limit_defers_and_never_drops(make_fleet: MakeFleet) -> None:
     assert all(fleet.deps.ledger.transaction(t).status == "delivered" for t in txids)  # type: ignore[union-attr]
 
 
+def test_a_channel_limit_below_one_per_second_paces_instead_of_stopping(make_fleet: MakeFleet
+                                                                       ) -> None:
+    """'One SMS every two seconds' sends the first at once and paces the next, on SMS."""
+    fleet = make_fleet(config({"provider": "sandbox", "rate_limit": {"rate": 0.5, "per": "1s"}}))
+    first, second = submit(fleet, "first"), submit(fleet, "second")
+    fleet.drain(timers_until=3)
+    assert sorted(m["delivery_id"] for m in outbox(fleet, "sms")) == [f"{first}.0", f"{second}.0"]
+    assert outbox(fleet, "email") == []
+    for txid in (first, second):
+        assert fleet.deps.ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
+
+
 def test_reaper_requeues_lost_tasks_and_finishes_orphaned_rollups(make_fleet: MakeFleet) -> None:
     fleet = make_fleet(config({"provider": "sandbox"}))
     lost, orphan = submit(fleet, "task lost with its worker"), submit(fleet, "rolled up never")

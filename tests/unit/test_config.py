@@ -53,6 +53,8 @@ BAD_CASES = [
     ("channels.sms.sign_name", DELETE, "channels.sms.providers[0].sign_name: Field required"),
     ("channels.sms.rate_limit.per", "soon", "channels.sms.rate_limit.per: expected a duration"),
     ("channels.sms.rate_limit.rate", 0, "channels.sms.rate_limit.rate"),
+    ("channels.sms.rate_limit.burst", 0.5,
+     "channels.sms.rate_limit.burst: Input should be greater than or equal to 1"),
     ("channels.email.port", 70000, "channels.email.providers[0].port"),
     ("channels.email.tls", "ssl3", "channels.email.providers[0].tls"),
     ("routes", [], "routes: List should have at least 1 item"),
@@ -76,6 +78,15 @@ def test_good_config_normalises_and_defaults() -> None:
     assert sms.providers[0].name == "aliyun"
     assert sms.rate_limit is not None and sms.rate_limit.capacity == 100
     assert settings.dedup_window == 600 and settings.retention == 7 * 86400
+
+
+def test_a_slow_rate_banks_one_whole_message() -> None:
+    """'rate: 0.5, per: 1s' is one message every two seconds: a bucket of half a token could
+    never send one."""
+    settings = settings_from_mapping(with_change("channels.sms.rate_limit",
+                                                 {"rate": 0.5, "per": "1s"}))
+    limit = settings.channels["sms"].rate_limit
+    assert limit is not None and limit.capacity == 1 and limit.refill_per_second == 0.5
 
 
 def test_redis_url_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
