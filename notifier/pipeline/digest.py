@@ -2,8 +2,9 @@
 
 A delivery refused by the recipient's bucket is parked in a per-(channel, address) set and a
 single timer is set for when the bucket refills. When it fires, everything parked is merged
-into one `digest` delivery; each merged delivery points at it (`digest_id`) and is settled
-when the digest is: suppressed (reached) if it went out, failed if it did not.
+into one `digest` delivery, in one script with the merge itself: each merged delivery points at
+it (`digest_id`), can no longer be claimed by a task of its own (the claim answers `merged`),
+and is settled when the digest is: suppressed (reached) if it went out, failed if it did not.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ from notifier.models import DeliveryStatus
 from notifier.pipeline.deps import PipelineDeps
 from notifier.tasks_spec import DELIVER, DIGEST, deliver_queue
 
-_TAKE_ALL = """
-local members = redis.call('ZRANGE', KEYS[1], 0, -1)
-redis.call('DEL', KEYS[1])
-return members
-"""
+# A merge that keeps losing to tasks claiming its members gives up for a moment (its timer).
+_MERGE_TRIES = 3
+_MERGE_RETRY_AFTER = 1.0
 
 
 def held_key(channel: str, address: str) -> str:
@@ -50,39 +49,52 @@ def hold(deps: PipelineDeps, rec: DeliveryRecord, retry_after: float) -> str:
 def flush(deps: PipelineDeps, target: str) -> str:
     """The digest timer fired: merge everything held for `channel|address` into one message."""
     channel, _, address = target.partition("|")
-    script = deps.ledger.redis.register_script(_TAKE_ALL)
-    held = [m.decode() for m in script(keys=[held_key(channel, address)])]
-    members = [r for r in (deps.ledger.delivery(d) for d in held)
-               if r is not None and r.status == DeliveryStatus.DEFERRED]
-    if not members:
-        return "empty"
-    if len(members) == 1:  # nothing to merge: it simply goes now
-        deps.publisher.publish(DELIVER, [members[0].id], deliver_queue(channel))
-        return "released"
-    first = members[0]
-    digest = DeliveryRecord(
-        id=f"{first.transaction_id}.dg-{ulid()}", transaction_id=first.transaction_id,
-        channel=channel, recipient=first.recipient, address=address, kind="digest",
-        fallback_chain=list(first.fallback_chain), digest_of=[m.id for m in members],
-    )
-    deps.ledger.add_deliveries([digest])
+    key = held_key(channel, address)
+    for _ in range(_MERGE_TRIES):
+        members = _still_held(deps, key)
+        if not members:
+            return "empty"
+        if len(members) == 1:  # nothing to merge: it simply goes now
+            deps.ledger.redis.zrem(key, members[0].id)
+            deps.publisher.publish(DELIVER, [members[0].id], deliver_queue(channel))
+            return "released"
+        first = members[0]
+        digest = DeliveryRecord(
+            id=f"{first.transaction_id}.dg-{ulid()}", transaction_id=first.transaction_id,
+            channel=channel, recipient=first.recipient, address=address, kind="digest",
+            fallback_chain=list(first.fallback_chain), digest_of=[m.id for m in members],
+        )
+        if deps.ledger.merge_into_digest(key, digest):
+            _merged(deps, digest, members)
+            return f"digest of {len(members)}"
+    deps.timers.schedule(DIGEST, deliver_queue(channel), target, time.time() + _MERGE_RETRY_AFTER,
+                         keep_existing=True)
+    return "contended"
+
+
+def _still_held(deps: PipelineDeps, key: str) -> list[DeliveryRecord]:
+    """What the held set names that still waits for a digest. Those that ended meanwhile (sent
+    alone by an earlier task, failed) leave the set; those in flight stay: they may be held again."""
+    held = [m.decode() for m in deps.ledger.redis.zrange(key, 0, -1)]
+    records = {did: deps.ledger.delivery(did) for did in held}
+    ended = [did for did, r in records.items() if r is None or DeliveryStatus(r.status).terminal]
+    if ended:
+        deps.ledger.redis.zrem(key, *ended)
+    return [r for r in records.values()
+            if r is not None and r.status == DeliveryStatus.DEFERRED and not r.digest_id]
+
+
+def _merged(deps: PipelineDeps, digest: DeliveryRecord, members: list[DeliveryRecord]) -> None:
+    pipe = deps.ledger.redis.pipeline()
     for member in members:
-        deps.ledger.update(member.id, digest_id=digest.id,
-                           reason=f"merged into digest {digest.id}")
-        deps.ledger.log(member.transaction_id, "merged_into_digest", delivery=member.id,
+        deps.ledger.log(member.transaction_id, "merged_into_digest", into=pipe, delivery=member.id,
                         digest=digest.id)
-    deps.metrics.inc("notifier_digests", channel=channel)
-    deps.publisher.publish(DELIVER, [digest.id], deliver_queue(channel))
-    return f"digest of {len(members)}"
+    deps.metrics.inc("notifier_digests", into=pipe, channel=digest.channel)
+    pipe.execute()
+    deps.publisher.publish(DELIVER, [digest.id], deliver_queue(digest.channel))
 
 
 def settle_members(deps: PipelineDeps, digest: DeliveryRecord, reached: bool) -> list[str]:
     """The digest reached a final state: settle what it carried. Returns their transactions."""
     status = DeliveryStatus.SUPPRESSED if reached else DeliveryStatus.FAILED
-    txids: list[str] = []
-    for did in digest.digest_of:
-        deps.ledger.update(did, status=status.value, next_at=None)
-        member = deps.ledger.delivery(did)
-        if member is not None and member.transaction_id not in txids:
-            txids.append(member.transaction_id)
-    return txids
+    return deps.ledger.settle_merged(digest.digest_of, status)
