@@ -93,8 +93,3 @@ def _merged(deps: PipelineDeps, digest: DeliveryRecord, members: list[DeliveryRe
     pipe.execute()
     deps.publisher.publish(DELIVER, [digest.id], deliver_queue(digest.channel))
 
-
-def settle_members(deps: PipelineDeps, digest: DeliveryRecord, reached: bool) -> list[str]:
-    """The digest reached a final state: settle what it carried. Returns their transactions."""
-    status = DeliveryStatus.SUPPRESSED if reached else DeliveryStatus.FAILED
-    return deps.ledger.settle_merged(digest.digest_of, status)

@@ -18,9 +18,8 @@ from notifier.ledger import Attempt, DeliveryRecord
 from notifier.models import DeliveryStatus, Receipt
 from notifier.pipeline.backoff import retry_delay
 from notifier.pipeline.deps import PipelineDeps
-from notifier.pipeline.digest import settle_members
 from notifier.pipeline.fanout import addresses
-from notifier.pipeline.rollup import finish_transaction
+from notifier.pipeline.rollup import finish_digest, finish_transaction
 from notifier.tasks_spec import DELIVER, deliver_queue
 
 log = logging.getLogger("notifier.delivery")
@@ -219,7 +218,8 @@ class Outcomes:
     def _finish_all(self, rec: DeliveryRecord, pipe: Pipeline, reached: bool,
                     execute: bool = True) -> None:
         """Run the step's writes queued on `pipe`, then roll up this delivery's transaction, and
-        those of the deliveries a digest carried; the delivery then leaves the open index.
+        (a digest) settle the deliveries it carried and roll up theirs; all then leave the open
+        index.
         `execute=False`: only queue this delivery's roll-up on `pipe` (not for a digest)."""
         if not rec.digest_of:  # the common case: the roll-up rides on the same round trip
             finish_transaction(self.ledger, rec.transaction_id, close=[rec.id], into=pipe)
@@ -227,11 +227,7 @@ class Outcomes:
                 pipe.execute()
             return
         pipe.execute()
-        txids = [rec.transaction_id]
-        txids += [t for t in settle_members(self.deps, rec, reached) if t not in txids]
-        for txid in txids:
-            self.finish(txid)
-        self.ledger.close_open(rec.id, *rec.digest_of)
+        finish_digest(self.ledger, rec, reached)
 
     def finish(self, txid: str) -> None:
         finish_transaction(self.ledger, txid)

@@ -9,10 +9,15 @@ import json
 import time
 from typing import Any
 
+import pytest
+
+import notifier.pipeline.outcomes as outcomes_module
 from notifier.channels.sandbox import outbox_key
 from notifier.models import Event, Source
+from notifier.pipeline.deliver import deliver_batch
+from notifier.pipeline.digest import flush
 from notifier.pipeline.reaper import reap
-from notifier.tasks_spec import DIGEST
+from notifier.tasks_spec import DELIVER, DIGEST
 from tests.integration.conftest import MakeFleet
 from tests.support.inline import InlineFleet
 
@@ -64,3 +69,58 @@ def test_a_merged_delivery_is_not_sent_on_its_own_as_well(make_fleet: MakeFleet)
     assert set(tx_statuses(fleet, txids).values()) == {"delivered"}
     merged = [d for t in txids[1:] for d in fleet.deps.ledger.deliveries(t) if not d.digest_of]
     assert {(d.status, bool(d.digest_id)) for d in merged} == {("suppressed", True)}
+
+
+class WorkerKilled(BaseException):
+    """SIGKILL / OOM at a chosen point: nothing after it runs (not even `finally` clean-ups
+    that catch Exception)."""
+
+
+def test_members_of_a_sent_digest_end_after_its_worker_was_killed(
+        make_fleet: MakeFleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet = make_fleet(sandbox_config())
+    txids = [submit(fleet, f"alert-{i}") for i in range(3)]
+    fleet.drain()
+    time.sleep(1.2)
+    (timer,) = fleet.deps.timers.due(time.time())
+    fleet.deps.timers.done(timer)
+    assert flush(fleet.deps, timer.arg) == "digest of 2"
+    (digest_task,) = [args for task, args, _queue in fleet.publisher.tasks if task == DELIVER]
+    fleet.publisher.tasks.clear()
+
+    def killed(*_args: Any, **_kwargs: Any) -> None:
+        raise WorkerKilled
+    # The worker dies right after the digest's send is recorded, before anything else.
+    with monkeypatch.context() as patch:
+        patch.setattr(outcomes_module, "finish_digest", killed)
+        with pytest.raises(WorkerKilled):
+            deliver_batch(fleet.deps, digest_task, "task-1")
+    assert tx_statuses(fleet, txids[1:]) == {t: "dispatching" for t in txids[1:]}
+    assert len(outbox(fleet, "sms")) == 2
+
+    # The message is redelivered (acks late): it finds the digest sent and settles its members.
+    assert deliver_batch(fleet.deps, digest_task, "task-1") == ["done"]
+    assert set(tx_statuses(fleet, txids).values()) == {"delivered"}
+    assert len(outbox(fleet, "sms")) == 2  # nothing sent twice
+
+
+def test_the_reaper_settles_the_members_of_a_digest_whose_worker_was_killed(
+        make_fleet: MakeFleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet = make_fleet(sandbox_config())
+    txids = [submit(fleet, f"alert-{i}") for i in range(3)]
+    fleet.drain()
+    time.sleep(1.2)
+
+    def killed(*_args: Any, **_kwargs: Any) -> None:
+        raise WorkerKilled
+    with monkeypatch.context() as patch:
+        patch.setattr(outcomes_module, "finish_digest", killed)
+        with pytest.raises(WorkerKilled):
+            fleet.drain(timers_until=2)
+    fleet.publisher.tasks.clear()  # the message is lost with the worker
+    for _ in range(2):  # a second pass finds nothing left to do
+        reap(fleet.deps.ledger, fleet.publisher, stale_after=0.0, lease=0.0)
+        fleet.drain()
+    assert set(tx_statuses(fleet, txids).values()) == {"delivered"}
+    assert len(outbox(fleet, "sms")) == 2
+    assert fleet.deps.ledger.open_older_than(0.0) == []
