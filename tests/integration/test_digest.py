@@ -12,16 +12,24 @@ from typing import Any
 import pytest
 
 import notifier.pipeline.outcomes as outcomes_module
+from notifier.breaker import FleetBreaker
 from notifier.channels.sandbox import outbox_key
 from notifier.models import Event, Source
 from notifier.pipeline.deliver import deliver_batch
 from notifier.pipeline.digest import flush
 from notifier.pipeline.reaper import reap
 from notifier.tasks_spec import DELIVER, DIGEST
-from tests.integration.conftest import MakeFleet
+from tests.fakes.dysmsapi import FakeDysmsapi
+from tests.integration.conftest import SMS_ENV, MakeFleet
 from tests.support.inline import InlineFleet
 
 ALICE = {"phone": "+8613800138000", "email": "alice@example.com"}
+
+
+def aliyun(fake: FakeDysmsapi, limit: dict[str, Any]) -> dict[str, Any]:
+    return {"provider": "aliyun", "endpoint": fake.endpoint, "protocol": "http",
+            "sign_name": "运维告警", "templates": {"alert": "SMS_1", "digest": "SMS_9"},
+            "read_timeout": "500ms", "connect_timeout": "500ms", "recipient_limits": [limit]}
 
 
 def sandbox_config(**recipient: Any) -> dict[str, Any]:
@@ -123,4 +131,29 @@ def test_the_reaper_settles_the_members_of_a_digest_whose_worker_was_killed(
         fleet.drain()
     assert set(tx_statuses(fleet, txids).values()) == {"delivered"}
     assert len(outbox(fleet, "sms")) == 2
+    assert fleet.deps.ledger.open_older_than(0.0) == []
+
+
+def test_a_refused_digest_goes_on_as_a_digest_beside_a_members_own_fallback(
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> None:
+    cfg: dict[str, Any] = {
+        "channels": {"sms": aliyun(sms_fake, {"rate": 1, "per": "2s", "burst": 1}),
+                     "push": {"provider": "sandbox"}, "email": {"provider": "sandbox"}},
+        "recipients": {"alice": {**ALICE, "push_tokens": ["stale-token"]}},
+        # DESIGN.md's critical route: sms + push, email as the fallback
+        "routes": [{"match": {}, "to": ["alice"], "channels": ["sms", "push"],
+                    "fallback": ["email"]}],
+    }
+    fleet = make_fleet(cfg, SMS_ENV)
+    # alice's push never works (the breaker open stands in for a stale token): every push of
+    # hers goes on by email, so the digest's first member has a live email already
+    push = fleet.deps.providers["push"][0]
+    FleetBreaker(fleet.redis, push.breaker_name, fleet.settings.channels["push"].breaker
+                 ).force_open("test", "stale token")
+    sms_fake.script({"kind": "ok"}, {"kind": "business", "code": "isv.SMS_CONTENT_ILLEGAL"})
+    txids = [submit(fleet, f"alert-{i}") for i in range(3)]
+    fleet.drain(timers_until=5)
+    assert set(tx_statuses(fleet, txids).values()) == {"delivered"}
+    (digest_email,) = [text for text in outbox(fleet, "email") if '"digest"' in text]
+    assert "alert-1" in digest_email and "alert-2" in digest_email
     assert fleet.deps.ledger.open_older_than(0.0) == []
