@@ -157,3 +157,34 @@ def test_a_refused_digest_goes_on_as_a_digest_beside_a_members_own_fallback(
     (digest_email,) = [text for text in outbox(fleet, "email") if '"digest"' in text]
     assert "alert-1" in digest_email and "alert-2" in digest_email
     assert fleet.deps.ledger.open_older_than(0.0) == []
+
+
+def test_each_route_keeps_its_fallback_when_held_alerts_are_refused(
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> None:
+    cfg: dict[str, Any] = {
+        "channels": {"sms": aliyun(sms_fake, {"rate": 1, "per": "1s", "burst": 1}),
+                     "email": {"provider": "sandbox"}},
+        "recipients": {"alice": ALICE},
+        "routes": [
+            {"match": {"severity": "critical"}, "to": ["alice"], "channels": ["sms"],
+             "fallback": ["email"]},
+            {"match": {}, "to": ["alice"], "channels": ["sms"]},
+        ],
+    }
+    fleet = make_fleet(cfg, SMS_ENV)
+    # The first SMS goes out; then alice's number hits Aliyun's day window (recipient_budget).
+    limited = {"kind": "business", "code": "isv.BUSINESS_LIMIT_CONTROL",
+               "message": "触发天级流控Permits:10"}
+    sms_fake.script({"kind": "ok"}, limited, limited)
+    submit(fleet, "first", "warning")
+    warnings = [submit(fleet, f"disk {n}%", "warning") for n in (80, 90)]
+    criticals = [submit(fleet, title) for title in ("DB DOWN", "API DOWN")]
+    fleet.drain(timers_until=5)
+    # The critical alerts reach alice by email, as their route says; the warnings' route has
+    # no fallback: they fail, and are dead letters.
+    (email,) = outbox(fleet, "email")
+    assert "DB DOWN" in email and "API DOWN" in email and "disk" not in email
+    assert tx_statuses(fleet, criticals) == {t: "delivered" for t in criticals}
+    assert tx_statuses(fleet, warnings) == {t: "failed" for t in warnings}
+    assert set(warnings) <= {t for t, _at in fleet.deps.ledger.dead_letters()}
+    assert len(sms_fake.messages) == 1  # the first alert only
