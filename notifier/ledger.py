@@ -71,6 +71,8 @@ class Ledger:
         self._deliveries_of = client.register_script(scripts.DELIVERIES_OF)
         self._roll_up = client.register_script(scripts.ROLL_UP)
         self._finish = client.register_script(scripts.FINISH)
+        self._merge = client.register_script(scripts.MERGE)
+        self._settle_merged = client.register_script(scripts.SETTLE_MERGED)
 
     # -- transactions ---------------------------------------------------------------------
 
@@ -241,6 +243,23 @@ class Ledger:
         if len(reply) < 3:
             return Claim(result)
         return Claim(result, delivery_from(pairs(reply[1])), transaction_or_unreadable(pairs(reply[2])))
+
+    def merge_into_digest(self, held: str, digest: DeliveryRecord) -> bool:
+        """Create `digest` and merge its `digest_of` into it, taking them off the `held` set;
+        False (nothing written) when one of them is no longer held: see MERGE."""
+        keys, args = self._delivery_args([digest])
+        members = digest.digest_of
+        return bool(self._merge(keys=[OPEN, *keys, held, *(delivery_key(d) for d in members)],
+                                args=[self.retention, *args, *members]))
+
+    def settle_merged(self, dids: Sequence[str], status: DeliveryStatus) -> list[str]:
+        """Give `status` to those of `dids` still merged into a digest (see SETTLE_MERGED);
+        the transactions of all of them, to roll up."""
+        if not dids:
+            return []
+        txids = self._settle_merged(keys=[delivery_key(d) for d in dids],
+                                    args=[status.value, repr(time.time())])
+        return [t for t in dict.fromkeys(text(x) for x in txids) if t]
 
     def update(self, did: str, *, into: Pipeline | None = None,
                **changes: str | float | int | list[str] | None) -> None:

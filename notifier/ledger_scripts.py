@@ -74,12 +74,13 @@ return out
 """
 
 _ADD = """
--- add(k0, a0): create the deliveries described from KEYS[k0] / ARGV[a0] on, in pairs
+-- add(k0, a0[, n]): create the deliveries described from KEYS[k0] / ARGV[a0] on, in pairs
 -- (KEYS: its hash, its transaction's delivery list; ARGV: id, JSON object of its fields), each
--- only if it does not exist yet. KEYS[1] is the open index, ARGV[1] retention_s, ARGV[2] now.
-local function add(k0, a0)
+-- only if it does not exist yet; n of them (default: up to the last KEYS). KEYS[1] is the open
+-- index, ARGV[1] retention_s, ARGV[2] now.
+local function add(k0, a0, n)
   local created = {}
-  for i = 0, (#KEYS - k0 + 1) / 2 - 1 do
+  for i = 0, (n or (#KEYS - k0 + 1) / 2) - 1 do
     local key, list = KEYS[k0 + 2 * i], KEYS[k0 + 1 + 2 * i]
     local id, fields = ARGV[a0 + 2 * i], cjson.decode(ARGV[a0 + 1 + 2 * i])
     if redis.call('HEXISTS', key, 'transaction_id') == 0 then
@@ -130,7 +131,8 @@ CLAIM = """
 -- KEYS: delivery; ARGV: token, now, lease_s, '1' to return the transaction's fields too
 -- Returns {result} or, for claimed / reclaimed / done, {result, the delivery's fields (after
 -- the claim), its transaction's fields or {}}: the caller needs no second read.
-local st = redis.call('HMGET', KEYS[1], 'status', 'claim_token', 'claim_at', 'transaction_id')
+local st = redis.call('HMGET', KEYS[1], 'status', 'claim_token', 'claim_at', 'transaction_id',
+                     'digest_id')
 local status = st[1]
 if not status then return {'missing'} end
 local function loaded(result)
@@ -146,10 +148,50 @@ if status == 'sending' then
 elseif status ~= 'queued' and status ~= 'retrying' and status ~= 'deferred' then
   return {'done', redis.call('HGETALL', KEYS[1]), {}}
 end
+-- Merged into a digest that has not ended yet: the digest sends it, never a task of its own (a
+-- reaper's re-queue or a redelivery arriving after the merge would send it twice).
+if st[5] and st[5] ~= '' then return {'merged'} end
 redis.call('HSET', KEYS[1], 'status', 'sending', 'claim_token', ARGV[1], 'claim_at', ARGV[2],
            'updated_at', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 return loaded(result)
+"""
+
+MERGE = _ADD + """
+-- Merge held deliveries into a new digest delivery, only if every one is still held (deferred,
+-- in no digest): one claimed meanwhile by another task would go out alone and in the digest.
+-- All or nothing: the digest, each member's digest_id, the members off the held set.
+-- KEYS: open index, digest hash, its transaction's delivery list, held set, then member hashes
+-- ARGV: retention_s, now, digest id, digest fields (JSON), then the member ids
+-- Returns 1 when merged, 0 when a member moved on meanwhile (nothing written: read again)
+for i = 5, #KEYS do
+  local st = redis.call('HMGET', KEYS[i], 'status', 'digest_id')
+  if st[1] ~= 'deferred' or (st[2] and st[2] ~= '') then return 0 end
+end
+add(2, 3, 1)
+for i = 5, #KEYS do
+  redis.call('HSET', KEYS[i], 'digest_id', ARGV[3], 'reason', 'merged into digest ' .. ARGV[3],
+             'updated_at', ARGV[2])
+  redis.call('ZREM', KEYS[4], ARGV[i])
+end
+return 1
+"""
+
+SETTLE_MERGED = """
+-- A digest ended (sent, delivered, failed): settle the deliveries still merged into it, and
+-- only those (idempotent: a redelivered task or the reaper may run it again after a crash).
+-- KEYS: the members' hashes; ARGV: the status to give them, now
+-- Returns each member's transaction id ('' for one gone), to be rolled up
+local out = {}
+for i, key in ipairs(KEYS) do
+  local st = redis.call('HMGET', key, 'status', 'digest_id', 'transaction_id')
+  if st[1] == 'deferred' and st[2] and st[2] ~= '' then
+    redis.call('HSET', key, 'status', ARGV[1], 'updated_at', ARGV[2])
+    redis.call('HDEL', key, 'next_at')
+  end
+  out[i] = st[3] or ''
+end
+return out
 """
 
 DELIVERIES_OF = """

@@ -122,6 +122,7 @@ class ClaimResult(StrEnum):
     RECLAIMED = "reclaimed"  # the previous holder vanished mid-send: the provider may have it
     BUSY = "busy"  # someone else holds a fresh claim
     DONE = "done"  # already terminal
+    MERGED = "merged"  # waiting in a digest, which sends it
     MISSING = "missing"
 
 

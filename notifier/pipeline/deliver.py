@@ -26,7 +26,7 @@ from notifier.pipeline.batching import by_request
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.digest import hold
 from notifier.pipeline.outcomes import Outcomes
-from notifier.pipeline.rollup import finish_transaction
+from notifier.pipeline.rollup import finish_final
 from notifier.ratelimit import Bucket, Decision
 from notifier.templates import TemplateContext
 
@@ -91,9 +91,9 @@ def prepare(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | No
     result, rec = claim.result, claim.delivery
     if result is ClaimResult.DONE:
         # A redelivered task: the worker that finished the send may have died before the
-        # roll-up, so do it (idempotently) here.
+        # roll-up (and a digest's, before settling its members), so do it (idempotently) here.
         if rec is not None:
-            finish_transaction(deps.ledger, rec.transaction_id)
+            finish_final(deps.ledger, rec)
         return result.value
     if result is not ClaimResult.CLAIMED and result is not ClaimResult.RECLAIMED:
         return result.value

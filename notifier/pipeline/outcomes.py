@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 from redis.client import Pipeline
 
 from notifier.awaiting import index_sent
+from notifier.config import Recipient
 from notifier.errors import DeliveryError
 from notifier.ids import fallback_id
 from notifier.ledger import Attempt, DeliveryRecord
 from notifier.models import DeliveryStatus, Receipt
 from notifier.pipeline.backoff import retry_delay
 from notifier.pipeline.deps import PipelineDeps
-from notifier.pipeline.digest import settle_members
 from notifier.pipeline.fanout import addresses
-from notifier.pipeline.rollup import finish_transaction
+from notifier.pipeline.rollup import finish_digest, finish_transaction
 from notifier.tasks_spec import DELIVER, deliver_queue
 
 log = logging.getLogger("notifier.delivery")
@@ -162,6 +163,8 @@ class Outcomes:
 
     def fall_back(self, rec: DeliveryRecord, reason: str, code: str = "") -> str:
         """Hand the message to the next channel of the route's fallback list, or fail it."""
+        if rec.digest_of and rec.fallback_chain:
+            return self._fall_back_digest(rec, reason, code)
         recipient = self.deps.settings.recipients.get(rec.recipient)
         chain = list(rec.fallback_chain)
         detail = f"{reason}: {code}" if code else reason
@@ -194,6 +197,19 @@ class Outcomes:
         _log(rec, "failed", code=code, detail=detail)
         return "failed"
 
+    def _fall_back_digest(self, rec: DeliveryRecord, reason: str, code: str) -> str:
+        """A digest goes on as a digest of its own to the next channel that reaches the
+        recipient. Never "carried by" a live delivery it finds there, as one event is: that one
+        carries its own event only, and the digest's other members would wait for ever."""
+        hop = _next_reachable(self.deps.settings.recipients.get(rec.recipient), rec.fallback_chain)
+        if hop is None:  # nowhere to go: fall_back's own ending (failed, members settled)
+            return self.fall_back(replace(rec, fallback_chain=[]), reason, code)
+        channel, found, rest = hop
+        successors = [_successor(rec, channel, address, k, rest) for k, address in enumerate(found)]
+        for did in self.ledger.add_deliveries(successors):
+            self.deps.publisher.publish(DELIVER, [did], deliver_queue(channel))
+        return self._mark_fallen_back(rec, channel, f"{reason}: {code}" if code else reason, reason)
+
     def _live_delivery(self, rec: DeliveryRecord, channel: str) -> str | None:
         for other in self.ledger.deliveries(rec.transaction_id):
             if (other.recipient == rec.recipient and other.channel == channel
@@ -219,7 +235,8 @@ class Outcomes:
     def _finish_all(self, rec: DeliveryRecord, pipe: Pipeline, reached: bool,
                     execute: bool = True) -> None:
         """Run the step's writes queued on `pipe`, then roll up this delivery's transaction, and
-        those of the deliveries a digest carried; the delivery then leaves the open index.
+        (a digest) settle the deliveries it carried and roll up theirs; all then leave the open
+        index.
         `execute=False`: only queue this delivery's roll-up on `pipe` (not for a digest)."""
         if not rec.digest_of:  # the common case: the roll-up rides on the same round trip
             finish_transaction(self.ledger, rec.transaction_id, close=[rec.id], into=pipe)
@@ -227,11 +244,28 @@ class Outcomes:
                 pipe.execute()
             return
         pipe.execute()
-        txids = [rec.transaction_id]
-        txids += [t for t in settle_members(self.deps, rec, reached) if t not in txids]
-        for txid in txids:
-            self.finish(txid)
-        self.ledger.close_open(rec.id, *rec.digest_of)
+        finish_digest(self.ledger, rec, reached)
 
     def finish(self, txid: str) -> None:
         finish_transaction(self.ledger, txid)
+
+
+def _next_reachable(recipient: Recipient | None, chain: list[str]
+                    ) -> tuple[str, list[str], list[str]] | None:
+    """The first channel of `chain` that reaches the recipient: (it, their addresses there, the
+    channels after it); None if none does."""
+    if recipient is None:
+        return None
+    for i, channel in enumerate(chain):
+        if found := addresses(recipient, channel):
+            return channel, found, chain[i + 1:]
+    return None
+
+
+def _successor(rec: DeliveryRecord, channel: str, address: str, k: int, chain: list[str]
+               ) -> DeliveryRecord:
+    """What carries `rec` on to `channel` (its id is deterministic: a rerun adds nothing)."""
+    return DeliveryRecord(id=fallback_id(rec.id, k), transaction_id=rec.transaction_id,
+                          channel=channel, recipient=rec.recipient, address=address, kind=rec.kind,
+                          fallback_of=rec.id, fallback_chain=list(chain),
+                          digest_of=list(rec.digest_of))

@@ -12,7 +12,7 @@ import time
 
 from notifier.ledger import Ledger
 from notifier.models import DeliveryStatus
-from notifier.pipeline.rollup import finish_transaction
+from notifier.pipeline.rollup import finish_final
 from notifier.tasks_spec import DELIVER, Publisher, deliver_queue
 
 
@@ -25,10 +25,10 @@ def reap(ledger: Ledger, publisher: Publisher, *, stale_after: float, lease: flo
             ledger.close_open(did)
             continue
         status = DeliveryStatus(rec.status)
-        if status.terminal:  # its worker died before rolling up the transaction
-            finish_transaction(ledger, rec.transaction_id, close=[did])
+        if status.terminal:  # its worker died before rolling up (a digest: settling its members)
+            finish_final(ledger, rec)
             continue
-        if rec.digest_id:  # a digest carries it now; it is settled with the digest
+        if rec.digest_id:  # a digest carries it: settled with it (above, if its worker died)
             continue
         if status is DeliveryStatus.SENDING:
             stuck = now - (rec.claim_at or 0) > lease

@@ -1,4 +1,4 @@
-"""A transaction's status from its deliveries."""
+"""A transaction's status from its deliveries (and a digest's members' from the digest)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,26 @@ def finish_transaction(ledger: Ledger, txid: str, *, close: Sequence[str] = (),
     """
     done = ledger.roll_up(txid, close, into=into)
     return None if done is None else done[0]
+
+
+def finish_digest(ledger: Ledger, digest: DeliveryRecord, reached: bool) -> None:
+    """A digest ended (sent, delivered: `reached`; failed): settle the members still merged into
+    it, roll up their transactions, then its own, which takes it and them off the open index.
+    That comes last so that a worker killed anywhere in between leaves the digest open: the
+    reaper (or the redelivered task) then does it all again, each step being idempotent."""
+    status = DeliveryStatus.SUPPRESSED if reached else DeliveryStatus.FAILED
+    for txid in ledger.settle_merged(digest.digest_of, status):
+        if txid != digest.transaction_id:
+            finish_transaction(ledger, txid)
+    finish_transaction(ledger, digest.transaction_id, close=[digest.id, *digest.digest_of])
+
+
+def finish_final(ledger: Ledger, rec: DeliveryRecord) -> None:
+    """Roll up after a delivery found final by a redelivered task or the reaper: its worker may
+    have died before doing it."""
+    status = DeliveryStatus(rec.status)
+    # A fallen-back digest's members are its successor's to settle.
+    if rec.digest_of and status is not DeliveryStatus.FALLEN_BACK:
+        finish_digest(ledger, rec, reached=status.succeeded)
+    else:
+        finish_transaction(ledger, rec.transaction_id, close=[rec.id])

@@ -1,0 +1,190 @@
+"""Storm digests on a real redis-server with real providers (sandbox, the Dysmsapi fake),
+driven task by task without Celery: what a digest carries is sent once, and every member ends
+(reached, fallen back along its own route, or failed and dead-lettered) whatever happens to the
+digest or its worker."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+import notifier.pipeline.outcomes as outcomes_module
+from notifier.breaker import FleetBreaker
+from notifier.channels.sandbox import outbox_key
+from notifier.models import Event, Source
+from notifier.pipeline.deliver import deliver_batch
+from notifier.pipeline.digest import flush
+from notifier.pipeline.reaper import reap
+from notifier.tasks_spec import DELIVER, DIGEST
+from tests.fakes.dysmsapi import FakeDysmsapi
+from tests.integration.conftest import SMS_ENV, MakeFleet
+from tests.support.inline import InlineFleet
+
+ALICE = {"phone": "+8613800138000", "email": "alice@example.com"}
+
+
+def aliyun(fake: FakeDysmsapi, limit: dict[str, Any]) -> dict[str, Any]:
+    return {"provider": "aliyun", "endpoint": fake.endpoint, "protocol": "http",
+            "sign_name": "运维告警", "templates": {"alert": "SMS_1", "digest": "SMS_9"},
+            "read_timeout": "500ms", "connect_timeout": "500ms", "recipient_limits": [limit]}
+
+
+def sandbox_config(**recipient: Any) -> dict[str, Any]:
+    """SMS to alice at most 1 a second (the rest held for a digest), email as fallback."""
+    return {
+        "channels": {"sms": {"provider": "sandbox",
+                             "recipient_limits": [{"rate": 1, "per": "1s", "burst": 1}]},
+                     "email": {"provider": "sandbox"}},
+        "recipients": {"alice": {**ALICE, **recipient}},
+        "routes": [{"match": {}, "to": ["alice"], "channels": ["sms"], "fallback": ["email"]}],
+    }
+
+
+def submit(fleet: InlineFleet, title: str, severity: str = "critical") -> str:
+    event = Event(kind="alert", title=title, severity=severity)
+    return fleet.intake.submit(event, Source.API).transaction_id
+
+
+def outbox(fleet: InlineFleet, channel: str) -> list[str]:
+    return [json.dumps(json.loads(x), ensure_ascii=False)
+            for x in fleet.redis.lrange(outbox_key(channel), 0, -1)]
+
+
+def tx_statuses(fleet: InlineFleet, txids: list[str]) -> dict[str, str]:
+    return {t: fleet.deps.ledger.transaction(t).status for t in txids}  # type: ignore[union-attr]
+
+
+def test_a_merged_delivery_is_not_sent_on_its_own_as_well(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(sandbox_config())
+    txids = [submit(fleet, f"alert-{i}") for i in range(3)]
+    fleet.drain()  # alert-0 goes out, alert-1 and alert-2 are held for a digest
+    time.sleep(1.2)
+    # The digest timer fires, but its task waits behind a backlog; meanwhile the reaper finds
+    # the held deliveries overdue and re-queues them, behind the digest task.
+    for timer in fleet.deps.timers.due(time.time()):
+        fleet.publisher.publish(timer.task, [timer.arg], timer.queue)
+        fleet.deps.timers.done(timer)
+    assert [task for task, _args, _queue in fleet.publisher.tasks] == [DIGEST]
+    reap(fleet.deps.ledger, fleet.publisher, stale_after=0.0, lease=120.0)
+    fleet.drain(timers_until=4)
+    sent = outbox(fleet, "sms")
+    assert len(sent) == 2, sent  # alert-0, then one digest of alert-1 and alert-2
+    for title in ("alert-1", "alert-2"):
+        assert sum(title in text for text in sent) == 1, (title, sent)
+    assert set(tx_statuses(fleet, txids).values()) == {"delivered"}
+    merged = [d for t in txids[1:] for d in fleet.deps.ledger.deliveries(t) if not d.digest_of]
+    assert {(d.status, bool(d.digest_id)) for d in merged} == {("suppressed", True)}
+
+
+class WorkerKilled(BaseException):
+    """SIGKILL / OOM at a chosen point: nothing after it runs (not even `finally` clean-ups
+    that catch Exception)."""
+
+
+def test_members_of_a_sent_digest_end_after_its_worker_was_killed(
+        make_fleet: MakeFleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet = make_fleet(sandbox_config())
+    txids = [submit(fleet, f"alert-{i}") for i in range(3)]
+    fleet.drain()
+    time.sleep(1.2)
+    (timer,) = fleet.deps.timers.due(time.time())
+    fleet.deps.timers.done(timer)
+    assert flush(fleet.deps, timer.arg) == "digest of 2"
+    (digest_task,) = [args for task, args, _queue in fleet.publisher.tasks if task == DELIVER]
+    fleet.publisher.tasks.clear()
+
+    def killed(*_args: Any, **_kwargs: Any) -> None:
+        raise WorkerKilled
+    # The worker dies right after the digest's send is recorded, before anything else.
+    with monkeypatch.context() as patch:
+        patch.setattr(outcomes_module, "finish_digest", killed)
+        with pytest.raises(WorkerKilled):
+            deliver_batch(fleet.deps, digest_task, "task-1")
+    assert tx_statuses(fleet, txids[1:]) == {t: "dispatching" for t in txids[1:]}
+    assert len(outbox(fleet, "sms")) == 2
+
+    # The message is redelivered (acks late): it finds the digest sent and settles its members.
+    assert deliver_batch(fleet.deps, digest_task, "task-1") == ["done"]
+    assert set(tx_statuses(fleet, txids).values()) == {"delivered"}
+    assert len(outbox(fleet, "sms")) == 2  # nothing sent twice
+
+
+def test_the_reaper_settles_the_members_of_a_digest_whose_worker_was_killed(
+        make_fleet: MakeFleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet = make_fleet(sandbox_config())
+    txids = [submit(fleet, f"alert-{i}") for i in range(3)]
+    fleet.drain()
+    time.sleep(1.2)
+
+    def killed(*_args: Any, **_kwargs: Any) -> None:
+        raise WorkerKilled
+    with monkeypatch.context() as patch:
+        patch.setattr(outcomes_module, "finish_digest", killed)
+        with pytest.raises(WorkerKilled):
+            fleet.drain(timers_until=2)
+    fleet.publisher.tasks.clear()  # the message is lost with the worker
+    for _ in range(2):  # a second pass finds nothing left to do
+        reap(fleet.deps.ledger, fleet.publisher, stale_after=0.0, lease=0.0)
+        fleet.drain()
+    assert set(tx_statuses(fleet, txids).values()) == {"delivered"}
+    assert len(outbox(fleet, "sms")) == 2
+    assert fleet.deps.ledger.open_older_than(0.0) == []
+
+
+def test_a_refused_digest_goes_on_as_a_digest_beside_a_members_own_fallback(
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> None:
+    cfg: dict[str, Any] = {
+        "channels": {"sms": aliyun(sms_fake, {"rate": 1, "per": "2s", "burst": 1}),
+                     "push": {"provider": "sandbox"}, "email": {"provider": "sandbox"}},
+        "recipients": {"alice": {**ALICE, "push_tokens": ["stale-token"]}},
+        # DESIGN.md's critical route: sms + push, email as the fallback
+        "routes": [{"match": {}, "to": ["alice"], "channels": ["sms", "push"],
+                    "fallback": ["email"]}],
+    }
+    fleet = make_fleet(cfg, SMS_ENV)
+    # alice's push never works (the breaker open stands in for a stale token): every push of
+    # hers goes on by email, so the digest's first member has a live email already
+    push = fleet.deps.providers["push"][0]
+    FleetBreaker(fleet.redis, push.breaker_name, fleet.settings.channels["push"].breaker
+                 ).force_open("test", "stale token")
+    sms_fake.script({"kind": "ok"}, {"kind": "business", "code": "isv.SMS_CONTENT_ILLEGAL"})
+    txids = [submit(fleet, f"alert-{i}") for i in range(3)]
+    fleet.drain(timers_until=5)
+    assert set(tx_statuses(fleet, txids).values()) == {"delivered"}
+    (digest_email,) = [text for text in outbox(fleet, "email") if '"digest"' in text]
+    assert "alert-1" in digest_email and "alert-2" in digest_email
+    assert fleet.deps.ledger.open_older_than(0.0) == []
+
+
+def test_each_route_keeps_its_fallback_when_held_alerts_are_refused(
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> None:
+    cfg: dict[str, Any] = {
+        "channels": {"sms": aliyun(sms_fake, {"rate": 1, "per": "1s", "burst": 1}),
+                     "email": {"provider": "sandbox"}},
+        "recipients": {"alice": ALICE},
+        "routes": [
+            {"match": {"severity": "critical"}, "to": ["alice"], "channels": ["sms"],
+             "fallback": ["email"]},
+            {"match": {}, "to": ["alice"], "channels": ["sms"]},
+        ],
+    }
+    fleet = make_fleet(cfg, SMS_ENV)
+    # The first SMS goes out; then alice's number hits Aliyun's day window (recipient_budget).
+    limited = {"kind": "business", "code": "isv.BUSINESS_LIMIT_CONTROL",
+               "message": "触发天级流控Permits:10"}
+    sms_fake.script({"kind": "ok"}, limited, limited)
+    submit(fleet, "first", "warning")
+    warnings = [submit(fleet, f"disk {n}%", "warning") for n in (80, 90)]
+    criticals = [submit(fleet, title) for title in ("DB DOWN", "API DOWN")]
+    fleet.drain(timers_until=5)
+    # The critical alerts reach alice by email, as their route says; the warnings' route has
+    # no fallback: they fail, and are dead letters.
+    (email,) = outbox(fleet, "email")
+    assert "DB DOWN" in email and "API DOWN" in email and "disk" not in email
+    assert tx_statuses(fleet, criticals) == {t: "delivered" for t in criticals}
+    assert tx_statuses(fleet, warnings) == {t: "failed" for t in warnings}
+    assert set(warnings) <= {t for t, _at in fleet.deps.ledger.dead_letters()}
+    assert len(sms_fake.messages) == 1  # the first alert only
