@@ -60,7 +60,12 @@ def normalise_phone(raw: str, default_region: str = "CN") -> str:
     are read as mainland China unless they parse as something else.
     """
     text = re.sub(r"[\s\-()]", "", str(raw))
-    candidates = [text] if text.startswith("+") else [f"+{text}", text]
+    # Without a '+', the default region's reading wins when it is a valid number there: many
+    # bare mainland mobiles (150..., 166..., 170..., 180...) are also valid NANP numbers once a
+    # '+' is put in front, and '+1501...' is never what an operator or Aliyun meant. A number
+    # that is not valid in the region ('85261234567', '447911123456') is then tried as
+    # international.
+    candidates = [text] if text.startswith("+") else [text, f"+{text}"]
     for candidate in candidates:
         try:
             number = phonenumbers.parse(candidate, default_region)
