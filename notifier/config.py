@@ -52,6 +52,11 @@ def parse_duration(value: object) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
+def mask_phone(phone: str) -> str:
+    """+8613800138000 -> +86138****8000: enough to recognise, not to harvest."""
+    return phone[:6] + "****" + phone[-4:] if len(phone) > 10 else "****"
+
+
 @functools.lru_cache(maxsize=4096)  # parsed on every SMS send and receipt: a few numbers, often
 def normalise_phone(raw: str, default_region: str = "CN") -> str:
     """Any of '+8613800138000', '8613800138000', '13800138000' -> '+8613800138000' (E.164).
@@ -73,7 +78,8 @@ def normalise_phone(raw: str, default_region: str = "CN") -> str:
             continue
         if phonenumbers.is_valid_number(number):
             return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
-    raise ValueError(f"not a valid phone number: {raw!r}")
+    # Masked: this message ends up in logs and in answers to pushes of other people's numbers.
+    raise ValueError(f"not a valid phone number ({mask_phone(text)})")
 
 
 # A phone number field of any model: whatever form it comes in, it is stored as E.164.

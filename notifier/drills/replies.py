@@ -18,10 +18,10 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
-from notifier.config import E164
+from notifier.config import mask_phone, normalise_phone
 from notifier.drills.codes import Verdict, match_reply
 from notifier.drills.service import DrillService
-from notifier.inbox import Inbox, check_records
+from notifier.inbox import Checked, Inbox, check_records
 from notifier.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,9 @@ class SmsUpIn(BaseModel):
     """One record of an Aliyun SmsUp push; unknown fields are ignored."""
 
     model_config = ConfigDict(extra="ignore")
-    phone_number: E164 = Field(min_length=1, max_length=32)
+    # As pushed: a sender that is no phone number (a short code, a garbled number) is still a
+    # reply, stored and rejected as bad_number where the drill's operators can see it.
+    phone_number: str = Field(min_length=1, max_length=32)
     content: str = Field(max_length=2000)
     send_time: str = Field(default="", max_length=32)
     dest_code: str | int = ""
@@ -43,7 +45,7 @@ class SmsUpIn(BaseModel):
 
 @dataclass(frozen=True)
 class Reply:
-    phone: str  # E.164
+    phone: str  # E.164, or as pushed when it is not a phone number
     content: str
     send_time: str = ""
     dest_code: str = ""
@@ -58,16 +60,20 @@ class Reply:
         return f"{self.phone}|{digest}"
 
 
-def mask(phone: str) -> str:
-    """+8613800138000 -> +86138****8000: enough to recognise, not to harvest."""
-    return phone[:6] + "****" + phone[-4:] if len(phone) > 10 else "****"
+def _e164_or_raw(raw: str) -> str:
+    try:
+        return normalise_phone(raw)
+    except ValueError:
+        return raw  # match_reply cannot read it either: rejected as bad_number
 
 
-def parse_replies(payload: Any) -> list[Reply]:
-    """An SmsUp body -> replies; `InvalidPush` naming every bad field otherwise."""
-    return [Reply(phone=rec.phone_number, content=rec.content, send_time=rec.send_time,
-                  dest_code=str(rec.dest_code), sequence_id=str(rec.sequence_id))
-            for rec in check_records(payload, "SmsUp", SmsUpIn) if isinstance(rec, SmsUpIn)]
+def parse_replies(payload: Any) -> Checked[Reply]:
+    """An SmsUp body -> its replies and its invalid records; `InvalidPush` if not an array."""
+    checked = check_records(payload, "SmsUp", SmsUpIn)
+    replies = [Reply(phone=_e164_or_raw(rec.phone_number), content=rec.content,
+                     send_time=rec.send_time, dest_code=str(rec.dest_code),
+                     sequence_id=str(rec.sequence_id)) for rec in checked.records]
+    return Checked(replies, checked.invalid)
 
 
 def reply_inbox(client: redis.Redis, retention: float) -> Inbox:
@@ -106,18 +112,18 @@ def apply_reply(svc: DrillService, reply: Reply) -> str:
         drill = svc.store.drill(record.drill)
         if drill is not None:
             done = svc.record_confirmation(drill, record.phase, record.operator, "sms",
-                                           mask(reply.phone))
+                                           mask_phone(reply.phone))
             if done.first:
                 return "confirmed"
             svc.store.log(drill, "reply_repeated", phase=record.phase, operator=record.operator,
-                          sender=mask(reply.phone))
+                          sender=mask_phone(reply.phone))
             return "already_confirmed"
     _reject(svc, reply, verdict)
     return verdict.reason.value
 
 
 def _reject(svc: DrillService, reply: Reply, verdict: Verdict) -> None:
-    detail = {"sender": mask(reply.phone), "reason": verdict.reason.value}
+    detail = {"sender": mask_phone(reply.phone), "reason": verdict.reason.value}
     if verdict.record is not None:
         # A real code (another operator's, expired, of another phase): name whose it was, but
         # keep the code itself off reports, which more people read than hold the phones.

@@ -4,6 +4,7 @@ replies judged at the instant they arrived rather than when a worker got to them
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,8 +15,9 @@ from notifier.api.app import create_app
 from notifier.config import settings_from_mapping
 from notifier.drills.escalation import fire_drill_timer
 from notifier.drills.model import DrillSpec
-from notifier.drills.replies import apply_due
+from notifier.drills.replies import REJECTED, apply_due, reply_inbox
 from notifier.drills.service import DrillService
+from notifier.metrics import KEY as METRICS_KEY
 from tests.integration.conftest import MakeFleet
 from tests.support.inline import InlineFleet
 
@@ -61,6 +63,11 @@ def announced(svc: DrillService, **spec: Any) -> tuple[str, dict[str, str]]:
     return drill.id, codes
 
 
+def metric(fleet: InlineFleet, name: str, result: str) -> float:
+    raw = fleet.redis.hgetall(METRICS_KEY + name)
+    return sum(float(v) for k, v in raw.items() if json.loads(k)[-1] == result)
+
+
 def up(phone: str, content: str, seq: str) -> dict[str, str]:
     """One SmsUp record, in Aliyun's format."""
     return {"phone_number": phone, "send_time": "2026-11-23 11:52:31", "content": content,
@@ -74,3 +81,33 @@ def test_reply_pushed_with_a_bare_mainland_number_confirms(api: TestClient,
     pushed = api.post(UP, json=[up("15012345678", f"{codes['alice']} 确认", "1")])
     assert pushed.status_code == 200, pushed.text
     assert apply_due(svc) == {"confirmed": 1}
+
+
+def test_one_bad_record_does_not_cost_the_good_replies_of_its_push(
+        api: TestClient, svc: DrillService, fleet: InlineFleet,
+        caplog: pytest.LogCaptureFixture) -> None:
+    drill_id, codes = announced(svc)
+    pushed = api.post(UP, json=[
+        up("8613900139000", f"{codes['bob']} 确认", "10"),
+        up("10690000", "退订", "11"),  # a short code: a reply, from no phone number
+        {**up("8615012345678", "x" * 2001, "12")},  # unreadable: far too long
+    ])
+    assert pushed.status_code == 200, pushed.text
+    assert apply_due(svc) == {"confirmed": 1, "bad_number": 1}
+    # The short code's reply is on the fleet-wide rejected list, under its documented reason.
+    rejected = [json.loads(r) for r in fleet.redis.lrange(REJECTED, 0, -1)]
+    assert [(r["reason"], r["sender"]) for r in rejected] == [("bad_number", "****")]
+    # The unreadable record is counted and logged, with its sender masked.
+    assert metric(fleet, "notifier_replies", "invalid") == 1.0
+    (line,) = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert "[2]" in line and "content" in line and "+86150****5678" in line
+    assert "15012345678" not in caplog.text and "xxxx" not in caplog.text
+    assert svc.store.field(drill_id, "p0|bob|confirmed_at") is not None
+
+
+def test_a_push_with_no_readable_record_is_refused_naming_the_fields(
+        api: TestClient, fleet: InlineFleet) -> None:
+    pushed = api.post(UP, json=[{"phone_number": "8613900139000", "sequence_id": "1"}])
+    assert pushed.status_code == 422 and "[0].content" in pushed.text
+    assert reply_inbox(fleet.redis, 3600).pending() == 0
+    assert metric(fleet, "notifier_replies", "invalid") == 1.0
