@@ -1,7 +1,9 @@
 """A drill phase's timers: announce (round 0), escalate (1..N), record misses (N+1).
 
-Timers fire at least once (publish first, remove after; a worker may die mid-task and the task
-be redelivered), so every step is idempotent: each send goes through the intake with an
+Timers fire at least once: the scheduler does not remove a drill timer when it publishes its
+task but leases it (due again a minute later), and the step removes it only once it has
+completed, so a step whose task failed (a Redis blip, a dead worker) runs again. Every step is
+idempotent: each send goes through the intake with an
 idempotency key and is recorded once (HSETNX), and the set of operators a round escalates for
 is frozen by the first run of that round.
 
@@ -26,6 +28,7 @@ from notifier.pipeline.fanout import addresses
 
 log = logging.getLogger(__name__)
 RETRY_IN = 5.0  # a step that could not publish is tried again this much later
+RETRY = "retry"
 ESCALATION = "escalation"  # the `who` of sends to the escalation recipients
 
 
@@ -38,6 +41,15 @@ def parse_timer(arg: str) -> tuple[str, int, int] | None:
 
 
 def fire_drill_timer(svc: DrillService, arg: str) -> str:
+    """Run the step of timer `arg` ('<drill id>:<phase>:<round>'), then remove the timer: only
+    now, so that the scheduler re-fires it if this raises half-way."""
+    result = _step(svc, arg)
+    if result != RETRY:  # "retry" scheduled the timer again, for RETRY_IN from now
+        svc.timer_done(arg)
+    return result
+
+
+def _step(svc: DrillService, arg: str) -> str:
     parsed = parse_timer(arg)
     if parsed is None:
         return f"bad drill timer {arg!r}"
@@ -52,7 +64,7 @@ def fire_drill_timer(svc: DrillService, arg: str) -> str:
     except BrokerUnavailable:
         # Everything done so far is recorded and idempotent: run the whole step again later.
         svc.schedule(drill, phase, round_, time.time() + RETRY_IN)
-        return "retry"
+        return RETRY
 
 
 def _fire(svc: DrillService, drill: Drill, phase: int, round_: int) -> str:

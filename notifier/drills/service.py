@@ -65,6 +65,10 @@ class DrillService:
     def schedule(self, drill: Drill, phase: int, round_: int, due: float) -> None:
         self.timers.schedule(TIMER, CONTROL_QUEUE, timer_arg(drill.id, phase, round_), due)
 
+    def timer_done(self, arg: str) -> None:
+        """Remove a fired timer ('<drill id>:<phase>:<round>') once its step has completed."""
+        self.timers.cancel(TIMER, CONTROL_QUEUE, f"{TIMER_PREFIX}:{arg}")
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def create(self, spec: DrillSpec) -> Drill:
