@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from notifier.drills import replies
 from notifier.drills.model import Drill, human_duration
 from notifier.drills.service import TIMER_PREFIX, DrillService
 from notifier.drills.store import op_field
@@ -76,6 +77,9 @@ def _fire(svc: DrillService, drill: Drill, phase: int, round_: int) -> str:
                   event=_operator_event(svc, drill, phase, op, 0))
         svc.schedule(drill, phase, 1, started + deadline)
         return "announced"
+    # A reply that arrived before this round may still wait in the inbox (workers busy): apply
+    # it first, so that an operator who answered is neither chased nor reported as silent.
+    replies.apply_due(svc)
     frozen, first_run = _frozen_pending(svc, drill, phase, round_)
     # Someone may have confirmed since the round was frozen: do not chase them again.
     pending = [op for op in frozen if op not in _confirmed(svc, drill, phase)]

@@ -1,6 +1,9 @@
 """Operator replies (Aliyun SmsUp): validate, store first, then confirm or reject each one.
 
-A reply confirms only when its code is live and was issued to the number it came from; every
+A reply is judged at the instant it arrived (stored), not when a worker gets to it: workers
+may be busy or restarting, and what the operator did must not depend on that. It confirms only
+when, at that instant, its code was unexpired and its phase live, and the code was issued to
+the number it came from; the confirmation time is that instant too. Every
 other reply is recorded as rejected with its reason: on the drill its code belongs to, or, for
 replies that name no known code, on every unfinished drill the sender is an operator of (and in
 a fleet-wide list, for replies from strangers). A re-pushed reply is stored once.
@@ -11,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -91,38 +93,43 @@ def apply_due(svc: DrillService, limit: int = 200) -> dict[str, int]:
     for item in inbox.claim(limit):
         try:
             reply = Reply(**{k: v for k, v in item.record.items() if k != "received_at"})
-        except TypeError:  # stored by another version: it would fail on every claim
+            received_at = float(item.record["received_at"])
+        except (TypeError, KeyError, ValueError):  # stored by another version: it would fail on every claim
             log.error("a stored reply has an unknown shape (fields: %s); dropped",
                       ", ".join(sorted(item.record)))
             result = "invalid"
         else:
-            result = apply_reply(svc, reply)
+            result = apply_reply(svc, reply, received_at)
         inbox.done(item.member)
         Metrics(svc.redis).inc("notifier_replies", result=result)
         counts[result] = counts.get(result, 0) + 1
     return counts
 
 
-def apply_reply(svc: DrillService, reply: Reply) -> str:
-    """Confirm or reject one reply; returns the reason (confirmed, already_confirmed, ...)."""
-    verdict = match_reply(reply.phone, reply.content, time.time(), svc.codes.lookup,
-                          svc.is_live)
+def apply_reply(svc: DrillService, reply: Reply, received_at: float) -> str:
+    """Confirm or reject one reply as of when it arrived; returns the reason (confirmed,
+    already_confirmed, ...)."""
+
+    def was_live(drill_id: str, phase: int) -> bool:
+        return svc.was_live(drill_id, phase, received_at)
+
+    verdict = match_reply(reply.phone, reply.content, received_at, svc.codes.lookup, was_live)
     record = verdict.record
     if verdict.confirmed and record is not None:
         drill = svc.store.drill(record.drill)
         if drill is not None:
             done = svc.record_confirmation(drill, record.phase, record.operator, "sms",
-                                           mask_phone(reply.phone))
+                                           mask_phone(reply.phone), at=received_at)
             if done.first:
                 return "confirmed"
             svc.store.log(drill, "reply_repeated", phase=record.phase, operator=record.operator,
                           sender=mask_phone(reply.phone))
             return "already_confirmed"
-    _reject(svc, reply, verdict)
+    _reject(svc, reply, verdict, received_at)
     return verdict.reason.value
 
 
-def _reject(svc: DrillService, reply: Reply, verdict: Verdict) -> None:
+def _reject(svc: DrillService, reply: Reply, verdict: Verdict, received_at: float) -> None:
     detail = {"sender": mask_phone(reply.phone), "reason": verdict.reason.value}
     if verdict.record is not None:
         # A real code (another operator's, expired, of another phase): name whose it was, but
@@ -141,7 +148,7 @@ def _reject(svc: DrillService, reply: Reply, verdict: Verdict) -> None:
             phase = verdict.record.phase if verdict.record is not None else (
                 live if live >= 0 else None)
             svc.store.log(drill, "reply_rejected", phase=phase, **detail)
-    entry = json.dumps({"at": time.time(), **detail, "drills": targets}, ensure_ascii=False)
+    entry = json.dumps({"at": received_at, **detail, "drills": targets}, ensure_ascii=False)
     pipe = svc.redis.pipeline()
     pipe.rpush(REJECTED, entry)
     pipe.ltrim(REJECTED, -REJECTED_KEEP, -1)

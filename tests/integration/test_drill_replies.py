@@ -5,6 +5,7 @@ replies judged at the instant they arrived rather than when a worker got to them
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ from notifier.api.app import create_app
 from notifier.config import settings_from_mapping
 from notifier.drills.escalation import fire_drill_timer
 from notifier.drills.model import DrillSpec
-from notifier.drills.replies import REJECTED, apply_due, reply_inbox
+from notifier.drills.replies import REJECTED, Reply, apply_due, reply_inbox, store_replies
 from notifier.drills.service import DrillService
 from notifier.metrics import KEY as METRICS_KEY
 from tests.integration.conftest import MakeFleet
@@ -111,3 +112,45 @@ def test_a_push_with_no_readable_record_is_refused_naming_the_fields(
     assert pushed.status_code == 422 and "[0].content" in pushed.text
     assert reply_inbox(fleet.redis, 3600).pending() == 0
     assert metric(fleet, "notifier_replies", "invalid") == 1.0
+
+
+# A reply is judged at the instant it arrived; a worker may apply it seconds or minutes later.
+
+def store(fleet: InlineFleet, phone: str, content: str, seq: str) -> None:
+    """What the callback does: the reply is in the inbox, no worker has applied it yet."""
+    store_replies(reply_inbox(fleet.redis, 3600), [Reply(phone=phone, content=content,
+                                                         sequence_id=seq)])
+
+
+def test_a_reply_received_while_its_phase_was_live_confirms_after_the_next_phase_started(
+        fleet: InlineFleet, svc: DrillService) -> None:
+    drill_id, codes = announced(svc)
+    store(fleet, ALICE, codes["alice"], "21")
+    svc.start_phase(drill_id)  # the lead moves on before a worker got to the reply
+    store(fleet, BOB, codes["bob"], "22")  # bob's arrives after that: too late
+    assert apply_due(svc) == {"confirmed": 1, "phase_not_live": 1}
+    assert svc.store.field(drill_id, "p0|alice|confirmed_at") is not None
+    assert svc.store.field(drill_id, "p0|bob|confirmed_at") is None
+
+
+def test_a_reply_confirms_as_of_when_it_arrived(fleet: InlineFleet, svc: DrillService) -> None:
+    drill_id, codes = announced(svc, reply_code_ttl="1s")
+    received = time.time()
+    store(fleet, ALICE, codes["alice"], "23")
+    time.sleep(1.2)  # workers busy for a moment: the code has expired since
+    assert apply_due(svc) == {"confirmed": 1}
+    confirmed_at = float(svc.store.field(drill_id, "p0|alice|confirmed_at") or 0)
+    assert received <= confirmed_at < received + 0.5, f"{confirmed_at - received:.1f} s late"
+    store(fleet, BOB, codes["bob"], "24")  # arrives after expiry: rejected
+    assert apply_due(svc) == {"expired_code": 1}
+
+
+def test_a_reply_waiting_in_the_inbox_is_applied_before_an_escalation_round(
+        fleet: InlineFleet, svc: DrillService) -> None:
+    drill_id, codes = announced(svc)
+    store(fleet, BOB, codes["bob"], "31")  # bob answered; no worker has applied it yet
+    assert fire_drill_timer(svc, f"{drill_id}:0:1") == "escalated"
+    chased = [s["operator"] for s in svc.store.sends(drill_id) if s["step"] == "escalation"]
+    assert chased == ["alice"], f"escalated for {chased} though bob's reply had arrived"
+    (told,) = [s for s in svc.store.sends(drill_id) if s["step"] == "escalation_recipients"]
+    assert svc.store.field(drill_id, "p0:r1") == '["alice"]' and told["to"] == ["carol"]
