@@ -7,6 +7,7 @@ A bad file raises `ConfigError` whose message names the key path and the problem
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from pathlib import Path
@@ -44,6 +45,8 @@ def parse_duration(value: object) -> float:
         if not match:
             raise ValueError(f"expected a duration like '500ms', '10s', '5m', '2h', '7d', got {value!r}")
         seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if not math.isfinite(seconds):  # JSON's 1e400 reads as inf: no timer or TTL can hold it
+        raise ValueError(f"a duration must be a finite number of seconds, got {value!r}")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds

@@ -111,3 +111,11 @@ def test_phone_numbers_normalise_to_e164(raw: str, e164: str) -> None:
                                                ("2h", 7200), ("7d", 604800), (3, 3.0)])
 def test_durations(raw: object, seconds: float) -> None:
     assert parse_duration(raw) == seconds
+
+
+# JSON's 1e400 reads as inf; 400 digits read as inf too.
+@pytest.mark.parametrize("raw", [float("inf"), float("-inf"), float("nan"), "9" * 400 + "s"],
+                         ids=["inf", "-inf", "nan", "400 digits"])
+def test_durations_must_be_finite(raw: object) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        parse_duration(raw)
