@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import redis
 
+from notifier.errors import BrokerUnavailable
 from notifier.tasks_spec import TIMER, Publisher
 
 TIMERS = "ntf:timers"
@@ -155,8 +156,12 @@ class Scheduler:
         while not stop():
             try:
                 fired = self.tick()
-            except redis.RedisError as exc:
-                log.warning("scheduler: redis unavailable (%s); retrying", type(exc).__name__)
+            except (redis.RedisError, BrokerUnavailable) as exc:
+                # Redis or the broker (the same Redis, or its failover) is away: a timer whose
+                # publish failed is still in the set (neither removed nor leased), so waiting
+                # loses nothing; exiting would take the whole `notifier up` stack down.
+                log.warning("scheduler: redis or broker unavailable (%s); retrying",
+                            type(exc).__name__)
                 fired = 0
                 time.sleep(1.0)
             if not fired:

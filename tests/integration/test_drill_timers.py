@@ -4,12 +4,14 @@ timers (deliveries, digests) are still removed when they are published."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 
+from notifier.celery_app import CeleryPublisher, make_celery
 from notifier.drills.escalation import fire_drill_timer
 from notifier.drills.model import DrillSpec
 from notifier.drills.service import DrillService, timer_arg
@@ -17,7 +19,7 @@ from notifier.scheduler import TIMERS, Scheduler, Timer, Timers
 from notifier.tasks_spec import CONTROL_QUEUE, DELIVER, DIGEST, TIMER, deliver_queue
 from notifier.worker.timers import fire_timer
 from tests.support.inline import InlineFleet, ListPublisher
-from tests.support.servers import RedisServer, wait_until
+from tests.support.servers import RedisServer, free_port, wait_until
 
 CONFIG: dict[str, Any] = {
     "channels": {"sms": {"provider": "sandbox"}, "email": {"provider": "sandbox"}},
@@ -107,3 +109,14 @@ def test_delivery_and_digest_timers_are_still_removed_when_published(fleet: Inli
     assert sorted(publisher.tasks) == sorted((t.task, [t.arg], t.queue) for t in due)
     assert timers(fleet.redis) == ["drill:dr-x:0:1"]  # leased: due again in a minute
     assert fleet.redis.zscore(TIMERS, due[2].member) > 50.0 + float(fleet.redis.time()[0])
+
+
+def test_the_scheduler_outlives_a_broker_it_cannot_publish_to(redis_client: redis.Redis) -> None:
+    Timers(redis_client).schedule(TIMER, CONTROL_QUEUE, "drill:dr-x:0:1", time.time())
+    dead_broker = CeleryPublisher(make_celery(f"redis://127.0.0.1:{free_port()}/0"))
+    ticks = iter(range(2))
+    scheduler = Scheduler(redis_client, dead_broker, interval=0.05)
+    scheduler.run_forever(stop=lambda: next(ticks, None) is None)  # must not raise
+    assert timers(redis_client) == ["drill:dr-x:0:1"]  # still owed: fired once it can publish
+    assert redis_client.zscore(TIMERS, Timer(TIMER, CONTROL_QUEUE, "drill:dr-x:0:1", 0).member
+                               ) <= time.time()
