@@ -8,8 +8,9 @@ idempotency key and is recorded once (HSETNX), and the set of operators a round 
 is frozen by the first run of that round.
 
 Each escalation round, at `started + deadline × round`, re-sends the SMS to every operator who
-has not confirmed, on every other channel they can be reached on too (same reply code), and
-tells the drill's escalation recipients who has not confirmed.
+has not confirmed, on every other channel they can be reached on too (same reply code, valid
+for another reply_code_ttl from the reminder), and tells the drill's escalation recipients who
+has not confirmed.
 """
 
 from __future__ import annotations
@@ -121,15 +122,21 @@ def _frozen_pending(svc: DrillService, drill: Drill, phase: int,
     return frozen, first
 
 
-def _code(svc: DrillService, drill: Drill, phase: int, op: str) -> str:
+def _code(svc: DrillService, drill: Drill, phase: int, op: str, *, resend: bool) -> str:
+    """The operator's code for this phase. A reminder (`resend`) keeps it valid for another
+    reply_code_ttl: an operator expects the code in the SMS they just got to work, whatever
+    the lifetime and the escalation schedule (and the phase must still be live anyway)."""
     field = op_field(phase, op, "code")
     existing = svc.store.field(drill.id, field)
-    if existing:
+    if existing and (not resend or svc.codes.renew(existing, drill.id, phase, op,
+                                                   ttl=drill.reply_code_ttl)):
         return existing
     recipient = svc.settings.recipients.get(op)
     phone = recipient.phone if recipient is not None and recipient.phone else ""
     code = svc.codes.issue(drill.id, phase, op, phone=phone, ttl=drill.reply_code_ttl)
-    if not svc.store.set_once(drill.id, field, code):
+    if existing:  # ours expired and was issued to someone else since: this one replaces it
+        svc.store.set(drill.id, **{field: code})
+    elif not svc.store.set_once(drill.id, field, code):
         # Lost a race with another run: use the winner's (ours stays harmless: it names the
         # same drill, phase and operator, and expires).
         code = svc.store.field(drill.id, field) or code
@@ -149,7 +156,8 @@ def _operator_event(svc: DrillService, drill: Drill, phase: int, op: str, round_
         body="" if round_ == 0 else f"reminder {round_}",
         severity=drill.severity, labels={"drill_id": drill.id, "drill_phase": p.name},
         to=(op,), channels=tuple(channels),
-        extra={"reply_code": _code(svc, drill, phase, op), "drill_id": drill.id,
+        extra={"reply_code": _code(svc, drill, phase, op, resend=round_ > 0),
+               "drill_id": drill.id,
                "phase": p.name, "drill_name": drill.name},
     )
 

@@ -154,3 +154,20 @@ def test_a_reply_waiting_in_the_inbox_is_applied_before_an_escalation_round(
     assert chased == ["alice"], f"escalated for {chased} though bob's reply had arrived"
     (told,) = [s for s in svc.store.sends(drill_id) if s["step"] == "escalation_recipients"]
     assert svc.store.field(drill_id, "p0:r1") == '["alice"]' and told["to"] == ["carol"]
+
+
+# A reminder re-sends the operator's code: it must still confirm, whatever reply_code_ttl.
+
+def test_a_reminder_keeps_its_code_valid(fleet: InlineFleet, svc: DrillService) -> None:
+    drill_id, codes = announced(svc, phases=[{"name": "primary stopped", "deadline": "1s"}],
+                                reply_code_ttl="1s")
+    time.sleep(1.2)  # both codes expired before the first escalation round
+    # Meanwhile bob's expired code went to another drill's operator (codes are reused).
+    fleet.redis.hset(f"ntf:rc:{codes['bob']}", mapping={"drill": "dr-other", "operator": "x"})
+    assert fire_drill_timer(svc, f"{drill_id}:0:1") == "escalated"  # "reminder 1, reply ..."
+    bob_code = svc.store.field(drill_id, "p0|bob|code") or ""
+    assert svc.store.field(drill_id, "p0|alice|code") == codes["alice"]  # the same, renewed
+    assert bob_code not in ("", codes["bob"])  # a new one: his old one is someone else's
+    store(fleet, ALICE, codes["alice"], "41")
+    store(fleet, BOB, bob_code, "42")
+    assert apply_due(svc) == {"confirmed": 2}
