@@ -7,6 +7,7 @@ A bad file raises `ConfigError` whose message names the key path and the problem
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from pathlib import Path
@@ -44,12 +45,19 @@ def parse_duration(value: object) -> float:
         if not match:
             raise ValueError(f"expected a duration like '500ms', '10s', '5m', '2h', '7d', got {value!r}")
         seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if not math.isfinite(seconds):  # JSON's 1e400 reads as inf: no timer or TTL can hold it
+        raise ValueError(f"a duration must be a finite number of seconds, got {value!r}")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def mask_phone(phone: str) -> str:
+    """+8613800138000 -> +86138****8000: enough to recognise, not to harvest."""
+    return phone[:6] + "****" + phone[-4:] if len(phone) > 10 else "****"
 
 
 @functools.lru_cache(maxsize=4096)  # parsed on every SMS send and receipt: a few numbers, often
@@ -60,7 +68,12 @@ def normalise_phone(raw: str, default_region: str = "CN") -> str:
     are read as mainland China unless they parse as something else.
     """
     text = re.sub(r"[\s\-()]", "", str(raw))
-    candidates = [text] if text.startswith("+") else [f"+{text}", text]
+    # Without a '+', the default region's reading wins when it is a valid number there: many
+    # bare mainland mobiles (150..., 166..., 170..., 180...) are also valid NANP numbers once a
+    # '+' is put in front, and '+1501...' is never what an operator or Aliyun meant. A number
+    # that is not valid in the region ('85261234567', '447911123456') is then tried as
+    # international.
+    candidates = [text] if text.startswith("+") else [text, f"+{text}"]
     for candidate in candidates:
         try:
             number = phonenumbers.parse(candidate, default_region)
@@ -68,7 +81,8 @@ def normalise_phone(raw: str, default_region: str = "CN") -> str:
             continue
         if phonenumbers.is_valid_number(number):
             return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
-    raise ValueError(f"not a valid phone number: {raw!r}")
+    # Masked: this message ends up in logs and in answers to pushes of other people's numbers.
+    raise ValueError(f"not a valid phone number ({mask_phone(text)})")
 
 
 # A phone number field of any model: whatever form it comes in, it is stored as E.164.

@@ -14,10 +14,15 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import redis
 from pydantic import BaseModel, ValidationError
+
+from notifier.config import mask_phone, normalise_phone
+
+M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R")
 
 _STORE = """
 -- KEYS: queue, record keys...; ARGV: now, ttl_s, member1, json1, member2, json2 ...
@@ -45,28 +50,66 @@ return items
 
 
 class InvalidPush(ValueError):
-    """A push body that cannot be stored; `problems` name each bad field ("[0].biz_id: ...")."""
+    """A push body that cannot be stored at all (not a JSON array); `problems` say why."""
 
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
         self.problems = problems
 
 
-def check_records(payload: object, kind: str, model: type[BaseModel]) -> list[BaseModel]:
-    """Validate a push body: a JSON array of `model` records, all of them valid."""
+@dataclass(frozen=True)
+class InvalidRecord:
+    """One record of a push that cannot be stored. Neither field carries a full phone number
+    or a reply text: both are logged."""
+
+    index: int
+    sender: str  # the record's phone_number, masked ("" when it has none)
+    problems: tuple[str, ...]  # "biz_id: Field required", ...
+
+
+@dataclass(frozen=True)
+class Checked(Generic[R]):
+    """A push validated record by record: what can be stored, and what cannot."""
+
+    records: list[R]
+    invalid: list[InvalidRecord]
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"[{bad.index}].{problem}" for bad in self.invalid for problem in bad.problems]
+
+    @property
+    def refused(self) -> bool:
+        """Records came, and not one of them can be stored."""
+        return bool(self.invalid) and not self.records
+
+
+def check_records(payload: object, kind: str, model: type[M]) -> Checked[M]:
+    """Validate a push body, a JSON array of `model` records, each record on its own: one bad
+    record must not cost the good ones of the same push (Aliyun re-pushes a refused push as a
+    whole, three times, then drops it). `InvalidPush` only for a body that is not an array."""
     if not isinstance(payload, list):
         raise InvalidPush([f"body: expected a JSON array of {kind} records"])
-    records: list[BaseModel] = []
-    problems: list[str] = []
+    checked: Checked[M] = Checked([], [])
     for i, item in enumerate(payload):
         try:
-            records.append(model.model_validate(item))
+            checked.records.append(model.model_validate(item))
         except ValidationError as exc:
-            problems += [f"[{i}].{'.'.join(map(str, e['loc'])) or 'record'}: "
-                         f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
-    if problems:
-        raise InvalidPush(problems)
-    return records
+            checked.invalid.append(InvalidRecord(i, _sender(item), tuple(
+                f"{'.'.join(map(str, e['loc'])) or 'record'}: "
+                f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())))
+    return checked
+
+
+def _sender(item: object) -> str:
+    """The record's sender, masked as everywhere else: in E.164 when it reads as a number."""
+    phone = item.get("phone_number") if isinstance(item, dict) else None
+    if not isinstance(phone, str | int):
+        return ""
+    try:
+        return mask_phone(normalise_phone(str(phone)))
+    except ValueError:
+        return mask_phone(str(phone))
 
 
 def text(value: object) -> str:

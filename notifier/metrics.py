@@ -58,12 +58,15 @@ SPECS: dict[str, MetricSpec] = {
         MetricSpec("notifier_digests", "counter",
                    "Digest messages that merged deliveries held back by a recipient limit.",
                    ("channel",)),
-        MetricSpec("notifier_receipts", "counter", "Provider delivery receipts applied.",
-                   ("channel", "result")),
+        MetricSpec("notifier_receipts", "counter",
+                   "Provider delivery receipts, by result: delivered, failed, duplicate, stale, "
+                   "mismatch, expired, query_*, or invalid (a pushed record that could not be "
+                   "read, dropped).", ("channel", "result")),
         MetricSpec("notifier_replies", "counter",
                    "SMS replies (Aliyun SmsUp), by result: confirmed, already_confirmed, or the "
-                   "reason a reply was rejected (unknown_sender, no_code, unknown_code, "
-                   "expired, ...).", ("result",)),
+                   "reason a reply was rejected (bad_number, no_code, unknown_code, "
+                   "expired_code, ...), or invalid (a pushed record that could not be read, "
+                   "dropped).", ("result",)),
         MetricSpec("notifier_provider_latency_seconds", "histogram",
                    "Time of one provider call.", ("channel", "provider"), LATENCY_BUCKETS),
         MetricSpec("notifier_end_to_end_latency_seconds", "histogram",

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from notifier import awaiting
 from notifier.config import E164
-from notifier.inbox import Claimed, Inbox, check_records
+from notifier.inbox import Checked, Claimed, Inbox, check_records
 from notifier.ledger import Attempt, DeliveryRecord, delivery_key
 from notifier.models import DeliveryStatus
 from notifier.pipeline.deps import PipelineDeps
@@ -73,13 +73,15 @@ class Report:
         return f"{self.biz_id}|{self.phone}"
 
 
-def parse_reports(payload: Any) -> list[Report]:
-    """An SmsReport body -> reports; `InvalidPush` naming every bad field otherwise."""
-    return [Report(phone=rec.phone_number, biz_id=rec.biz_id, out_id=rec.out_id,
-                   success=rec.success, err_code=rec.err_code, err_msg=rec.err_msg,
-                   send_time=rec.send_time, report_time=rec.report_time)
-            for rec in check_records(payload, "SmsReport", SmsReportIn)
-            if isinstance(rec, SmsReportIn)]
+def parse_reports(payload: Any) -> Checked[Report]:
+    """An SmsReport body -> its reports and its invalid records; `InvalidPush` if not an
+    array."""
+    checked = check_records(payload, "SmsReport", SmsReportIn)
+    reports = [Report(phone=rec.phone_number, biz_id=rec.biz_id, out_id=rec.out_id,
+                      success=rec.success, err_code=rec.err_code, err_msg=rec.err_msg,
+                      send_time=rec.send_time, report_time=rec.report_time)
+               for rec in checked.records]
+    return Checked(reports, checked.invalid)
 
 
 def receipt_inbox(client: redis.Redis, retention: float) -> Inbox:

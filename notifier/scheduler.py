@@ -9,15 +9,20 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import redis
 
-from notifier.tasks_spec import Publisher
+from notifier.errors import BrokerUnavailable
+from notifier.tasks_spec import TIMER, Publisher
 
 TIMERS = "ntf:timers"
 LEADER = "ntf:scheduler:leader"
+# How long a published TIMER task has to finish its step (and remove its timer) before the
+# timer fires again: longer than a step takes (task_time_limit, 60 s by default), far shorter
+# than the broker's visibility timeout, so a task that failed is retried within a minute.
+TIMER_LEASE = 60.0
 log = logging.getLogger(__name__)
 
 _POP_DUE = """
@@ -28,6 +33,13 @@ _REMOVE_IF_UNCHANGED = """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if score and tonumber(score) == tonumber(ARGV[2]) then
   return redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+"""
+_LEASE_IF_UNCHANGED = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then
+  return redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
 end
 return 0
 """
@@ -56,6 +68,7 @@ class Timers:
         self.redis = client
         self._pop = client.register_script(_POP_DUE)
         self._remove = client.register_script(_REMOVE_IF_UNCHANGED)
+        self._lease = client.register_script(_LEASE_IF_UNCHANGED)
 
     def schedule(self, task: str, queue: str, arg: str, due: float, *, keep_existing: bool = False
                  ) -> None:
@@ -77,6 +90,11 @@ class Timers:
         """Remove a fired timer unless it was rescheduled meanwhile."""
         self._remove(keys=[TIMERS], args=[timer.member, repr(timer.due)])
 
+    def lease(self, timer: Timer, until: float) -> None:
+        """Keep a fired timer, due again at `until`, unless it was rescheduled meanwhile: its
+        task removes it (`cancel`) once its step is done, so a task that failed is re-fired."""
+        self._lease(keys=[TIMERS], args=[timer.member, repr(timer.due), repr(until)])
+
     def pending(self) -> int:
         return int(self.redis.zcard(TIMERS))
 
@@ -85,12 +103,17 @@ class Scheduler:
     """Fires due timers and periodic jobs while it holds the fleet-wide leader lease.
 
     Publish first, remove after: a crash in between re-fires the timer, and the delivery claim
-    turns that duplicate into a no-op. Two schedulers never fire together (the lease).
+    turns that duplicate into a no-op. Timers of the `leased` tasks (TIMER: drill steps) are not
+    removed but pushed `timer_lease` ahead: a Celery task that fails is acked, not redelivered,
+    and a drill step has no other owner to retry it, so its timer stays until the step removes
+    it after completing (steps are idempotent: a re-fire sends nothing twice). Delivery and
+    digest timers are removed on publish as before: their tasks' claims and the reaper recover
+    a delivery whose task failed. Two schedulers never fire together (the lease).
     """
 
     def __init__(self, client: redis.Redis, publisher: Publisher, *, interval: float = 0.2,
-                 lease: float = 5.0, periodic: list[tuple[float, Callable[[], None]]] | None = None
-                 ) -> None:
+                 lease: float = 5.0, periodic: list[tuple[float, Callable[[], None]]] | None = None,
+                 leased: Collection[str] = (TIMER,), timer_lease: float = TIMER_LEASE) -> None:
         self.redis = client
         self.timers = Timers(client)
         self.publisher = publisher
@@ -99,6 +122,8 @@ class Scheduler:
         self.token = secrets.token_hex(8)
         self._renew = client.register_script(_RENEW)
         self.periodic = [(every, job, 0.0) for every, job in (periodic or [])]
+        self.leased = frozenset(leased)
+        self.timer_lease = timer_lease
         self.fired = 0
 
     def is_leader(self) -> bool:
@@ -111,7 +136,10 @@ class Scheduler:
         fired = 0
         for timer in self.timers.due(time.time()):
             self.publisher.publish(timer.task, [timer.arg], timer.queue)
-            self.timers.done(timer)
+            if timer.task in self.leased:
+                self.timers.lease(timer, time.time() + self.timer_lease)
+            else:
+                self.timers.done(timer)
             fired += 1
         now = time.monotonic()
         for i, (every, job, last) in enumerate(self.periodic):
@@ -128,8 +156,12 @@ class Scheduler:
         while not stop():
             try:
                 fired = self.tick()
-            except redis.RedisError as exc:
-                log.warning("scheduler: redis unavailable (%s); retrying", type(exc).__name__)
+            except (redis.RedisError, BrokerUnavailable) as exc:
+                # Redis or the broker (the same Redis, or its failover) is away: a timer whose
+                # publish failed is still in the set (neither removed nor leased), so waiting
+                # loses nothing; exiting would take the whole `notifier up` stack down.
+                log.warning("scheduler: redis or broker unavailable (%s); retrying",
+                            type(exc).__name__)
                 fired = 0
                 time.sleep(1.0)
             if not fired:

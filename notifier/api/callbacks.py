@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from notifier.api.state import ApiState
 from notifier.drills.replies import parse_replies, reply_inbox, store_replies
 from notifier.errors import BrokerUnavailable
-from notifier.inbox import InvalidPush
+from notifier.inbox import Checked, InvalidPush
 from notifier.receipts import parse_reports, receipt_inbox, store_reports
 from notifier.tasks_spec import APPLY_RECEIPTS, APPLY_REPLIES, CONTROL_QUEUE
 
@@ -51,18 +51,37 @@ def callbacks_router(state: ApiState, _auth: Auth, callback_auth: Auth) -> APIRo
         except BrokerUnavailable:
             log.warning("stored a push but could not publish %s; the scheduler will", task)
 
+    def count(metric: str, amount: int, **labels: str) -> None:
+        if amount:
+            # Counted after storing: a lost count must not turn into a 503 that makes Aliyun
+            # push again what is stored already.
+            with contextlib.suppress(redis.RedisError):
+                state.metrics.inc(metric, float(amount), into=None, **labels)
+
+    def screen(checked: Checked[Any], kind: str, metric: str, **labels: str) -> None:
+        """Log and count the push's invalid records (they are dropped); refuse the push if
+        nothing in it was valid."""
+        for bad in checked.invalid:
+            log.warning("%s push: record [%d] (from %s) dropped: %s", kind, bad.index,
+                        bad.sender or "?", "; ".join(bad.problems))
+        count(metric, len(checked.invalid), result="invalid", **labels)
+        if checked.refused:
+            # Nothing good to lose by a 4xx, and a push with no readable record at all means
+            # a systematic fault (Aliyun changed its format, the report URL was set as the
+            # reply URL, ...): answering 422 names the fields and makes the failures show in
+            # Aliyun's push console instead of being acknowledged silently. Aliyun re-pushes it
+            # (each re-push counted and logged again), then drops it, as it would anyway.
+            raise HTTPException(422, checked.problems)
+
     @router.post("/v1/callbacks/aliyun/sms-report")
     def sms_report(payload: Annotated[Any, Depends(_payload)]) -> JSONResponse:
         try:
-            reports = parse_reports(payload)
+            checked = parse_reports(payload)
         except InvalidPush as exc:
             raise HTTPException(422, exc.problems) from None
-        new, duplicates = store_reports(receipts, reports)
-        if duplicates:
-            # Stored already: a lost count must not turn into a 503 that makes Aliyun push again.
-            with contextlib.suppress(redis.RedisError):
-                state.metrics.inc("notifier_receipts", float(duplicates), channel="sms",
-                                  result="duplicate")
+        new, duplicates = store_reports(receipts, checked.records)
+        screen(checked, "SmsReport", "notifier_receipts", channel="sms")
+        count("notifier_receipts", duplicates, channel="sms", result="duplicate")
         if new:
             publish(APPLY_RECEIPTS)
         return JSONResponse(ACK)
@@ -70,10 +89,11 @@ def callbacks_router(state: ApiState, _auth: Auth, callback_auth: Auth) -> APIRo
     @router.post("/v1/callbacks/aliyun/sms-up")
     def sms_up(payload: Annotated[Any, Depends(_payload)]) -> JSONResponse:
         try:
-            items = parse_replies(payload)
+            checked = parse_replies(payload)
         except InvalidPush as exc:
             raise HTTPException(422, exc.problems) from None
-        new, _ = store_replies(replies, items)
+        new, _ = store_replies(replies, checked.records)
+        screen(checked, "SmsUp", "notifier_replies")
         if new:
             publish(APPLY_REPLIES)
         return JSONResponse(ACK)

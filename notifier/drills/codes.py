@@ -37,6 +37,16 @@ redis.call('HSET', KEYS[1], 'drill', ARGV[4], 'phase', ARGV[5], 'operator', ARGV
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
+_RENEW = """
+-- KEYS: code; ARGV: drill, phase, operator, expires_at, key_ttl_s
+local owner = redis.call('HMGET', KEYS[1], 'drill', 'phase', 'operator', 'expires_at')
+if owner[1] ~= ARGV[1] or owner[2] ~= ARGV[2] or owner[3] ~= ARGV[3] then return 0 end
+if tonumber(owner[4]) < tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[1], 'expires_at', ARGV[4])
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+end
+return 1
+"""
 _RUN = re.compile(r"[0-9]+")  # ASCII only: NFKC has already folded full-width digits
 _SPACED = re.compile(r"(?<=[0-9])[\s\-.·]+(?=[0-9])")  # "123 456", "123-456"
 
@@ -119,6 +129,7 @@ class ReplyCodes:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._issue = client.register_script(_ISSUE)
+        self._renew = client.register_script(_RENEW)
 
     def issue(self, drill: str, phase: int, operator: str, *, phone: str, ttl: float,
               now: float | None = None) -> str:
@@ -131,6 +142,15 @@ class ReplyCodes:
             if self._issue(keys=[_PREFIX + code], args=args):
                 return code
         raise RuntimeError("no free reply code after 50 tries: too many live codes")
+
+    def renew(self, code: str, drill: str, phase: int, operator: str, *, ttl: float,
+              now: float | None = None) -> bool:
+        """Keep a code that is sent again valid for `ttl` from now (never shortened). False
+        when it no longer names (drill, phase, operator): it expired and went to someone else."""
+        at = time.time() if now is None else now
+        return bool(self._renew(keys=[_PREFIX + code],
+                                args=[drill, str(phase), operator, repr(at + ttl),
+                                      int(ttl) + GRACE]))
 
     def lookup(self, code: str) -> CodeRecord | None:
         raw = self.redis.hgetall(_PREFIX + code)

@@ -1,13 +1,16 @@
 """A drill phase's timers: announce (round 0), escalate (1..N), record misses (N+1).
 
-Timers fire at least once (publish first, remove after; a worker may die mid-task and the task
-be redelivered), so every step is idempotent: each send goes through the intake with an
+Timers fire at least once: the scheduler does not remove a drill timer when it publishes its
+task but leases it (due again a minute later), and the step removes it only once it has
+completed, so a step whose task failed (a Redis blip, a dead worker) runs again. Every step is
+idempotent: each send goes through the intake with an
 idempotency key and is recorded once (HSETNX), and the set of operators a round escalates for
 is frozen by the first run of that round.
 
 Each escalation round, at `started + deadline × round`, re-sends the SMS to every operator who
-has not confirmed, on every other channel they can be reached on too (same reply code), and
-tells the drill's escalation recipients who has not confirmed.
+has not confirmed, on every other channel they can be reached on too (same reply code, valid
+for another reply_code_ttl from the reminder), and tells the drill's escalation recipients who
+has not confirmed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from notifier.drills import replies
 from notifier.drills.model import Drill, human_duration
 from notifier.drills.service import TIMER_PREFIX, DrillService
 from notifier.drills.store import op_field
@@ -26,6 +30,7 @@ from notifier.pipeline.fanout import addresses
 
 log = logging.getLogger(__name__)
 RETRY_IN = 5.0  # a step that could not publish is tried again this much later
+RETRY = "retry"
 ESCALATION = "escalation"  # the `who` of sends to the escalation recipients
 
 
@@ -38,6 +43,15 @@ def parse_timer(arg: str) -> tuple[str, int, int] | None:
 
 
 def fire_drill_timer(svc: DrillService, arg: str) -> str:
+    """Run the step of timer `arg` ('<drill id>:<phase>:<round>'), then remove the timer: only
+    now, so that the scheduler re-fires it if this raises half-way."""
+    result = _step(svc, arg)
+    if result != RETRY:  # "retry" scheduled the timer again, for RETRY_IN from now
+        svc.timer_done(arg)
+    return result
+
+
+def _step(svc: DrillService, arg: str) -> str:
     parsed = parse_timer(arg)
     if parsed is None:
         return f"bad drill timer {arg!r}"
@@ -52,7 +66,7 @@ def fire_drill_timer(svc: DrillService, arg: str) -> str:
     except BrokerUnavailable:
         # Everything done so far is recorded and idempotent: run the whole step again later.
         svc.schedule(drill, phase, round_, time.time() + RETRY_IN)
-        return "retry"
+        return RETRY
 
 
 def _fire(svc: DrillService, drill: Drill, phase: int, round_: int) -> str:
@@ -64,6 +78,9 @@ def _fire(svc: DrillService, drill: Drill, phase: int, round_: int) -> str:
                   event=_operator_event(svc, drill, phase, op, 0))
         svc.schedule(drill, phase, 1, started + deadline)
         return "announced"
+    # A reply that arrived before this round may still wait in the inbox (workers busy): apply
+    # it first, so that an operator who answered is neither chased nor reported as silent.
+    replies.apply_due(svc)
     frozen, first_run = _frozen_pending(svc, drill, phase, round_)
     # Someone may have confirmed since the round was frozen: do not chase them again.
     pending = [op for op in frozen if op not in _confirmed(svc, drill, phase)]
@@ -105,15 +122,21 @@ def _frozen_pending(svc: DrillService, drill: Drill, phase: int,
     return frozen, first
 
 
-def _code(svc: DrillService, drill: Drill, phase: int, op: str) -> str:
+def _code(svc: DrillService, drill: Drill, phase: int, op: str, *, resend: bool) -> str:
+    """The operator's code for this phase. A reminder (`resend`) keeps it valid for another
+    reply_code_ttl: an operator expects the code in the SMS they just got to work, whatever
+    the lifetime and the escalation schedule (and the phase must still be live anyway)."""
     field = op_field(phase, op, "code")
     existing = svc.store.field(drill.id, field)
-    if existing:
+    if existing and (not resend or svc.codes.renew(existing, drill.id, phase, op,
+                                                   ttl=drill.reply_code_ttl)):
         return existing
     recipient = svc.settings.recipients.get(op)
     phone = recipient.phone if recipient is not None and recipient.phone else ""
     code = svc.codes.issue(drill.id, phase, op, phone=phone, ttl=drill.reply_code_ttl)
-    if not svc.store.set_once(drill.id, field, code):
+    if existing:  # ours expired and was issued to someone else since: this one replaces it
+        svc.store.set(drill.id, **{field: code})
+    elif not svc.store.set_once(drill.id, field, code):
         # Lost a race with another run: use the winner's (ours stays harmless: it names the
         # same drill, phase and operator, and expires).
         code = svc.store.field(drill.id, field) or code
@@ -133,7 +156,8 @@ def _operator_event(svc: DrillService, drill: Drill, phase: int, op: str, round_
         body="" if round_ == 0 else f"reminder {round_}",
         severity=drill.severity, labels={"drill_id": drill.id, "drill_phase": p.name},
         to=(op,), channels=tuple(channels),
-        extra={"reply_code": _code(svc, drill, phase, op), "drill_id": drill.id,
+        extra={"reply_code": _code(svc, drill, phase, op, resend=round_ > 0),
+               "drill_id": drill.id,
                "phase": p.name, "drill_name": drill.name},
     )
 

@@ -17,6 +17,8 @@ from notifier.errors import NotifierError
 from notifier.ids import ulid
 from notifier.pipeline.routing import expand_recipients, unknown_targets
 
+MAX_DURATION = 30 * 86400.0  # longest phase deadline and reply code lifetime
+
 
 class DrillError(NotifierError):
     """Base of drill errors; the API maps each subclass onto a status code."""
@@ -123,6 +125,16 @@ def new_drill_id() -> str:
     return f"dr-{ulid()}"
 
 
+def _check_duration(field: str, seconds: float) -> None:
+    """Refused before anything is stored: Redis cannot hold an expiry (or a timer) that big,
+    and a drill step that waits longer than MAX_DURATION is a typo, not a drill."""
+    if seconds <= 0:
+        raise DrillInvalid(f"{field}: must be longer than 0 s")
+    if seconds > MAX_DURATION:
+        raise DrillInvalid(f"{field}: at most {MAX_DURATION / 86400:.0f} d "
+                           f"({MAX_DURATION:.0f} s), got {seconds:.6g} s")
+
+
 def build_drill(settings: Settings, spec: DrillSpec, now: float | None = None) -> Drill:
     """Check the spec against the config and fill in the defaults."""
     for key, names in (("operators", spec.operators), ("escalation", spec.escalation)):
@@ -138,11 +150,10 @@ def build_drill(settings: Settings, spec: DrillSpec, now: float | None = None) -
         else Phase(p.name, p.deadline if p.deadline is not None else defaults.default_deadline)
         for p in spec.phases
     )
-    if any(p.deadline <= 0 for p in phases):
-        raise DrillInvalid("phases: a deadline must be longer than 0 s")
+    for i, phase in enumerate(phases):
+        _check_duration(f"phases[{i}].deadline", phase.deadline)
     ttl = spec.reply_code_ttl if spec.reply_code_ttl is not None else defaults.reply_code_ttl
-    if ttl <= 0:
-        raise DrillInvalid("reply_code_ttl: must be longer than 0 s")
+    _check_duration("reply_code_ttl", ttl)
     return Drill(
         id=new_drill_id(), name=spec.name.strip(),
         operators=expand_recipients(settings, spec.operators),

@@ -1,6 +1,9 @@
 """Operator replies (Aliyun SmsUp): validate, store first, then confirm or reject each one.
 
-A reply confirms only when its code is live and was issued to the number it came from; every
+A reply is judged at the instant it arrived (stored), not when a worker gets to it: workers
+may be busy or restarting, and what the operator did must not depend on that. It confirms only
+when, at that instant, its code was unexpired and its phase live, and the code was issued to
+the number it came from; the confirmation time is that instant too. Every
 other reply is recorded as rejected with its reason: on the drill its code belongs to, or, for
 replies that name no known code, on every unfinished drill the sender is an operator of (and in
 a fleet-wide list, for replies from strangers). A re-pushed reply is stored once.
@@ -11,17 +14,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
-from notifier.config import E164
+from notifier.config import mask_phone, normalise_phone
 from notifier.drills.codes import Verdict, match_reply
 from notifier.drills.service import DrillService
-from notifier.inbox import Inbox, check_records
+from notifier.inbox import Checked, Inbox, check_records
 from notifier.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,9 @@ class SmsUpIn(BaseModel):
     """One record of an Aliyun SmsUp push; unknown fields are ignored."""
 
     model_config = ConfigDict(extra="ignore")
-    phone_number: E164 = Field(min_length=1, max_length=32)
+    # As pushed: a sender that is no phone number (a short code, a garbled number) is still a
+    # reply, stored and rejected as bad_number where the drill's operators can see it.
+    phone_number: str = Field(min_length=1, max_length=32)
     content: str = Field(max_length=2000)
     send_time: str = Field(default="", max_length=32)
     dest_code: str | int = ""
@@ -43,7 +47,7 @@ class SmsUpIn(BaseModel):
 
 @dataclass(frozen=True)
 class Reply:
-    phone: str  # E.164
+    phone: str  # E.164, or as pushed when it is not a phone number
     content: str
     send_time: str = ""
     dest_code: str = ""
@@ -58,16 +62,20 @@ class Reply:
         return f"{self.phone}|{digest}"
 
 
-def mask(phone: str) -> str:
-    """+8613800138000 -> +86138****8000: enough to recognise, not to harvest."""
-    return phone[:6] + "****" + phone[-4:] if len(phone) > 10 else "****"
+def _e164_or_raw(raw: str) -> str:
+    try:
+        return normalise_phone(raw)
+    except ValueError:
+        return raw  # match_reply cannot read it either: rejected as bad_number
 
 
-def parse_replies(payload: Any) -> list[Reply]:
-    """An SmsUp body -> replies; `InvalidPush` naming every bad field otherwise."""
-    return [Reply(phone=rec.phone_number, content=rec.content, send_time=rec.send_time,
-                  dest_code=str(rec.dest_code), sequence_id=str(rec.sequence_id))
-            for rec in check_records(payload, "SmsUp", SmsUpIn) if isinstance(rec, SmsUpIn)]
+def parse_replies(payload: Any) -> Checked[Reply]:
+    """An SmsUp body -> its replies and its invalid records; `InvalidPush` if not an array."""
+    checked = check_records(payload, "SmsUp", SmsUpIn)
+    replies = [Reply(phone=_e164_or_raw(rec.phone_number), content=rec.content,
+                     send_time=rec.send_time, dest_code=str(rec.dest_code),
+                     sequence_id=str(rec.sequence_id)) for rec in checked.records]
+    return Checked(replies, checked.invalid)
 
 
 def reply_inbox(client: redis.Redis, retention: float) -> Inbox:
@@ -85,39 +93,44 @@ def apply_due(svc: DrillService, limit: int = 200) -> dict[str, int]:
     for item in inbox.claim(limit):
         try:
             reply = Reply(**{k: v for k, v in item.record.items() if k != "received_at"})
-        except TypeError:  # stored by another version: it would fail on every claim
+            received_at = float(item.record["received_at"])
+        except (TypeError, KeyError, ValueError):  # stored by another version: it would fail on every claim
             log.error("a stored reply has an unknown shape (fields: %s); dropped",
                       ", ".join(sorted(item.record)))
             result = "invalid"
         else:
-            result = apply_reply(svc, reply)
+            result = apply_reply(svc, reply, received_at)
         inbox.done(item.member)
         Metrics(svc.redis).inc("notifier_replies", result=result)
         counts[result] = counts.get(result, 0) + 1
     return counts
 
 
-def apply_reply(svc: DrillService, reply: Reply) -> str:
-    """Confirm or reject one reply; returns the reason (confirmed, already_confirmed, ...)."""
-    verdict = match_reply(reply.phone, reply.content, time.time(), svc.codes.lookup,
-                          svc.is_live)
+def apply_reply(svc: DrillService, reply: Reply, received_at: float) -> str:
+    """Confirm or reject one reply as of when it arrived; returns the reason (confirmed,
+    already_confirmed, ...)."""
+
+    def was_live(drill_id: str, phase: int) -> bool:
+        return svc.was_live(drill_id, phase, received_at)
+
+    verdict = match_reply(reply.phone, reply.content, received_at, svc.codes.lookup, was_live)
     record = verdict.record
     if verdict.confirmed and record is not None:
         drill = svc.store.drill(record.drill)
         if drill is not None:
             done = svc.record_confirmation(drill, record.phase, record.operator, "sms",
-                                           mask(reply.phone))
+                                           mask_phone(reply.phone), at=received_at)
             if done.first:
                 return "confirmed"
             svc.store.log(drill, "reply_repeated", phase=record.phase, operator=record.operator,
-                          sender=mask(reply.phone))
+                          sender=mask_phone(reply.phone))
             return "already_confirmed"
-    _reject(svc, reply, verdict)
+    _reject(svc, reply, verdict, received_at)
     return verdict.reason.value
 
 
-def _reject(svc: DrillService, reply: Reply, verdict: Verdict) -> None:
-    detail = {"sender": mask(reply.phone), "reason": verdict.reason.value}
+def _reject(svc: DrillService, reply: Reply, verdict: Verdict, received_at: float) -> None:
+    detail = {"sender": mask_phone(reply.phone), "reason": verdict.reason.value}
     if verdict.record is not None:
         # A real code (another operator's, expired, of another phase): name whose it was, but
         # keep the code itself off reports, which more people read than hold the phones.
@@ -135,7 +148,7 @@ def _reject(svc: DrillService, reply: Reply, verdict: Verdict) -> None:
             phase = verdict.record.phase if verdict.record is not None else (
                 live if live >= 0 else None)
             svc.store.log(drill, "reply_rejected", phase=phase, **detail)
-    entry = json.dumps({"at": time.time(), **detail, "drills": targets}, ensure_ascii=False)
+    entry = json.dumps({"at": received_at, **detail, "drills": targets}, ensure_ascii=False)
     pipe = svc.redis.pipeline()
     pipe.rpush(REJECTED, entry)
     pipe.ltrim(REJECTED, -REJECTED_KEEP, -1)

@@ -65,6 +65,10 @@ class DrillService:
     def schedule(self, drill: Drill, phase: int, round_: int, due: float) -> None:
         self.timers.schedule(TIMER, CONTROL_QUEUE, timer_arg(drill.id, phase, round_), due)
 
+    def timer_done(self, arg: str) -> None:
+        """Remove a fired timer ('<drill id>:<phase>:<round>') once its step has completed."""
+        self.timers.cancel(TIMER, CONTROL_QUEUE, f"{TIMER_PREFIX}:{arg}")
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def create(self, spec: DrillSpec) -> Drill:
@@ -123,10 +127,14 @@ class DrillService:
     def is_live(self, drill_id: str, phase: int) -> bool:
         return self.store.is_live(drill_id, phase)
 
+    def was_live(self, drill_id: str, phase: int, at: float) -> bool:
+        return self.store.was_live(drill_id, phase, at)
+
     def record_confirmation(self, drill: Drill, phase: int, operator: str, via: str,
-                            by: str) -> Confirmation:
-        """The first confirmation counts; later ones are recorded as repeats."""
-        now = time.time()
+                            by: str, *, at: float | None = None) -> Confirmation:
+        """The first confirmation counts; later ones are recorded as repeats. `at`: when the
+        operator confirmed (an SMS reply: when it arrived), now by default."""
+        now = time.time() if at is None else at
         first = self.store.set_once(drill.id, op_field(phase, operator, "confirmed_at"), repr(now))
         if first:
             self.store.set(drill.id, **{op_field(phase, operator, "confirmed_via"): via,

@@ -99,6 +99,15 @@ class DrillStore:
         current, finished = self.redis.hmget(self.key(drill_id), ["current", "finished_at"])
         return finished is None and current is not None and int(text(current)) == phase
 
+    def was_live(self, drill_id: str, phase: int, at: float) -> bool:
+        """Was `phase` live at `at`: started by then, and neither ended (a later phase started,
+        the drill finished) nor finished by then."""
+        started, ended, finished = (
+            None if v is None else float(text(v)) for v in self.redis.hmget(
+                self.key(drill_id), [f"p{phase}:started_at", f"p{phase}:ended_at", "finished_at"]))
+        return (started is not None and started <= at
+                and all(end is None or at < end for end in (ended, finished)))
+
     def field(self, drill_id: str, name: str) -> str | None:
         value = self.redis.hget(self.key(drill_id), name)
         return None if value is None else text(value)

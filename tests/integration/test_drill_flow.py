@@ -131,6 +131,23 @@ def test_drill_api_answers_bad_requests_with_4xx(api: TestClient, method: str, p
     assert problem in response.text
 
 
+@pytest.mark.parametrize(("field", "problem"), [
+    ('"phases": [{"name": "a", "deadline": 1e400}]', "phases.0.PhaseIn.deadline"),  # inf
+    ('"phases": ["a"], "reply_code_ttl": 1e400', "reply_code_ttl"),
+    # Finite but past what Redis can expire: was a 503 after the drill had been written.
+    ('"phases": ["a"], "reply_code_ttl": 1e300', "reply_code_ttl: at most 30 d"),
+    ('"phases": [{"name": "a", "deadline": "31d"}, "b"]', "phases[0].deadline: at most 30 d"),
+])
+def test_drill_with_an_endless_duration_is_refused_and_nothing_is_written(
+        api: TestClient, field: str, problem: str) -> None:
+    body = f'{{"name": "DR", "operators": ["ops"], {field}, "start": true}}'
+    response = api.post("/v1/drills", content=body,
+                        headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert problem in response.text
+    assert api.get("/v1/drills").json() == []
+
+
 def test_drill_api_flow(api: TestClient) -> None:
     assert api.post("/v1/drills", json=SPEC, headers={"Authorization": "Bearer x"}
                     ).status_code == 401

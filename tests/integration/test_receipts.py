@@ -112,6 +112,21 @@ def test_receipt_is_stored_answered_and_applied_once_even_when_pushed_twice(
     assert tx is not None and tx.status == "delivered"
 
 
+def test_one_bad_record_does_not_cost_the_good_receipts_of_its_push(
+        fleet: InlineFleet, api: TestClient, redis_client: redis.Redis,
+        caplog: pytest.LogCaptureFixture) -> None:
+    sms = send_sms(fleet)
+    response = post(api, [report(sms), report(sms, biz_id="2^0", phone_number="12"),
+                          {**report(sms, biz_id="3^0"), "success": "maybe"}])
+    assert response.status_code == 200 and response.json() == ACK
+    assert apply_due(fleet.deps) == {"delivered": 1}
+    assert receipt_counts(redis_client) == {"delivered": 1.0, "invalid": 2.0}
+    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(dropped) == 2 and "[1]" in dropped[0] and "phone_number" in dropped[0]
+    assert "[2]" in dropped[1] and "success" in dropped[1] and "+86138****8000" in dropped[1]
+    assert "8613800138000" not in caplog.text  # numbers are logged masked only
+
+
 def test_receipt_before_its_send_is_kept_and_applied_once_the_send_is_recorded(
         fleet: InlineFleet, api: TestClient) -> None:
     sms = send_sms(fleet, deliver=False)

@@ -106,6 +106,13 @@ def test_load_settings_reports_yaml_and_missing_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("raw", "e164"), [
     ("+8613800138000", "+8613800138000"), ("8613800138000", "+8613800138000"),
     ("13800138000", "+8613800138000"), ("+1 415 555 2671", "+14155552671"),
+    # Bare mainland mobiles that would also be valid NANP numbers with a '+' in front.
+    ("15012345678", "+8615012345678"), ("17012345678", "+8617012345678"),
+    ("16612345678", "+8616612345678"), ("18012345678", "+8618012345678"),
+    ("8615012345678", "+8615012345678"),
+    # Not valid as mainland numbers: still read as international without the '+'.
+    ("14155552671", "+14155552671"), ("85261234567", "+85261234567"),
+    ("447911123456", "+447911123456"),
 ])
 def test_phone_numbers_normalise_to_e164(raw: str, e164: str) -> None:
     assert normalise_phone(raw) == e164
@@ -115,3 +122,11 @@ def test_phone_numbers_normalise_to_e164(raw: str, e164: str) -> None:
                                                ("2h", 7200), ("7d", 604800), (3, 3.0)])
 def test_durations(raw: object, seconds: float) -> None:
     assert parse_duration(raw) == seconds
+
+
+# JSON's 1e400 reads as inf; 400 digits read as inf too.
+@pytest.mark.parametrize("raw", [float("inf"), float("-inf"), float("nan"), "9" * 400 + "s"],
+                         ids=["inf", "-inf", "nan", "400 digits"])
+def test_durations_must_be_finite(raw: object) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        parse_duration(raw)
