@@ -114,6 +114,27 @@ ADD_DELIVERIES = _ADD + """
 return add(2, 3)
 """
 
+FALL_BACK = _ADD + """
+-- A fallback's check and create in one step: two deliveries of one alert to one person failing
+-- together (sms and push, in two workers) must not both see no delivery on the fallback channel
+-- and both create one. Keyed on (transaction, recipient, channel): if the transaction already
+-- has a live delivery (not failed, not fallen back) to that recipient on that channel, it
+-- carries the message and nothing is created; otherwise the successors are created.
+-- KEYS: open index, the transaction's delivery list, then per successor: hash, delivery list
+-- ARGV: retention_s, now, recipient, channel, the statuses that are not live (comma list),
+--       then per successor: id, JSON object of its fields
+-- Returns {the live delivery's id} or {'', the ids created...}.
+local dead = {}
+for name in string.gmatch(ARGV[5], '[^,]+') do dead[name] = true end
+for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  local d = redis.call('HMGET', 'ntf:dl:' .. id, 'recipient', 'channel', 'status')
+  if d[1] == ARGV[3] and d[2] == ARGV[4] and d[3] and not dead[d[3]] then return {id} end
+end
+local out = {''}
+for _, id in ipairs(add(3, 6)) do out[#out + 1] = id end
+return out
+"""
+
 FAN_OUT = _ADD + _NOTE + """
 -- A dispatch's whole write, one round trip and all or nothing: the transaction's status, its
 -- deliveries, the history line, and off the outbox (the reaper watches the deliveries now).

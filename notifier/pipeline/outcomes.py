@@ -170,17 +170,10 @@ class Outcomes:
             found = addresses(recipient, channel)
             if not found:
                 continue
-            already = self._live_delivery(rec, channel)
+            already, created = self._add_successors(rec, channel, found, chain)
             if already is not None:
                 return self._mark_fallen_back(rec, channel, f"{detail} (carried by {already})", reason)
-            successors = [
-                DeliveryRecord(id=fallback_id(rec.id, k), transaction_id=rec.transaction_id,
-                               channel=channel, recipient=rec.recipient, address=address,
-                               kind=rec.kind, fallback_of=rec.id, fallback_chain=list(chain),
-                               digest_of=list(rec.digest_of))
-                for k, address in enumerate(found)
-            ]
-            for did in self.ledger.add_deliveries(successors):
+            for did in created:
                 self.deps.publisher.publish(DELIVER, [did], deliver_queue(channel))
             return self._mark_fallen_back(rec, channel, detail, reason)
         pipe = self.ledger.redis.pipeline()
@@ -194,12 +187,20 @@ class Outcomes:
         _log(rec, "failed", code=code, detail=detail)
         return "failed"
 
-    def _live_delivery(self, rec: DeliveryRecord, channel: str) -> str | None:
-        for other in self.ledger.deliveries(rec.transaction_id):
-            if (other.recipient == rec.recipient and other.channel == channel
-                    and other.status not in (DeliveryStatus.FAILED, DeliveryStatus.FALLEN_BACK)):
-                return other.id
-        return None
+    def _add_successors(self, rec: DeliveryRecord, channel: str, found: list[str],
+                        chain: list[str]) -> tuple[str | None, list[str]]:
+        """`rec`'s successors on `channel` (one per address), unless a live delivery of its
+        transaction to the same recipient on that channel carries the message already: (its
+        id, []) or (None, the ids created). Checked and created in one script: two of the
+        person's deliveries falling back at once in two workers must not both create one."""
+        successors = [
+            DeliveryRecord(id=fallback_id(rec.id, k), transaction_id=rec.transaction_id,
+                           channel=channel, recipient=rec.recipient, address=address,
+                           kind=rec.kind, fallback_of=rec.id, fallback_chain=list(chain),
+                           digest_of=list(rec.digest_of))
+            for k, address in enumerate(found)
+        ]
+        return self.ledger.add_fallback(rec.transaction_id, rec.recipient, channel, successors)
 
     def _mark_fallen_back(self, rec: DeliveryRecord, channel: str, detail: str, reason: str) -> str:
         pipe = self.ledger.redis.pipeline()
