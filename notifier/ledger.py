@@ -71,6 +71,7 @@ class Ledger:
         self._claim = client.register_script(scripts.CLAIM)
         self._add = client.register_script(scripts.ADD_DELIVERIES)
         self._fall_back = client.register_script(scripts.FALL_BACK)
+        self._rescore_open = client.register_script(scripts.RESCORE_OPEN)
         self._deliveries_of = client.register_script(scripts.DELIVERIES_OF)
         self._roll_up = client.register_script(scripts.ROLL_UP)
         self._finish = client.register_script(scripts.FINISH)
@@ -236,9 +237,23 @@ class Ledger:
     def deliveries(self, txid: str) -> list[DeliveryRecord]:
         return deliveries_from(self._deliveries_of(keys=[f"{tx_key(txid)}:dl"]))
 
-    def open_older_than(self, age: float, limit: int = 500) -> list[str]:
-        cutoff = time.time() - age
-        return [text(x) for x in self.redis.zrangebyscore(OPEN, "-inf", cutoff, 0, limit)]
+    def deliveries_by_id(self, dids: Sequence[str]) -> list[DeliveryRecord | None]:
+        """Each delivery named (None for one that is gone), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for did in dids:
+            pipe.hgetall(delivery_key(did))
+        return [delivery_from(raw) for raw in pipe.execute()]
+
+    def open_due(self, cutoff: float, limit: int = 500) -> list[tuple[str, float]]:
+        """The oldest open deliveries scored at or before `cutoff`, with their scores."""
+        rows: list[Any] = self.redis.zrangebyscore(OPEN, "-inf", cutoff, 0, limit, withscores=True)
+        return [(text(did), float(score)) for did, score in rows]
+
+    def rescore_open(self, moves: Sequence[tuple[str, float, float]]) -> None:
+        """(id, score as read, new score): each moved unless its score changed since the read."""
+        if moves:
+            self._rescore_open(keys=[OPEN], args=[repr(x) if isinstance(x, float) else x
+                                                  for move in moves for x in move])
 
     def close_open(self, *dids: str) -> None:
         """Final and rolled up: the reaper need not look at these again."""

@@ -147,6 +147,20 @@ redis.call('ZREM', KEYS[4], ARGV[3])
 return created
 """
 
+RESCORE_OPEN = """
+-- The reaper's re-scores of one page of the open index: each entry moves to the time it next
+-- needs a look, unless something wrote its score since the reaper read it (that newer score,
+-- a worker's, stands: the reaper's reading of the delivery is older).
+-- KEYS: open index; ARGV: per entry: id, its score as read, its new score
+for i = 1, #ARGV, 3 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) == tonumber(ARGV[i + 1]) then
+    redis.call('ZADD', KEYS[1], ARGV[i + 2], ARGV[i])
+  end
+end
+return 0
+"""
+
 CLAIM = """
 -- KEYS: delivery; ARGV: token, now, lease_s, '1' to return the transaction's fields too
 -- Returns {result} or, for claimed / reclaimed / done, {result, the delivery's fields (after
