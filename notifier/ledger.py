@@ -51,6 +51,8 @@ _FINAL = ("sent", "delivered", "failed", "fallen_back", "suppressed")
 # What the roll-up script needs of the delivery statuses, from their one definition.
 _TERMINAL = ",".join(s.value for s in DeliveryStatus if s.terminal)
 _REACHED = ",".join(s.value for s in DeliveryStatus if s.succeeded or s is DeliveryStatus.SUPPRESSED)
+# A delivery in these no longer carries its message: a fallback to its channel creates another.
+_NOT_LIVE = ",".join((DeliveryStatus.FAILED.value, DeliveryStatus.FALLEN_BACK.value))
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class Ledger:
         self._accept = client.register_script(scripts.ACCEPT)
         self._claim = client.register_script(scripts.CLAIM)
         self._add = client.register_script(scripts.ADD_DELIVERIES)
+        self._fall_back = client.register_script(scripts.FALL_BACK)
+        self._rescore_open = client.register_script(scripts.RESCORE_OPEN)
         self._deliveries_of = client.register_script(scripts.DELIVERIES_OF)
         self._roll_up = client.register_script(scripts.ROLL_UP)
         self._finish = client.register_script(scripts.FINISH)
@@ -188,6 +192,19 @@ class Ledger:
         created = self._add(keys=[OPEN, *keys], args=[self.retention, *args])
         return [text(x) for x in created]
 
+    def add_fallback(self, txid: str, recipient: str, channel: str,
+                     successors: Sequence[DeliveryRecord]) -> tuple[str | None, list[str]]:
+        """Create a fallback's `successors` unless `txid` already has a live delivery (not
+        failed, not fallen back) to `recipient` on `channel`, in one step (see FALL_BACK): two
+        deliveries falling back at once create the fallback channel's delivery only once.
+        Returns (that live delivery's id, []) or (None, the ids created)."""
+        keys, args = self._delivery_args(successors)
+        reply = self._fall_back(keys=[OPEN, f"{tx_key(txid)}:dl", *keys],
+                                args=[self.retention, args[0], recipient, channel, _NOT_LIVE,
+                                      *args[1:]])
+        carrier, *created = (text(x) for x in reply)
+        return carrier or None, created
+
     def fan_out(self, writes: Sequence[FanOut]) -> list[list[str]]:
         """Dispatches' writes, one round trip for all (each all or nothing, see FAN_OUT): status
         `dispatching`, the deliveries that do not exist yet, the `dispatched` history line,
@@ -222,9 +239,23 @@ class Ledger:
     def deliveries(self, txid: str) -> list[DeliveryRecord]:
         return deliveries_from(self._deliveries_of(keys=[f"{tx_key(txid)}:dl"]))
 
-    def open_older_than(self, age: float, limit: int = 500) -> list[str]:
-        cutoff = time.time() - age
-        return [text(x) for x in self.redis.zrangebyscore(OPEN, "-inf", cutoff, 0, limit)]
+    def deliveries_by_id(self, dids: Sequence[str]) -> list[DeliveryRecord | None]:
+        """Each delivery named (None for one that is gone), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for did in dids:
+            pipe.hgetall(delivery_key(did))
+        return [delivery_from(raw) for raw in pipe.execute()]
+
+    def open_due(self, cutoff: float, limit: int = 500) -> list[tuple[str, float]]:
+        """The oldest open deliveries scored at or before `cutoff`, with their scores."""
+        rows: list[Any] = self.redis.zrangebyscore(OPEN, "-inf", cutoff, 0, limit, withscores=True)
+        return [(text(did), float(score)) for did, score in rows]
+
+    def rescore_open(self, moves: Sequence[tuple[str, float, float]]) -> None:
+        """(id, score as read, new score): each moved unless its score changed since the read."""
+        if moves:
+            self._rescore_open(keys=[OPEN], args=[repr(x) if isinstance(x, float) else x
+                                                  for move in moves for x in move])
 
     def close_open(self, *dids: str) -> None:
         """Final and rolled up: the reaper need not look at these again."""

@@ -115,6 +115,27 @@ ADD_DELIVERIES = _ADD + """
 return add(2, 3)
 """
 
+FALL_BACK = _ADD + """
+-- A fallback's check and create in one step: two deliveries of one alert to one person failing
+-- together (sms and push, in two workers) must not both see no delivery on the fallback channel
+-- and both create one. Keyed on (transaction, recipient, channel): if the transaction already
+-- has a live delivery (not failed, not fallen back) to that recipient on that channel, it
+-- carries the message and nothing is created; otherwise the successors are created.
+-- KEYS: open index, the transaction's delivery list, then per successor: hash, delivery list
+-- ARGV: retention_s, now, recipient, channel, the statuses that are not live (comma list),
+--       then per successor: id, JSON object of its fields
+-- Returns {the live delivery's id} or {'', the ids created...}.
+local dead = {}
+for name in string.gmatch(ARGV[5], '[^,]+') do dead[name] = true end
+for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  local d = redis.call('HMGET', 'ntf:dl:' .. id, 'recipient', 'channel', 'status')
+  if d[1] == ARGV[3] and d[2] == ARGV[4] and d[3] and not dead[d[3]] then return {id} end
+end
+local out = {''}
+for _, id in ipairs(add(3, 6)) do out[#out + 1] = id end
+return out
+"""
+
 FAN_OUT = _ADD + _NOTE + """
 -- A dispatch's whole write, one round trip and all or nothing: the transaction's status, its
 -- deliveries, the history line, and off the outbox (the reaper watches the deliveries now).
@@ -125,6 +146,20 @@ local created = add(5, 6)
 note(KEYS[3], ARGV[5], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[3])
 return created
+"""
+
+RESCORE_OPEN = """
+-- The reaper's re-scores of one page of the open index: each entry moves to the time it next
+-- needs a look, unless something wrote its score since the reaper read it (that newer score,
+-- a worker's, stands: the reaper's reading of the delivery is older).
+-- KEYS: open index; ARGV: per entry: id, its score as read, its new score
+for i = 1, #ARGV, 3 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) == tonumber(ARGV[i + 1]) then
+    redis.call('ZADD', KEYS[1], ARGV[i + 2], ARGV[i])
+  end
+end
+return 0
 """
 
 CLAIM = """

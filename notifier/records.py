@@ -72,6 +72,9 @@ class DeliveryRecord:
     claim_token: str = ""
     claim_at: float | None = None
     maybe_sent_at: float | None = None  # a send timed out after leaving: look it up first
+    # Retries ran out on a maybe-sent: one more claim only looks it up on the same provider,
+    # and if it is not found moves on (next provider or channel) for this reason.
+    after_lookup: str = ""
     # The provider's OutId of its last send together with other recipients (one request for
     # several numbers): a look-up or a receipt finds it under that id, not under its own.
     sent_as: str = ""
@@ -109,7 +112,7 @@ class Attempt:
     at: float
     provider: str
     outcome: str  # sent, transient, maybe_sent, permanent, account, recipient_budget, deferred,
-    # circuit_open, found_after_timeout, receipt, digest ...
+    # circuit_open, found_after_timeout, not_found_after_timeout, receipt, digest ...
     error_code: str = ""
     message: str = ""
     provider_message_id: str = ""

@@ -130,6 +130,8 @@ def prepare(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | No
                 rec = replace(rec, sent_as="" if matched == rec.id else matched)
             return outcomes.sent(rec, provider.provider_name, found, latency=None,
                                  outcome="found_after_timeout", accepted_at=tx.created_at)
+    if rec.after_lookup:  # claimed only to look up a maybe-sent last attempt: move on
+        return outcomes.not_found_after_lookup(rec, provider.provider_name)
 
     breaker = deps.breaker_for(provider.breaker_name, cfg.breaker)
     refused, permit = _rate_limit(deps, rec, cfg, outcomes, breaker)

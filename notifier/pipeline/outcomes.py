@@ -54,7 +54,7 @@ class Outcomes:
         self.ledger.update(
             rec.id, into=pipe, status=DeliveryStatus.SENT.value, provider=provider, sent_at=now,
             provider_message_id=receipt.provider_message_id, request_id=receipt.request_id,
-            next_at=None, maybe_sent_at=None, error_code="", error_class="",
+            next_at=None, maybe_sent_at=None, after_lookup=None, error_code="", error_class="",
             sent_as=rec.sent_as or None,  # the OutId it went under, if not its own id
         )
         self.ledger.record_attempt(rec.id, Attempt(
@@ -88,27 +88,34 @@ class Outcomes:
         policy = self.deps.settings.channels[rec.channel].retry
         retry_at = None
         retrying = cls in ("transient", "maybe_sent") and rec.attempt < policy.max_attempts
-        if retrying:
+        # The last attempt may have been sent: before another provider or channel sends it
+        # again, one more claim of this one looks it up (prepare), after a backoff like a
+        # retry's, which also gives the provider's records time to show the send.
+        looking_up = cls == "maybe_sent" and not retrying
+        if retrying or looking_up:
             retry_at = time.time() + retry_delay(policy, rec.attempt, error.retry_after)
         self.ledger.record_attempt(rec.id, Attempt(
             at=started_at, provider=provider, outcome=cls, error_code=error.code,
             message=error.message[:300], latency_ms=round(latency * 1000, 3), retry_at=retry_at,
         ), into=pipe)
-        _log(rec, f"error:{cls}", provider, error.code, "retrying" if retry_at else "")
+        _log(rec, f"error:{cls}", provider, error.code,
+             "looking it up" if looking_up else "retrying" if retrying else "")
         if retry_at is not None:
             maybe = started_at if cls == "maybe_sent" else rec.maybe_sent_at
             self.ledger.update(rec.id, into=pipe, error_code=error.code, error_class=cls,
                                provider=provider, status=DeliveryStatus.RETRYING.value,
-                               next_at=retry_at, maybe_sent_at=maybe)
-            self.metrics.inc("notifier_retries", into=pipe, channel=rec.channel, provider=provider,
-                             error_class=cls)
+                               next_at=retry_at, maybe_sent_at=maybe,
+                               after_lookup="retries_exhausted" if looking_up else None)
+            if retrying:
+                self.metrics.inc("notifier_retries", into=pipe, channel=rec.channel,
+                                 provider=provider, error_class=cls)
             pipe.execute()
             self.deps.timers.schedule(DELIVER, deliver_queue(rec.channel), rec.id, retry_at)
-            return "retrying"
+            return "retrying" if retrying else "looking_up"
         self.ledger.update(rec.id, into=pipe, error_code=error.code, error_class=cls,
                            provider=provider)
         pipe.execute()
-        if cls in ("transient", "maybe_sent", "account"):
+        if cls in ("transient", "account"):
             reason = "retries_exhausted" if cls != "account" else "account_error"
             return self.next_provider(rec, reason, error.code)
         return self.fall_back(rec, cls, error.code)
@@ -142,6 +149,19 @@ class Outcomes:
         _log(rec, "deferred", detail=f"{scope} rate limit")
         return "deferred"
 
+    def not_found_after_lookup(self, rec: DeliveryRecord, provider: str) -> str:
+        """The look-up after a maybe-sent last attempt found nothing: move on as its retries
+        running out would have. A look-up that could not ask (QuerySendDetails down or not
+        allowed) also says not found: then a possible duplicate on the next provider or channel
+        beats an alert that never goes out (the rule of every look-up, Channel.lookup)."""
+        pipe = self.ledger.redis.pipeline()
+        self.ledger.uncount_attempt(rec.id, into=pipe)  # the claim sent nothing
+        self.ledger.record_attempt(rec.id, Attempt(at=time.time(), provider=provider,
+                                                   outcome="not_found_after_timeout"), into=pipe)
+        pipe.execute()
+        _log(rec, "not_found_after_timeout", provider, rec.error_code)
+        return self.next_provider(rec, rec.after_lookup, rec.error_code)
+
     def next_provider(self, rec: DeliveryRecord, reason: str, code: str = "") -> str:
         """Try the channel's next provider (another account or region) before falling back."""
         if rec.provider_index + 1 >= len(self.deps.providers[rec.channel]):
@@ -151,7 +171,7 @@ class Outcomes:
         pipe = self.ledger.redis.pipeline()
         self.ledger.update(rec.id, into=pipe, status=DeliveryStatus.QUEUED.value,
                            provider_index=nxt, attempt=0, next_at=None, maybe_sent_at=None,
-                           reason=reason)
+                           after_lookup=None, reason=reason)
         self.ledger.log(rec.transaction_id, "provider_fallback", into=pipe, delivery=rec.id,
                         to_provider=name, reason=reason, code=code)
         self.metrics.inc("notifier_fallbacks", into=pipe, from_channel=rec.channel,
@@ -173,17 +193,10 @@ class Outcomes:
             found = addresses(recipient, channel)
             if not found:
                 continue
-            already = self._live_delivery(rec, channel)
+            already, created = self._add_successors(rec, channel, found, chain)
             if already is not None:
                 return self._mark_fallen_back(rec, channel, f"{detail} (carried by {already})", reason)
-            successors = [
-                DeliveryRecord(id=fallback_id(rec.id, k), transaction_id=rec.transaction_id,
-                               channel=channel, recipient=rec.recipient, address=address,
-                               kind=rec.kind, fallback_of=rec.id, fallback_chain=list(chain),
-                               digest_of=list(rec.digest_of))
-                for k, address in enumerate(found)
-            ]
-            for did in self.ledger.add_deliveries(successors):
+            for did in created:
                 self.deps.publisher.publish(DELIVER, [did], deliver_queue(channel))
             return self._mark_fallen_back(rec, channel, detail, reason)
         pipe = self.ledger.redis.pipeline()
@@ -210,12 +223,14 @@ class Outcomes:
             self.deps.publisher.publish(DELIVER, [did], deliver_queue(channel))
         return self._mark_fallen_back(rec, channel, f"{reason}: {code}" if code else reason, reason)
 
-    def _live_delivery(self, rec: DeliveryRecord, channel: str) -> str | None:
-        for other in self.ledger.deliveries(rec.transaction_id):
-            if (other.recipient == rec.recipient and other.channel == channel
-                    and other.status not in (DeliveryStatus.FAILED, DeliveryStatus.FALLEN_BACK)):
-                return other.id
-        return None
+    def _add_successors(self, rec: DeliveryRecord, channel: str, found: list[str],
+                        chain: list[str]) -> tuple[str | None, list[str]]:
+        """`rec`'s successors on `channel` (one per address), unless a live delivery of its
+        transaction to the same recipient on that channel carries the message already: (its
+        id, []) or (None, the ids created). Checked and created in one script: two of the
+        person's deliveries falling back at once in two workers must not both create one."""
+        successors = [_successor(rec, channel, address, k, chain) for k, address in enumerate(found)]
+        return self.ledger.add_fallback(rec.transaction_id, rec.recipient, channel, successors)
 
     def _mark_fallen_back(self, rec: DeliveryRecord, channel: str, detail: str, reason: str) -> str:
         pipe = self.ledger.redis.pipeline()

@@ -4,42 +4,82 @@ Celery on Redis only restores a dead worker's reserved messages after the visibi
 the ledger knows sooner. A delivery that has not moved for `stale_after` gets its deliver task
 published again. The claim token turns the extra task into a no-op when the original holder is
 alive, and the maybe-sent look-up guards a send that was in flight when the holder died.
+
+The open index is scored by each delivery's last sign of life, and a sweep reads only the
+entries older than `stale_after`. One the reaper looks at and leaves (waiting on a timer, held
+in a digest, a claim still within its lease) is re-scored to when it next needs a look, so
+it leaves the front of the index: a storm of waiting deliveries costs a read each per timer,
+not per sweep, and never hides a lost one behind them. A sweep reads pages of `page` entries,
+at most `max_pages` of them (one round trip per page to read, one to re-score), so its cost
+stays bounded when very many are due at once; the rest are the oldest at the next sweep.
 """
 
 from __future__ import annotations
 
 import time
 
-from notifier.ledger import Ledger
+from notifier.ledger import DeliveryRecord, Ledger
 from notifier.models import DeliveryStatus
 from notifier.pipeline.rollup import finish_final
 from notifier.tasks_spec import DELIVER, Publisher, deliver_queue
 
+PAGE, MAX_PAGES = 500, 20
 
-def reap(ledger: Ledger, publisher: Publisher, *, stale_after: float, lease: float) -> list[str]:
+
+def reap(ledger: Ledger, publisher: Publisher, *, stale_after: float, lease: float,
+         page: int = PAGE, max_pages: int = MAX_PAGES) -> list[str]:
+    """One sweep; returns the deliveries it re-queued."""
     now = time.time()
+    cutoff = now - stale_after  # fixed for the sweep: what it handles moves past it
     requeued: list[str] = []
-    for did in ledger.open_older_than(stale_after):
-        rec = ledger.delivery(did)
+    seen: set[str] = set()  # an entry scored exactly at the cutoff stays in range: once only
+    for _ in range(max_pages):
+        due = [(did, score) for did, score in ledger.open_due(cutoff, page) if did not in seen]
+        if not due:
+            break
+        seen.update(did for did, _ in due)
+        requeued += _sweep_page(ledger, publisher, due, now=now, stale_after=stale_after,
+                                lease=lease)
+    return requeued
+
+
+def _sweep_page(ledger: Ledger, publisher: Publisher, due: list[tuple[str, float]], *,
+                now: float, stale_after: float, lease: float) -> list[str]:
+    """Requeue the page's stuck deliveries, roll up the finished ones, re-score the rest."""
+    requeued: list[str] = []
+    moves: list[tuple[str, float, float]] = []
+    for (did, score), rec in zip(due, ledger.deliveries_by_id([d for d, _ in due]), strict=True):
         if rec is None:
             ledger.close_open(did)
             continue
-        status = DeliveryStatus(rec.status)
-        if status.terminal:  # its worker died before rolling up (a digest: settling its members)
-            finish_final(ledger, rec)
+        if DeliveryStatus(rec.status).terminal:  # its worker died before the roll-up (a digest:
+            finish_final(ledger, rec)            # before settling its members too)
             continue
-        if rec.digest_id:  # a digest carries it: settled with it (above, if its worker died)
-            continue
-        if status is DeliveryStatus.SENDING:
-            stuck = now - (rec.claim_at or 0) > lease
-        elif status in (DeliveryStatus.RETRYING, DeliveryStatus.DEFERRED):
-            # Waiting on a timer (or a digest): only stuck if that timer is overdue.
-            stuck = rec.next_at is not None and now - rec.next_at > stale_after
-        else:
-            stuck = now - rec.updated_at > stale_after
-        if stuck:
-            publisher.publish(DELIVER, [did], deliver_queue(rec.channel))
-            ledger.touch_open(did)
-            ledger.log(rec.transaction_id, "requeued", delivery=did, status=rec.status)
+        since = _alive_since(rec, now=now, stale_after=stale_after, lease=lease)
+        if now - since > stale_after:
+            _requeue(ledger, publisher, rec)
             requeued.append(did)
+        else:
+            moves.append((did, score, since))
+    ledger.rescore_open(moves)
     return requeued
+
+
+def _requeue(ledger: Ledger, publisher: Publisher, rec: DeliveryRecord) -> None:
+    publisher.publish(DELIVER, [rec.id], deliver_queue(rec.channel))
+    ledger.touch_open(rec.id)
+    ledger.log(rec.transaction_id, "requeued", delivery=rec.id, status=rec.status)
+
+
+def _alive_since(rec: DeliveryRecord, *, now: float, stale_after: float, lease: float) -> float:
+    """The delivery's last sign of life, for an open one: stuck once older than `stale_after`,
+    else the score it is looked at again by."""
+    status = DeliveryStatus(rec.status)
+    if rec.digest_id:  # a digest carries it now; it is settled with the digest
+        return now
+    if status is DeliveryStatus.SENDING:  # stuck once its claim is older than the lease
+        return (rec.claim_at or 0.0) + lease - stale_after
+    if status in (DeliveryStatus.RETRYING, DeliveryStatus.DEFERRED):
+        # Waiting on a timer (or a digest): only stuck if that timer is overdue.
+        return rec.next_at if rec.next_at is not None else now
+    return rec.updated_at

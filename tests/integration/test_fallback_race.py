@@ -1,0 +1,80 @@
+"""Two deliveries of one alert to one person (sms and push) fail at the same moment in two
+workers and both fall back to email: the person gets one email, not two."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from notifier.channels.sandbox import outbox_key
+from notifier.ledger import delivery_key
+from notifier.models import Event, Source
+from notifier.pipeline.dispatch import _fan_out
+from notifier.pipeline.outcomes import Outcomes
+from tests.integration.conftest import MakeFleet
+
+CFG: dict[str, Any] = {
+    "channels": {"sms": {"provider": "sandbox", "recipient_limits": []},
+                 "push": {"provider": "sandbox"}, "email": {"provider": "sandbox"}},
+    "recipients": {"alice": {"phone": "+8613800138000", "email": "alice@example.com",
+                             "push_tokens": ["tok-a"]}},
+    "routes": [{"match": {}, "to": ["alice"], "channels": ["sms", "push"], "fallback": ["email"]}],
+}
+
+
+def test_two_channels_falling_back_at_once_send_one_email(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(CFG)
+    txid = fleet.intake.submit(Event(kind="alert", title="DB down", severity="critical"),
+                               Source.API).transaction_id
+    fleet.publisher.tasks.clear()
+    _fan_out(fleet.deps, [txid])
+    sms, push = fleet.deps.ledger.deliveries(txid)
+    # The worst interleaving at the Redis level: worker B (push) runs its whole fallback just
+    # before worker A (sms) sends its first command that names the email delivery it creates,
+    # i.e. after whatever A has checked before that. (The client is wrapped, not our code.)
+    client = fleet.deps.ledger.redis
+    forward: Callable[..., Any] = client.execute_command
+    a_successor = delivery_key(f"{sms.id}.f0")
+    raced: list[str] = []
+
+    def execute_command(*args: Any, **options: Any) -> Any:
+        if not raced and any(str(a) == a_successor for a in args):
+            raced.append(Outcomes(fleet.deps).fall_back(push, "permanent", "UNREGISTERED"))
+        return forward(*args, **options)
+
+    client.execute_command = execute_command  # type: ignore[method-assign]
+    try:
+        a_result = Outcomes(fleet.deps).fall_back(sms, "permanent", "isv.MOBILE_NUMBER_ILLEGAL")
+    finally:
+        del client.execute_command
+    fleet.drain()
+
+    assert raced == ["fallen_back"] and a_result == "fallen_back"
+    emails = [json.loads(x) for x in fleet.redis.lrange(outbox_key("email"), 0, -1)]
+    shown = [(d.id, d.channel, d.status, d.reason) for d in fleet.deps.ledger.deliveries(txid)]
+    assert len(emails) == 1, shown
+    # The one that lost the race says which delivery carries its message.
+    (email,) = [d for d in fleet.deps.ledger.deliveries(txid) if d.channel == "email"]
+    lost = fleet.deps.ledger.delivery(sms.id)
+    assert lost is not None and f"(carried by {email.id})" in lost.reason
+    assert fleet.deps.ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
+
+
+def test_a_failed_email_does_not_carry_a_later_fallback(make_fleet: MakeFleet) -> None:
+    """Only a live delivery carries the message: once the first email failed, the second
+    channel's fallback sends another (the person must still be reached)."""
+    fleet = make_fleet(CFG)
+    txid = fleet.intake.submit(Event(kind="alert", title="DB down", severity="critical"),
+                               Source.API).transaction_id
+    fleet.publisher.tasks.clear()
+    _fan_out(fleet.deps, [txid])
+    sms, push = fleet.deps.ledger.deliveries(txid)
+    Outcomes(fleet.deps).fall_back(sms, "permanent", "isv.MOBILE_NUMBER_ILLEGAL")
+    (first,) = [d for d in fleet.deps.ledger.deliveries(txid) if d.channel == "email"]
+    Outcomes(fleet.deps).fall_back(first, "permanent", "550")  # no fallback left: failed
+    fleet.publisher.tasks.clear()
+    Outcomes(fleet.deps).fall_back(push, "permanent", "UNREGISTERED")
+    fleet.drain()
+    emails = [d for d in fleet.deps.ledger.deliveries(txid) if d.channel == "email"]
+    assert [(d.id, d.status) for d in emails] == [(first.id, "failed"), (f"{push.id}.f0", "sent")]
