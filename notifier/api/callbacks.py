@@ -36,8 +36,11 @@ async def _payload(request: Request) -> Any:
         raise HTTPException(400, ["body: empty; expected a JSON array"])
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HTTPException(400, [f"body: not valid JSON: {exc}"]) from None
+    # JSONDecodeError and UnicodeDecodeError are ValueErrors, as is an integer past Python's
+    # 4300-digit limit; nesting past the parser's recursion limit raises RecursionError.
+    except (ValueError, RecursionError) as exc:
+        problem = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
+        raise HTTPException(400, [f"body: not valid JSON: {problem}"]) from None
 
 
 def callbacks_router(state: ApiState, _auth: Auth, callback_auth: Auth) -> APIRouter:

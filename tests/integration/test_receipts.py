@@ -200,6 +200,19 @@ def test_bad_sms_up_body_names_the_field(api: TestClient) -> None:
     assert response.status_code == 422 and "[0].content" in response.text
 
 
+@pytest.mark.parametrize("raw", [
+    b"[" * 2000 + b"]" * 2000,  # past the JSON parser's recursion limit
+    b'[{"phone_number": "13800138000", "content": "x", "sequence_id": ' + b"9" * 5000 + b"}]",
+    b"\xff\xfe[]",  # not UTF-8
+], ids=["nested-2000-deep", "int-5000-digits", "not-utf8"])
+@pytest.mark.parametrize("path", [REPORT, "/v1/callbacks/aliyun/sms-up"])
+def test_a_push_json_cannot_read_is_400(api: TestClient, path: str, raw: bytes) -> None:
+    response = api.post(path, params={"token": CALLBACK_TOKEN}, content=raw,
+                        headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "not valid JSON" in response.text
+
+
 def test_callbacks_require_the_token_and_never_echo_it(api: TestClient) -> None:
     body = [report(DeliveryRecord(id="tx-1.0", transaction_id="tx-1", channel="sms",
                                   recipient="alice", address="+8613800138000", kind="alert"))]
