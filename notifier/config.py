@@ -31,6 +31,7 @@ from notifier.errors import ConfigError
 CHANNEL_NAMES = ("sms", "email", "push")
 LOCALES = ("en", "zh-CN")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+MAX_DURATION = 3650 * 86400.0
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 
 
@@ -47,6 +48,8 @@ def parse_duration(value: object) -> float:
         seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
     if not math.isfinite(seconds):  # JSON's 1e400 reads as inf: no timer or TTL can hold it
         raise ValueError(f"a duration must be a finite number of seconds, got {value!r}")
+    if seconds > MAX_DURATION:  # Redis refuses such a TTL: every write using it would fail
+        raise ValueError(f"a duration must be at most {MAX_DURATION // 86400:.0f}d, got {value!r}")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
@@ -267,8 +270,19 @@ class DrillSettings(_Strict):
     target_reply: Duration = 300.0
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel")
+
+
+def check_redis_url(url: str) -> str:
+    """A URL redis_conn.connect can use. The error never quotes it: it may hold a password."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme not in REDIS_SCHEMES:
+        raise ValueError(f"expected a {', '.join(s + '://' for s in REDIS_SCHEMES)} URL")
+    return url
+
+
 class Settings(_Strict):
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: Annotated[str, AfterValidator(check_redis_url)] = "redis://127.0.0.1:6379/0"
     # With redis_url sentinel://host:26379;sentinel://host2:26379: the monitored master's name.
     redis_sentinel_master: str | None = None
     locale: Literal["en", "zh-CN"] = "en"
@@ -362,7 +376,13 @@ def settings_from_mapping(data: Any, source: str = "config") -> Settings:
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_describe(exc)}") from None
     url = os.environ.get("NOTIFIER_REDIS_URL")
-    return settings.model_copy(update={"redis_url": url}) if url else settings
+    if not url:
+        return settings
+    try:
+        check_redis_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"NOTIFIER_REDIS_URL: {exc}") from None
+    return settings.model_copy(update={"redis_url": url})
 
 
 def config_path(explicit: str | None = None) -> Path:

@@ -53,6 +53,8 @@ BAD_CASES = [
     ("channels.sms.sign_name", DELETE, "channels.sms.providers[0].sign_name: Field required"),
     ("channels.sms.rate_limit.per", "soon", "channels.sms.rate_limit.per: expected a duration"),
     ("channels.sms.rate_limit.rate", 0, "channels.sms.rate_limit.rate"),
+    ("redis_url", "localhost:6379", "redis_url: expected a redis://, rediss://, unix://, sentinel:// URL"),
+    ("idempotency_ttl", 1e300, "idempotency_ttl: a duration must be at most 3650d"),
     ("channels.sms.rate_limit.burst", 0.5,
      "channels.sms.rate_limit.burst: Input should be greater than or equal to 1"),
     ("channels.email.port", 70000, "channels.email.providers[0].port"),
@@ -92,6 +94,14 @@ def test_a_slow_rate_banks_one_whole_message() -> None:
 def test_redis_url_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NOTIFIER_REDIS_URL", "redis://10.0.0.9:6380/2")
     assert settings_from_mapping(GOOD).redis_url == "redis://10.0.0.9:6380/2"
+
+
+def test_a_redis_url_override_is_checked_without_showing_it(monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    monkeypatch.setenv("NOTIFIER_REDIS_URL", "//:s3cret@10.0.0.9:6380/2")
+    with pytest.raises(ConfigError, match="NOTIFIER_REDIS_URL: expected a redis://") as err:
+        settings_from_mapping(GOOD)
+    assert "s3cret" not in str(err.value)
 
 
 def test_load_settings_reports_yaml_and_missing_file(tmp_path: Path) -> None:
