@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import redis
@@ -114,9 +115,29 @@ class Intake:
                dedup_key: str | None = None, idempotency_key: str | None = None) -> Accepted:
         call = self.prepare(event, source, receiver=receiver, dedup_key=dedup_key,
                             idempotency_key=idempotency_key)
-        try:
+        with _broker_errors():
             [result] = self.ledger.accept(self.script_call([call]))
-        except redis.RedisError as exc:
-            raise BrokerUnavailable(f"redis unavailable: {type(exc).__name__}") from None
         self.log_stored([call], [result])
         return self.conclude(result)
+
+    def replay(self, event: Event, dead_letter: str, *, receiver: str = "") -> Accepted | None:
+        """Accept `event` again as the replay of the dead letter `dead_letter`, which leaves its
+        list in the same script (Ledger.accept_replay): a replay that is refused (InvalidEvent,
+        before any write) or fails (BrokerUnavailable) leaves it in place. None when it is not
+        a dead letter (any more: a concurrent replay took it)."""
+        call = self.prepare(event, Source.REPLAY, receiver=receiver)
+        with _broker_errors():
+            result = self.ledger.accept_replay(self.script_call([call]), dead_letter)
+        if result is None:
+            return None
+        self.log_stored([call], [result])
+        return self.conclude(result)
+
+
+@contextmanager
+def _broker_errors() -> Iterator[None]:
+    """Any Redis failure of an accept, as the sender is told it."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        raise BrokerUnavailable(f"redis unavailable: {type(exc).__name__}") from None

@@ -23,6 +23,7 @@ from notifier.config import settings_from_mapping
 from notifier.ledger import Ledger
 from notifier.ledger_accept import EVENTS_PER_TASK
 from notifier.metrics import metric_field, metric_key
+from notifier.models import TxStatus
 from notifier.schemas import AlertmanagerWebhook
 from notifier.sources import from_alertmanager
 from notifier.tasks_spec import DISPATCH_QUEUE
@@ -125,6 +126,37 @@ def test_a_damaged_transaction_is_shown_not_a_500_and_is_not_replayed(client: Te
     assert replay.status_code == 409 and "cannot be read" in replay.text
     listed = client.get("/v1/deadletters").json()
     assert [d["transaction_id"] for d in listed] == [txid]  # still there for the operator
+
+
+def test_a_refused_replay_keeps_the_dead_letter_until_one_is_accepted(
+        redis_url: str, redis_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFIER_API_TOKEN", TOKEN)
+
+    def api(config: dict[str, Any]) -> TestClient:
+        app = create_app(settings_from_mapping({**config, "redis_url": redis_url}))
+        return TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"})
+
+    with api(CONFIG) as before:
+        accepted = before.post("/v1/events", json={"title": "DiskFull", "to": ["oncall"]})
+    txid = accepted.json()["transaction_id"]
+    ledger = Ledger(redis_client)
+    ledger.finish(txid, TxStatus.FAILED)  # as dispatch does: failed -> dead letter
+    [(_, failed_at)] = ledger.dead_letters()
+    # The group is renamed (oncall -> sre): the event names a group the config no longer has.
+    renamed = {**CONFIG, "groups": {"sre": ["alice"]},
+               "routes": [{"match": {}, "to": ["sre"], "channels": ["email"]}]}
+    with api(renamed) as after:
+        replay = after.post(f"/v1/deadletters/{txid}/replay")
+        assert replay.status_code == 422 and "oncall" in replay.text, replay.text
+        listed = after.get("/v1/deadletters").json()
+    assert listed == [{"transaction_id": txid, "failed_at": failed_at}]  # as it was
+    assert redis_client.llen(DISPATCH_QUEUE) == 1  # the original's only
+    with api(CONFIG) as fixed:  # the config is put right: the replay goes through, once
+        replay = fixed.post(f"/v1/deadletters/{txid}/replay")
+        assert replay.status_code == 202, replay.text
+        assert fixed.get("/v1/deadletters").json() == []
+        assert fixed.post(f"/v1/deadletters/{txid}/replay").status_code == 404
+    assert redis_client.llen(DISPATCH_QUEUE) == 2
 
 
 def test_changed_alert_set_is_a_new_notification(client: TestClient) -> None:

@@ -4,6 +4,7 @@ letters, maybe-sent look-ups, deferral."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any
@@ -14,10 +15,13 @@ from notifier.breaker import FleetBreaker
 from notifier.channels.base import ChannelContext
 from notifier.channels.sandbox import SandboxSms, outbox_key, read_outbox
 from notifier.config import SandboxProvider
+from notifier.errors import BrokerUnavailable
+from notifier.intake import Intake
 from notifier.models import Event, Outgoing, Receipt, Source
 from notifier.operations import replay_dead_letter
 from notifier.pipeline.dispatch import dispatch
 from notifier.pipeline.reaper import reap
+from notifier.tasks_spec import DISPATCH_QUEUE
 from tests.fakes.dysmsapi import FakeDysmsapi
 from tests.integration.conftest import SMS_ENV, MakeFleet
 from tests.support.inline import InlineFleet
@@ -144,6 +148,32 @@ def test_everything_failing_dead_letters_and_replay_sends_again(make_fleet: Make
     assert fleet.deps.ledger.transaction(new_txid).status == "delivered"  # type: ignore[union-attr]
     assert fleet.deps.ledger.dead_letters() == []
     assert len(sms_fake.messages) == 1
+
+
+def failing_once(make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> tuple[InlineFleet, str]:
+    """A fleet whose first SMS is refused for good (no fallback), and that SMS' dead letter."""
+    sms_fake.script({"kind": "business", "code": "isv.MOBILE_NUMBER_ILLEGAL", "times": 1})
+    cfg = config(aliyun(sms_fake))
+    cfg["routes"][0]["fallback"] = []
+    fleet = make_fleet(cfg, ENV)
+    txid = submit(fleet)
+    fleet.drain()
+    assert [t for t, _ in fleet.deps.ledger.dead_letters()] == [txid]
+    return fleet, txid
+
+
+def test_a_replay_that_fails_part_way_keeps_the_dead_letter(make_fleet: MakeFleet,
+        sms_fake: FakeDysmsapi) -> None:
+    fleet, txid = failing_once(make_fleet, sms_fake)
+    before = fleet.deps.ledger.dead_letters()
+    # A retention Redis refuses: the accept script stops at its first EXPIRE, after a write (a
+    # script is not rolled back), before the dispatch task; the dead letter must stay.
+    broken = Intake(fleet.settings, fleet.deps.ledger)
+    broken.policy = dataclasses.replace(broken.policy, retention=1e300)
+    with pytest.raises(BrokerUnavailable):
+        replay_dead_letter(fleet.deps.ledger, broken, txid)
+    assert fleet.deps.ledger.dead_letters() == before
+    assert fleet.redis.llen(DISPATCH_QUEUE) == 0  # nothing queued that would send it
 
 
 def test_read_timeout_after_send_is_looked_up_not_resent(make_fleet: MakeFleet,
