@@ -51,7 +51,19 @@ def body_hash(event: Event) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def validate(settings: Settings, event: Event) -> None:
+# Kinds only notifier itself creates, refused from outside senders (the API's /v1/events, the
+# client and `notifier send`): an outside `drill` event can never be rendered (every channel's
+# drill template needs the reply code a drill puts in `extra`, which EventIn cannot carry), and
+# an outside `digest` would pass for a merged digest, which is never held for storm protection.
+# Drills submit theirs as Source.DRILL; a replay sends an event that was accepted before.
+RESERVED_KINDS = {"drill": "notifier's drill phase messages", "digest": "notifier's storm digests"}
+_OUTSIDE = frozenset({Source.API, Source.CLIENT})
+
+
+def validate(settings: Settings, event: Event, source: Source) -> None:
+    if source in _OUTSIDE and event.kind in RESERVED_KINDS:
+        raise InvalidEvent(f"kind: {event.kind!r} is reserved for {RESERVED_KINDS[event.kind]}; "
+                           f"use another kind (e.g. 'alert')")
     unknown = unknown_targets(settings, event.to)
     if unknown:
         raise InvalidEvent(f"to: unknown recipient or group {', '.join(map(repr, unknown))}")
@@ -72,7 +84,7 @@ class Intake:
     def prepare(self, event: Event, source: Source, *, receiver: str = "",
                 dedup_key: str | None = None, idempotency_key: str | None = None) -> AcceptCall:
         """Check the event against the config and build its accept script call."""
-        validate(self.settings, event)
+        validate(self.settings, event, source)
         idem = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
         return accept_call(new_transaction_id(), event.kind, event_json(event), source,
                            receiver=receiver, dedup_key=dedup_key, idempotency_key=idem,

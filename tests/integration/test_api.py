@@ -167,6 +167,17 @@ def test_changed_alert_set_is_a_new_notification(client: TestClient) -> None:
     assert second["transaction_id"] != first["transaction_id"] and "suppressed" not in second
 
 
+@pytest.mark.parametrize("kind", ["drill", "digest"])
+def test_an_event_of_an_internal_kind_is_refused_naming_kind(client: TestClient, redis_client: Any,
+                                                             kind: str) -> None:
+    # A drill event needs the reply code only a drill gives it (it could never be rendered); a
+    # digest one would pass for a merged digest. Drills submit theirs themselves (test_drill_flow).
+    response = client.post("/v1/events", json={"kind": kind, "title": "DR drill: switch to hz-b"})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0].startswith(f"kind: {kind!r} is reserved")
+    assert redis_client.llen(DISPATCH_QUEUE) == 0
+
+
 def test_events_idempotency_key(client: TestClient) -> None:
     event = {"title": "DiskFull on db-1", "severity": "critical", "body": "磁盘 97%"}
     first = client.post("/v1/events", json=event, headers={"Idempotency-Key": "k-1"})

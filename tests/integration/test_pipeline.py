@@ -14,8 +14,9 @@ import pytest
 from notifier.breaker import FleetBreaker
 from notifier.channels.base import ChannelContext
 from notifier.channels.sandbox import SandboxSms, outbox_key, read_outbox
+from notifier.client import as_event
 from notifier.config import SandboxProvider
-from notifier.errors import BrokerUnavailable
+from notifier.errors import BrokerUnavailable, InvalidEvent
 from notifier.intake import Intake
 from notifier.models import Event, Outgoing, Receipt, Source
 from notifier.operations import replay_dead_letter
@@ -174,6 +175,20 @@ def test_a_replay_that_fails_part_way_keeps_the_dead_letter(make_fleet: MakeFlee
         replay_dead_letter(fleet.deps.ledger, broken, txid)
     assert fleet.deps.ledger.dead_letters() == before
     assert fleet.redis.llen(DISPATCH_QUEUE) == 0  # nothing queued that would send it
+
+
+def test_a_drill_event_goes_out_from_a_drill_and_is_refused_from_the_client(
+        make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(config({"provider": "sandbox", "recipient_limits": []}))
+    with pytest.raises(InvalidEvent, match=r"^kind: 'drill' is reserved"):
+        fleet.intake.submit(as_event({"kind": "drill", "title": "DR drill: switch"}), Source.CLIENT)
+    drill = Event(kind="drill", title="DR drill: switch", to=("alice",),
+                  extra={"reply_code": "4711", "drill_name": "DR drill", "phase": "switch"})
+    txid = fleet.intake.submit(drill, Source.DRILL).transaction_id
+    fleet.drain()
+    assert fleet.deps.ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
+    [sms] = outbox(fleet, "sms")
+    assert "4711" in json.dumps(sms, ensure_ascii=False)
 
 
 def test_read_timeout_after_send_is_looked_up_not_resent(make_fleet: MakeFleet,
