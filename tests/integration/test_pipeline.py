@@ -22,9 +22,12 @@ from notifier.models import Event, Outgoing, Receipt, Source
 from notifier.operations import replay_dead_letter
 from notifier.pipeline.dispatch import dispatch
 from notifier.pipeline.reaper import reap
+from notifier.schemas import AlertmanagerWebhook
+from notifier.sources import from_alertmanager
 from notifier.tasks_spec import DISPATCH_QUEUE
 from tests.fakes.dysmsapi import FakeDysmsapi
 from tests.integration.conftest import SMS_ENV, MakeFleet
+from tests.integration.test_api import FIXTURES
 from tests.support.inline import InlineFleet
 
 ENV = SMS_ENV
@@ -189,6 +192,22 @@ def test_a_drill_event_goes_out_from_a_drill_and_is_refused_from_the_client(
     assert fleet.deps.ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
     [sms] = outbox(fleet, "sms")
     assert "4711" in json.dumps(sms, ensure_ascii=False)
+
+
+def test_a_webhook_with_an_impossible_start_time_still_reaches_email(make_fleet: MakeFleet) -> None:
+    # startsAt is a free string in the webhook: one shaped like a time but impossible (month 13)
+    # is accepted, and must not fail the email's template.
+    fleet = make_fleet({**config({"provider": "sandbox", "recipient_limits": []}),
+                        "routes": [{"match": {}, "to": ["alice"], "channels": ["email"]}]})
+    body = json.loads((FIXTURES / "alertmanager-firing.json").read_text())
+    body["alerts"][0]["startsAt"] = "2026-13-01T03:45:06Z"
+    event = from_alertmanager(AlertmanagerWebhook.model_validate(body))
+    txid = fleet.intake.submit(event, Source.ALERTMANAGER).transaction_id
+    fleet.drain()
+    reasons = [d.reason for d in fleet.deps.ledger.deliveries(txid)]
+    assert fleet.deps.ledger.transaction(txid).status == "delivered", reasons  # type: ignore[union-attr]
+    [email] = outbox(fleet, "email")
+    assert "2026-13-01T03:45:06Z" in json.dumps(email)
 
 
 def test_read_timeout_after_send_is_looked_up_not_resent(make_fleet: MakeFleet,
