@@ -25,12 +25,12 @@ from notifier.celery_app import CeleryPublisher, make_celery
 from notifier.channels.base import ChannelContext
 from notifier.channels.sandbox import read_outbox
 from notifier.cli_up import run_up
-from notifier.client import as_event, intake_for
+from notifier.client import as_event, intake_for, submit_retrying
 from notifier.config import Settings, config_path, load_settings
 from notifier.errors import NotifierError
 from notifier.ledger import Ledger
 from notifier.logs import configure_logging
-from notifier.models import Source, TxStatus
+from notifier.models import TxStatus
 from notifier.operations import BreakerControl, Unreplayable, replay_dead_letter
 from notifier.periodic import periodic_jobs
 from notifier.pipeline.reaper import reap
@@ -117,8 +117,7 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         "labels": dict(kv.split("=", 1) for kv in args.label), "to": args.to,
         "channels": args.channel,
     })
-    accepted = intake_for(settings).submit(event, Source.CLIENT,
-                                           idempotency_key=args.idempotency_key)
+    accepted = submit_retrying(intake_for(settings), event, args.idempotency_key)
     print(accepted.transaction_id)
     return 0
 

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import redis
 
 from notifier.config import Settings
-from notifier.errors import BrokerUnavailable, IdempotencyConflict, InvalidEvent
+from notifier.errors import AcceptOutcomeUnknown, BrokerUnavailable, IdempotencyConflict, InvalidEvent
 from notifier.ids import new_transaction_id
 from notifier.ledger import AcceptOutcome, AcceptResult, Ledger
 from notifier.ledger_accept import (
@@ -127,7 +127,7 @@ class Intake:
                dedup_key: str | None = None, idempotency_key: str | None = None) -> Accepted:
         call = self.prepare(event, source, receiver=receiver, dedup_key=dedup_key,
                             idempotency_key=idempotency_key)
-        with _broker_errors():
+        with _broker_errors(idempotency_key):
             [result] = self.ledger.accept(self.script_call([call]))
         self.log_stored([call], [result])
         return self.conclude(result)
@@ -146,10 +146,29 @@ class Intake:
         return self.conclude(result)
 
 
+    def ping(self) -> None:
+        """BrokerUnavailable unless Redis answers: a failure here sent no event (notify()
+        tells "not accepted" from "outcome unknown" by it)."""
+        try:
+            self.ledger.redis.ping()
+        except redis.RedisError as exc:
+            raise _unavailable(exc) from None
+
+
 @contextmanager
-def _broker_errors() -> Iterator[None]:
-    """Any Redis failure of an accept, as the sender is told it."""
+def _broker_errors(idempotency_key: str | None = None) -> Iterator[None]:
+    """Any Redis failure of an accept, as the sender is told it. A lost connection or a timeout
+    may come after Redis ran the script (or before it was sent: redis-py does not say which),
+    so its outcome is unknown; an error reply means Redis did not accept it."""
     try:
         yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        again = f" (send it again only with idempotency key {idempotency_key!r})" if idempotency_key else ""
+        raise AcceptOutcomeUnknown(f"redis unavailable: {type(exc).__name__}; the event may have "
+                                   f"been accepted{again}", idempotency_key) from None
     except redis.RedisError as exc:
-        raise BrokerUnavailable(f"redis unavailable: {type(exc).__name__}") from None
+        raise _unavailable(exc) from None
+
+
+def _unavailable(exc: redis.RedisError) -> BrokerUnavailable:
+    return BrokerUnavailable(f"redis unavailable: {type(exc).__name__}")  # str(exc) can name the address
