@@ -19,6 +19,7 @@ from celery.signals import task_received
 
 from notifier import cli_drill
 from notifier.api.app import create_app
+from notifier.api.auth import check_tokens
 from notifier.api.gauges import WORKER_HEARTBEAT
 from notifier.api.views import transaction_view
 from notifier.celery_app import CeleryPublisher, make_celery
@@ -50,6 +51,7 @@ def _redis(settings: Settings) -> redis.Redis:
 
 
 def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
+    check_tokens()  # the systemd units run this first, with the API's environment
     channels = ", ".join(f"{n} ({'/'.join(p.provider for p in c.providers)})"
                          for n, c in settings.channels.items())
     print(f"{config_path(args.config)}: OK — channels: {channels}; "
@@ -64,6 +66,7 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     # X-Forwarded-For on every request (≈ 2 % of the API's time per webhook).
     options: dict[str, Any] = {"host": args.host, "port": args.port, "log_level": "warning",
                                "access_log": False, "proxy_headers": False}
+    check_tokens()  # here, not in each worker process building the app: one clear error
     if args.workers > 1:  # each process builds the app from NOTIFIER_CONFIG (set by main)
         uvicorn.run("notifier.api.app:app_from_environment", factory=True, workers=args.workers,
                     **options)

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import yaml
 
+from notifier.api.auth import API_TOKEN_ENV, check_tokens, token_from_env
 from notifier.config import config_path, settings_from_mapping
 from notifier.errors import ConfigError
 from notifier.models import TxStatus
@@ -139,9 +140,8 @@ def _wait_ready(base: str, tree: ProcessTree, timeout: float = 60.0) -> None:
 
 
 def _demo(base: str) -> bool:
-    headers = {}
-    if os.environ.get("NOTIFIER_API_TOKEN"):
-        headers["Authorization"] = f"Bearer {os.environ['NOTIFIER_API_TOKEN']}"
+    token = token_from_env(API_TOKEN_ENV)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     response = httpx.post(f"{base}/v1/alertmanager", json=DEMO_ALERT, headers=headers, timeout=10)
     response.raise_for_status()
     txid = response.json()["transaction_id"]
@@ -160,6 +160,7 @@ def _demo(base: str) -> bool:
 
 
 def run_up(args: argparse.Namespace) -> int:
+    check_tokens()  # before any child starts: the API would refuse to
     data = _effective_config(args)
     tree = ProcessTree()
     try:

@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 
 from notifier.api.app import create_app
 from notifier.config import settings_from_mapping
+from notifier.errors import ConfigError
 from notifier.ledger import Ledger
 from notifier.ledger_accept import EVENTS_PER_TASK
 from notifier.metrics import metric_field, metric_key
@@ -322,6 +323,30 @@ def test_notify_raises_a_clear_error_when_redis_is_down() -> None:
     server.close()
     with pytest.raises(BrokerUnavailable, match="redis unavailable"):
         intake.submit(Event(kind="alert", title="x"), Source.CLIENT)
+
+
+@pytest.mark.parametrize("value", ["", "  \n"])
+@pytest.mark.parametrize("name", ["NOTIFIER_API_TOKEN", "NOTIFIER_CALLBACK_TOKEN"])
+def test_a_blank_token_refuses_to_start_naming_its_variable(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    # What a missing secret looks like (NAME= in the env file, NAME=${UNSET}): it must not open
+    # the API. Unset stays open (loopback demos, notifier up).
+    monkeypatch.setenv("NOTIFIER_API_TOKEN", TOKEN)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"^{name}: set but empty"):
+        create_app(settings_from_mapping({**CONFIG, "redis_url": redis_url}))
+
+
+def test_a_token_from_a_file_with_its_newline_still_matches(redis_url: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFIER_API_TOKEN", f"{TOKEN}\n")
+    app = create_app(settings_from_mapping({**CONFIG, "redis_url": redis_url}))
+    with TestClient(app) as anonymous:
+        body = fixture("alertmanager-firing.json")
+        assert anonymous.post("/v1/alertmanager", json=body).status_code == 401
+        accepted = anonymous.post("/v1/alertmanager", json=body,
+                                  headers={"Authorization": f"Bearer {TOKEN}"})
+        assert accepted.status_code == 200, accepted.text
 
 
 def test_every_v1_endpoint_in_the_openapi_spec_requires_credentials(
