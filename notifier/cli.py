@@ -117,7 +117,7 @@ def cmd_scheduler(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     event = as_event({
         "kind": args.kind, "title": args.title, "body": args.body, "severity": args.severity,
-        "labels": dict(kv.split("=", 1) for kv in args.label), "to": args.to,
+        "labels": dict(args.label), "to": args.to,
         "channels": args.channel,
     })
     accepted = submit_retrying(intake_for(settings), event, args.idempotency_key)
@@ -188,6 +188,14 @@ def cmd_deadletters(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _label(text: str) -> tuple[str, str]:
+    """--label KEY=VALUE (the value may hold '='); argparse names the option in its error."""
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="notifier", description=__doc__)
     parser.add_argument("--config", help="config file (default: $NOTIFIER_CONFIG or ./notifier.yaml)")
@@ -214,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body", default="")
     p.add_argument("--kind", default="alert")
     p.add_argument("--severity", default="info")
-    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", type=_label)
     p.add_argument("--to", action="append", default=[])
     p.add_argument("--channel", action="append", default=[])
     p.add_argument("--idempotency-key")
