@@ -19,18 +19,19 @@ from celery.signals import task_received
 
 from notifier import cli_drill
 from notifier.api.app import create_app
+from notifier.api.auth import check_tokens
 from notifier.api.gauges import WORKER_HEARTBEAT
 from notifier.api.views import transaction_view
 from notifier.celery_app import CeleryPublisher, make_celery
 from notifier.channels.base import ChannelContext
 from notifier.channels.sandbox import read_outbox
 from notifier.cli_up import run_up
-from notifier.client import as_event, intake_for
+from notifier.client import as_event, intake_for, submit_retrying
 from notifier.config import Settings, config_path, load_settings
 from notifier.errors import NotifierError
 from notifier.ledger import Ledger
 from notifier.logs import configure_logging
-from notifier.models import Source, TxStatus
+from notifier.models import TxStatus
 from notifier.operations import BreakerControl, Unreplayable, replay_dead_letter
 from notifier.periodic import periodic_jobs
 from notifier.pipeline.reaper import reap
@@ -50,6 +51,7 @@ def _redis(settings: Settings) -> redis.Redis:
 
 
 def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
+    check_tokens()  # the systemd units run this first, with the API's environment
     channels = ", ".join(f"{n} ({'/'.join(p.provider for p in c.providers)})"
                          for n, c in settings.channels.items())
     print(f"{config_path(args.config)}: OK — channels: {channels}; "
@@ -64,6 +66,7 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     # X-Forwarded-For on every request (≈ 2 % of the API's time per webhook).
     options: dict[str, Any] = {"host": args.host, "port": args.port, "log_level": "warning",
                                "access_log": False, "proxy_headers": False}
+    check_tokens()  # here, not in each worker process building the app: one clear error
     if args.workers > 1:  # each process builds the app from NOTIFIER_CONFIG (set by main)
         uvicorn.run("notifier.api.app:app_from_environment", factory=True, workers=args.workers,
                     **options)
@@ -114,11 +117,10 @@ def cmd_scheduler(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     event = as_event({
         "kind": args.kind, "title": args.title, "body": args.body, "severity": args.severity,
-        "labels": dict(kv.split("=", 1) for kv in args.label), "to": args.to,
+        "labels": dict(args.label), "to": args.to,
         "channels": args.channel,
     })
-    accepted = intake_for(settings).submit(event, Source.CLIENT,
-                                           idempotency_key=args.idempotency_key)
+    accepted = submit_retrying(intake_for(settings), event, args.idempotency_key)
     print(accepted.transaction_id)
     return 0
 
@@ -186,6 +188,14 @@ def cmd_deadletters(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _label(text: str) -> tuple[str, str]:
+    """--label KEY=VALUE (the value may hold '='); argparse names the option in its error."""
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="notifier", description=__doc__)
     parser.add_argument("--config", help="config file (default: $NOTIFIER_CONFIG or ./notifier.yaml)")
@@ -212,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body", default="")
     p.add_argument("--kind", default="alert")
     p.add_argument("--severity", default="info")
-    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", type=_label)
     p.add_argument("--to", action="append", default=[])
     p.add_argument("--channel", action="append", default=[])
     p.add_argument("--idempotency-key")

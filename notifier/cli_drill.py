@@ -134,7 +134,7 @@ def cmd_sandbox(args: argparse.Namespace, settings: Settings) -> int:
         print(f"notifier: --from: {exc}", file=sys.stderr)
         return 2
     url = f"{settings.public_url.rstrip('/')}/v1/callbacks/aliyun/sms-up"
-    token = os.environ.get("NOTIFIER_CALLBACK_TOKEN")
+    token = os.environ.get("NOTIFIER_CALLBACK_TOKEN", "").strip()  # as the API reads it
     try:
         response = httpx.post(url, json=body, params={"token": token} if token else None,
                               timeout=10)

@@ -16,9 +16,11 @@ from typing import Any
 import httpx
 import yaml
 
-from notifier.config import config_path, settings_from_mapping
+from notifier.api.auth import API_TOKEN_ENV, check_tokens, token_from_env
+from notifier.config import config_path, read_config_file, settings_from_mapping
 from notifier.errors import ConfigError
 from notifier.models import TxStatus
+from notifier.redis_conn import redacted
 from notifier.timeline import render_timeline
 
 STATE_DIR = Path(".notifier")
@@ -69,20 +71,30 @@ def _free_port() -> int:
 def _effective_config(args: argparse.Namespace) -> dict[str, Any]:
     path = config_path(args.config)
     if path.exists():
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = read_config_file(path) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
     elif args.sandbox:
         data = dict(SANDBOX_CONFIG)
     else:
         raise ConfigError(f"{path}: no config file (write one, or run `notifier up --sandbox`)")
     if args.sandbox:  # same routes and limits, but nothing leaves this machine
-        data["channels"] = {name: {**{k: v for k, v in ch.items() if k in
-                                      ("rate_limit", "recipient_limits", "retry", "breaker")},
-                                   "provider": "sandbox"}
-                            for name, ch in data.get("channels", {}).items()}
+        data["channels"] = _sandboxed(data.get("channels") or {}, path)
     data["public_url"] = f"http://127.0.0.1:{args.port}"
     if args.sandbox and "sms" in data["channels"]:  # receipts come back, as from Aliyun
         data["channels"]["sms"]["report_url"] = f"{data['public_url']}/v1/callbacks/aliyun/sms-report"
     return data
+
+
+def _sandboxed(channels: Any, path: Path) -> dict[str, Any]:
+    """Each channel's policy (limits, retries, breaker) with the sandbox as its provider. The
+    file is not validated yet (that comes with the effective config): its shape is checked here."""
+    if not isinstance(channels, dict) or not all(isinstance(ch, dict) for ch in channels.values()):
+        raise ConfigError(f"{path}: channels: expected a mapping of channel name to its settings")
+    return {name: {**{k: v for k, v in ch.items()
+                      if k in ("rate_limit", "recipient_limits", "retry", "breaker")},
+                   "provider": "sandbox"}
+            for name, ch in channels.items()}
 
 
 class ProcessTree:
@@ -139,9 +151,8 @@ def _wait_ready(base: str, tree: ProcessTree, timeout: float = 60.0) -> None:
 
 
 def _demo(base: str) -> bool:
-    headers = {}
-    if os.environ.get("NOTIFIER_API_TOKEN"):
-        headers["Authorization"] = f"Bearer {os.environ['NOTIFIER_API_TOKEN']}"
+    token = token_from_env(API_TOKEN_ENV)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     response = httpx.post(f"{base}/v1/alertmanager", json=DEMO_ALERT, headers=headers, timeout=10)
     response.raise_for_status()
     txid = response.json()["transaction_id"]
@@ -160,6 +171,7 @@ def _demo(base: str) -> bool:
 
 
 def run_up(args: argparse.Namespace) -> int:
+    check_tokens()  # before any child starts: the API would refuse to
     data = _effective_config(args)
     tree = ProcessTree()
     try:
@@ -180,7 +192,7 @@ def run_up(args: argparse.Namespace) -> int:
         tree.start("scheduler", [*me, "scheduler"], env)
         base = f"http://127.0.0.1:{args.port}"
         _wait_ready(base, tree)
-        print(f"notifier is up: API {base} (OpenAPI {base}/docs), redis {redis_url}, "
+        print(f"notifier is up: API {base} (OpenAPI {base}/docs), redis {redacted(redis_url)}, "
               f"config {effective}")
         ok = _demo(base) if args.demo else True
         if args.exit_after_demo:

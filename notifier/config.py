@@ -391,12 +391,31 @@ def config_path(explicit: str | None = None) -> Path:
 
 def load_settings(path: str | Path | None = None) -> Settings:
     file = Path(path) if path is not None else config_path()
+    return settings_from_mapping(read_config_file(file), str(file))
+
+
+def read_config_file(file: Path) -> Any:
+    """The YAML document in `file`; ConfigError naming the file for one that cannot be read,
+    is not UTF-8 or is not YAML."""
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read config file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # e.g. saved as GBK by a zh-CN editor
+        raise ConfigError(f"{file}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
-    return settings_from_mapping(data, str(file))
+        raise ConfigError(f"{file}: not valid YAML: {_yaml_problem(exc)}") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where, without PyYAML's quote of the line: that line may be a
+    redis_url with its password."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark, started = exc.problem_mark, exc.context_mark
+        problem = f"{exc.problem} (line {mark.line + 1}, column {mark.column + 1})"
+        if exc.context and started is not None:
+            return f"{exc.context} (line {started.line + 1}): {problem}"
+        return f"{exc.context}: {problem}" if exc.context else problem
+    return type(exc).__name__

@@ -18,7 +18,22 @@ class ConfigError(NotifierError):
 
 
 class BrokerUnavailable(NotifierError):
-    """Redis (ledger or broker) could not be reached; nothing was accepted."""
+    """Redis (ledger or broker) could not be reached or refused the request. Raised as itself
+    by `notify()`, nothing was accepted; see AcceptOutcomeUnknown for when that is not known."""
+
+
+class AcceptOutcomeUnknown(BrokerUnavailable):
+    """The event was sent to Redis but its answer was lost (a timeout or a dropped connection
+    after sending): it may have been accepted. Sending it again is safe only with the same
+    idempotency key (`idempotency_key`, None if the accept had none): a stored first try then
+    answers with its own transaction instead of paging twice.
+
+    A BrokerUnavailable, so that `except BrokerUnavailable` keeps catching every Redis failure
+    (for an alert, a fallback that may page twice beats one that never runs)."""
+
+    def __init__(self, message: str, idempotency_key: str | None = None) -> None:
+        super().__init__(message)
+        self.idempotency_key = idempotency_key
 
 
 class InvalidEvent(NotifierError):

@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import redis
 
 from notifier.config import Settings
-from notifier.errors import BrokerUnavailable, IdempotencyConflict, InvalidEvent
+from notifier.errors import AcceptOutcomeUnknown, BrokerUnavailable, IdempotencyConflict, InvalidEvent
 from notifier.ids import new_transaction_id
 from notifier.ledger import AcceptOutcome, AcceptResult, Ledger
 from notifier.ledger_accept import (
@@ -50,7 +51,19 @@ def body_hash(event: Event) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def validate(settings: Settings, event: Event) -> None:
+# Kinds only notifier itself creates, refused from outside senders (the API's /v1/events, the
+# client and `notifier send`): an outside `drill` event can never be rendered (every channel's
+# drill template needs the reply code a drill puts in `extra`, which EventIn cannot carry), and
+# an outside `digest` would pass for a merged digest, which is never held for storm protection.
+# Drills submit theirs as Source.DRILL; a replay sends an event that was accepted before.
+RESERVED_KINDS = {"drill": "notifier's drill phase messages", "digest": "notifier's storm digests"}
+_OUTSIDE = frozenset({Source.API, Source.CLIENT})
+
+
+def validate(settings: Settings, event: Event, source: Source) -> None:
+    if source in _OUTSIDE and event.kind in RESERVED_KINDS:
+        raise InvalidEvent(f"kind: {event.kind!r} is reserved for {RESERVED_KINDS[event.kind]}; "
+                           f"use another kind (e.g. 'alert')")
     unknown = unknown_targets(settings, event.to)
     if unknown:
         raise InvalidEvent(f"to: unknown recipient or group {', '.join(map(repr, unknown))}")
@@ -71,7 +84,7 @@ class Intake:
     def prepare(self, event: Event, source: Source, *, receiver: str = "",
                 dedup_key: str | None = None, idempotency_key: str | None = None) -> AcceptCall:
         """Check the event against the config and build its accept script call."""
-        validate(self.settings, event)
+        validate(self.settings, event, source)
         idem = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
         return accept_call(new_transaction_id(), event.kind, event_json(event), source,
                            receiver=receiver, dedup_key=dedup_key, idempotency_key=idem,
@@ -114,9 +127,48 @@ class Intake:
                dedup_key: str | None = None, idempotency_key: str | None = None) -> Accepted:
         call = self.prepare(event, source, receiver=receiver, dedup_key=dedup_key,
                             idempotency_key=idempotency_key)
-        try:
+        with _broker_errors(idempotency_key):
             [result] = self.ledger.accept(self.script_call([call]))
-        except redis.RedisError as exc:
-            raise BrokerUnavailable(f"redis unavailable: {type(exc).__name__}") from None
         self.log_stored([call], [result])
         return self.conclude(result)
+
+    def replay(self, event: Event, dead_letter: str, *, receiver: str = "") -> Accepted | None:
+        """Accept `event` again as the replay of the dead letter `dead_letter`, which leaves its
+        list in the same script (Ledger.accept_replay): a replay that is refused (InvalidEvent,
+        before any write) or fails (BrokerUnavailable) leaves it in place. None when it is not
+        a dead letter (any more: a concurrent replay took it)."""
+        call = self.prepare(event, Source.REPLAY, receiver=receiver)
+        with _broker_errors():
+            result = self.ledger.accept_replay(self.script_call([call]), dead_letter)
+        if result is None:
+            return None
+        self.log_stored([call], [result])
+        return self.conclude(result)
+
+
+    def ping(self) -> None:
+        """BrokerUnavailable unless Redis answers: a failure here sent no event (notify()
+        tells "not accepted" from "outcome unknown" by it)."""
+        try:
+            self.ledger.redis.ping()
+        except redis.RedisError as exc:
+            raise _unavailable(exc) from None
+
+
+@contextmanager
+def _broker_errors(idempotency_key: str | None = None) -> Iterator[None]:
+    """Any Redis failure of an accept, as the sender is told it. A lost connection or a timeout
+    may come after Redis ran the script (or before it was sent: redis-py does not say which),
+    so its outcome is unknown; an error reply means Redis did not accept it."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        again = f" (send it again only with idempotency key {idempotency_key!r})" if idempotency_key else ""
+        raise AcceptOutcomeUnknown(f"redis unavailable: {type(exc).__name__}; the event may have "
+                                   f"been accepted{again}", idempotency_key) from None
+    except redis.RedisError as exc:
+        raise _unavailable(exc) from None
+
+
+def _unavailable(exc: redis.RedisError) -> BrokerUnavailable:
+    return BrokerUnavailable(f"redis unavailable: {type(exc).__name__}")  # str(exc) can name the address

@@ -68,6 +68,7 @@ class Ledger:
         self.redis = client
         self.retention = int(retention)
         self._accept = client.register_script(scripts.ACCEPT)
+        self._replay = client.register_script(scripts.REPLAY)
         self._claim = client.register_script(scripts.CLAIM)
         self._add = client.register_script(scripts.ADD_DELIVERIES)
         self._fall_back = client.register_script(scripts.FALL_BACK)
@@ -83,6 +84,12 @@ class Ledger:
     def accept(self, call: ScriptCall) -> list[AcceptResult]:
         """Store events and queue their dispatch task (see notifier.ledger_accept)."""
         return accept_results(self._accept(keys=call.keys, args=call.args))
+
+    def accept_replay(self, call: ScriptCall, dead_letter: str) -> AcceptResult | None:
+        """Accept one event as the replay of the dead letter `dead_letter` and take that off its
+        list, in one script (see REPLAY); None when it is not a dead letter (any more)."""
+        reply = self._replay(keys=call.keys, args=[*call.args, dead_letter])
+        return accept_results(reply)[0] if reply else None
 
     def transaction(self, txid: str) -> TransactionRecord | None:
         return transaction_from(self.redis.hgetall(tx_key(txid)))
@@ -176,9 +183,6 @@ class Ledger:
     def dead_letters(self, limit: int = 100) -> list[tuple[str, float]]:
         rows: list[Any] = self.redis.zrevrange(DEADLETTERS, 0, limit - 1, withscores=True)
         return [(text(member), float(score)) for member, score in rows]
-
-    def clear_dead_letter(self, txid: str) -> bool:
-        return bool(self.redis.zrem(DEADLETTERS, txid))
 
     # -- deliveries -----------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 """The ledger's Lua scripts: each decision that two processes could race on is one script."""
 
-ACCEPT = """
+from notifier.ledger_keys import DEADLETTERS
+
+_ACCEPT_EVENTS = """
 -- One round trip for the acceptance of one or more events: for each, the dedup/idempotency
 -- check, the transaction, its outbox entry and the events counter; then a Celery dispatch
 -- message for each group of events that stored one. Stored and queued happen together or not
@@ -70,6 +72,22 @@ end
 for field, n in pairs(counted) do redis.call('HINCRBYFLOAT', KEYS[2], field, n) end
 if #outboxed > 0 then redis.call('ZADD', KEYS[1], unpack(outboxed)) end
 if #queued > 0 then redis.call('LPUSH', KEYS[3], unpack(queued)) end
+"""
+
+ACCEPT = _ACCEPT_EVENTS + "return out\n"
+
+# A dead letter's replay: its event accepted again (as ACCEPT does, one event) and the dead
+# letter taken off its list, together or not at all. Off the list only after the accept's
+# writes: a script is not rolled back when it fails part way, so an accept that raises leaves
+# the dead letter in place; and a replay whose reply is lost has either done both or neither.
+# Only one of two concurrent replays of the same dead letter finds it.
+# KEYS, ARGV: as ACCEPT's for one event, then ARGV: the replayed transaction's ID
+# Returns: {} when it is not (or no longer) a dead letter, else ACCEPT's reply
+REPLAY = f"""
+local replayed = ARGV[#ARGV]
+if not redis.call('ZSCORE', '{DEADLETTERS}', replayed) then return {{}} end
+""" + _ACCEPT_EVENTS + f"""
+redis.call('ZREM', '{DEADLETTERS}', replayed)
 return out
 """
 

@@ -10,7 +10,6 @@ from notifier.errors import NotifierError
 from notifier.intake import Intake
 from notifier.ledger import Ledger
 from notifier.ledger_rows import Unreadable
-from notifier.models import Source
 
 
 class BreakerControl:
@@ -48,11 +47,15 @@ class Unreplayable(NotifierError):
 def replay_dead_letter(ledger: Ledger, intake: Intake, txid: str) -> str | None:
     """Send a failed transaction's event again as a new transaction linked to the old one."""
     tx = ledger.transaction_or_unreadable(txid)
-    if isinstance(tx, Unreadable):  # checked before the dead letter is taken off its list
+    if isinstance(tx, Unreadable):
         raise Unreplayable(f"{txid} cannot be replayed: {tx.detail}")
-    if tx is None or not ledger.clear_dead_letter(txid):
+    if tx is None:
         return None
-    accepted = intake.submit(tx.event, Source.REPLAY, receiver=tx.receiver)
+    # The dead letter leaves its list only together with the replay's acceptance: a replay the
+    # current config refuses (a renamed group: InvalidEvent) or a Redis failure keeps it.
+    accepted = intake.replay(tx.event, txid, receiver=tx.receiver)
+    if accepted is None:
+        return None
     ledger.log(txid, "replayed", new_transaction=accepted.transaction_id)
     ledger.log(accepted.transaction_id, "replay_of", original=txid)
     return accepted.transaction_id

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.client import Pipeline
@@ -37,6 +37,19 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str | None, int
         if parsed.path.strip("/"):
             db = int(parsed.path.strip("/"))
     return nodes, password, db
+
+
+def redacted(url: str) -> str:
+    """`url` (a sentinel list too) with any password shown as ***, for printing."""
+    return ";".join(_redacted_one(part) for part in url.split(";"))
+
+
+def _redacted_one(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def connect(url: str, master: str | None = None, **options: Any) -> redis.Redis:

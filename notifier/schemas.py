@@ -77,7 +77,10 @@ class EventIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     # `kind` names a template family, so it is restricted to a safe file-name alphabet.
-    kind: str = Field(default="alert", pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    kind: str = Field(default="alert", pattern=r"^[a-z][a-z0-9_-]{0,31}$",
+                      description="the template family (alert, resolved, or one of your own); "
+                                  "drill and digest are notifier's own, refused here "
+                                  "(notifier.intake.RESERVED_KINDS)")
     title: str = Field(min_length=1, max_length=500)
     body: str = Field(default="", max_length=20_000)
     severity: str = Field(default="info", pattern=r"^[A-Za-z0-9_-]{1,32}$")

@@ -76,15 +76,22 @@ def sms_value(text: str, limit: int) -> str:
 
 def timefmt(value: object, offset_hours: float = 0) -> str:
     """Filter: RFC 3339 (nanoseconds too) -> 'YYYY-MM-DD HH:MM:SS' at UTC+offset_hours.
-    Alertmanager's zero time (a firing alert's endsAt) becomes ''."""
+    Alertmanager's zero time (a firing alert's endsAt) becomes ''; anything else that is not a
+    time (free text, or shaped like one but impossible: month 13, offset +99:00, a year 9999
+    that UTC+8 pushes past the calendar) is shown as given."""
     match = _TIMESTAMP.fullmatch(str(value).strip())
     if not match:
         return str(value)
     day, clock, zone = match.groups()
     if day.startswith("0001-"):
         return ""
-    stamp = datetime.fromisoformat(f"{day}T{clock}{'+00:00' if zone in (None, 'Z') else zone}")
-    return stamp.astimezone(timezone(timedelta(hours=offset_hours))).strftime("%Y-%m-%d %H:%M:%S")
+    # The value is sender data: a filter that raised would fail the whole message for good
+    # (a template error), and the alert with it.
+    try:
+        stamp = datetime.fromisoformat(f"{day}T{clock}{'+00:00' if zone in (None, 'Z') else zone}")
+        return stamp.astimezone(timezone(timedelta(hours=offset_hours))).strftime("%Y-%m-%d %H:%M:%S")
+    except (ValueError, OverflowError):
+        return str(value)
 
 
 def _web_url(url: str) -> str:

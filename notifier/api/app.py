@@ -16,7 +16,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp
 
-from notifier.api.auth import CallbackAuth, TokenAuth
+from notifier.api.auth import API_TOKEN_ENV, CALLBACK_TOKEN_ENV, CallbackAuth, TokenAuth, token_from_env
 from notifier.api.callbacks import callbacks_router
 from notifier.api.drills import drills_router
 from notifier.api.ingest import IngestRoutes, document
@@ -44,8 +44,8 @@ def create_app(settings: Settings) -> ASGIApp:
 
 def fastapi_app(settings: Settings) -> tuple[FastAPI, ApiState]:
     state = ApiState(settings)
-    auth = TokenAuth(os.environ.get("NOTIFIER_API_TOKEN"))
-    callback_auth = CallbackAuth(os.environ.get("NOTIFIER_CALLBACK_TOKEN"))
+    auth = TokenAuth(token_from_env(API_TOKEN_ENV))
+    callback_auth = CallbackAuth(token_from_env(CALLBACK_TOKEN_ENV))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

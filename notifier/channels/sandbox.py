@@ -103,7 +103,8 @@ def http_post(url: str, body: list[dict[str, Any]]) -> bool:
     """POST a push like Aliyun: JSON array; only HTTP 200 counts as received. NOTIFIER_CALLBACK_
     TOKEN is added as ?token= here, so it never has to sit in the config file."""
     target = httpx.URL(url)
-    token = os.environ.get("NOTIFIER_CALLBACK_TOKEN")
+    # Stripped as the API reads it (notifier.api.auth.token_from_env), so that the two match.
+    token = os.environ.get("NOTIFIER_CALLBACK_TOKEN", "").strip()
     if token and "token" not in target.params:
         target = target.copy_merge_params({"token": token})
     try:

@@ -20,9 +20,11 @@ from fastapi.testclient import TestClient
 
 from notifier.api.app import create_app
 from notifier.config import settings_from_mapping
+from notifier.errors import ConfigError
 from notifier.ledger import Ledger
 from notifier.ledger_accept import EVENTS_PER_TASK
 from notifier.metrics import metric_field, metric_key
+from notifier.models import TxStatus
 from notifier.schemas import AlertmanagerWebhook
 from notifier.sources import from_alertmanager
 from notifier.tasks_spec import DISPATCH_QUEUE
@@ -127,12 +129,54 @@ def test_a_damaged_transaction_is_shown_not_a_500_and_is_not_replayed(client: Te
     assert [d["transaction_id"] for d in listed] == [txid]  # still there for the operator
 
 
+def test_a_refused_replay_keeps_the_dead_letter_until_one_is_accepted(
+        redis_url: str, redis_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFIER_API_TOKEN", TOKEN)
+
+    def api(config: dict[str, Any]) -> TestClient:
+        app = create_app(settings_from_mapping({**config, "redis_url": redis_url}))
+        return TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"})
+
+    with api(CONFIG) as before:
+        accepted = before.post("/v1/events", json={"title": "DiskFull", "to": ["oncall"]})
+    txid = accepted.json()["transaction_id"]
+    ledger = Ledger(redis_client)
+    ledger.finish(txid, TxStatus.FAILED)  # as dispatch does: failed -> dead letter
+    [(_, failed_at)] = ledger.dead_letters()
+    # The group is renamed (oncall -> sre): the event names a group the config no longer has.
+    renamed = {**CONFIG, "groups": {"sre": ["alice"]},
+               "routes": [{"match": {}, "to": ["sre"], "channels": ["email"]}]}
+    with api(renamed) as after:
+        replay = after.post(f"/v1/deadletters/{txid}/replay")
+        assert replay.status_code == 422 and "oncall" in replay.text, replay.text
+        listed = after.get("/v1/deadletters").json()
+    assert listed == [{"transaction_id": txid, "failed_at": failed_at}]  # as it was
+    assert redis_client.llen(DISPATCH_QUEUE) == 1  # the original's only
+    with api(CONFIG) as fixed:  # the config is put right: the replay goes through, once
+        replay = fixed.post(f"/v1/deadletters/{txid}/replay")
+        assert replay.status_code == 202, replay.text
+        assert fixed.get("/v1/deadletters").json() == []
+        assert fixed.post(f"/v1/deadletters/{txid}/replay").status_code == 404
+    assert redis_client.llen(DISPATCH_QUEUE) == 2
+
+
 def test_changed_alert_set_is_a_new_notification(client: TestClient) -> None:
     body = fixture("alertmanager-critical-truncated.json")
     first = client.post("/v1/alertmanager", json=body).json()
     body["alerts"] = body["alerts"][:1]
     second = client.post("/v1/alertmanager", json=body).json()
     assert second["transaction_id"] != first["transaction_id"] and "suppressed" not in second
+
+
+@pytest.mark.parametrize("kind", ["drill", "digest"])
+def test_an_event_of_an_internal_kind_is_refused_naming_kind(client: TestClient, redis_client: Any,
+                                                             kind: str) -> None:
+    # A drill event needs the reply code only a drill gives it (it could never be rendered); a
+    # digest one would pass for a merged digest. Drills submit theirs themselves (test_drill_flow).
+    response = client.post("/v1/events", json={"kind": kind, "title": "DR drill: switch to hz-b"})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0].startswith(f"kind: {kind!r} is reserved")
+    assert redis_client.llen(DISPATCH_QUEUE) == 0
 
 
 def test_events_idempotency_key(client: TestClient) -> None:
@@ -279,6 +323,30 @@ def test_notify_raises_a_clear_error_when_redis_is_down() -> None:
     server.close()
     with pytest.raises(BrokerUnavailable, match="redis unavailable"):
         intake.submit(Event(kind="alert", title="x"), Source.CLIENT)
+
+
+@pytest.mark.parametrize("value", ["", "  \n"])
+@pytest.mark.parametrize("name", ["NOTIFIER_API_TOKEN", "NOTIFIER_CALLBACK_TOKEN"])
+def test_a_blank_token_refuses_to_start_naming_its_variable(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    # What a missing secret looks like (NAME= in the env file, NAME=${UNSET}): it must not open
+    # the API. Unset stays open (loopback demos, notifier up).
+    monkeypatch.setenv("NOTIFIER_API_TOKEN", TOKEN)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"^{name}: set but empty"):
+        create_app(settings_from_mapping({**CONFIG, "redis_url": redis_url}))
+
+
+def test_a_token_from_a_file_with_its_newline_still_matches(redis_url: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFIER_API_TOKEN", f"{TOKEN}\n")
+    app = create_app(settings_from_mapping({**CONFIG, "redis_url": redis_url}))
+    with TestClient(app) as anonymous:
+        body = fixture("alertmanager-firing.json")
+        assert anonymous.post("/v1/alertmanager", json=body).status_code == 401
+        accepted = anonymous.post("/v1/alertmanager", json=body,
+                                  headers={"Authorization": f"Bearer {TOKEN}"})
+        assert accepted.status_code == 200, accepted.text
 
 
 def test_every_v1_endpoint_in_the_openapi_spec_requires_credentials(

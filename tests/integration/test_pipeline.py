@@ -4,6 +4,7 @@ letters, maybe-sent look-ups, deferral."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any
@@ -13,13 +14,20 @@ import pytest
 from notifier.breaker import FleetBreaker
 from notifier.channels.base import ChannelContext
 from notifier.channels.sandbox import SandboxSms, outbox_key, read_outbox
+from notifier.client import as_event
 from notifier.config import SandboxProvider
+from notifier.errors import BrokerUnavailable, InvalidEvent
+from notifier.intake import Intake
 from notifier.models import Event, Outgoing, Receipt, Source
 from notifier.operations import replay_dead_letter
 from notifier.pipeline.dispatch import dispatch
 from notifier.pipeline.reaper import reap
+from notifier.schemas import AlertmanagerWebhook
+from notifier.sources import from_alertmanager
+from notifier.tasks_spec import DISPATCH_QUEUE
 from tests.fakes.dysmsapi import FakeDysmsapi
 from tests.integration.conftest import SMS_ENV, MakeFleet
+from tests.integration.test_api import FIXTURES
 from tests.support.inline import InlineFleet
 
 ENV = SMS_ENV
@@ -144,6 +152,62 @@ def test_everything_failing_dead_letters_and_replay_sends_again(make_fleet: Make
     assert fleet.deps.ledger.transaction(new_txid).status == "delivered"  # type: ignore[union-attr]
     assert fleet.deps.ledger.dead_letters() == []
     assert len(sms_fake.messages) == 1
+
+
+def failing_once(make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> tuple[InlineFleet, str]:
+    """A fleet whose first SMS is refused for good (no fallback), and that SMS' dead letter."""
+    sms_fake.script({"kind": "business", "code": "isv.MOBILE_NUMBER_ILLEGAL", "times": 1})
+    cfg = config(aliyun(sms_fake))
+    cfg["routes"][0]["fallback"] = []
+    fleet = make_fleet(cfg, ENV)
+    txid = submit(fleet)
+    fleet.drain()
+    assert [t for t, _ in fleet.deps.ledger.dead_letters()] == [txid]
+    return fleet, txid
+
+
+def test_a_replay_that_fails_part_way_keeps_the_dead_letter(make_fleet: MakeFleet,
+        sms_fake: FakeDysmsapi) -> None:
+    fleet, txid = failing_once(make_fleet, sms_fake)
+    before = fleet.deps.ledger.dead_letters()
+    # A retention Redis refuses: the accept script stops at its first EXPIRE, after a write (a
+    # script is not rolled back), before the dispatch task; the dead letter must stay.
+    broken = Intake(fleet.settings, fleet.deps.ledger)
+    broken.policy = dataclasses.replace(broken.policy, retention=1e300)
+    with pytest.raises(BrokerUnavailable):
+        replay_dead_letter(fleet.deps.ledger, broken, txid)
+    assert fleet.deps.ledger.dead_letters() == before
+    assert fleet.redis.llen(DISPATCH_QUEUE) == 0  # nothing queued that would send it
+
+
+def test_a_drill_event_goes_out_from_a_drill_and_is_refused_from_the_client(
+        make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(config({"provider": "sandbox", "recipient_limits": []}))
+    with pytest.raises(InvalidEvent, match=r"^kind: 'drill' is reserved"):
+        fleet.intake.submit(as_event({"kind": "drill", "title": "DR drill: switch"}), Source.CLIENT)
+    drill = Event(kind="drill", title="DR drill: switch", to=("alice",),
+                  extra={"reply_code": "4711", "drill_name": "DR drill", "phase": "switch"})
+    txid = fleet.intake.submit(drill, Source.DRILL).transaction_id
+    fleet.drain()
+    assert fleet.deps.ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
+    [sms] = outbox(fleet, "sms")
+    assert "4711" in json.dumps(sms, ensure_ascii=False)
+
+
+def test_a_webhook_with_an_impossible_start_time_still_reaches_email(make_fleet: MakeFleet) -> None:
+    # startsAt is a free string in the webhook: one shaped like a time but impossible (month 13)
+    # is accepted, and must not fail the email's template.
+    fleet = make_fleet({**config({"provider": "sandbox", "recipient_limits": []}),
+                        "routes": [{"match": {}, "to": ["alice"], "channels": ["email"]}]})
+    body = json.loads((FIXTURES / "alertmanager-firing.json").read_text())
+    body["alerts"][0]["startsAt"] = "2026-13-01T03:45:06Z"
+    event = from_alertmanager(AlertmanagerWebhook.model_validate(body))
+    txid = fleet.intake.submit(event, Source.ALERTMANAGER).transaction_id
+    fleet.drain()
+    reasons = [d.reason for d in fleet.deps.ledger.deliveries(txid)]
+    assert fleet.deps.ledger.transaction(txid).status == "delivered", reasons  # type: ignore[union-attr]
+    [email] = outbox(fleet, "email")
+    assert "2026-13-01T03:45:06Z" in json.dumps(email)
 
 
 def test_read_timeout_after_send_is_looked_up_not_resent(make_fleet: MakeFleet,

@@ -61,6 +61,11 @@ class InlineIntake(Intake):
         self.fleet.take_queued_dispatches()
         return accepted
 
+    def replay(self, *args: Any, **kwargs: Any) -> Accepted | None:
+        accepted = super().replay(*args, **kwargs)
+        self.fleet.take_queued_dispatches()
+        return accepted
+
 
 class InlineFleet:
     def __init__(self, redis_url: str, config: dict[str, Any], env: dict[str, str] | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from notifier.errors import PermanentError
 from notifier.models import Alert, Event, Rendered
+from notifier.template_vars import timefmt
 from notifier.templates import Renderer, TemplateContext, clip, text_units
 
 # Captured payloads live beside the repo (../shared/fixtures); a copy in tests/fixtures wins.
@@ -105,6 +107,30 @@ def test_every_fixture_renders(renderer: Renderer, name: str, locale: str, chann
         assert "tx-0001" in out.text
         assert "http://vm:19193" in out.text and 'href="http://vm:19193"' in out.html
     assert "\x1b" not in all_text(out)
+
+
+@pytest.mark.parametrize(("value", "offset", "shown"), [
+    ("2026-11-23T03:45:06.123456789Z", 8, "2026-11-23 11:45:06"),
+    ("0001-01-01T00:00:00Z", 0, ""),
+    ("soon", 0, "soon"),
+    ("2026-13-01T03:45:06Z", 0, "2026-13-01T03:45:06Z"),       # month 13
+    ("2026-11-23T25:00:00Z", 0, "2026-11-23T25:00:00Z"),       # hour 25
+    ("0000-01-01T00:00:00Z", 0, "0000-01-01T00:00:00Z"),       # year 0
+    ("2026-11-23T03:45:06+99:00", 0, "2026-11-23T03:45:06+99:00"),  # offset out of range
+    ("9999-12-31T23:59:59Z", 8, "9999-12-31T23:59:59Z"),       # UTC+8 runs past year 9999
+])
+def test_timefmt_shows_what_is_not_a_time_as_given(value: str, offset: int, shown: str) -> None:
+    assert timefmt(value, offset) == shown
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+def test_an_alert_with_an_impossible_start_time_still_renders_as_email(renderer: Renderer,
+                                                                        locale: str) -> None:
+    event = fixture_event("alertmanager-firing.json")
+    first = dataclasses.replace(event.alerts[0], starts_at="2026-13-01T03:45:06Z")
+    out = renderer.render("email", ctx(dataclasses.replace(event, alerts=(first, *event.alerts[1:])),
+                                       locale))
+    assert "2026-13-01T03:45:06Z" in out.text and out.html is not None
 
 
 @pytest.mark.parametrize("locale", LOCALES)
