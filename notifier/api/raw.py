@@ -37,5 +37,5 @@ def field_errors(exc: ValidationError | RequestValidationError) -> list[str]:
     problems = []
     for item in exc.errors():
         loc = ".".join(str(p) for p in item["loc"] if p != "body") or "body"
-        problems.append(f"{loc}: {item['msg']}")
+        problems.append(f"{loc}: {item['msg'].removeprefix('Value error, ')}")  # our own raise
     return problems
