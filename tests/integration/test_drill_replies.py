@@ -20,22 +20,16 @@ from notifier.drills.replies import REJECTED, Reply, apply_due, reply_inbox, sto
 from notifier.drills.service import DrillService
 from notifier.metrics import KEY as METRICS_KEY
 from tests.integration.conftest import MakeFleet
+from tests.integration.test_drill_flow import CONFIG as FLOW_CONFIG
+from tests.integration.test_drill_flow import SPEC
 from tests.support.inline import InlineFleet
 
 UP = "/v1/callbacks/aliyun/sms-up"
 ALICE, BOB = "+8615012345678", "+8613900139000"  # alice: a 150 number, also valid as +1 501...
-CONFIG: dict[str, Any] = {
-    "channels": {"sms": {"provider": "sandbox"}, "email": {"provider": "sandbox"}},
-    "recipients": {
-        "alice": {"phone": ALICE, "email": "alice@example.com"},
-        "bob": {"phone": BOB},
-        "carol": {"email": "carol@example.com"},
-    },
-    "groups": {"ops": ["alice", "bob"]},
-    "routes": [{"match": {}, "to": ["carol"], "channels": ["sms"], "fallback": ["email"]}],
-}
-SPEC = {"name": "DR", "operators": ["ops"], "phases": ["primary stopped", "traffic switched"],
-        "escalation": ["carol"], "escalation_rounds": 1}
+# test_drill_flow's fleet, alice on a 150 number
+CONFIG: dict[str, Any] = {**FLOW_CONFIG, "recipients": {
+    **FLOW_CONFIG["recipients"], "alice": {"phone": ALICE, "email": "alice@example.com"}}}
+assert CONFIG["recipients"]["bob"]["phone"] == BOB
 
 
 @pytest.fixture

@@ -8,11 +8,12 @@ from collections.abc import Callable
 from typing import Any
 
 from notifier.channels.sandbox import outbox_key
-from notifier.ledger import delivery_key
+from notifier.ledger import DeliveryRecord, delivery_key
 from notifier.models import Event, Source
 from notifier.pipeline.dispatch import _fan_out
 from notifier.pipeline.outcomes import Outcomes
 from tests.integration.conftest import MakeFleet
+from tests.support.inline import InlineFleet
 
 CFG: dict[str, Any] = {
     "channels": {"sms": {"provider": "sandbox", "recipient_limits": []},
@@ -23,13 +24,19 @@ CFG: dict[str, Any] = {
 }
 
 
-def test_two_channels_falling_back_at_once_send_one_email(make_fleet: MakeFleet) -> None:
-    fleet = make_fleet(CFG)
+def fanned_out(fleet: InlineFleet) -> tuple[str, DeliveryRecord, DeliveryRecord]:
+    """A critical event for alice, fanned out: (its transaction, its SMS, its push)."""
     txid = fleet.intake.submit(Event(kind="alert", title="DB down", severity="critical"),
                                Source.API).transaction_id
     fleet.publisher.tasks.clear()
     _fan_out(fleet.deps, [txid])
     sms, push = fleet.deps.ledger.deliveries(txid)
+    return txid, sms, push
+
+
+def test_two_channels_falling_back_at_once_send_one_email(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(CFG)
+    txid, sms, push = fanned_out(fleet)
     # The worst interleaving at the Redis level: worker B (push) runs its whole fallback just
     # before worker A (sms) sends its first command that names the email delivery it creates,
     # i.e. after whatever A has checked before that. (The client is wrapped, not our code.)
@@ -65,11 +72,7 @@ def test_a_failed_email_does_not_carry_a_later_fallback(make_fleet: MakeFleet) -
     """Only a live delivery carries the message: once the first email failed, the second
     channel's fallback sends another (the person must still be reached)."""
     fleet = make_fleet(CFG)
-    txid = fleet.intake.submit(Event(kind="alert", title="DB down", severity="critical"),
-                               Source.API).transaction_id
-    fleet.publisher.tasks.clear()
-    _fan_out(fleet.deps, [txid])
-    sms, push = fleet.deps.ledger.deliveries(txid)
+    txid, sms, push = fanned_out(fleet)
     Outcomes(fleet.deps).fall_back(sms, "permanent", "isv.MOBILE_NUMBER_ILLEGAL")
     (first,) = [d for d in fleet.deps.ledger.deliveries(txid) if d.channel == "email"]
     Outcomes(fleet.deps).fall_back(first, "permanent", "550")  # no fallback left: failed

@@ -136,24 +136,6 @@ def test_breaker_opens_after_repeated_transient_failures(make_fleet: MakeFleet,
     assert any(b"circuit_open" in k or b"retries_exhausted" in k for k in metrics)
 
 
-def test_everything_failing_dead_letters_and_replay_sends_again(make_fleet: MakeFleet,
-        sms_fake: FakeDysmsapi) -> None:
-    sms_fake.script({"kind": "business", "code": "isv.MOBILE_NUMBER_ILLEGAL", "times": 1})
-    cfg = config(aliyun(sms_fake))
-    cfg["routes"][0]["fallback"] = []
-    fleet = make_fleet(cfg, ENV)
-    txid = submit(fleet)
-    fleet.drain()
-    assert fleet.deps.ledger.transaction(txid).status == "failed"  # type: ignore[union-attr]
-    assert [t for t, _ in fleet.deps.ledger.dead_letters()] == [txid]
-    new_txid = replay_dead_letter(fleet.deps.ledger, fleet.intake, txid)
-    assert new_txid is not None and new_txid != txid
-    fleet.drain()
-    assert fleet.deps.ledger.transaction(new_txid).status == "delivered"  # type: ignore[union-attr]
-    assert fleet.deps.ledger.dead_letters() == []
-    assert len(sms_fake.messages) == 1
-
-
 def failing_once(make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> tuple[InlineFleet, str]:
     """A fleet whose first SMS is refused for good (no fallback), and that SMS' dead letter."""
     sms_fake.script({"kind": "business", "code": "isv.MOBILE_NUMBER_ILLEGAL", "times": 1})
@@ -164,6 +146,18 @@ def failing_once(make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> tuple[InlineF
     fleet.drain()
     assert [t for t, _ in fleet.deps.ledger.dead_letters()] == [txid]
     return fleet, txid
+
+
+def test_everything_failing_dead_letters_and_replay_sends_again(make_fleet: MakeFleet,
+        sms_fake: FakeDysmsapi) -> None:
+    fleet, txid = failing_once(make_fleet, sms_fake)
+    assert fleet.deps.ledger.transaction(txid).status == "failed"  # type: ignore[union-attr]
+    new_txid = replay_dead_letter(fleet.deps.ledger, fleet.intake, txid)
+    assert new_txid is not None and new_txid != txid
+    fleet.drain()
+    assert fleet.deps.ledger.transaction(new_txid).status == "delivered"  # type: ignore[union-attr]
+    assert fleet.deps.ledger.dead_letters() == []
+    assert len(sms_fake.messages) == 1
 
 
 def test_a_replay_that_fails_part_way_keeps_the_dead_letter(make_fleet: MakeFleet,
