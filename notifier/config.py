@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import phonenumbers
 import yaml
@@ -25,6 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from redis.connection import parse_url
 
 from notifier.errors import ConfigError
 
@@ -40,16 +42,19 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like '10s', got {value!r}")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer past any float: YAML and JSON both allow one
+            seconds = math.inf
     else:
         match = _DURATION.match(str(value))
         if not match:
             raise ValueError(f"expected a duration like '500ms', '10s', '5m', '2h', '7d', got {value!r}")
         seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
-    if not math.isfinite(seconds):  # JSON's 1e400 reads as inf: no timer or TTL can hold it
-        raise ValueError(f"a duration must be a finite number of seconds, got {value!r}")
+    if math.isnan(seconds):
+        raise ValueError("a duration must be a number of seconds, got NaN")
     if seconds > MAX_DURATION:  # Redis refuses such a TTL: every write using it would fail
-        raise ValueError(f"a duration must be at most {MAX_DURATION // 86400:.0f}d, got {value!r}")
+        raise ValueError(f"a duration must be at most {MAX_DURATION // 86400:.0f}d")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
@@ -63,29 +68,74 @@ def mask_phone(phone: str) -> str:
     return phone[:6] + "****" + phone[-4:] if len(phone) > 10 else "****"
 
 
+_SMS_CAPABLE = (phonenumbers.PhoneNumberType.MOBILE,
+                phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE)
+
+
+def _valid(candidate: str, region: str) -> phonenumbers.PhoneNumber | None:
+    try:
+        number = phonenumbers.parse(candidate, region)
+    except phonenumbers.NumberParseException:
+        return None
+    return number if phonenumbers.is_valid_number(number) else None
+
+
+def _e164(number: phonenumbers.PhoneNumber) -> str:
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _readings(text: str, region: str) -> tuple[phonenumbers.PhoneNumber | None,
+                                               phonenumbers.PhoneNumber | None]:
+    """A number written without '+': (its reading in `region`, its reading as country code +
+    number), each None when not a valid number."""
+    return _valid(text, region), _valid(f"+{text}", region)
+
+
+def _digits(raw: str) -> str:
+    return re.sub(r"[\s\-()]", "", str(raw))
+
+
 @functools.lru_cache(maxsize=4096)  # parsed on every SMS send and receipt: a few numbers, often
 def normalise_phone(raw: str, default_region: str = "CN") -> str:
     """Any of '+8613800138000', '8613800138000', '13800138000' -> '+8613800138000' (E.164).
 
-    Aliyun pushes numbers with or without the country code, so bare and '86'-prefixed numbers
-    are read as mainland China unless they parse as something else.
+    Read as Aliyun writes numbers (and pushes them back): mainland ones bare or after '86',
+    every other one as country code + number without '+'. So without a '+', a number that is a
+    mobile in the default region is that (a bare 150..., 166..., 180... mobile is also a valid
+    +1 number, but Dysmsapi's SendSms does not serve North America); otherwise it is country
+    code + number ('79161234567' is a Russian mobile, not a Nanchang landline); a landline of
+    the region comes last.
     """
-    text = re.sub(r"[\s\-()]", "", str(raw))
-    # Without a '+', the default region's reading wins when it is a valid number there: many
-    # bare mainland mobiles (150..., 166..., 170..., 180...) are also valid NANP numbers once a
-    # '+' is put in front, and '+1501...' is never what an operator or Aliyun meant. A number
-    # that is not valid in the region ('85261234567', '447911123456') is then tried as
-    # international.
-    candidates = [text] if text.startswith("+") else [text, f"+{text}"]
-    for candidate in candidates:
-        try:
-            number = phonenumbers.parse(candidate, default_region)
-        except phonenumbers.NumberParseException:
-            continue
-        if phonenumbers.is_valid_number(number):
-            return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    text = _digits(raw)
+    if text.startswith("+"):
+        number = _valid(text, default_region)
+        if number is not None:
+            return _e164(number)
+    else:
+        national, international = _readings(text, default_region)
+        if national is not None and phonenumbers.number_type(national) in _SMS_CAPABLE:
+            return _e164(national)
+        for number in (international, national):
+            if number is not None:
+                return _e164(number)
     # Masked: this message ends up in logs and in answers to pushes of other people's numbers.
     raise ValueError(f"not a valid phone number ({mask_phone(text)})")
+
+
+def config_phone(raw: str, default_region: str = "CN") -> str:
+    """A recipient's number as written in the config: as `normalise_phone` reads it, except that
+    one written without '+' that is a mobile number both in the region and as country code +
+    number is refused: a person wrote it, and guessing could page a stranger abroad."""
+    text = _digits(raw)
+    if not text.startswith("+"):
+        readings = [n for n in _readings(text, default_region)
+                    if n is not None and phonenumbers.number_type(n) in _SMS_CAPABLE]
+        if len(readings) == 2 and _e164(readings[0]) != _e164(readings[1]):
+            national, international = readings
+            regions = " or ".join(f"+{n.country_code}… ({phonenumbers.region_code_for_number(n)})"
+                                  for n in (national, international))
+            raise ValueError(f"ambiguous without its country code: write it as {regions}")
+    return normalise_phone(raw, default_region)
 
 
 # A phone number field of any model: whatever form it comes in, it is stored as E.164.
@@ -229,7 +279,7 @@ class ChannelConfig(_Strict):
 
 
 class Recipient(_Strict):
-    phone: E164 | None = None
+    phone: Annotated[str, AfterValidator(config_phone)] | None = None
     email: str | None = None
     push_tokens: list[str] = Field(default_factory=list)
     locale: Literal["en", "zh-CN"] | None = None
@@ -274,10 +324,22 @@ REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel")
 
 
 def check_redis_url(url: str) -> str:
-    """A URL redis_conn.connect can use. The error never quotes it: it may hold a password."""
+    """A URL redis_conn.connect can use, read as it will be. The error never quotes the URL or
+    the parser's message: either may hold (part of) a password."""
     scheme, sep, _ = url.partition("://")
     if not sep or scheme not in REDIS_SCHEMES:
         raise ValueError(f"expected a {', '.join(s + '://' for s in REDIS_SCHEMES)} URL")
+    try:
+        if scheme == "sentinel":
+            for part in url.split(";"):
+                port = urlsplit(part.strip()).port  # raises for a port that is not one
+                if port is not None and not 0 < port < 65536:
+                    raise ValueError
+        else:
+            parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError:
+        raise ValueError("cannot be read: check the host and port, and percent-encode any "
+                         "':', '/', '@' or '#' in the password") from None
     return url
 
 

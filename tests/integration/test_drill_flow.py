@@ -137,6 +137,7 @@ def test_drill_api_answers_bad_requests_with_4xx(api: TestClient, method: str, p
     # Finite but past what Redis can expire: was a 503 after the drill had been written.
     ('"phases": ["a"], "reply_code_ttl": 1e300', "reply_code_ttl: a duration must be at most 3650d"),
     ('"phases": ["a"], "reply_code_ttl": "40d"', "reply_code_ttl: at most 30 d"),
+    ('"phases": ["a"], "reply_code_ttl": 1' + "0" * 400, "reply_code_ttl: a duration must be at most"),
     ('"phases": [{"name": "a", "deadline": "31d"}, "b"]', "phases[0].deadline: at most 30 d"),
 ])
 def test_drill_with_an_endless_duration_is_refused_and_nothing_is_written(

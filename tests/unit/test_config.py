@@ -96,6 +96,16 @@ def test_redis_url_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings_from_mapping(GOOD).redis_url == "redis://10.0.0.9:6380/2"
 
 
+@pytest.mark.parametrize("url", ["redis://:Xk9/Qz7pw@127.0.0.1:6379/0",  # '/' not encoded
+                                 "redis://:s3cretpw@127.0.0.1:63a79/0",
+                                 "redis://:s3cretpw@127.0.0.1:99999/0",
+                                 "sentinel://:s3cretpw@s1:26379;sentinel://s2:2637x"])
+def test_a_redis_url_the_client_cannot_read_is_refused_without_showing_it(url: str) -> None:
+    with pytest.raises(ConfigError, match="redis_url: cannot be read") as err:
+        settings_from_mapping(with_change("redis_url", url))
+    assert "Xk9" not in str(err.value) and "s3cret" not in str(err.value)
+
+
 def test_a_redis_url_override_is_checked_without_showing_it(monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
     monkeypatch.setenv("NOTIFIER_REDIS_URL", "//:s3cret@10.0.0.9:6380/2")
@@ -123,9 +133,32 @@ def test_load_settings_reports_yaml_and_missing_file(tmp_path: Path) -> None:
     # Not valid as mainland numbers: still read as international without the '+'.
     ("14155552671", "+14155552671"), ("85261234567", "+85261234567"),
     ("447911123456", "+447911123456"),
+    # As Aliyun writes (and pushes back) numbers abroad: country code + number, no '+'. Each is
+    # also a landline's number in mainland China; the mobile abroad is what was texted.
+    ("79161234567", "+79161234567"), ("4740612345", "+4740612345"),
 ])
 def test_phone_numbers_normalise_to_e164(raw: str, e164: str) -> None:
     assert normalise_phone(raw) == e164
+
+
+@pytest.mark.parametrize(("written", "problem"), [
+    ("15012345678", "write it as +86… (CN) or +1… (US)"),
+    ("1 (650) 253-0000", "write it as +86… (CN) or +1… (US)"),
+])
+def test_a_configured_number_that_reads_two_ways_must_say_its_country(written: str,
+                                                                     problem: str) -> None:
+    with pytest.raises(ConfigError, match=r"recipients\.alice\.phone: ambiguous") as err:
+        settings_from_mapping(with_change("recipients.alice.phone", written))
+    assert problem in str(err.value)
+
+
+@pytest.mark.parametrize(("written", "e164"), [
+    ("13800138000", "+8613800138000"), ("+1 650 253 0000", "+16502530000"),
+    ("+86 150 1234 5678", "+8615012345678"), ("7 916 123-45-67", "+79161234567"),
+])
+def test_a_configured_number_that_reads_one_way_is_taken(written: str, e164: str) -> None:
+    settings = settings_from_mapping(with_change("recipients.alice.phone", written))
+    assert settings.recipients["alice"].phone == e164
 
 
 @pytest.mark.parametrize(("raw", "seconds"), [("500ms", 0.5), ("10s", 10), ("5m", 300),
@@ -134,9 +167,13 @@ def test_durations(raw: object, seconds: float) -> None:
     assert parse_duration(raw) == seconds
 
 
-# JSON's 1e400 reads as inf; 400 digits read as inf too.
-@pytest.mark.parametrize("raw", [float("inf"), float("-inf"), float("nan"), "9" * 400 + "s"],
-                         ids=["inf", "-inf", "nan", "400 digits"])
-def test_durations_must_be_finite(raw: object) -> None:
-    with pytest.raises(ValueError, match="finite"):
+# JSON's 1e400 reads as inf; 400 digits read as inf too, and an integer of 400 digits (YAML and
+# JSON allow one) is past any float.
+@pytest.mark.parametrize(("raw", "problem"), [
+    (float("inf"), "at most 3650d"), (float("-inf"), "cannot be negative"), (float("nan"), "NaN"),
+    ("9" * 400 + "s", "at most 3650d"), (10 ** 400, "at most 3650d"), ("3651d", "at most 3650d"),
+], ids=["inf", "-inf", "nan", "400 digits", "400-digit int", "3651d"])
+def test_durations_must_be_finite_and_bounded(raw: object, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem) as err:
         parse_duration(raw)
+    assert "9999" not in str(err.value)  # the value itself is not echoed back
