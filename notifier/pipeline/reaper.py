@@ -48,12 +48,16 @@ def _sweep_page(ledger: Ledger, publisher: Publisher, due: list[tuple[str, float
     """Requeue the page's stuck deliveries, roll up the finished ones, re-score the rest."""
     requeued: list[str] = []
     moves: list[tuple[str, float, float]] = []
+    digests: dict[str, Digest] = {}
     for (did, score), rec in zip(due, ledger.deliveries_by_id([d for d, _ in due]), strict=True):
         if rec is None:
             ledger.close_open(did)
             continue
         if DeliveryStatus(rec.status).terminal:  # its worker died before the roll-up (a digest:
             finish_final(ledger, rec)            # before settling its members too)
+            continue
+        if rec.digest_id and _stranded_in_digest(ledger, publisher, rec, digests):
+            requeued.append(did)
             continue
         since = _alive_since(rec, now=now, stale_after=stale_after, lease=lease)
         if now - since > stale_after:
@@ -63,6 +67,37 @@ def _sweep_page(ledger: Ledger, publisher: Publisher, due: list[tuple[str, float
             moves.append((did, score, since))
     ledger.rescore_open(moves)
     return requeued
+
+
+Digest = tuple[DeliveryRecord | None, list[DeliveryRecord]]  # it, and its copies (fallbacks)
+
+
+def _stranded_in_digest(ledger: Ledger, publisher: Publisher, rec: DeliveryRecord,
+                        digests: dict[str, Digest]) -> bool:
+    """A delivery merged into a digest waits for the digest to settle it, unless the digest no
+    longer can: it is gone, or it fell back without a copy carrying its members (a version before
+    7ea2f2a marked a refused digest "carried by" another delivery and left them), or it ended
+    and its own recovery already ran. Released (sent on its own way) or settled here then;
+    True when released."""
+    if rec.digest_id not in digests:
+        digest = ledger.delivery(rec.digest_id)
+        copies = [] if digest is None else [
+            d for d in ledger.deliveries(digest.transaction_id)
+            if d.id != digest.id and set(d.digest_of) == set(digest.digest_of)]
+        digests[rec.digest_id] = (digest, copies)
+    digest, copies = digests[rec.digest_id]
+    if digest is not None:
+        status = DeliveryStatus(digest.status)
+        if not status.terminal or (status is DeliveryStatus.FALLEN_BACK and copies):
+            return False  # on its way, or carried on by copies of it: they settle its members
+        if status is not DeliveryStatus.FALLEN_BACK:
+            finish_final(ledger, digest)  # ended without settling them: idempotent, so again
+            return False
+    ledger.update(rec.id, digest_id=None)
+    ledger.log(rec.transaction_id, "released", delivery=rec.id, digest=rec.digest_id,
+               reason="its digest can no longer carry it")
+    _requeue(ledger, publisher, rec)
+    return True
 
 
 def _requeue(ledger: Ledger, publisher: Publisher, rec: DeliveryRecord) -> None:

@@ -50,11 +50,31 @@ def finish_digest(ledger: Ledger, digest: DeliveryRecord, reached: bool) -> None
     it, roll up their transactions, then its own, which takes it and them off the open index.
     That comes last so that a worker killed anywhere in between leaves the digest open: the
     reaper (or the redelivered task) then does it all again, each step being idempotent."""
-    status = DeliveryStatus.SUPPRESSED if reached else DeliveryStatus.FAILED
+    verdict = _digest_verdict(ledger, digest, reached)
+    if verdict is None:  # another copy of it (to another address) is still on its way: it decides
+        finish_transaction(ledger, digest.transaction_id, close=[digest.id])
+        return
+    status = DeliveryStatus.SUPPRESSED if verdict else DeliveryStatus.FAILED
     for txid in ledger.settle_merged(digest.digest_of, status):
         if txid != digest.transaction_id:
             finish_transaction(ledger, txid)
     finish_transaction(ledger, digest.transaction_id, close=[digest.id, *digest.digest_of])
+
+
+def _digest_verdict(ledger: Ledger, digest: DeliveryRecord, reached: bool) -> bool | None:
+    """Did the digest's members reach the person: True once any copy of the digest did (a
+    fallback makes one per address, to two push tokens say), False once every copy failed, None
+    while one is still on its way. Each copy writes its own status before asking, so of two
+    ending at once at least one sees both ended."""
+    if reached:
+        return True
+    members = set(digest.digest_of)
+    copies = [DeliveryStatus(d.status) for d in ledger.deliveries(digest.transaction_id)
+              if d.id != digest.id and set(d.digest_of) == members]
+    if any(s.succeeded for s in copies):
+        return True
+    # A fallen-back copy is terminal, and its own successors are copies too: they decide.
+    return None if any(not s.terminal for s in copies) else False
 
 
 def finish_final(ledger: Ledger, rec: DeliveryRecord) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from notifier.breaker import FleetBreaker
@@ -17,6 +18,7 @@ from notifier.pipeline.digest import flush
 from notifier.pipeline.reaper import reap
 from notifier.tasks_spec import DELIVER, DIGEST
 from tests.fakes.dysmsapi import FakeDysmsapi
+from tests.fakes.fcm import FakeFcm
 from tests.integration.conftest import SMS_ENV, MakeFleet
 from tests.support.inline import InlineFleet
 
@@ -173,3 +175,66 @@ def test_each_route_keeps_its_fallback_when_held_alerts_are_refused(
     assert tx_statuses(fleet, warnings) == {t: "failed" for t in warnings}
     assert set(warnings) <= {t for t, _at in fleet.deps.ledger.dead_letters()}
     assert len(sms_fake.messages) == 1  # the first alert only
+
+
+def test_a_digest_one_of_two_push_tokens_reached_fails_none_of_its_alerts(
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi, tmp_path: Path) -> None:
+    with FakeFcm(project_id="demo") as fcm:
+        key = tmp_path / "sa.json"
+        fcm.write_service_account(key)
+        fcm.unregister("tok-dead")
+        cfg: dict[str, Any] = {
+            "channels": {"sms": aliyun(sms_fake, {"rate": 1, "per": "1s", "burst": 1}),
+                         "push": {"provider": "fcm", "project_id": "demo",
+                                  "endpoint": fcm.url, "credentials_file": str(key)}},
+            "recipients": {"alice": {**ALICE, "push_tokens": ["tok-dead", "tok-live"]}},
+            "routes": [{"match": {}, "to": ["alice"], "channels": ["sms"],
+                        "fallback": ["push"]}],
+        }
+        fleet = make_fleet(cfg, SMS_ENV)
+        # alert-0 goes out by SMS; the digest of alert-1 and alert-2 is refused by Aliyun
+        sms_fake.script({"kind": "ok"}, {"kind": "business", "code": "isv.SMS_CONTENT_ILLEGAL"})
+        txids = [submit(fleet, f"alert-{i}") for i in range(3)]
+        fleet.drain(timers_until=5)
+        time.sleep(0.2)
+        fleet.drain(timers_until=1)
+        delivered_to = [m["message"]["token"] for m in fcm.messages]
+        # the digest reached alice's live phone ...
+        assert delivered_to == ["tok-live"], delivered_to
+        shown = {t: [(d.id.split(".", 1)[-1], d.channel, d.status)
+                     for d in fleet.deps.ledger.deliveries(t)] for t in txids}
+        dead = {t for t, _at in fleet.deps.ledger.dead_letters()}
+        # ... so its alerts were reached, not failed and listed for an operator to replay (which
+        # would page twice)
+        statuses = tx_statuses(fleet, txids[1:])
+        assert "failed" not in statuses.values(), (statuses, shown)
+        assert not (set(txids[1:]) & dead), (dead, shown)
+
+
+def test_members_of_a_digest_an_older_version_fell_back_as_carried_go_out_on_their_own(
+        make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(sandbox_config())
+    txids = [submit(fleet, f"alert-{i}") for i in range(3)]
+    fleet.drain()
+    time.sleep(1.2)
+    (timer,) = fleet.deps.timers.due(time.time())
+    fleet.deps.timers.done(timer)
+    assert flush(fleet.deps, timer.arg) == "digest of 2"
+    (digest_task,) = [args for task, args, _q in fleet.publisher.tasks if task == DELIVER]
+    fleet.publisher.tasks.clear()
+    (digest_id,) = digest_task
+    # What the previous version wrote when the digest was refused and a live email of its
+    # first member's transaction was found: fallen back "carried by" it, rolled up, closed.
+    ledger = fleet.deps.ledger
+    ledger.update(digest_id, status="fallen_back", reason="permanent (carried by x.f0)",
+                  next_at=None)
+    ledger.close_open(digest_id)
+    for _ in range(3):  # sweeps and redeliveries of the digest's task after the upgrade
+        time.sleep(0.05)
+        reap(ledger, fleet.publisher, stale_after=0.0, lease=0.0)
+        fleet.publisher.publish(DELIVER, digest_task, "sms")
+        fleet.drain(timers_until=1.5)
+    members = {t: [(d.status, d.digest_id) for d in ledger.deliveries(t)] for t in txids[1:]}
+    assert set(tx_statuses(fleet, txids).values()) == {"delivered"}, members
+    sent = outbox(fleet, "sms")
+    assert len(sent) == 3 and all(sum(f"alert-{i}" in m for m in sent) == 1 for i in range(3))
