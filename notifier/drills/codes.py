@@ -26,6 +26,9 @@ from notifier.inbox import text
 
 CODE_DIGITS = 6
 GRACE = 7 * 86400  # how long an expired code is still recognised as "expired"
+# A reply's arrival is stamped by the API's clock, a code's issue by a worker's: no operator
+# answers a code within this, so a reply this much "before" its code still counts.
+CLOCK_SKEW = 5.0
 _PREFIX = "ntf:rc:"
 _ISSUE = """
 -- KEYS: code; ARGV: now, expires_at, key_ttl_s, drill, phase, operator, phone
@@ -112,7 +115,9 @@ def match_reply(phone_raw: str, content: str, now: float,
     rejections: list[Verdict] = []
     for code in codes:
         record = lookup(code)
-        if record is None:
+        # Issued after the reply arrived: the reply answered an earlier code of the same digits
+        # (long expired, the number reused since), not this one.
+        if record is None or now + CLOCK_SKEW < record.issued_at:
             rejections.append(Verdict(Reason.UNKNOWN_CODE, phone, code))
         elif now >= record.expires_at:
             rejections.append(Verdict(Reason.EXPIRED_CODE, phone, code, record))

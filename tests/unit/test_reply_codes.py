@@ -16,9 +16,9 @@ ALICE, BOB, STRANGER = "+8613800138000", "+8613900139000", "+8613700137000"
 
 
 def record(code: str, drill: str, phase: int, operator: str, phone: str,
-           expires_in: float = 3600.0) -> CodeRecord:
+           expires_in: float = 3600.0, issued_ago: float = 60.0) -> CodeRecord:
     return CodeRecord(code=code, drill=drill, phase=phase, operator=operator, phone=phone,
-                      issued_at=NOW - 60, expires_at=NOW + expires_in)
+                      issued_at=NOW - issued_ago, expires_at=NOW + expires_in)
 
 
 CODES = {r.code: r for r in (
@@ -28,6 +28,8 @@ CODES = {r.code: r for r in (
     record("705433", "dr-B", 0, "alice", ALICE),  # another drill, finished
     record("816544", "dr-A", 0, "alice", ALICE, expires_in=-1.0),  # expired a second ago
     record("927655", "dr-A", 0, "carol", ""),  # an operator without a phone
+    # issued (its digits reused) after the reply arrived: the reply answered an older code
+    record("038766", "dr-A", 0, "alice", ALICE, issued_ago=-60.0),
 )}
 LIVE = {("dr-A", 0)}
 
@@ -71,6 +73,7 @@ def test_reply_confirms(phone: str, text: str) -> None:
     ("+8613700137000", "472100 确认", Reason.WRONG_NUMBER),  # alice's code, another number
     ("8613700137000", "927655", Reason.WRONG_NUMBER),  # an operator without a phone
     ("13800138000", "694322", Reason.NOT_LIVE),  # code of another phase of this drill
+    ("13800138000", "038766", Reason.UNKNOWN_CODE),  # issued after the reply arrived
     ("13800138000", "705433", Reason.NOT_LIVE),  # code of another (finished) drill
     ("not-a-number", "472100", Reason.BAD_NUMBER),
     ("12", "472100", Reason.BAD_NUMBER),
