@@ -139,6 +139,20 @@ def test_a_number_the_carrier_refuses_fails_the_batch_and_only_its_owner_falls_b
     assert fleet.deps.ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
 
 
+def test_a_refused_template_fails_the_batch_in_one_request_and_everyone_falls_back(
+        make_fleet: MakeFleet, sms_fake: FakeDysmsapi) -> None:
+    sms_fake.script({"kind": "business", "code": "isv.SMS_TEMPLATE_ILLEGAL", "times": 1})
+    fleet = make_fleet(config(sms_fake))
+    txid = page(fleet)
+    fleet.drain()
+    assert sms_fake.requests["SendSms"] == 1  # not halved: no number of it could go
+    sms = sms_of(fleet, txid)
+    assert {p: (d.status, outcomes(fleet, d)) for p, d in sms.items()} == {
+        p: ("fallen_back", ["permanent"]) for p in ("alice", "bob", "carol")}
+    emails = sorted(d.recipient for d in fleet.deps.ledger.deliveries(txid) if d.channel == "email")
+    assert emails == ["alice", "bob", "carol"]
+
+
 def test_two_people_sharing_a_phone_get_a_request_each(make_fleet: MakeFleet,
                                                        sms_fake: FakeDysmsapi, api: TestClient) -> None:
     cfg = config(sms_fake)

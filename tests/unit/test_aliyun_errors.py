@@ -18,7 +18,12 @@ from darabonba.exceptions import RequiredArgumentException, RetryError, Unretrya
 from darabonba.policy.retry import RetryPolicyContext
 from Tea.exceptions import TeaException
 
-from notifier.channels.aliyun_errors import TABLE, classify_exception, classify_response
+from notifier.channels.aliyun_errors import (
+    REQUEST_SCOPED,
+    TABLE,
+    classify_exception,
+    classify_response,
+)
 from notifier.errors import MaybeSentError, PermanentError, TransientError
 from notifier.models import ErrorClass
 
@@ -55,6 +60,18 @@ def test_every_protocols_code_is_in_the_table(code: str, expected: ErrorClass) -
     assert isinstance(error, TransientError if expected is T else PermanentError)
     # ACCOUNT opens the breaker (page the owner); a bad request or a capped number does not
     assert error.trips_breaker is (expected in (T, A))
+
+
+@pytest.mark.parametrize("code", sorted(REQUEST_SCOPED))
+def test_a_refused_template_or_signature_is_the_whole_requests_fault(code: str) -> None:
+    assert TABLE[code] is P  # permanent, and not to be halved: no number of it can be sent
+    assert not classify_response(code, "provider text").recipient_scoped
+
+
+@pytest.mark.parametrize("code", ["isv.MOBILE_NUMBER_ILLEGAL", "isv.DOMESTIC_NUMBER_NOT_SUPPORTED",
+                                  "isv.SMS_CONTENT_ILLEGAL", "isv.UNKNOWN_NEW_CODE"])
+def test_a_refusal_that_may_be_one_numbers_fault_halves_the_request(code: str) -> None:
+    assert classify_response(code, "provider text").recipient_scoped
 
 
 def test_table_holds_no_maybe_sent_code() -> None:
