@@ -177,6 +177,20 @@ def test_amtool_checks_the_alertmanager_example() -> None:
     assert "SUCCESS" in result.stdout
 
 
+def test_every_notifier_alert_reaches_the_second_path_whatever_its_severity() -> None:
+    """A dead notifier cannot page about itself: each of its own alerts must route to the
+    receiver that also mails from Alertmanager (the first matching route wins)."""
+    rules = yaml.safe_load(RULES.read_text())
+    alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
+    assert alerts
+    for rule in alerts:
+        labels = [f"{k}={v}" for k, v in {"alertname": rule["alert"], **rule.get("labels", {})}.items()]
+        result = run([tool("amtool"), "config", "routes", "test",
+                      f"--config.file={DEPLOY / 'alertmanager.yml'}", *labels])
+        assert result.stdout.split() == ["notifier-self"], (rule["alert"], result.stdout,
+                                                             result.stderr)
+
+
 def test_alertmanager_example_posts_to_the_notifier_webhook_with_a_token() -> None:
     config = yaml.safe_load((DEPLOY / "alertmanager.yml").read_text())
     hooks = [h for r in config["receivers"] for h in r.get("webhook_configs", [])]
