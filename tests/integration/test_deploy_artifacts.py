@@ -206,6 +206,15 @@ def test_alertmanager_example_posts_to_the_notifier_webhook_with_a_token() -> No
 
 # -- notifier.example.yaml --------------------------------------------------------------------
 
+def test_the_example_secrets_file_names_every_variable_the_example_config_reads() -> None:
+    """Providers are built per task, so a variable missing from /etc/notifier/env passes
+    check-config and the worker's start, and then fails every send."""
+    read = set(re.findall(r"_env:\s*([A-Z0-9_]+)", EXAMPLE.read_text()))
+    given = {line.split("=", 1)[0] for line in (DEPLOY / "systemd" / "env.example").read_text()
+             .splitlines() if line and not line.startswith("#")}
+    assert read and read <= given, read - given
+
+
 def test_example_config_passes_check_config() -> None:
     result = run([sys.executable, "-m", "notifier", "--config", str(EXAMPLE), "check-config"])
     assert result.returncode == 0, result.stdout + result.stderr
