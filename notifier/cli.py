@@ -170,6 +170,9 @@ def cmd_breakers(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_deadletters(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action != "list" and not args.txid:
+        print(f"deadletters {args.action}: name the transaction (TXID)", file=sys.stderr)
+        return 2
     client = _redis(settings)
     ledger = Ledger(client, settings.retention)
     if args.action == "replay":
@@ -182,6 +185,11 @@ def cmd_deadletters(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{args.txid!r} is not a dead letter", file=sys.stderr)
             return 1
         print(new)
+        return 0
+    if args.action == "drop":
+        if not ledger.drop_dead_letter(args.txid):
+            print(f"{args.txid!r} is not a dead letter", file=sys.stderr)
+            return 1
         return 0
     for txid, at in ledger.dead_letters(args.limit):
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))}  {txid}")
@@ -240,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("--by", default=os.environ.get("USER", "cli"))
     p.add_argument("--reason", default="")
-    p = sub.add_parser("deadletters", help="list failed transactions or replay one")
-    p.add_argument("action", nargs="?", default="list", choices=["list", "replay"])
+    p = sub.add_parser("deadletters", help="list failed transactions, replay one or drop one")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "replay", "drop"])
     p.add_argument("txid", nargs="?")
     p.add_argument("--limit", type=int, default=50)
     cli_drill.add_parsers(sub)

@@ -184,6 +184,21 @@ class Ledger:
         rows: list[Any] = self.redis.zrevrange(DEADLETTERS, 0, limit - 1, withscores=True)
         return [(text(member), float(score)) for member, score in rows]
 
+    def drop_dead_letter(self, txid: str) -> bool:
+        """An operator's "seen, not to be sent again" (the incident is over): off the list,
+        with a history line while the transaction is still kept. False if it was not listed."""
+        if not self.redis.zrem(DEADLETTERS, txid):
+            return False
+        self.log(txid, "dead_letter_dropped")
+        return True
+
+    def trim_dead_letters(self, now: float | None = None) -> int:
+        """Take off the list what failed longer than `retention` ago: its transaction has
+        expired (it is kept `retention` from its creation), so there is nothing left to replay,
+        and a listed entry would keep NotifierDeadLetters firing for ever."""
+        cutoff = (time.time() if now is None else now) - self.retention
+        return int(self.redis.zremrangebyscore(DEADLETTERS, "-inf", f"({cutoff!r}"))
+
     # -- deliveries -----------------------------------------------------------------------
 
     def add_deliveries(self, records: Sequence[DeliveryRecord]) -> list[str]:

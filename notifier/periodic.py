@@ -88,8 +88,12 @@ def periodic_jobs(settings: Settings, client: redis.Redis, publisher: Publisher)
     def sandbox_reports() -> None:
         push_reports(client)
 
+    def trim_dead_letters() -> None:
+        ledger.trim_dead_letters()
+
     jobs: list[Job] = [(2.0, sweep_outbox), (1.0, apply_inboxes),
-                       (min(max(settings.reconcile_after / 4, 1.0), 30.0), reconcile)]
+                       (min(max(settings.reconcile_after / 4, 1.0), 30.0), reconcile),
+                       (60.0, trim_dead_letters)]
     if sandbox_reports_wanted(settings):
         jobs.append((0.25, sandbox_reports))
     return jobs

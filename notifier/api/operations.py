@@ -50,4 +50,9 @@ def operations_router(state: ApiState, auth: Auth, _callback_auth: Auth) -> APIR
             raise HTTPException(404, f"{txid!r} is not a dead letter")
         return {"transaction_id": new_txid, "replay_of": txid}
 
+    @router.delete("/v1/deadletters/{txid}", status_code=204)
+    def drop(txid: str) -> None:
+        if not state.ledger.drop_dead_letter(txid):
+            raise HTTPException(404, f"{txid!r} is not a dead letter")
+
     return router

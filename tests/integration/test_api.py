@@ -129,6 +129,21 @@ def test_a_damaged_transaction_is_shown_not_a_500_and_is_not_replayed(client: Te
     assert [d["transaction_id"] for d in listed] == [txid]  # still there for the operator
 
 
+def test_a_dead_letter_is_dropped_by_an_operator_or_once_its_transaction_expired(
+        client: TestClient, redis_client: Any) -> None:
+    ledger = Ledger(redis_client, retention=3600)
+    stale, expired, kept = (client.post("/v1/events", json={"title": t, "to": ["oncall"]})
+                            .json()["transaction_id"] for t in ("stale", "expired", "kept"))
+    now = time.time()
+    redis_client.zadd("ntf:deadletters", {stale: now - 60, expired: now - 3700, kept: now - 30})
+    assert ledger.trim_dead_letters() == 1  # failed longer than retention ago: nothing to replay
+    assert client.delete(f"/v1/deadletters/{stale}").status_code == 204
+    assert client.delete(f"/v1/deadletters/{stale}").status_code == 404
+    assert [d["transaction_id"] for d in client.get("/v1/deadletters").json()] == [kept]
+    assert any(e["event"] == "dead_letter_dropped" for e in ledger.history(stale))
+    assert TestClient(client.app).delete(f"/v1/deadletters/{kept}").status_code == 401
+
+
 def test_a_refused_replay_keeps_the_dead_letter_until_one_is_accepted(
         redis_url: str, redis_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NOTIFIER_API_TOKEN", TOKEN)

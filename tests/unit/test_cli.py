@@ -107,3 +107,10 @@ def test_up_with_a_broken_config_file_is_one_line_naming_it(
 ])
 def test_redis_urls_are_printed_without_their_password(url: str, shown: str) -> None:
     assert redacted(url) == shown
+
+
+@pytest.mark.parametrize("action", ["replay", "drop"])
+def test_deadletters_replay_or_drop_without_a_transaction_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str) -> None:
+    code = main(["--config", write(tmp_path, VALID), "deadletters", action])
+    assert code == 2 and "name the transaction (TXID)" in capsys.readouterr().err
