@@ -7,12 +7,12 @@ from collections.abc import Mapping
 import redis
 
 from notifier.breaker import list_breakers
+from notifier.heartbeats import Heartbeats
 from notifier.ledger_keys import DEADLETTERS, OUTBOX
 from notifier.metrics import Gauges
 from notifier.scheduler import TIMERS
 from notifier.tasks_spec import ALL_QUEUES
 
-WORKER_HEARTBEAT = "ntf:worker:"
 BREAKER_STATES = ("closed", "open", "half_open", "forced_open", "forced_closed")
 
 Row = tuple[str, str, Mapping[str, str], float]
@@ -50,9 +50,9 @@ def breakers(client: redis.Redis) -> list[Row]:
 
 
 def workers(client: redis.Redis) -> list[Row]:
-    alive = sum(1 for _ in client.scan_iter(match=f"{WORKER_HEARTBEAT}*", count=200))
+    alive = {worker for _, worker in Heartbeats(client).alive()}
     return [("notifier_workers_alive", "Worker processes that sent a heartbeat lately.", {},
-             float(alive))]
+             float(len(alive)))]
 
 
 FLEET_GAUGES: list[Gauges] = [backlog, breakers, workers]
