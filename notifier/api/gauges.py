@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 
 import redis
@@ -50,9 +51,11 @@ def breakers(client: redis.Redis) -> list[Row]:
 
 
 def workers(client: redis.Redis) -> list[Row]:
-    alive = {worker for _, worker in Heartbeats(client).alive()}
-    return [("notifier_workers_alive", "Worker processes that sent a heartbeat lately.", {},
-             float(len(alive)))]
+    # Per queue, not fleet-wide: with a pool per queue, a dead pool leaves the others counting,
+    # and its queue fills with nobody to take from it. Every queue gets a row, 0 included.
+    alive = Counter(queue for queue, _ in Heartbeats(client).alive())
+    return [("notifier_workers_alive", "Live worker processes consuming each broker queue.",
+             {"queue": q}, float(alive[q])) for q in ALL_QUEUES]
 
 
 FLEET_GAUGES: list[Gauges] = [backlog, breakers, workers]

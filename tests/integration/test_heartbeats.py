@@ -19,9 +19,9 @@ def _commands(client: redis.Redis) -> dict[str, int]:
             if not name.startswith(("cmdstat_info", "cmdstat_config"))}
 
 
-def _gauge(client: redis.Redis) -> float:
-    (row,) = workers(client)
-    return row[3]
+def _gauge(client: redis.Redis) -> dict[str, float]:
+    """notifier_workers_alive by queue."""
+    return {labels["queue"]: value for _, _, labels, value in workers(client)}
 
 
 def test_workers_gauge_cost_does_not_grow_with_the_ledger(redis_client: redis.Redis) -> None:
@@ -32,21 +32,30 @@ def test_workers_gauge_cost_does_not_grow_with_the_ledger(redis_client: redis.Re
         pipe.set(f"ntf:tx:tx-{i:08d}", "x")
     pipe.execute()
     Heartbeats(redis_client).beat("notifier-h-1", ["notifier.sms"])
-    assert _gauge(redis_client) == 1.0  # loads the script: what every later scrape skips
+    assert _gauge(redis_client)["notifier.sms"] == 1.0  # loads the script, as a first scrape
     redis_client.config_resetstat()
-    assert _gauge(redis_client) == 1.0
+    assert _gauge(redis_client)["notifier.sms"] == 1.0
     ran = _commands(redis_client)
     assert "scan" not in ran and "keys" not in ran, ran
     assert ran.pop("evalsha") == 1, ran  # one round trip, and within it:
     assert ran == {"time": 1, "zrangebyscore": 1}
 
 
-def test_a_worker_counts_once_whatever_queues_it_consumes(redis_client: redis.Redis) -> None:
+def test_live_workers_are_counted_per_queue_they_consume(redis_client: redis.Redis) -> None:
+    """A pool per queue (notifier-worker@sms, @email, @push, @core): the sms pool is dead, the
+    others beat. The fleet still has live workers, but notifier.sms has none."""
     heartbeats = Heartbeats(redis_client)
-    heartbeats.beat("notifier-h-1", ALL)
-    heartbeats.beat("notifier-h-2", ["notifier.sms"])
-    heartbeats.beat("notifier-h-2", ["notifier.sms"])  # beating again is no second worker
-    assert _gauge(redis_client) == 2.0
+    heartbeats.beat("notifier-core-1", ["notifier.dispatch", "notifier.control"])
+    heartbeats.beat("notifier-core-2", ["notifier.dispatch", "notifier.control"])
+    heartbeats.beat("notifier-email-1", ["notifier.email"])
+    heartbeats.beat("notifier-email-1", ["notifier.email"])  # beating again is no second worker
+    heartbeats.beat("notifier-push-1", ["notifier.push"])
+    assert _gauge(redis_client) == {"notifier.dispatch": 2.0, "notifier.control": 2.0,
+                                    "notifier.sms": 0.0, "notifier.email": 1.0,
+                                    "notifier.push": 1.0}
+    heartbeats.beat("notifier-all-1", ALL)  # `notifier worker` with its default --queues
+    assert _gauge(redis_client)["notifier.sms"] == 1.0
+    assert _gauge(redis_client)["notifier.dispatch"] == 3.0
 
 
 def test_a_worker_that_stops_beating_is_no_longer_counted_and_is_trimmed(
