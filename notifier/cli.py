@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import socket
@@ -20,7 +19,6 @@ from celery.signals import task_received
 from notifier import cli_drill
 from notifier.api.app import create_app
 from notifier.api.auth import check_tokens
-from notifier.api.gauges import WORKER_HEARTBEAT
 from notifier.api.views import transaction_view
 from notifier.celery_app import CeleryPublisher, make_celery
 from notifier.channels.base import ChannelContext
@@ -29,6 +27,7 @@ from notifier.cli_up import run_up
 from notifier.client import as_event, intake_for, submit_retrying
 from notifier.config import Settings, config_path, load_settings
 from notifier.errors import NotifierError
+from notifier.heartbeats import beat_forever
 from notifier.ledger import Ledger
 from notifier.logs import configure_logging
 from notifier.models import TxStatus
@@ -75,15 +74,6 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _heartbeat(settings: Settings, name: str) -> None:
-    client = _redis(settings)
-    while True:
-        # The worker itself reports Redis trouble; the gauge simply drops.
-        with contextlib.suppress(redis.RedisError):
-            client.set(f"{WORKER_HEARTBEAT}{name}", str(time.time()), ex=15)
-        time.sleep(5)
-
-
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     if not args.supervised:  # run the real worker as a child, and restart it if it dies
         return supervise([sys.executable, "-m", "notifier", "worker", "--supervised",
@@ -91,8 +81,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
                           "--loglevel", args.loglevel], dict(os.environ))
     app = create_worker_app(settings)
     name = f"notifier-{socket.gethostname()}-{os.getpid()}"
-    threading.Thread(target=_heartbeat, args=(settings, name), daemon=True).start()
-    watchdog = Watchdog(_redis(settings), args.queues.split(","))
+    queues = args.queues.split(",")
+    threading.Thread(target=beat_forever, args=(_redis(settings), name, queues),
+                     daemon=True).start()
+    watchdog = Watchdog(_redis(settings), queues)
     task_received.connect(watchdog.task_received, weak=False)
     watchdog.start()
     app.worker_main(["worker", "--concurrency", str(args.concurrency), "--pool", "prefork",

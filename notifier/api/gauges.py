@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 
 import redis
 
 from notifier.breaker import list_breakers
+from notifier.heartbeats import Heartbeats
 from notifier.ledger_keys import DEADLETTERS, OUTBOX
 from notifier.metrics import Gauges
 from notifier.scheduler import TIMERS
 from notifier.tasks_spec import ALL_QUEUES
 
-WORKER_HEARTBEAT = "ntf:worker:"
 BREAKER_STATES = ("closed", "open", "half_open", "forced_open", "forced_closed")
 
 Row = tuple[str, str, Mapping[str, str], float]
@@ -50,9 +51,11 @@ def breakers(client: redis.Redis) -> list[Row]:
 
 
 def workers(client: redis.Redis) -> list[Row]:
-    alive = sum(1 for _ in client.scan_iter(match=f"{WORKER_HEARTBEAT}*", count=200))
-    return [("notifier_workers_alive", "Worker processes that sent a heartbeat lately.", {},
-             float(alive))]
+    # Per queue, not fleet-wide: with a pool per queue, a dead pool leaves the others counting,
+    # and its queue fills with nobody to take from it. Every queue gets a row, 0 included.
+    alive = Counter(queue for queue, _ in Heartbeats(client).alive())
+    return [("notifier_workers_alive", "Live worker processes consuming each broker queue.",
+             {"queue": q}, float(alive[q])) for q in ALL_QUEUES]
 
 
 FLEET_GAUGES: list[Gauges] = [backlog, breakers, workers]

@@ -251,3 +251,12 @@ def test_api_logs_one_json_line_per_accepted_event(stack: Stack) -> None:
     by_id = {line["transaction_id"]: line["msg"] for line in mine}
     assert by_id[duplicate["transaction_id"]] == "accepted alert event from alertmanager"
     assert {by_id[t] for t in txids} == {"accepted alert event from api"}
+
+
+def test_metrics_count_the_live_worker_for_each_queue_it_consumes(stack: Stack) -> None:
+    """The stack's one `notifier worker` consumes every queue (its default --queues): its
+    heartbeat thread makes each queue's gauge 1, as an API process reads it from Redis."""
+    queues = ["notifier.dispatch", "notifier.control", "notifier.sms", "notifier.email",
+              "notifier.push"]
+    wanted = [f'notifier_workers_alive{{queue="{queue}"}} 1.0' for queue in queues]
+    wait_until(lambda: all(line in stack.get("/metrics").text for line in wanted), timeout=15)
