@@ -151,7 +151,7 @@ def apply_report(deps: PipelineDeps, report: Report) -> str:
         return "early"  # its send is not recorded yet (or it is not ours): keep it
     if rec.channel != "sms" or report.phone not in rec.address.split(","):
         log.warning("receipt names delivery %s but not its channel/number; ignored", rec.id,
-                    extra={"delivery_id": rec.id})
+                    extra={"transaction_id": rec.transaction_id, "delivery_id": rec.id})
         return "mismatch"
     status = DeliveryStatus(rec.status)
     if status in _NOT_YET:
