@@ -18,6 +18,7 @@ from redis.client import Pipeline
 
 from notifier import ledger_scripts as scripts
 from notifier.ledger_accept import ScriptCall, accept_results
+from notifier.ledger_counts import DELIVERY_COUNTERS, delivery_series
 from notifier.ledger_keys import DEADLETTERS, OPEN, OUTBOX, PREFIX, delivery_key, tx_key
 from notifier.ledger_rows import (
     Claim,
@@ -297,8 +298,15 @@ class Ledger:
         the transactions of all of them, to roll up."""
         if not dids:
             return []
-        txids = self._settle_merged(keys=[delivery_key(d) for d in dids],
-                                    args=[status.value, repr(time.time())])
+        keys = [delivery_key(d) for d in dids]
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hmget(key, ["channel", "provider"])
+        # Merged members wait for their digest: no one else writes their channel or provider.
+        series = [delivery_series(text(channel or b""), text(provider or b""), status.value)
+                  for channel, provider in pipe.execute()]
+        txids = self._settle_merged(keys=[*DELIVERY_COUNTERS, *keys],
+                                    args=[status.value, repr(time.time()), *series])
         return [t for t in dict.fromkeys(text(x) for x in txids) if t]
 
     def update(self, did: str, *, into: Pipeline | None = None,

@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 import redis
 
-from notifier.ledger import DeliveryRecord
+from notifier.ledger import DeliveryRecord, delivery_key
+from notifier.ledger_counts import COUNTED
 from notifier.logs import JsonFormatter
-from notifier.metrics import KEY as METRICS_KEY
 from notifier.models import Event, Source
-from notifier.receipts import Report, apply_report
+from notifier.receipts import FAILED_CLASS, Report, apply_report
 from tests.integration.conftest import MakeFleet
+from tests.support.counters import counts
 from tests.support.inline import InlineFleet
 
 PHONE = "+8613800138000"
@@ -88,10 +89,70 @@ def test_transaction_rescued_by_fallback_after_a_failed_receipt_stays_delivered(
     assert counts(redis_client, "notifier_transactions_revised") == {}
 
 
-def counts(client: redis.Redis, metric: str, label: int = -1) -> dict[str, float]:
-    """A counter's values summed by one of its labels (default: the last)."""
-    out: dict[str, float] = {}
-    for field, value in client.hgetall(f"{METRICS_KEY}{metric}").items():
-        name = json.loads(field)[label]
-        out[name] = out.get(name, 0.0) + float(value)
-    return out
+
+def test_delivered_receipt_moves_the_count_from_sent_to_delivered(
+        make_fleet: MakeFleet, redis_client: redis.Redis) -> None:
+    fleet = make_fleet(NO_FALLBACK)
+    sms = sent_sms(fleet)
+    for _ in range(2):  # applied again: a duplicate, nothing counted
+        apply_report(fleet.deps, receipt(sms, True))
+    assert counts(redis_client, "notifier_deliveries") == {"sent": 1.0, "delivered": 1.0}
+    assert counts(redis_client, "notifier_deliveries_revised", 0, 1, 2) == {"sms sandbox sent": 1.0}
+
+
+def test_failed_receipt_counts_the_delivery_failed_once(make_fleet: MakeFleet,
+                                                       redis_client: redis.Redis) -> None:
+    """Counted sent when the provider took it, failed when its receipt says so, and nothing
+    more however often the receipt is applied again (the reconciler's query, a re-push): net,
+    one delivery, failed; one failure line in its history."""
+    fleet = make_fleet(NO_FALLBACK)
+    sms = sent_sms(fleet)
+    assert apply_report(fleet.deps, receipt(sms, False)) == "failed"
+    for _ in range(2):
+        assert apply_report(fleet.deps, receipt(sms, False)) == "duplicate"
+    assert net_deliveries(redis_client) == {"failed": 1.0}
+    assert counts(redis_client, "notifier_deliveries") == {"sent": 1.0, "failed": 1.0}
+    events = [h["event"] for h in fleet.deps.ledger.history(sms.transaction_id)]
+    assert events.count("delivery_failed") == 1, events
+
+
+def test_failed_receipt_with_a_fallback_counts_it_fallen_back(make_fleet: MakeFleet,
+                                                              redis_client: redis.Redis) -> None:
+    fleet = make_fleet(WITH_FALLBACK)
+    sms = sent_sms(fleet)
+    assert apply_report(fleet.deps, receipt(sms, False)) == "failed"
+    fleet.drain()
+    assert apply_report(fleet.deps, receipt(sms, False)) == "stale"
+    assert net_deliveries(redis_client, 0, 2) == {"sms fallen_back": 1.0, "email sent": 1.0}
+
+
+def test_a_failed_receipt_whose_worker_died_is_finished_and_counted_once(
+        make_fleet: MakeFleet, redis_client: redis.Redis) -> None:
+    """The receipt's first write (the delivery failed, error_class receipt) happened, then its
+    worker died before the fallback: applying it again finishes that, counted once."""
+    fleet = make_fleet(NO_FALLBACK)
+    sms = sent_sms(fleet)
+    redis_client.hset(delivery_key(sms.id), mapping={
+        "status": "failed", "error_class": FAILED_CLASS, "error_code": "MOBILE_NOT_ON_SERVICE"})
+    assert apply_report(fleet.deps, receipt(sms, False)) == "duplicate"
+    assert apply_report(fleet.deps, receipt(sms, False)) == "duplicate"
+    assert net_deliveries(redis_client) == {"failed": 1.0}
+    assert [t for t, _ in fleet.deps.ledger.dead_letters()] == [sms.transaction_id]
+
+
+def test_a_delivery_sent_by_an_older_version_is_moved_not_counted_twice(
+        make_fleet: MakeFleet, redis_client: redis.Redis) -> None:
+    """Versions before counted_as counted a sent delivery without writing that down."""
+    fleet = make_fleet(NO_FALLBACK)
+    sms = sent_sms(fleet)
+    redis_client.hdel(delivery_key(sms.id), COUNTED)
+    assert apply_report(fleet.deps, receipt(sms, False)) == "failed"
+    assert net_deliveries(redis_client) == {"failed": 1.0}
+
+
+def net_deliveries(client: redis.Redis, *labels: int) -> dict[str, float]:
+    """What ended each way: the deliveries counter minus its revisions (zeros left out)."""
+    out = counts(client, "notifier_deliveries", *labels)
+    for name, value in counts(client, "notifier_deliveries_revised", *labels).items():
+        out[name] -= value
+    return {name: value for name, value in out.items() if value}
