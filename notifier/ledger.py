@@ -18,6 +18,7 @@ from redis.client import Pipeline
 
 from notifier import ledger_scripts as scripts
 from notifier.ledger_accept import ScriptCall, accept_results
+from notifier.ledger_counts import DELIVERY_COUNTERS, delivery_series
 from notifier.ledger_keys import DEADLETTERS, OPEN, OUTBOX, PREFIX, delivery_key, tx_key
 from notifier.ledger_rows import (
     Claim,
@@ -53,6 +54,23 @@ _TERMINAL = ",".join(s.value for s in DeliveryStatus if s.terminal)
 _REACHED = ",".join(s.value for s in DeliveryStatus if s.succeeded or s is DeliveryStatus.SUPPRESSED)
 # A delivery in these no longer carries its message: a fallback to its channel creates another.
 _NOT_LIVE = ",".join((DeliveryStatus.FAILED.value, DeliveryStatus.FALLEN_BACK.value))
+_VERDICTS = (TxStatus.DELIVERED, TxStatus.PARTIAL, TxStatus.FAILED)  # write_status's order
+
+
+def _verdict_keys(txid: str) -> list[str]:
+    """The keys of the scripts' status write (write_status in ledger_scripts)."""
+    return [tx_key(txid), f"{tx_key(txid)}:log", DEADLETTERS, OPEN,
+            metric_key("notifier_transactions_finished"),
+            metric_key("notifier_transactions_revised")]
+
+
+def _verdicts(now: float) -> list[str]:
+    """For each verdict (delivered, partial, failed): its history entry and counter series."""
+    out: list[str] = []
+    for status in _VERDICTS:
+        out += [entry(now, f"status {status.value}", {}),
+                metric_field("notifier_transactions_finished", status=status.value)]
+    return out
 
 
 @dataclass(frozen=True)
@@ -113,34 +131,22 @@ class Ledger:
                 for i in range(0, len(replies), 2)]
 
     def finish(self, txid: str, status: TxStatus, close: Sequence[str] = ()) -> bool:
-        """Set a transaction's status; True only for the call that first made it terminal, which
-        also writes its history line, the finished counter and (failed) its dead letter. One
-        script with taking the rolled-up deliveries `close` off the open index."""
+        """Set a transaction's status; True only for the call that gives it a new verdict, which
+        also writes its history line, the finished counter and its dead letter (see FINISH).
+        One script with taking the rolled-up deliveries `close` off the open index."""
         now = time.time()
-        keys = [tx_key(txid), f"{tx_key(txid)}:log", DEADLETTERS, OPEN,
-                metric_key("notifier_transactions_finished")]
-        args: list[str | int] = [
-            txid, status.value, repr(now), int(status.terminal), int(status is TxStatus.FAILED),
-            entry(now, f"status {status.value}", {}), self.retention,
-            metric_field("notifier_transactions_finished", status=status.value), *close,
-        ]
-        return bool(self._finish(keys=keys, args=args))
+        args = [txid, status.value, repr(now), self.retention, *_verdicts(now), *close]
+        return bool(self._finish(keys=_verdict_keys(txid), args=args))
 
     def roll_up(self, txid: str, close: Sequence[str] = (), *, into: Pipeline | None = None
                 ) -> tuple[TxStatus, bool] | None:
         """Decide `txid`'s status from its deliveries and write it as `finish` does, in one
-        script (see ROLL_UP). Returns (status, whether this call first made it terminal), or
+        script (see ROLL_UP). Returns (status, whether this call gave it a new verdict), or
         None when queued on `into` (the reply is then that pipeline's last)."""
         now = time.time()
-        key = tx_key(txid)
-        keys = [key, f"{key}:log", DEADLETTERS, OPEN, metric_key("notifier_transactions_finished"),
-                f"{key}:dl"]
+        keys = [*_verdict_keys(txid), f"{tx_key(txid)}:dl"]
         args: list[str | int] = [txid, repr(now), self.retention, _TERMINAL, _REACHED,
-                                 DeliveryStatus.FALLEN_BACK.value]
-        for status in (TxStatus.DELIVERED, TxStatus.PARTIAL, TxStatus.FAILED):
-            args += [entry(now, f"status {status.value}", {}),
-                     metric_field("notifier_transactions_finished", status=status.value)]
-        args += close
+                                 DeliveryStatus.FALLEN_BACK.value, *_verdicts(now), *close]
         if into is not None:
             queue_script(into, scripts.ROLL_UP, keys, args)
             return None
@@ -307,8 +313,15 @@ class Ledger:
         the transactions of all of them, to roll up."""
         if not dids:
             return []
-        txids = self._settle_merged(keys=[delivery_key(d) for d in dids],
-                                    args=[status.value, repr(time.time())])
+        keys = [delivery_key(d) for d in dids]
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hmget(key, ["channel", "provider"])
+        # Merged members wait for their digest: no one else writes their channel or provider.
+        series = [delivery_series(text(channel or b""), text(provider or b""), status.value)
+                  for channel, provider in pipe.execute()]
+        txids = self._settle_merged(keys=[*DELIVERY_COUNTERS, *keys],
+                                    args=[status.value, repr(time.time()), *series])
         return [t for t in dict.fromkeys(text(x) for x in txids) if t]
 
     def update(self, did: str, *, into: Pipeline | None = None,

@@ -102,5 +102,5 @@ def deliveries_from(rows: Sequence[Sequence[Any]]) -> list[DeliveryRecord]:
 
 
 def rolled_up(reply: Sequence[Any]) -> tuple[TxStatus, bool]:
-    """The roll-up script's reply: the status it wrote, and whether it first made it final."""
+    """The roll-up script's reply: the status it wrote, and whether that was a new verdict."""
     return TxStatus(text(reply[0])), bool(int(reply[1]))

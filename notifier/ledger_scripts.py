@@ -1,5 +1,6 @@
 """The ledger's Lua scripts: each decision that two processes could race on is one script."""
 
+from notifier.ledger_counts import COUNTED, RECOUNT
 from notifier.ledger_keys import DEADLETTERS
 
 _ACCEPT_EVENTS = """
@@ -230,19 +231,23 @@ end
 return 1
 """
 
-SETTLE_MERGED = """
+SETTLE_MERGED = RECOUNT + """
 -- A digest ended (sent, delivered, failed): settle the deliveries still merged into it, and
--- only those (idempotent: a redelivered task or the reaper may run it again after a crash).
--- KEYS: the members' hashes; ARGV: the status to give them, now
+-- only those (idempotent: a redelivered task or the reaper may run it again after a crash),
+-- each counted in the deliveries counter under its new outcome (the same script: once).
+-- KEYS: the deliveries counter, its revisions counter, then the members' hashes
+-- ARGV: the status to give them, now, then per member: its counter series for that status
 -- Returns each member's transaction id ('' for one gone), to be rolled up
 local out = {}
-for i, key in ipairs(KEYS) do
+for i = 3, #KEYS do
+  local key = KEYS[i]
   local st = redis.call('HMGET', key, 'status', 'digest_id', 'transaction_id')
   if st[1] == 'deferred' and st[2] and st[2] ~= '' then
     redis.call('HSET', key, 'status', ARGV[1], 'updated_at', ARGV[2])
     redis.call('HDEL', key, 'next_at')
+    recount(key, KEYS[1], KEYS[2], ARGV[i])
   end
-  out[i] = st[3] or ''
+  out[i - 2] = st[3] or ''
 end
 return out
 """
@@ -256,36 +261,62 @@ end
 return out
 """
 
-FINISH = _NOTE + """
--- Set a transaction's status; if this call makes it terminal first, also its finished_at,
--- history line, finished counter and (when failed) dead letter; and take the given deliveries
--- off the open index. One round trip, all or nothing.
--- KEYS: transaction, its log, dead letters, open index, finished-counter hash
--- ARGV: txid, status, now, terminal '1'/'0', failed '1'/'0', log entry, retention_s,
---       counter field, then the delivery ids to take off the open index
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'updated_at', ARGV[3])
-local first = 0
-if ARGV[4] == '1' and redis.call('HSETNX', KEYS[1], 'finished_at', ARGV[3]) == 1 then
-  first = 1
-  note(KEYS[2], ARGV[6], ARGV[7])
-  redis.call('HINCRBYFLOAT', KEYS[5], ARGV[8], 1)
-  if ARGV[5] == '1' then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1]) end
+_VERDICT = _NOTE + RECOUNT + """
+-- write_status(txid, status, now, retention, v): a transaction's status write; when the status
+-- is a verdict (delivered, partial, failed) other than the one it is counted under, also its
+-- finished_at, history line and finished counter (the old verdict's series goes up in the
+-- revisions counter: see notifier.ledger_counts), and its dead letter: added when the verdict
+-- becomes failed, taken off when it becomes delivered or partial (a failed SMS receipt then
+-- a fallback that reached the person: replaying it would page them twice). Keyed on the
+-- verdict changing, not on the first terminal status: an SMS counted sent makes its transaction
+-- delivered, and a failed receipt may still make it failed.
+-- KEYS: transaction, its log, dead letters, open index, finished counter, its revisions counter
+-- ARGV from v on: for delivered, partial, failed: history entry, counter series
+-- Returns 1 when the verdict changed, else 0.
+local function write_status(txid, status, now, retention, v)
+  local known = {delivered = v, partial = v + 2, failed = v + 4}
+  local before = redis.call('HMGET', KEYS[1], 'status', 'finished_at', '""" + COUNTED + """')
+  redis.call('HSET', KEYS[1], 'status', status, 'updated_at', now)
+  local k = known[status]
+  if not k then return 0 end
+  if before[2] and not before[3] and known[before[1]] then
+    -- Finished by a version that did not write it down: it counted its status then.
+    redis.call('HSET', KEYS[1], '""" + COUNTED + """', ARGV[known[before[1]] + 1])
+  end
+  if not recount(KEYS[1], KEYS[5], KEYS[6], ARGV[k + 1]) then return 0 end
+  redis.call('HSET', KEYS[1], 'finished_at', now)
+  note(KEYS[2], ARGV[k], retention)
+  if status == 'failed' then
+    redis.call('ZADD', KEYS[3], now, txid)
+  else
+    redis.call('ZREM', KEYS[3], txid)
+  end
+  return 1
 end
-for i = 9, #ARGV do redis.call('ZREM', KEYS[4], ARGV[i]) end
-return first
 """
 
-ROLL_UP = _NOTE + """
+FINISH = _VERDICT + """
+-- Set a transaction's status (write_status: a new verdict is counted, failed dead-lettered) and
+-- take the given deliveries off the open index. One round trip, all or nothing.
+-- KEYS: write_status's
+-- ARGV: txid, status, now, retention_s, then write_status's six, then the delivery ids to take
+--       off the open index
+local changed = write_status(ARGV[1], ARGV[2], ARGV[3], ARGV[4], 5)
+for i = 11, #ARGV do redis.call('ZREM', KEYS[4], ARGV[i]) end
+return changed
+"""
+
+ROLL_UP = _VERDICT + """
 -- A transaction's status from its deliveries' statuses, decided and written in one step, so
 -- two workers finishing its last deliveries at once cannot write an older verdict over a newer
 -- one. The rule is `pipeline.rollup.status_of` (tests/integration/test_rollup_script.py walks
 -- both over every combination): no deliveries -> failed; any not terminal -> dispatching;
 -- otherwise every leaf (not fallen_back) reached -> delivered, some -> partial, none -> failed.
 -- Then the write of FINISH.
--- KEYS: transaction, its log, dead letters, open index, finished-counter hash, delivery list
+-- KEYS: write_status's, then the delivery list
 -- ARGV: txid, now, retention_s, terminal delivery statuses (comma list), reached ones, the
---       fallen-back status, then for delivered, partial, failed: history entry, counter field;
---       then the delivery ids to take off the open index
+--       fallen-back status, then write_status's six; then the delivery ids to take off the
+--       open index
 local function set(csv)
   local out = {}
   for name in string.gmatch(csv, '[^,]+') do out[name] = true end
@@ -293,7 +324,7 @@ local function set(csv)
 end
 local terminal, reached = set(ARGV[4]), set(ARGV[5])
 local n, open, leaves, hits = 0, false, 0, 0
-for _, id in ipairs(redis.call('LRANGE', KEYS[6], 0, -1)) do
+for _, id in ipairs(redis.call('LRANGE', KEYS[7], 0, -1)) do
   local s = redis.call('HGET', 'ntf:dl:' .. id, 'status')
   if s then
     n = n + 1
@@ -305,22 +336,15 @@ for _, id in ipairs(redis.call('LRANGE', KEYS[6], 0, -1)) do
     end
   end
 end
-local status, k = 'failed', 11
+local status = 'failed'
 if n > 0 and open then
-  status, k = 'dispatching', nil
+  status = 'dispatching'
 elseif n > 0 and hits == leaves then
-  status, k = 'delivered', 7
+  status = 'delivered'
 elseif hits > 0 then
-  status, k = 'partial', 9
+  status = 'partial'
 end
-redis.call('HSET', KEYS[1], 'status', status, 'updated_at', ARGV[2])
-local first = 0
-if k and redis.call('HSETNX', KEYS[1], 'finished_at', ARGV[2]) == 1 then
-  first = 1
-  note(KEYS[2], ARGV[k], ARGV[3])
-  redis.call('HINCRBYFLOAT', KEYS[5], ARGV[k + 1], 1)
-  if status == 'failed' then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
-end
+local changed = write_status(ARGV[1], status, ARGV[2], ARGV[3], 7)
 for i = 13, #ARGV do redis.call('ZREM', KEYS[4], ARGV[i]) end
-return {status, first}
+return {status, changed}
 """

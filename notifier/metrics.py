@@ -41,10 +41,20 @@ SPECS: dict[str, MetricSpec] = {
                    "Events handed to notifier, by source and outcome (new, duplicate, replay).",
                    ("source", "outcome")),
         MetricSpec("notifier_transactions_finished", "counter",
-                   "Transactions that reached a terminal status.", ("status",)),
+                   "Transactions that reached a verdict (delivered, partial, failed), counted "
+                   "again under the new one when it changes (a failed SMS receipt).", ("status",)),
+        MetricSpec("notifier_transactions_revised", "counter",
+                   "Transactions whose verdict changed after it was counted finished, by the "
+                   "verdict they left: finished minus revised is what ended each way.",
+                   ("status",)),
         MetricSpec("notifier_deliveries", "counter",
-                   "Deliveries that reached a terminal status (sent, delivered, failed, "
-                   "fallen_back, suppressed).", ("channel", "provider", "outcome")),
+                   "Deliveries that reached an outcome (sent, delivered, failed, fallen_back, "
+                   "suppressed), counted again under the new one when a receipt changes it.",
+                   ("channel", "provider", "outcome")),
+        MetricSpec("notifier_deliveries_revised", "counter",
+                   "Deliveries whose counted outcome changed (sent, then a receipt), by the "
+                   "outcome they left: deliveries minus revised is what ended each way.",
+                   ("channel", "provider", "outcome")),
         MetricSpec("notifier_send_attempts", "counter",
                    "Provider calls, by result (sent or the error class).",
                    ("channel", "provider", "result")),

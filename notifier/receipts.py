@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from notifier import awaiting
 from notifier.config import E164
 from notifier.inbox import Checked, Claimed, Inbox, check_records
-from notifier.ledger import Attempt, DeliveryRecord, delivery_key
+from notifier.ledger import Attempt, DeliveryRecord, delivery_key, text
+from notifier.ledger_counts import COUNTED, SET_IF_STATUS, delivery_count_keys, delivery_series
 from notifier.models import DeliveryStatus
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.outcomes import Outcomes
@@ -32,13 +33,6 @@ INBOX = "rcpt"
 FAILED_CLASS = "receipt"  # error_class of a delivery a failed receipt closed
 _NOT_YET = {DeliveryStatus.QUEUED, DeliveryStatus.SENDING, DeliveryStatus.RETRYING,
             DeliveryStatus.DEFERRED}
-
-_SET_IF_STATUS = """
--- KEYS: delivery; ARGV: expected status, f1, v1, f2, v2 ...
-if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] then return 0 end
-for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-return 1
-"""
 
 
 class SmsReportIn(BaseModel):
@@ -151,7 +145,7 @@ def apply_report(deps: PipelineDeps, report: Report) -> str:
         return "early"  # its send is not recorded yet (or it is not ours): keep it
     if rec.channel != "sms" or report.phone not in rec.address.split(","):
         log.warning("receipt names delivery %s but not its channel/number; ignored", rec.id,
-                    extra={"delivery_id": rec.id})
+                    extra={"transaction_id": rec.transaction_id, "delivery_id": rec.id})
         return "mismatch"
     status = DeliveryStatus(rec.status)
     if status in _NOT_YET:
@@ -161,19 +155,36 @@ def apply_report(deps: PipelineDeps, report: Report) -> str:
     if status is DeliveryStatus.DELIVERED:
         return "duplicate"
     if status is DeliveryStatus.FAILED and rec.error_class == FAILED_CLASS:
-        # A failed receipt was being applied when its worker died: finish the fallback
-        # (fall_back is idempotent: successor IDs are deterministic).
-        Outcomes(deps).fall_back(rec, "receipt_failed", rec.error_code)
+        if _fallback_unfinished(deps, rec):
+            # A failed receipt was being applied when its worker died: finish the fallback
+            # (fall_back is idempotent: successor IDs are deterministic).
+            Outcomes(deps).fall_back(rec, "receipt_failed", rec.error_code)
         return "duplicate"
     return "stale"  # the delivery was closed some other way meanwhile
 
 
-def _set_if_sent(deps: PipelineDeps, did: str, **fields: str) -> bool:
-    script = deps.ledger.redis.register_script(_SET_IF_STATUS)
-    flat: list[str] = [DeliveryStatus.SENT.value]
+def _sent_series(rec: DeliveryRecord) -> str:
+    return delivery_series(rec.channel, rec.provider, DeliveryStatus.SENT.value)
+
+
+def _fallback_unfinished(deps: PipelineDeps, rec: DeliveryRecord) -> bool:
+    """Failed by a receipt, but still counted as sent: the fallback the receipt started (which
+    counts it failed or fallen_back in its last write) did not finish. Running it again for a
+    finished one would count nothing more but log and record its failure twice."""
+    counted = deps.ledger.redis.hget(delivery_key(rec.id), COUNTED)
+    return counted is not None and text(counted) == _sent_series(rec)
+
+
+def _set_if_sent(deps: PipelineDeps, rec: DeliveryRecord, outcome: str | None,
+                 **fields: str) -> bool:
+    """Write `fields` if the delivery is still sent (see SET_IF_STATUS); `outcome`: count it
+    there, moved from sent, in the same script (None: its fallback will)."""
+    script = deps.ledger.redis.register_script(SET_IF_STATUS)
+    count = "" if outcome is None else delivery_series(rec.channel, rec.provider, outcome)
+    flat: list[str] = [DeliveryStatus.SENT.value, _sent_series(rec), count]
     for key, value in {**fields, "updated_at": repr(time.time())}.items():
         flat += [key, value]
-    return bool(script(keys=[delivery_key(did)], args=flat))
+    return bool(script(keys=delivery_count_keys(rec.id), args=flat))
 
 
 def _delivered(deps: PipelineDeps, rec: DeliveryRecord, report: Report) -> str:
@@ -181,8 +192,8 @@ def _delivered(deps: PipelineDeps, rec: DeliveryRecord, report: Report) -> str:
     reported = beijing_time(report.report_time)
     # Aliyun's report_time has whole seconds and another clock: keep it between send and now.
     at = now if reported is None else min(now, max(rec.sent_at or reported, reported))
-    if not _set_if_sent(deps, rec.id, status=DeliveryStatus.DELIVERED.value,
-                        delivered_at=repr(at)):
+    delivered = DeliveryStatus.DELIVERED.value
+    if not _set_if_sent(deps, rec, delivered, status=delivered, delivered_at=repr(at)):
         return "duplicate"  # someone else closed it between our read and now
     deps.ledger.record_attempt(rec.id, Attempt(
         at=now, provider=rec.provider, outcome="receipt", error_code=report.err_code,
@@ -198,7 +209,7 @@ def _delivered(deps: PipelineDeps, rec: DeliveryRecord, report: Report) -> str:
 
 def _failed(deps: PipelineDeps, rec: DeliveryRecord, report: Report) -> str:
     code = report.err_code or "UNKNOWN"
-    if not _set_if_sent(deps, rec.id, status=DeliveryStatus.FAILED.value, error_code=code,
+    if not _set_if_sent(deps, rec, None, status=DeliveryStatus.FAILED.value, error_code=code,
                         error_class=FAILED_CLASS):
         return "duplicate"
     deps.ledger.record_attempt(rec.id, Attempt(

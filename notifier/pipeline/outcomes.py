@@ -17,6 +17,7 @@ from notifier.config import Recipient
 from notifier.errors import DeliveryError
 from notifier.ids import fallback_id
 from notifier.ledger import Attempt, DeliveryRecord
+from notifier.ledger_counts import count_delivery
 from notifier.models import DeliveryStatus, Receipt
 from notifier.pipeline.backoff import retry_delay
 from notifier.pipeline.deps import PipelineDeps
@@ -62,8 +63,7 @@ class Outcomes:
             provider_message_id=receipt.provider_message_id,
             latency_ms=None if latency is None else round(latency * 1000, 3),
         ), into=pipe)
-        self.metrics.inc("notifier_deliveries", into=pipe, channel=rec.channel, provider=provider,
-                         outcome="sent")
+        count_delivery(pipe, rec.id, channel=rec.channel, provider=provider, outcome="sent")
         if outcome == "sent":
             self.metrics.inc("notifier_send_attempts", into=pipe, channel=rec.channel,
                              provider=provider, result="sent")
@@ -202,8 +202,7 @@ class Outcomes:
         pipe = self.ledger.redis.pipeline()
         self.ledger.update(rec.id, into=pipe, status=DeliveryStatus.FAILED.value, reason=detail,
                            next_at=None)
-        self.metrics.inc("notifier_deliveries", into=pipe, channel=rec.channel,
-                         provider=rec.provider or "-", outcome="failed")
+        count_delivery(pipe, rec.id, channel=rec.channel, provider=rec.provider, outcome="failed")
         self.ledger.log(rec.transaction_id, "delivery_failed", into=pipe, delivery=rec.id,
                         reason=detail)
         self._finish_all(rec, pipe, reached=False)
@@ -240,8 +239,8 @@ class Outcomes:
                         from_channel=rec.channel, to_channel=channel, reason=detail)
         self.metrics.inc("notifier_fallbacks", into=pipe, from_channel=rec.channel,
                          to_channel=channel, reason=reason)
-        self.metrics.inc("notifier_deliveries", into=pipe, channel=rec.channel,
-                         provider=rec.provider or "-", outcome="fallen_back")
+        count_delivery(pipe, rec.id, channel=rec.channel, provider=rec.provider,
+                       outcome="fallen_back")
         finish_transaction(self.ledger, rec.transaction_id, close=[rec.id], into=pipe)
         pipe.execute()
         _log(rec, "fallen_back", detail=f"to {channel}: {detail}")

@@ -34,8 +34,9 @@ def status_of(statuses: Sequence[str]) -> TxStatus:
 
 def finish_transaction(ledger: Ledger, txid: str, *, close: Sequence[str] = (),
                        into: Pipeline | None = None) -> TxStatus | None:
-    """Roll up `txid`; the first call that makes it final counts it (and dead-letters a failure),
-    and the rolled-up deliveries `close` leave the reaper's open index in the same write.
+    """Roll up `txid`; the call that gives it a new verdict counts it (and dead-letters a
+    failure, or takes a failure that turned delivered or partial off the dead letters), and the
+    rolled-up deliveries `close` leave the reaper's open index in the same write.
 
     One script decides (by `status_of`'s rule) and writes, atomically. `into`: queue it last on
     the pipeline of the step's own writes (one round trip for both); returns None then.

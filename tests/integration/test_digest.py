@@ -20,6 +20,7 @@ from notifier.tasks_spec import DELIVER, DIGEST
 from tests.fakes.dysmsapi import FakeDysmsapi
 from tests.fakes.fcm import FakeFcm
 from tests.integration.conftest import SMS_ENV, MakeFleet
+from tests.support.counters import counts
 from tests.support.inline import InlineFleet
 
 ALICE = {"phone": "+8613800138000", "email": "alice@example.com"}
@@ -76,6 +77,8 @@ def test_a_merged_delivery_is_not_sent_on_its_own_as_well(make_fleet: MakeFleet)
     assert set(tx_statuses(fleet, txids).values()) == {"delivered"}
     merged = [d for t in txids[1:] for d in fleet.deps.ledger.deliveries(t) if not d.digest_of]
     assert {(d.status, bool(d.digest_id)) for d in merged} == {("suppressed", True)}
+    # alert-0 and the digest sent, its members counted as carried by it
+    assert counts(fleet.redis, "notifier_deliveries") == {"sent": 2.0, "suppressed": 2.0}
 
 
 def digest_sent_by_a_worker_then_killed(fleet: InlineFleet) -> tuple[list[str], list[str]]:
@@ -117,6 +120,7 @@ def test_the_reaper_settles_the_members_of_a_digest_whose_worker_was_killed(
         reap(fleet.deps.ledger, fleet.publisher, stale_after=0.0, lease=0.0)
         fleet.drain()
     assert set(tx_statuses(fleet, txids).values()) == {"delivered"}
+    assert counts(fleet.redis, "notifier_deliveries")["suppressed"] == 2.0  # settled once
     assert outbox(fleet, "sms") == sent
     assert fleet.redis.zcard("ntf:open") == 0
 
