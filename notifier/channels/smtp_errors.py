@@ -60,6 +60,15 @@ _MESSAGE_LEVEL: tuple[type[aiosmtplib.SMTPResponseException], ...] = (
     aiosmtplib.SMTPDataError,
 )
 
+# Replies to RCPT concern one mailbox, whatever their class: a 4xx there is that mailbox full
+# (452), greylisted (450/451) or busy, not the server unwell. Recipient-scoped, so retrying one
+# recipient's delivery never counts against the fleet-wide `email:smtp` breaker (fail_max
+# retries of one full mailbox would otherwise shut email off for everyone). The same 4xx to
+# MAIL, DATA, EHLO or the greeting (421) is about the session and still trips it.
+_RECIPIENT_LEVEL: tuple[type[aiosmtplib.SMTPResponseException], ...] = (
+    aiosmtplib.SMTPRecipientRefused,
+)
+
 # (exception type, class, code). Order matters: first match wins.
 EXCEPTIONS: tuple[tuple[type[BaseException], ErrorClass, str], ...] = (
     (aiosmtplib.SMTPConnectTimeoutError, T, "CONNECT_TIMEOUT"),
@@ -95,7 +104,8 @@ def _from_reply(exc: aiosmtplib.SMTPResponseException) -> DeliveryError:
     error_class = reply_class(exc.code)
     if error_class is ErrorClass.PERMANENT and not isinstance(exc, _MESSAGE_LEVEL):
         error_class = ErrorClass.ACCOUNT
-    return classified(error_class, str(exc.code), exc.message.strip())
+    scoped = True if isinstance(exc, _RECIPIENT_LEVEL) else None  # None: the class decides
+    return classified(error_class, str(exc.code), exc.message.strip(), recipient_scoped=scoped)
 
 
 def classify(exc: BaseException) -> DeliveryError:

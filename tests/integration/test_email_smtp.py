@@ -15,12 +15,14 @@ import httpx
 import pytest
 import redis
 
+from notifier.breaker import BreakerState
 from notifier.channels.base import ChannelContext
 from notifier.channels.email_smtp import SmtpEmail
 from notifier.config import SmtpProvider
 from notifier.errors import DeliveryError, PermanentError, TransientError
-from notifier.models import ErrorClass, Outgoing, Receipt, Rendered
+from notifier.models import ErrorClass, Event, Outgoing, Receipt, Rendered, Source
 from tests.fakes.smtp import FakeSmtp
+from tests.integration.conftest import MakeFleet
 from tests.support.channel_calls import send_error, send_now
 from tests.support.servers import clean_env, free_port
 
@@ -210,6 +212,43 @@ def test_451_is_transient_and_the_retry_goes_through(
     assert (error.code, error.message) == ("451", "4.7.1 greylisted, try again later")
     send(channel)
     assert len(fake.messages) == 1
+
+
+def test_one_full_mailbox_does_not_open_the_fleet_wide_email_breaker(
+    make_fake: Callable[..., FakeSmtp], make_fleet: MakeFleet
+) -> None:
+    """452 to RCPT, on every attempt of alice's delivery (fail_max of them): her mailbox is
+    full, the mail server is fine. Her delivery falls back; bob's email still goes by email
+    (review 3: the retries used to open `email:smtp` for everyone)."""
+    fake = make_fake()
+    fleet = make_fleet({
+        "channels": {
+            "email": {"provider": "smtp", "host": "127.0.0.1", "port": fake.port, "tls": "none",
+                      "sender": "notifier@alerts.example.com", "timeout": 2,
+                      "retry": {"max_attempts": 3, "base_delay": "50ms", "max_delay": "100ms",
+                                "jitter": 0},
+                      "breaker": {"fail_max": 3, "reset_timeout": 30}},
+            "sms": {"provider": "sandbox", "recipient_limits": []},
+        },
+        "recipients": {"alice": {"email": "alice@example.com", "phone": "+8613800138000"},
+                       "bob": {"email": "bob@example.com", "phone": "+8613900139000"}},
+        "groups": {},
+        "routes": [{"match": {"who": "alice"}, "to": ["alice"], "channels": ["email"],
+                    "fallback": ["sms"]},
+                   {"match": {}, "to": ["bob"], "channels": ["email"], "fallback": ["sms"]}],
+    }, {})
+    fake.script("rcpt", "452 4.2.2 <alice@example.com>: mailbox full", times=10)
+    fleet.intake.submit(Event(kind="alert", title="DiskFull", severity="critical",
+                              labels={"who": "alice"}), Source.API)
+    fleet.drain(timers_until=3)
+    assert "fallen_back" in [outcome for _, outcome in fleet.outcomes]  # alice: 3 x 452
+    breaker = fleet.deps.breaker_for("email:smtp", fleet.settings.channels["email"].breaker)
+    assert breaker.status().state is BreakerState.CLOSED
+
+    fake.reset()
+    fleet.intake.submit(Event(kind="alert", title="DiskFull", severity="critical"), Source.API)
+    fleet.drain(timers_until=1)
+    assert [m["To"] for m in fake.messages] == ["bob@example.com"], fleet.outcomes
 
 
 @pytest.mark.parametrize("stage", ["rcpt", "data"])

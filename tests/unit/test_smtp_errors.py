@@ -41,6 +41,31 @@ def test_replies_to_rcpt_and_data_follow_the_table(code: int, expected: ErrorCla
     check(classify(aiosmtplib.SMTPDataError(code, "reason")), expected, str(code))
 
 
+@pytest.mark.parametrize("code", [450, 451, 452])
+def test_a_4xx_to_rcpt_is_about_that_mailbox_and_does_not_trip_the_breaker(code: int) -> None:
+    # A full or greylisted mailbox is one recipient's trouble: retried, but never counted
+    # against the fleet-wide email breaker (one full mailbox would shut email off for all).
+    refused = aiosmtplib.SMTPRecipientRefused(code, "4.2.2 mailbox full", "bob@example.com")
+    for exc in (refused, aiosmtplib.SMTPRecipientsRefused([refused])):
+        error = classify(exc)
+        check(error, ErrorClass.TRANSIENT, str(code))
+        assert error.recipient_scoped and not error.trips_breaker
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [aiosmtplib.SMTPSenderRefused(451, "try later", "notifier@example.com"),
+     aiosmtplib.SMTPDataError(451, "local error in processing"),
+     aiosmtplib.SMTPConnectResponseError(421, "too busy")],
+    ids=lambda e: type(e).__name__,
+)
+def test_a_4xx_outside_rcpt_is_about_the_server_and_trips_the_breaker(
+    exc: aiosmtplib.SMTPResponseException,
+) -> None:
+    error = classify(exc)
+    assert not error.recipient_scoped and error.trips_breaker
+
+
 SESSION_LEVEL = [
     aiosmtplib.SMTPSenderRefused(550, "sender rejected", "notifier@example.com"),
     aiosmtplib.SMTPHeloError(550, "go away"),
