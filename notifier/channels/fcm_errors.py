@@ -74,6 +74,12 @@ TRANSPORT_ERRORS: tuple[tuple[type[Exception], ErrorClass, str], ...] = (
 )
 
 
+# Our own deadline for a whole send (push_fcm: token, send, and a refreshed token's retry, as
+# one asyncio.timeout; httpx's own timeouts bound each connect, read and write, not a request,
+# so a peer dribbling its answer would otherwise hold the worker child).
+DEADLINE: ErrorClass = T
+
+
 @dataclass(frozen=True)
 class FcmErrorBody:
     """The interesting parts of an error response; empty strings when absent."""
@@ -187,6 +193,11 @@ def classify_transport(exc: Exception, *, token_endpoint: bool = False) -> Deliv
         if isinstance(exc, exc_type):
             return classified(error_class, prefix + code, _describe(exc))
     return classified(ErrorClass.TRANSIENT, prefix + "UNEXPECTED", _describe(exc))
+
+
+def deadline_exceeded(budget: float) -> DeliveryError:
+    """The whole send ran past its deadline (`budget` seconds)."""
+    return classified(DEADLINE, "TIMEOUT", f"no answer from FCM within the send's {budget:g} s")
 
 
 def _describe(exc: Exception) -> str:

@@ -26,11 +26,12 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from notifier.channels.base import Channel, ChannelContext, ChannelLimits
+from notifier.channels.base import Channel, ChannelContext, ChannelLimits, send_budget
 from notifier.channels.fcm_errors import (
     classify_send,
     classify_token,
     classify_transport,
+    deadline_exceeded,
     token_rejected,
 )
 from notifier.config import FcmProvider
@@ -183,15 +184,23 @@ class FcmPush(Channel):
     async def send(self, message: Outgoing) -> Receipt:
         body = self.payload(message)
         tls = await _shared_tls_context()
+        budget = self.send_budget
         async with httpx.AsyncClient(timeout=self._config.timeout, verify=tls) as client:
-            token = await self._access_token(client)
-            response = await self._post(client, token, body)
-            if token_rejected(response.status_code, response.content):
-                # Revoked or expired early (clock skew, key rotation): one fresh token, one
-                # more try; a second 401 is classified (ACCOUNT) below.
-                self._token = None
-                token = await self._access_token(client)
-                response = await self._post(client, token, body)
+            try:
+                # httpx's timeout bounds each connect, read and write, not a request: a peer
+                # dribbling its answer byte by byte would hold the worker child until Celery's
+                # time limits. One deadline for everything this send does, as SMTP has.
+                async with asyncio.timeout(budget):
+                    token = await self._access_token(client)
+                    response = await self._post(client, token, body)
+                    if token_rejected(response.status_code, response.content):
+                        # Revoked or expired early (clock skew, key rotation): one fresh token,
+                        # one more try; a second 401 is classified (ACCOUNT) below.
+                        self._token = None
+                        token = await self._access_token(client)
+                        response = await self._post(client, token, body)
+            except TimeoutError:
+                raise deadline_exceeded(budget) from None
         if response.is_success:
             try:
                 name = response.json().get("name", "")
@@ -201,6 +210,12 @@ class FcmPush(Channel):
         raise classify_send(
             response.status_code, response.content, response.headers.get("Retry-After")
         )
+
+    @property
+    def send_budget(self) -> float:
+        """The deadline for a whole send: up to four requests (token, send, and after a
+        rejected token a fresh one and the send again)."""
+        return send_budget(self._config.timeout, 4)
 
     async def _post(
         self, client: httpx.AsyncClient, token: str, body: Mapping[str, Any]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -233,6 +236,66 @@ def test_a_hung_fcm_times_out_as_transient(fake: FakeFcm, channel_for: Factory) 
     assert isinstance(error, TransientError)
     assert error.code == "TIMEOUT"
     assert time.monotonic() - started < 4.0
+
+
+class _TricklingSend:
+    """messages:send that answers 200 but dribbles the body out a byte every 0.3 s: each read
+    is well within httpx's timeout, the whole answer takes ~14 s."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, rest = data.partition(b"\r\n\r\n")
+                length = int(next(ln.split(b":")[1] for ln in head.split(b"\r\n")
+                                  if ln.lower().startswith(b"content-length")))
+                while len(rest) < length:
+                    rest += conn.recv(65536)
+                body = b'{"name": "projects/demo/messages/0:1%trickle"}'
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+                for byte in body:
+                    if self.stop.is_set():
+                        return
+                    conn.sendall(bytes([byte]))
+                    time.sleep(0.3)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+def test_a_dribbling_fcm_cannot_hold_a_worker_past_the_send_s_deadline(
+    fake: FakeFcm, channel_for: Factory, tmp_path: Path
+) -> None:
+    """Review 3: httpx bounds each read, not a request; a whole send is bounded by timeout x 4
+    (token from the fake, messages:send from the trickler)."""
+    key_file = tmp_path / "sa.json"
+    fake.write_service_account(key_file)
+    trickler = _TricklingSend()
+    try:
+        channel = channel_for(fake, key_file=key_file, timeout=0.5,
+                              endpoint=f"http://127.0.0.1:{trickler.port}")
+        started = time.monotonic()
+        error = fails(channel)
+        assert time.monotonic() - started < 4 * 0.5 + 1.0
+        assert error.code == "TIMEOUT"
+    finally:
+        trickler.close()
 
 
 def test_secrets_never_reach_errors_or_reprs(

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from notifier.channels.fcm_errors import (
+    DEADLINE,
     FCM_ERROR_TYPE,
     QUOTA_DEFAULT_RETRY_AFTER,
     SEND_ERROR_CODES,
@@ -18,6 +19,7 @@ from notifier.channels.fcm_errors import (
     classify_send,
     classify_token,
     classify_transport,
+    deadline_exceeded,
     parse_error_body,
     parse_retry_after,
     token_rejected,
@@ -169,3 +171,9 @@ def test_real_transport_failures_are_transient() -> None:
 def test_no_transport_row_is_shadowed() -> None:
     for i, (later, _, _) in enumerate(TRANSPORT_ERRORS):
         assert not any(issubclass(later, earlier) for earlier, _, _ in TRANSPORT_ERRORS[:i])
+
+
+def test_the_send_s_own_deadline_is_classified_by_the_table() -> None:
+    error = deadline_exceeded(2.0)
+    assert (error.error_class, error.code) == (DEADLINE, "TIMEOUT")
+    assert "2 s" in error.message
