@@ -60,6 +60,17 @@ async def _socket_closed(sock: Any, limit: float = CLOSE_SECONDS) -> None:
         await asyncio.sleep(0.005)
 
 
+class _SMTP(aiosmtplib.SMTP):
+    """aiosmtplib's client, noting when the DATA stage began: from then on the message may be
+    on the server whatever goes wrong (smtp_errors.AFTER_DATA)."""
+
+    data_sent = False
+
+    async def data(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+        self.data_sent = True
+        return await super().data(*args, **kwargs)
+
+
 class SmtpEmail(Channel):
     channel = "email"
     # Subjects stay readable in a mail list at ~200 characters; bodies have no SMTP limit
@@ -118,7 +129,7 @@ class SmtpEmail(Channel):
                 f"SMTP username is set but ${config.password_env} is empty",
                 error_class=ErrorClass.ACCOUNT,
             )
-        client = aiosmtplib.SMTP(
+        client = _SMTP(
             hostname=config.host,
             port=config.port,
             use_tls=config.tls == "tls",
@@ -132,7 +143,7 @@ class SmtpEmail(Channel):
         try:
             await self._deliver(client, email, message.address)
         except Exception as exc:
-            raise self._scrub(classify(exc)) from None
+            raise self._scrub(classify(exc, data_sent=client.data_sent)) from None
         return Receipt(provider_message_id=str(email["Message-ID"]))
 
     @property
@@ -140,7 +151,7 @@ class SmtpEmail(Channel):
         """The deadline for connect, EHLO, STARTTLS, AUTH and the message: four round trips."""
         return send_budget(self._config.timeout, 4)
 
-    async def _deliver(self, client: aiosmtplib.SMTP, email: EmailMessage, to: str) -> None:
+    async def _deliver(self, client: _SMTP, email: EmailMessage, to: str) -> None:
         config = self._config
         raw_socket: Any = None
         try:

@@ -185,6 +185,7 @@ class FcmPush(Channel):
         body = self.payload(message)
         tls = await _shared_tls_context()
         budget = self.send_budget
+        sending = False  # messages:send in flight: running out then may leave it sent
         async with httpx.AsyncClient(timeout=self._config.timeout, verify=tls) as client:
             try:
                 # httpx's timeout bounds each connect, read and write, not a request: a peer
@@ -192,15 +193,19 @@ class FcmPush(Channel):
                 # time limits. One deadline for everything this send does, as SMTP has.
                 async with asyncio.timeout(budget):
                     token = await self._access_token(client)
+                    sending = True
                     response = await self._post(client, token, body)
+                    sending = False
                     if token_rejected(response.status_code, response.content):
                         # Revoked or expired early (clock skew, key rotation): one fresh token,
                         # one more try; a second 401 is classified (ACCOUNT) below.
                         self._token = None
                         token = await self._access_token(client)
+                        sending = True
                         response = await self._post(client, token, body)
+                        sending = False
             except TimeoutError:
-                raise deadline_exceeded(budget) from None
+                raise deadline_exceeded(budget, sending=sending) from None
         if response.is_success:
             try:
                 name = response.json().get("name", "")

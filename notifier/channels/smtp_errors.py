@@ -24,6 +24,7 @@ from notifier.errors import DeliveryError, classified
 from notifier.models import ErrorClass
 
 T, P, A = ErrorClass.TRANSIENT, ErrorClass.PERMANENT, ErrorClass.ACCOUNT
+M = ErrorClass.MAYBE_SENT
 
 # RFC 5321 section 4.2 plus RFC 3207 (STARTTLS), RFC 4954 (AUTH), RFC 7504 (null MX).
 REPLY_CODES: Mapping[int, ErrorClass] = {
@@ -89,6 +90,20 @@ EXCEPTIONS: tuple[tuple[type[BaseException], ErrorClass, str], ...] = (
 )
 
 
+# Once the DATA command has gone out, losing the session (no reply in time, a dropped
+# connection, our own deadline) leaves the message's fate unknown: the server may have its
+# final dot and have queued it. aiosmtplib writes DATA, the message and the dot in one call,
+# so the wait for 354 and the wait for the final 250 cannot be told apart: both count as maybe
+# sent (honest, if cautious). SMTP has no look-up, so the pipeline still sends it again; the
+# stable Message-ID lets mail clients show it once. Consulted before EXCEPTIONS.
+AFTER_DATA: tuple[tuple[type[BaseException], ErrorClass, str], ...] = (
+    (aiosmtplib.SMTPTimeoutError, M, "TIMEOUT"),
+    (aiosmtplib.SMTPServerDisconnected, M, "DISCONNECTED"),
+    (TimeoutError, M, "TIMEOUT"),
+    (OSError, M, "NETWORK"),  # a reset or a TLS failure mid-stream
+)
+
+
 def reply_class(code: int) -> ErrorClass:
     """The class of one SMTP reply code, from the table or its first digit."""
     if code in REPLY_CODES:
@@ -108,10 +123,15 @@ def _from_reply(exc: aiosmtplib.SMTPResponseException) -> DeliveryError:
     return classified(error_class, str(exc.code), exc.message.strip(), recipient_scoped=scoped)
 
 
-def classify(exc: BaseException) -> DeliveryError:
-    """Map any failure of an SMTP send onto a classified `DeliveryError`."""
+def classify(exc: BaseException, *, data_sent: bool = False) -> DeliveryError:
+    """Map any failure of an SMTP send onto a classified `DeliveryError`. `data_sent`: the
+    DATA command had gone out when it failed (see AFTER_DATA)."""
     if isinstance(exc, DeliveryError):
         return exc
+    if data_sent and not isinstance(exc, aiosmtplib.SMTPResponseException):
+        for exc_type, error_class, code in AFTER_DATA:
+            if isinstance(exc, exc_type):
+                return classified(error_class, code, _describe(exc))
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         # We send one recipient per message, so the first refusal is the refusal.
         if exc.recipients:

@@ -7,8 +7,14 @@ import ssl
 import aiosmtplib
 import pytest
 
-from notifier.channels.smtp_errors import EXCEPTIONS, REPLY_CODES, classify, reply_class
-from notifier.errors import DeliveryError, PermanentError, TransientError
+from notifier.channels.smtp_errors import (
+    AFTER_DATA,
+    EXCEPTIONS,
+    REPLY_CODES,
+    classify,
+    reply_class,
+)
+from notifier.errors import DeliveryError, MaybeSentError, PermanentError, TransientError
 from notifier.models import ErrorClass
 
 EXPECTED_TYPE = {
@@ -123,10 +129,32 @@ def test_failures_without_a_reply_follow_the_table(
     assert "boom" in error.message
 
 
+@pytest.mark.parametrize(
+    ("exc_type", "expected", "code"), AFTER_DATA, ids=[t.__name__ for t, _, _ in AFTER_DATA]
+)
+def test_losing_the_session_after_data_follows_its_table(
+    exc_type: type[BaseException], expected: ErrorClass, code: str
+) -> None:
+    # Once DATA went out the server may have the message: maybe sent, not transient.
+    error = classify(_sample(exc_type), data_sent=True)
+    assert (error.error_class, error.code) == (expected, code)
+    assert type(error) is MaybeSentError
+    assert classify(_sample(exc_type)).error_class is ErrorClass.TRANSIENT  # before DATA
+
+
+def test_a_reply_after_data_is_still_read_from_the_reply_table() -> None:
+    # The server answered: its verdict is known, nothing "maybe" about it.
+    error = classify(aiosmtplib.SMTPDataError(421, "shutting down"), data_sent=True)
+    assert (error.error_class, error.code) == (ErrorClass.TRANSIENT, "421")
+    error = classify(aiosmtplib.SMTPDataError(554, "rejected"), data_sent=True)
+    assert error.error_class is ErrorClass.PERMANENT
+
+
 def test_no_row_is_shadowed_by_an_earlier_one() -> None:
-    for i, (later, _, _) in enumerate(EXCEPTIONS):
-        for earlier, _, _ in EXCEPTIONS[:i]:
-            assert not issubclass(later, earlier), f"{later.__name__} never reached"
+    for table in (EXCEPTIONS, AFTER_DATA):
+        for i, (later, _, _) in enumerate(table):
+            for earlier, _, _ in table[:i]:
+                assert not issubclass(later, earlier), f"{later.__name__} never reached"
 
 
 def test_real_network_errors_are_transient() -> None:
