@@ -82,6 +82,10 @@ class ServiceAccount:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise KeyFileError(exc.strerror or "cannot read it") from None
+        except UnicodeDecodeError:
+            # A ValueError, not an OSError: a wrong file (a DER key, a binary) would otherwise
+            # escape unclassified and be retried as "unexpected", maybe sent, for max_attempts.
+            raise KeyFileError("not UTF-8 text") from None
         try:
             data = json.loads(text)
         except ValueError:

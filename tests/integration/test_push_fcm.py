@@ -221,6 +221,16 @@ def test_an_unreadable_key_file_is_an_account_failure(
     assert "BEGIN" not in str(error)
 
 
+def test_a_key_file_that_is_not_utf8_is_an_account_failure(
+    fake: FakeFcm, channel_for: Factory, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "sa.json"
+    key_file.write_bytes(b'\xff\xfe{"client_email": "x"}')
+    error = fails(channel_for(fake, key_file=key_file))
+    assert (error.error_class, error.code) == (ErrorClass.ACCOUNT, "CREDENTIALS")
+    assert "not UTF-8" in error.message
+
+
 def test_fcm_down_is_transient(fake: FakeFcm, channel_for: Factory) -> None:
     error = fails(channel_for(fake, endpoint=f"http://127.0.0.1:{free_port()}"))
     assert isinstance(error, TransientError)
