@@ -181,5 +181,8 @@ class SmtpEmail(Channel):
                 error.message.replace(password, "***"),
                 error_class=error.error_class,
                 retry_after=error.retry_after,
+                # Kept as classified: a full mailbox must not start counting for the breaker
+                # because its reply happened to echo the password.
+                recipient_scoped=error.recipient_scoped,
             )
         return error

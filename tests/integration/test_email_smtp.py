@@ -185,6 +185,17 @@ def test_wrong_password_is_an_account_failure_that_hides_the_password(
     assert fake.messages == []
 
 
+def test_a_scrubbed_error_keeps_its_classification(
+    make_fake: Callable[..., FakeSmtp], channel_for: Factory
+) -> None:
+    fake = make_fake(tls="starttls", auth=("alerts", PASSWORD))
+    fake.script("rcpt", f"452 4.2.2 mailbox full (auth was {PASSWORD})")
+    error = fails(channel_for(fake, password=PASSWORD))
+    assert PASSWORD not in error.message
+    assert (error.error_class, error.recipient_scoped, error.trips_breaker) == (
+        ErrorClass.TRANSIENT, True, False)
+
+
 def test_missing_credentials_where_the_server_needs_them_is_an_account_failure(
     make_fake: Callable[..., FakeSmtp], channel_for: Factory
 ) -> None:
