@@ -89,7 +89,8 @@ def _reconcile_one(deps: PipelineDeps, did: str, now: float) -> str:
                 break
     except DeliveryError as exc:
         log.warning("QuerySendDetails for %s failed: %s", did, exc.code,
-                    extra={"delivery_id": did, "error_code": exc.code})
+                    extra={"transaction_id": rec.transaction_id, "delivery_id": did,
+                           "error_code": exc.code})
         return "error"
     if row is None:
         return "not_found"

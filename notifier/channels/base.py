@@ -12,9 +12,22 @@ from typing import ClassVar, Literal
 
 import redis
 
+import celeryconfig
 from notifier.models import Outgoing, Receipt
 
 AddressKind = Literal["phone", "email", "push_token"]
+
+# The longest one provider call may take, whatever its configured timeouts: Celery's soft time
+# limit (celeryconfig: 50 s at the default 60 s hard limit) less 10 s for the rest of the step
+# (claim, render, records; SMTP's QUIT and close: email_smtp). A call still running at the soft
+# limit is abandoned (notifier.aio) and recorded as maybe sent: a timeout of our own is a
+# classified, honest failure instead.
+MAX_SEND_SECONDS = max(celeryconfig.task_soft_time_limit - 10.0, 1.0)
+
+
+def send_budget(timeout: float, steps: int) -> float:
+    """The deadline for a whole provider call of `steps` round trips of `timeout` each."""
+    return min(timeout * steps, MAX_SEND_SECONDS)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 import aiosmtplib
 
-from notifier.channels.base import Channel, ChannelContext, ChannelLimits
+from notifier.channels.base import Channel, ChannelContext, ChannelLimits, send_budget
 from notifier.channels.smtp_errors import classify
 from notifier.config import SmtpProvider
 from notifier.errors import DeliveryError, PermanentError
@@ -35,6 +35,11 @@ _MSGID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 # connection, so it is looked up once per process, off the event loop.
 _local_hostname: str | None = None
 
+# After the message was accepted: how long its QUIT and the socket's close may take. Short and
+# fixed, so a send's worst case (send_budget + these) stays under Celery's soft time limit.
+QUIT_SECONDS = 2.0
+CLOSE_SECONDS = 1.0
+
 
 async def _helo_name() -> str:
     global _local_hostname  # noqa: PLW0603 - a per-process cache, set once
@@ -44,7 +49,7 @@ async def _helo_name() -> str:
     return _local_hostname
 
 
-async def _socket_closed(sock: Any, limit: float = 1.0) -> None:
+async def _socket_closed(sock: Any, limit: float = CLOSE_SECONDS) -> None:
     """Return once the connection's socket is really closed (a TLS close needs a few more
     loop turns after close()), so a caller that ends its loop right after send() leaks
     nothing. Bounded: a peer that never answers our close_notify costs at most `limit`."""
@@ -53,6 +58,17 @@ async def _socket_closed(sock: Any, limit: float = 1.0) -> None:
     deadline = asyncio.get_running_loop().time() + limit
     while sock.fileno() != -1 and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.005)
+
+
+class _SMTP(aiosmtplib.SMTP):
+    """aiosmtplib's client, noting when the DATA stage began: from then on the message may be
+    on the server whatever goes wrong (smtp_errors.AFTER_DATA)."""
+
+    data_sent = False
+
+    async def data(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+        self.data_sent = True
+        return await super().data(*args, **kwargs)
 
 
 class SmtpEmail(Channel):
@@ -113,7 +129,7 @@ class SmtpEmail(Channel):
                 f"SMTP username is set but ${config.password_env} is empty",
                 error_class=ErrorClass.ACCOUNT,
             )
-        client = aiosmtplib.SMTP(
+        client = _SMTP(
             hostname=config.host,
             port=config.port,
             use_tls=config.tls == "tls",
@@ -127,14 +143,19 @@ class SmtpEmail(Channel):
         try:
             await self._deliver(client, email, message.address)
         except Exception as exc:
-            raise self._scrub(classify(exc)) from None
+            raise self._scrub(classify(exc, data_sent=client.data_sent)) from None
         return Receipt(provider_message_id=str(email["Message-ID"]))
 
-    async def _deliver(self, client: aiosmtplib.SMTP, email: EmailMessage, to: str) -> None:
+    @property
+    def send_budget(self) -> float:
+        """The deadline for connect, EHLO, STARTTLS, AUTH and the message: four round trips."""
+        return send_budget(self._config.timeout, 4)
+
+    async def _deliver(self, client: _SMTP, email: EmailMessage, to: str) -> None:
         config = self._config
         raw_socket: Any = None
         try:
-            async with asyncio.timeout(config.timeout * 4):  # connect+ehlo+auth+data
+            async with asyncio.timeout(self.send_budget):
                 await client.connect()
                 raw_socket = client.get_transport_info("socket")
                 if config.tls == "starttls":
@@ -145,7 +166,7 @@ class SmtpEmail(Channel):
             # Accepted. The goodbye gets its own budget, outside the one above, so a slow or
             # rude QUIT can never turn a delivered message into a failure (and a duplicate).
             with contextlib.suppress(aiosmtplib.SMTPException, OSError):  # TimeoutError too
-                async with asyncio.timeout(config.timeout):
+                async with asyncio.timeout(min(config.timeout, QUIT_SECONDS)):
                     await client.quit()
         finally:
             client.close()
@@ -160,5 +181,8 @@ class SmtpEmail(Channel):
                 error.message.replace(password, "***"),
                 error_class=error.error_class,
                 retry_after=error.retry_after,
+                # Kept as classified: a full mailbox must not start counting for the breaker
+                # because its reply happened to echo the password.
+                recipient_scoped=error.recipient_scoped,
             )
         return error

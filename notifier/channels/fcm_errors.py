@@ -28,6 +28,7 @@ from notifier.errors import DeliveryError, classified
 from notifier.models import ErrorClass
 
 T, P, A = ErrorClass.TRANSIENT, ErrorClass.PERMANENT, ErrorClass.ACCOUNT
+M = ErrorClass.MAYBE_SENT
 
 FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 UNREGISTERED = "UNREGISTERED"  # the device token is gone: the caller should drop it
@@ -65,13 +66,31 @@ QUOTA_DEFAULT_RETRY_AFTER = 60.0
 # disabled account): nothing a retry fixes. 429/5xx are the endpoint's own trouble.
 TOKEN_STATUSES: Mapping[int, ErrorClass] = {408: T, 429: T}
 
-# httpx transport failures: nothing came back, so the send is retried.
+# httpx transport failures: no answer came back, so the send is retried.
 TRANSPORT_ERRORS: tuple[tuple[type[Exception], ErrorClass, str], ...] = (
-    (httpx.TimeoutException, T, "TIMEOUT"),
+    (httpx.TimeoutException, T, "TIMEOUT"),  # connect, write, pool: the request never left
     (httpx.NetworkError, T, "NETWORK"),  # refused, reset, TLS handshake, DNS
     (httpx.RemoteProtocolError, T, "PROTOCOL"),
     (httpx.TransportError, T, "TRANSPORT"),
 )
+
+# On messages:send (not the token endpoint), failures while reading the answer: the request
+# was written whole, and FCM may have taken and delivered it (a push arrives, its 200 is lost).
+# Maybe sent. FCM has no look-up, so the pipeline still sends it again, but the records say
+# it may have gone. Consulted before TRANSPORT_ERRORS.
+SEND_READ_ERRORS: tuple[tuple[type[Exception], ErrorClass, str], ...] = (
+    (httpx.ReadTimeout, M, "TIMEOUT"),
+    (httpx.ReadError, M, "NETWORK"),  # reset while waiting for the answer
+    (httpx.RemoteProtocolError, M, "PROTOCOL"),  # closed without (a whole) answer
+)
+
+
+# Our own deadline for a whole send (push_fcm: token, send, and a refreshed token's retry, as
+# one asyncio.timeout; httpx's own timeouts bound each connect, read and write, not a request,
+# so a peer dribbling its answer would otherwise hold the worker child). Running out while
+# messages:send was in flight: maybe sent (it may be past the write, as in SEND_READ_ERRORS);
+# while the token was asked for, nothing was sent.
+DEADLINE: Mapping[bool, ErrorClass] = {False: T, True: M}  # by "messages:send in flight"
 
 
 @dataclass(frozen=True)
@@ -183,10 +202,18 @@ def classify_token(
 def classify_transport(exc: Exception, *, token_endpoint: bool = False) -> DeliveryError:
     """Classify an httpx failure (no HTTP answer at all)."""
     prefix = "OAUTH_" if token_endpoint else ""
-    for exc_type, error_class, code in TRANSPORT_ERRORS:
+    rows = TRANSPORT_ERRORS if token_endpoint else SEND_READ_ERRORS + TRANSPORT_ERRORS
+    for exc_type, error_class, code in rows:
         if isinstance(exc, exc_type):
             return classified(error_class, prefix + code, _describe(exc))
     return classified(ErrorClass.TRANSIENT, prefix + "UNEXPECTED", _describe(exc))
+
+
+def deadline_exceeded(budget: float, *, sending: bool) -> DeliveryError:
+    """The whole send ran past its deadline (`budget` seconds); `sending`: messages:send was
+    in flight (else the token request was)."""
+    return classified(DEADLINE[sending], "TIMEOUT",
+                      f"no answer from FCM within the send's {budget:g} s")
 
 
 def _describe(exc: Exception) -> str:

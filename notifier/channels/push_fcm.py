@@ -26,11 +26,12 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from notifier.channels.base import Channel, ChannelContext, ChannelLimits
+from notifier.channels.base import Channel, ChannelContext, ChannelLimits, send_budget
 from notifier.channels.fcm_errors import (
     classify_send,
     classify_token,
     classify_transport,
+    deadline_exceeded,
     token_rejected,
 )
 from notifier.config import FcmProvider
@@ -81,6 +82,10 @@ class ServiceAccount:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise KeyFileError(exc.strerror or "cannot read it") from None
+        except UnicodeDecodeError:
+            # A ValueError, not an OSError: a wrong file (a DER key, a binary) would otherwise
+            # escape unclassified and be retried as "unexpected", maybe sent, for max_attempts.
+            raise KeyFileError("not UTF-8 text") from None
         try:
             data = json.loads(text)
         except ValueError:
@@ -183,15 +188,28 @@ class FcmPush(Channel):
     async def send(self, message: Outgoing) -> Receipt:
         body = self.payload(message)
         tls = await _shared_tls_context()
+        budget = self.send_budget
+        sending = False  # messages:send in flight: running out then may leave it sent
         async with httpx.AsyncClient(timeout=self._config.timeout, verify=tls) as client:
-            token = await self._access_token(client)
-            response = await self._post(client, token, body)
-            if token_rejected(response.status_code, response.content):
-                # Revoked or expired early (clock skew, key rotation): one fresh token, one
-                # more try; a second 401 is classified (ACCOUNT) below.
-                self._token = None
-                token = await self._access_token(client)
-                response = await self._post(client, token, body)
+            try:
+                # httpx's timeout bounds each connect, read and write, not a request: a peer
+                # dribbling its answer byte by byte would hold the worker child until Celery's
+                # time limits. One deadline for everything this send does, as SMTP has.
+                async with asyncio.timeout(budget):
+                    token = await self._access_token(client)
+                    sending = True
+                    response = await self._post(client, token, body)
+                    sending = False
+                    if token_rejected(response.status_code, response.content):
+                        # Revoked or expired early (clock skew, key rotation): one fresh token,
+                        # one more try; a second 401 is classified (ACCOUNT) below.
+                        self._token = None
+                        token = await self._access_token(client)
+                        sending = True
+                        response = await self._post(client, token, body)
+                        sending = False
+            except TimeoutError:
+                raise deadline_exceeded(budget, sending=sending) from None
         if response.is_success:
             try:
                 name = response.json().get("name", "")
@@ -201,6 +219,12 @@ class FcmPush(Channel):
         raise classify_send(
             response.status_code, response.content, response.headers.get("Retry-After")
         )
+
+    @property
+    def send_budget(self) -> float:
+        """The deadline for a whole send: up to four requests (token, send, and after a
+        rejected token a fresh one and the send again)."""
+        return send_budget(self._config.timeout, 4)
 
     async def _post(
         self, client: httpx.AsyncClient, token: str, body: Mapping[str, Any]

@@ -181,7 +181,8 @@ class AliyunSms(Channel):
                         return Receipt(provider_message_id="", detail=detail)
         except DeliveryError as exc:
             log.warning("lookup of %s via QuerySendDetails failed: %s", message.delivery_id,
-                        exc.code, extra={"delivery_id": message.delivery_id,
+                        exc.code, extra={"transaction_id": message.transaction_id,
+                                         "delivery_id": message.delivery_id,
                                          "provider": self.provider_name, "error_code": exc.code})
         return None
 

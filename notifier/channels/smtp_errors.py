@@ -24,6 +24,7 @@ from notifier.errors import DeliveryError, classified
 from notifier.models import ErrorClass
 
 T, P, A = ErrorClass.TRANSIENT, ErrorClass.PERMANENT, ErrorClass.ACCOUNT
+M = ErrorClass.MAYBE_SENT
 
 # RFC 5321 section 4.2 plus RFC 3207 (STARTTLS), RFC 4954 (AUTH), RFC 7504 (null MX).
 REPLY_CODES: Mapping[int, ErrorClass] = {
@@ -60,6 +61,15 @@ _MESSAGE_LEVEL: tuple[type[aiosmtplib.SMTPResponseException], ...] = (
     aiosmtplib.SMTPDataError,
 )
 
+# Replies to RCPT concern one mailbox, whatever their class: a 4xx there is that mailbox full
+# (452), greylisted (450/451) or busy, not the server unwell. Recipient-scoped, so retrying one
+# recipient's delivery never counts against the fleet-wide `email:smtp` breaker (fail_max
+# retries of one full mailbox would otherwise shut email off for everyone). The same 4xx to
+# MAIL, DATA, EHLO or the greeting (421) is about the session and still trips it.
+_RECIPIENT_LEVEL: tuple[type[aiosmtplib.SMTPResponseException], ...] = (
+    aiosmtplib.SMTPRecipientRefused,
+)
+
 # (exception type, class, code). Order matters: first match wins.
 EXCEPTIONS: tuple[tuple[type[BaseException], ErrorClass, str], ...] = (
     (aiosmtplib.SMTPConnectTimeoutError, T, "CONNECT_TIMEOUT"),
@@ -80,6 +90,20 @@ EXCEPTIONS: tuple[tuple[type[BaseException], ErrorClass, str], ...] = (
 )
 
 
+# Once the DATA command has gone out, losing the session (no reply in time, a dropped
+# connection, our own deadline) leaves the message's fate unknown: the server may have its
+# final dot and have queued it. aiosmtplib writes DATA, the message and the dot in one call,
+# so the wait for 354 and the wait for the final 250 cannot be told apart: both count as maybe
+# sent (honest, if cautious). SMTP has no look-up, so the pipeline still sends it again; the
+# stable Message-ID lets mail clients show it once. Consulted before EXCEPTIONS.
+AFTER_DATA: tuple[tuple[type[BaseException], ErrorClass, str], ...] = (
+    (aiosmtplib.SMTPTimeoutError, M, "TIMEOUT"),
+    (aiosmtplib.SMTPServerDisconnected, M, "DISCONNECTED"),
+    (TimeoutError, M, "TIMEOUT"),
+    (OSError, M, "NETWORK"),  # a reset or a TLS failure mid-stream
+)
+
+
 def reply_class(code: int) -> ErrorClass:
     """The class of one SMTP reply code, from the table or its first digit."""
     if code in REPLY_CODES:
@@ -95,13 +119,19 @@ def _from_reply(exc: aiosmtplib.SMTPResponseException) -> DeliveryError:
     error_class = reply_class(exc.code)
     if error_class is ErrorClass.PERMANENT and not isinstance(exc, _MESSAGE_LEVEL):
         error_class = ErrorClass.ACCOUNT
-    return classified(error_class, str(exc.code), exc.message.strip())
+    scoped = True if isinstance(exc, _RECIPIENT_LEVEL) else None  # None: the class decides
+    return classified(error_class, str(exc.code), exc.message.strip(), recipient_scoped=scoped)
 
 
-def classify(exc: BaseException) -> DeliveryError:
-    """Map any failure of an SMTP send onto a classified `DeliveryError`."""
+def classify(exc: BaseException, *, data_sent: bool = False) -> DeliveryError:
+    """Map any failure of an SMTP send onto a classified `DeliveryError`. `data_sent`: the
+    DATA command had gone out when it failed (see AFTER_DATA)."""
     if isinstance(exc, DeliveryError):
         return exc
+    if data_sent and not isinstance(exc, aiosmtplib.SMTPResponseException):
+        for exc_type, error_class, code in AFTER_DATA:
+            if isinstance(exc, exc_type):
+                return classified(error_class, code, _describe(exc))
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         # We send one recipient per message, so the first refusal is the refusal.
         if exc.recipients:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from notifier.channels.base import ChannelContext
 from notifier.channels.push_fcm import FcmPush
 from notifier.config import FcmProvider
-from notifier.errors import DeliveryError, PermanentError, TransientError
+from notifier.errors import DeliveryError, MaybeSentError, PermanentError, TransientError
 from notifier.models import ErrorClass, Outgoing, Receipt, Rendered
 from tests.fakes.fcm import FakeFcm, write_service_account
 from tests.support.channel_calls import send_error, send_now
@@ -218,6 +221,16 @@ def test_an_unreadable_key_file_is_an_account_failure(
     assert "BEGIN" not in str(error)
 
 
+def test_a_key_file_that_is_not_utf8_is_an_account_failure(
+    fake: FakeFcm, channel_for: Factory, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "sa.json"
+    key_file.write_bytes(b'\xff\xfe{"client_email": "x"}')
+    error = fails(channel_for(fake, key_file=key_file))
+    assert (error.error_class, error.code) == (ErrorClass.ACCOUNT, "CREDENTIALS")
+    assert "not UTF-8" in error.message
+
+
 def test_fcm_down_is_transient(fake: FakeFcm, channel_for: Factory) -> None:
     error = fails(channel_for(fake, endpoint=f"http://127.0.0.1:{free_port()}"))
     assert isinstance(error, TransientError)
@@ -226,13 +239,105 @@ def test_fcm_down_is_transient(fake: FakeFcm, channel_for: Factory) -> None:
     assert error.__cause__ is None and error.__context__ is None
 
 
-def test_a_hung_fcm_times_out_as_transient(fake: FakeFcm, channel_for: Factory) -> None:
+def test_a_hung_fcm_times_out_as_maybe_sent(fake: FakeFcm, channel_for: Factory) -> None:
+    # Was "times out as transient" (review 3, finding 4): the read timeout came after the
+    # request was written whole; FCM may have taken it (the fake does, after its hang), so it
+    # is maybe sent, not a plain transient that claims nothing went out.
     fake.script(hang=5.0)
     started = time.monotonic()
     error = fails(channel_for(fake, timeout=0.5))
-    assert isinstance(error, TransientError)
+    assert isinstance(error, MaybeSentError)
     assert error.code == "TIMEOUT"
     assert time.monotonic() - started < 4.0
+
+
+def test_fcm_accepting_but_answering_too_late_is_maybe_sent(
+    fake: FakeFcm, channel_for: Factory
+) -> None:
+    fake.script(hang=1.0)  # stall, then accept as usual
+    error = fails(channel_for(fake, timeout=0.5))
+    time.sleep(1.2)
+    assert len(fake.messages) == 1  # it went out
+    assert (error.error_class, error.code) == (ErrorClass.MAYBE_SENT, "TIMEOUT")
+
+
+def test_a_hung_token_endpoint_is_transient(
+    fake: FakeFcm, channel_for: Factory, tmp_path: Path
+) -> None:
+    # The token request is not the push: nothing can have gone out.
+    key_file = tmp_path / "sa.json"
+    fake.write_service_account(key_file)
+    trickler = _TricklingSend()  # token_uri -> a peer that never answers a token
+    try:
+        data = json.loads(key_file.read_text())
+        data["token_uri"] = f"http://127.0.0.1:{trickler.port}/token"
+        key_file.write_text(json.dumps(data))
+        error = fails(channel_for(fake, key_file=key_file, timeout=0.5))
+        assert (error.error_class, error.code) == (ErrorClass.TRANSIENT, "TIMEOUT")
+        assert fake.messages == []
+    finally:
+        trickler.close()
+
+
+class _TricklingSend:
+    """messages:send that answers 200 but dribbles the body out a byte every 0.3 s: each read
+    is well within httpx's timeout, the whole answer takes ~14 s."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, rest = data.partition(b"\r\n\r\n")
+                length = int(next(ln.split(b":")[1] for ln in head.split(b"\r\n")
+                                  if ln.lower().startswith(b"content-length")))
+                while len(rest) < length:
+                    rest += conn.recv(65536)
+                body = b'{"name": "projects/demo/messages/0:1%trickle"}'
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+                for byte in body:
+                    if self.stop.is_set():
+                        return
+                    conn.sendall(bytes([byte]))
+                    time.sleep(0.3)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+def test_a_dribbling_fcm_cannot_hold_a_worker_past_the_send_s_deadline(
+    fake: FakeFcm, channel_for: Factory, tmp_path: Path
+) -> None:
+    """Review 3: httpx bounds each read, not a request; a whole send is bounded by timeout x 4
+    (token from the fake, messages:send from the trickler)."""
+    key_file = tmp_path / "sa.json"
+    fake.write_service_account(key_file)
+    trickler = _TricklingSend()
+    try:
+        channel = channel_for(fake, key_file=key_file, timeout=0.5,
+                              endpoint=f"http://127.0.0.1:{trickler.port}")
+        started = time.monotonic()
+        error = fails(channel)
+        assert time.monotonic() - started < 4 * 0.5 + 1.0
+        # The answer was on its way: FCM took the push (maybe sent since finding 4).
+        assert (error.error_class, error.code) == (ErrorClass.MAYBE_SENT, "TIMEOUT")
+    finally:
+        trickler.close()
 
 
 def test_secrets_never_reach_errors_or_reprs(

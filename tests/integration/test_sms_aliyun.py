@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import socket
 import subprocess
@@ -264,6 +265,18 @@ def test_lookup_that_cannot_ask_says_not_found_but_query_status_raises(
     with pytest.raises(PermanentError) as info:
         asyncio.run(channel.query_status("+8613800138000", "20261123"))
     assert info.value.error_class is ErrorClass.ACCOUNT
+
+
+def test_a_failed_lookup_is_logged_with_its_transaction(
+    fake: FakeDysmsapi, channel: AliyunSms, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.script({"kind": "business", "code": "isp.RAM_PERMISSION_DENY",
+                 "action": "QuerySendDetails"})
+    with caplog.at_level(logging.WARNING, logger="notifier"):
+        assert asyncio.run(channel.lookup(outgoing(), time.time())) is None
+    (record,) = [r for r in caplog.records if "QuerySendDetails failed" in r.getMessage()]
+    assert (getattr(record, "transaction_id", None), getattr(record, "delivery_id", None)) == (
+        "tx-1", "dlv-1")
 
 
 def test_connection_refused_is_transient() -> None:

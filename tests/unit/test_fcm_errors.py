@@ -10,19 +10,22 @@ import httpx
 import pytest
 
 from notifier.channels.fcm_errors import (
+    DEADLINE,
     FCM_ERROR_TYPE,
     QUOTA_DEFAULT_RETRY_AFTER,
     SEND_ERROR_CODES,
+    SEND_READ_ERRORS,
     SEND_STATUSES,
     TRANSPORT_ERRORS,
     classify_send,
     classify_token,
     classify_transport,
+    deadline_exceeded,
     parse_error_body,
     parse_retry_after,
     token_rejected,
 )
-from notifier.errors import PermanentError, TransientError
+from notifier.errors import MaybeSentError, PermanentError, TransientError
 from notifier.models import ErrorClass
 
 # The HTTP status FCM pairs with each errorCode (FCM's ErrorCode reference).
@@ -154,18 +157,51 @@ def test_transport_errors_follow_the_table(
     exc_type: type[Exception], expected: ErrorClass, code: str
 ) -> None:
     exc = exc_type("boom", request=REQUEST)  # type: ignore[call-arg]
-    assert classify_transport(exc).error_class is expected
-    assert classify_transport(exc).code == code
-    assert classify_transport(exc, token_endpoint=True).code == f"OAUTH_{code}"
+    error = classify_transport(exc, token_endpoint=True)
+    assert (error.error_class, error.code) == (expected, f"OAUTH_{code}")
+    if not any(issubclass(exc_type, t) for t, _, _ in SEND_READ_ERRORS):
+        assert (classify_transport(exc).error_class, classify_transport(exc).code) == (
+            expected, code)
 
 
-def test_real_transport_failures_are_transient() -> None:
+@pytest.mark.parametrize(
+    ("exc_type", "expected", "code"), SEND_READ_ERRORS,
+    ids=[t.__name__ for t, _, _ in SEND_READ_ERRORS],
+)
+def test_read_failures_on_messages_send_follow_their_table(
+    exc_type: type[Exception], expected: ErrorClass, code: str
+) -> None:
+    exc = exc_type("boom", request=REQUEST)  # type: ignore[call-arg]
+    error = classify_transport(exc)
+    assert (error.error_class, error.code) == (expected, code)
+    assert type(error) is MaybeSentError
+    # The token request is not the push: the same failure there sent nothing.
+    assert classify_transport(exc, token_endpoint=True).error_class is ErrorClass.TRANSIENT
+
+
+def test_real_transport_failures() -> None:
+    # The request never left: transient wherever it happens.
     for exc in (httpx.ConnectError("refused", request=REQUEST),
-                httpx.ReadTimeout("slow", request=REQUEST),
-                httpx.RemoteProtocolError("Server disconnected", request=REQUEST)):
+                httpx.ConnectTimeout("slow connect", request=REQUEST),
+                httpx.WriteTimeout("slow write", request=REQUEST)):
         assert classify_transport(exc).error_class is ErrorClass.TRANSIENT
+    # Lost while reading messages:send's answer: FCM may have the push.
+    for exc in (httpx.ReadTimeout("slow", request=REQUEST),
+                httpx.ReadError("reset", request=REQUEST),
+                httpx.RemoteProtocolError("Server disconnected", request=REQUEST)):
+        assert classify_transport(exc).error_class is ErrorClass.MAYBE_SENT
+        assert classify_transport(exc, token_endpoint=True).error_class is ErrorClass.TRANSIENT
 
 
 def test_no_transport_row_is_shadowed() -> None:
-    for i, (later, _, _) in enumerate(TRANSPORT_ERRORS):
-        assert not any(issubclass(later, earlier) for earlier, _, _ in TRANSPORT_ERRORS[:i])
+    for table in (TRANSPORT_ERRORS, SEND_READ_ERRORS):
+        for i, (later, _, _) in enumerate(table):
+            assert not any(issubclass(later, earlier) for earlier, _, _ in table[:i])
+
+
+def test_the_send_s_own_deadline_is_classified_by_the_table() -> None:
+    for sending in (False, True):
+        error = deadline_exceeded(2.0, sending=sending)
+        assert (error.error_class, error.code) == (DEADLINE[sending], "TIMEOUT")
+        assert "2 s" in error.message
+    assert DEADLINE == {False: ErrorClass.TRANSIENT, True: ErrorClass.MAYBE_SENT}

@@ -7,8 +7,14 @@ import ssl
 import aiosmtplib
 import pytest
 
-from notifier.channels.smtp_errors import EXCEPTIONS, REPLY_CODES, classify, reply_class
-from notifier.errors import DeliveryError, PermanentError, TransientError
+from notifier.channels.smtp_errors import (
+    AFTER_DATA,
+    EXCEPTIONS,
+    REPLY_CODES,
+    classify,
+    reply_class,
+)
+from notifier.errors import DeliveryError, MaybeSentError, PermanentError, TransientError
 from notifier.models import ErrorClass
 
 EXPECTED_TYPE = {
@@ -39,6 +45,31 @@ def test_replies_to_rcpt_and_data_follow_the_table(code: int, expected: ErrorCla
     check(classify(aiosmtplib.SMTPRecipientsRefused([refused])), expected, str(code))
     check(classify(refused), expected, str(code))
     check(classify(aiosmtplib.SMTPDataError(code, "reason")), expected, str(code))
+
+
+@pytest.mark.parametrize("code", [450, 451, 452])
+def test_a_4xx_to_rcpt_is_about_that_mailbox_and_does_not_trip_the_breaker(code: int) -> None:
+    # A full or greylisted mailbox is one recipient's trouble: retried, but never counted
+    # against the fleet-wide email breaker (one full mailbox would shut email off for all).
+    refused = aiosmtplib.SMTPRecipientRefused(code, "4.2.2 mailbox full", "bob@example.com")
+    for exc in (refused, aiosmtplib.SMTPRecipientsRefused([refused])):
+        error = classify(exc)
+        check(error, ErrorClass.TRANSIENT, str(code))
+        assert error.recipient_scoped and not error.trips_breaker
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [aiosmtplib.SMTPSenderRefused(451, "try later", "notifier@example.com"),
+     aiosmtplib.SMTPDataError(451, "local error in processing"),
+     aiosmtplib.SMTPConnectResponseError(421, "too busy")],
+    ids=lambda e: type(e).__name__,
+)
+def test_a_4xx_outside_rcpt_is_about_the_server_and_trips_the_breaker(
+    exc: aiosmtplib.SMTPResponseException,
+) -> None:
+    error = classify(exc)
+    assert not error.recipient_scoped and error.trips_breaker
 
 
 SESSION_LEVEL = [
@@ -98,10 +129,32 @@ def test_failures_without_a_reply_follow_the_table(
     assert "boom" in error.message
 
 
+@pytest.mark.parametrize(
+    ("exc_type", "expected", "code"), AFTER_DATA, ids=[t.__name__ for t, _, _ in AFTER_DATA]
+)
+def test_losing_the_session_after_data_follows_its_table(
+    exc_type: type[BaseException], expected: ErrorClass, code: str
+) -> None:
+    # Once DATA went out the server may have the message: maybe sent, not transient.
+    error = classify(_sample(exc_type), data_sent=True)
+    assert (error.error_class, error.code) == (expected, code)
+    assert type(error) is MaybeSentError
+    assert classify(_sample(exc_type)).error_class is ErrorClass.TRANSIENT  # before DATA
+
+
+def test_a_reply_after_data_is_still_read_from_the_reply_table() -> None:
+    # The server answered: its verdict is known, nothing "maybe" about it.
+    error = classify(aiosmtplib.SMTPDataError(421, "shutting down"), data_sent=True)
+    assert (error.error_class, error.code) == (ErrorClass.TRANSIENT, "421")
+    error = classify(aiosmtplib.SMTPDataError(554, "rejected"), data_sent=True)
+    assert error.error_class is ErrorClass.PERMANENT
+
+
 def test_no_row_is_shadowed_by_an_earlier_one() -> None:
-    for i, (later, _, _) in enumerate(EXCEPTIONS):
-        for earlier, _, _ in EXCEPTIONS[:i]:
-            assert not issubclass(later, earlier), f"{later.__name__} never reached"
+    for table in (EXCEPTIONS, AFTER_DATA):
+        for i, (later, _, _) in enumerate(table):
+            for earlier, _, _ in table[:i]:
+                assert not issubclass(later, earlier), f"{later.__name__} never reached"
 
 
 def test_real_network_errors_are_transient() -> None:
