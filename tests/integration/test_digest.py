@@ -81,10 +81,9 @@ def test_a_merged_delivery_is_not_sent_on_its_own_as_well(make_fleet: MakeFleet)
     assert counts(fleet.redis, "notifier_deliveries") == {"sent": 2.0, "suppressed": 2.0}
 
 
-def digest_sent_by_a_worker_then_killed(fleet: InlineFleet) -> tuple[list[str], list[str]]:
-    """alert-0 goes out, alert-1 and alert-2 are merged into a digest; the digest's send is
-    recorded and its worker is killed (SIGKILL, OOM) right then, before settling anything:
-    the ledger as that worker leaves it. -> (the three transactions, the digest's task args)."""
+def merged_into_a_digest(fleet: InlineFleet) -> tuple[list[str], list[str]]:
+    """alert-0 goes out, alert-1 and alert-2 are merged into a digest whose task is not run
+    yet. -> (the three transactions, the digest's task args)."""
     txids = [submit(fleet, f"alert-{i}") for i in range(3)]
     fleet.drain()
     time.sleep(1.2)
@@ -93,6 +92,13 @@ def digest_sent_by_a_worker_then_killed(fleet: InlineFleet) -> tuple[list[str], 
     assert flush(fleet.deps, timer.arg) == "digest of 2"
     (digest_task,) = [args for task, args, _queue in fleet.publisher.tasks if task == DELIVER]
     fleet.publisher.tasks.clear()
+    return txids, digest_task
+
+
+def digest_sent_by_a_worker_then_killed(fleet: InlineFleet) -> tuple[list[str], list[str]]:
+    """The digest's send is recorded and its worker is killed (SIGKILL, OOM) right then, before
+    settling anything: the ledger as that worker leaves it."""
+    txids, digest_task = merged_into_a_digest(fleet)
     (digest_id,) = digest_task
     fleet.deps.ledger.update(digest_id, status="sent", provider="sandbox")
     assert tx_statuses(fleet, txids[1:]) == {t: "dispatching" for t in txids[1:]}
@@ -218,14 +224,7 @@ def test_a_digest_one_of_two_push_tokens_reached_fails_none_of_its_alerts(
 def test_members_of_a_digest_an_older_version_fell_back_as_carried_go_out_on_their_own(
         make_fleet: MakeFleet) -> None:
     fleet = make_fleet(sandbox_config())
-    txids = [submit(fleet, f"alert-{i}") for i in range(3)]
-    fleet.drain()
-    time.sleep(1.2)
-    (timer,) = fleet.deps.timers.due(time.time())
-    fleet.deps.timers.done(timer)
-    assert flush(fleet.deps, timer.arg) == "digest of 2"
-    (digest_task,) = [args for task, args, _q in fleet.publisher.tasks if task == DELIVER]
-    fleet.publisher.tasks.clear()
+    txids, digest_task = merged_into_a_digest(fleet)
     (digest_id,) = digest_task
     # What the previous version wrote when the digest was refused and a live email of its
     # first member's transaction was found: fallen back "carried by" it, rolled up, closed.
