@@ -225,6 +225,15 @@ def test_451_is_transient_and_the_retry_goes_through(
     assert len(fake.messages) == 1
 
 
+def smtp_channel(fake: FakeSmtp, timeout: float, max_attempts: int, **extra: Any
+                 ) -> dict[str, Any]:
+    """The email channel of a pipeline test: this fake, fast retries without jitter."""
+    return {"provider": "smtp", "host": "127.0.0.1", "port": fake.port, "tls": "none",
+            "sender": "notifier@alerts.example.com", "timeout": timeout,
+            "retry": {"max_attempts": max_attempts, "base_delay": "50ms", "max_delay": "100ms",
+                      "jitter": 0}, **extra}
+
+
 def test_one_full_mailbox_does_not_open_the_fleet_wide_email_breaker(
     make_fake: Callable[..., FakeSmtp], make_fleet: MakeFleet
 ) -> None:
@@ -234,11 +243,7 @@ def test_one_full_mailbox_does_not_open_the_fleet_wide_email_breaker(
     fake = make_fake()
     fleet = make_fleet({
         "channels": {
-            "email": {"provider": "smtp", "host": "127.0.0.1", "port": fake.port, "tls": "none",
-                      "sender": "notifier@alerts.example.com", "timeout": 2,
-                      "retry": {"max_attempts": 3, "base_delay": "50ms", "max_delay": "100ms",
-                                "jitter": 0},
-                      "breaker": {"fail_max": 3, "reset_timeout": 30}},
+            "email": smtp_channel(fake, 2, 3, breaker={"fail_max": 3, "reset_timeout": 30}),
             "sms": {"provider": "sandbox", "recipient_limits": []},
         },
         "recipients": {"alice": {"email": "alice@example.com", "phone": "+8613800138000"},
@@ -330,10 +335,7 @@ def test_a_maybe_sent_email_is_sent_again_and_recorded_as_such(
     fake = make_fake()
     fleet = make_fleet({
         "channels": {
-            "email": {"provider": "smtp", "host": "127.0.0.1", "port": fake.port, "tls": "none",
-                      "sender": "notifier@alerts.example.com", "timeout": 0.5,
-                      "retry": {"max_attempts": 3, "base_delay": "50ms", "max_delay": "100ms",
-                                "jitter": 0}},
+            "email": smtp_channel(fake, 0.5, 3),
         },
         "recipients": {"alice": {"email": "alice@example.com"}},
         "routes": [{"match": {}, "to": ["alice"], "channels": ["email"]}],
@@ -356,10 +358,7 @@ def test_an_email_maybe_sent_on_every_attempt_still_falls_back(
     fake = make_fake()
     fleet = make_fleet({
         "channels": {
-            "email": {"provider": "smtp", "host": "127.0.0.1", "port": fake.port, "tls": "none",
-                      "sender": "notifier@alerts.example.com", "timeout": 0.3,
-                      "retry": {"max_attempts": 2, "base_delay": "50ms", "max_delay": "100ms",
-                                "jitter": 0}},
+            "email": smtp_channel(fake, 0.3, 2),
             "sms": {"provider": "sandbox", "recipient_limits": []},
         },
         "recipients": {"alice": {"email": "alice@example.com", "phone": "+8613800138000"}},
