@@ -4,7 +4,6 @@ finding 2): the abandoned call must never resume during a later task and finish 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import socket
 import threading
@@ -24,42 +23,27 @@ from notifier.config import SmtpProvider
 from notifier.models import Outgoing, Rendered
 from tests.fakes.smtp import FakeSmtp
 from tests.support.servers import free_port
+from tests.support.tcp_relay import Forward, Relay
 
 
-class _SlowGreeting:
+class _SlowGreeting(Relay):
     """A TCP proxy in front of the SMTP fake whose greeting arrives 0.6 s late (a loaded mail
     server); everything else is forwarded as is."""
 
     def __init__(self, upstream_port: int) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.server.getsockname()[1]
-        self.upstream_port = upstream_port
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(("127.0.0.1", upstream_port))
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            threading.Thread(target=self._pump, args=(client, upstream, 0.0), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, 0.6), daemon=True).start()
+    def forwarders(self, to_server: socket.socket, to_client: socket.socket
+                   ) -> tuple[Forward, Forward]:
+        first = threading.Event()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, first_delay: float) -> None:
-        delay = first_delay
-        try:
-            while data := src.recv(65536):
-                time.sleep(delay)
-                delay = 0.0
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+        def reply(data: bytes) -> None:
+            if not first.is_set():
+                first.set()
+                time.sleep(0.6)
+            to_client.sendall(data)
+
+        return to_server.sendall, reply
 
 
 @pytest.fixture
@@ -100,7 +84,7 @@ def test_a_send_cut_short_by_the_soft_time_limit_does_not_go_out_later(
         assert loop.run(asyncio.sleep(0, "still usable")) == "still usable"
     finally:
         loop.close()
-        proxy.server.close()
+        proxy.close()
         smtp.stop()
 
 

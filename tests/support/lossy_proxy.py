@@ -3,51 +3,39 @@ Redis slower than the client's socket timeout, looks like to the client after it
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
-from collections.abc import Callable
+
+from tests.support.tcp_relay import Forward, Relay
 
 
-class LosesScriptReplies:
+class LosesScriptReplies(Relay):
     """Forwards every command. While `lose` is above 0, a connection that sends an EVALSHA gets
     nothing back from then on (Redis still runs the script), and `lose` goes down by one."""
 
     def __init__(self, upstream: tuple[str, int], lose: int) -> None:
-        self.upstream = upstream
         self.lose = lose
         self._lock = threading.Lock()
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.upstream)
-            muted = threading.Event()
-            threading.Thread(target=self._requests, args=(client, upstream, muted), daemon=True).start()
-            threading.Thread(target=self._replies, args=(upstream, client, muted), daemon=True).start()
+    def forwarders(self, to_server: socket.socket, to_client: socket.socket
+                   ) -> tuple[Forward, Forward]:
+        muted = threading.Event()
 
-    def _requests(self, src: socket.socket, dst: socket.socket, muted: threading.Event) -> None:
-        def forward(data: bytes) -> None:
+        def request(data: bytes) -> None:
             if b"EVALSHA" in data and self._take_one():
                 muted.set()
-            dst.sendall(data)
-        _pump(src, dst, forward)
+            to_server.sendall(data)
 
-    def _replies(self, src: socket.socket, dst: socket.socket, muted: threading.Event) -> None:
-        def forward(data: bytes) -> None:
+        def reply(data: bytes) -> None:
             if not muted.is_set():
-                dst.sendall(data)
-        _pump(src, dst, forward)
+                to_client.sendall(data)
+
+        return request, reply
 
     def _take_one(self) -> bool:
         with self._lock:
@@ -55,18 +43,3 @@ class LosesScriptReplies:
                 return False
             self.lose -= 1
             return True
-
-    def close(self) -> None:
-        self.server.close()
-
-
-def _pump(src: socket.socket, dst: socket.socket, forward: Callable[[bytes], None]) -> None:
-    try:
-        while data := src.recv(65536):
-            forward(data)
-    except OSError:
-        pass
-    finally:
-        for sock in (src, dst):
-            with contextlib.suppress(OSError):
-                sock.close()

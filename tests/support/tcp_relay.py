@@ -1,0 +1,55 @@
+"""A loopback TCP relay in front of a real server, for tests that need the network between to
+misbehave (answers lost, answers late). A subclass decides what each direction forwards."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable
+
+Forward = Callable[[bytes], None]
+
+
+class Relay:
+    """Listens on a free loopback port; each connection gets its own one to `upstream` and a
+    thread per direction, forwarding through `forwarders` (identity by default)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def forwarders(self, to_server: socket.socket, to_client: socket.socket
+                   ) -> tuple[Forward, Forward]:
+        """(what the client sends -> the server, what the server answers -> the client)."""
+        return to_server.sendall, to_client.sendall
+
+    def close(self) -> None:
+        self.server.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            requests, replies = self.forwarders(upstream, client)
+            threading.Thread(target=_pump, args=(client, upstream, requests), daemon=True).start()
+            threading.Thread(target=_pump, args=(upstream, client, replies), daemon=True).start()
+
+
+def _pump(src: socket.socket, dst: socket.socket, forward: Forward) -> None:
+    try:
+        while data := src.recv(65536):
+            forward(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
