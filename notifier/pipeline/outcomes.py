@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 
 from redis.client import Pipeline
 
@@ -183,17 +182,22 @@ class Outcomes:
 
     def fall_back(self, rec: DeliveryRecord, reason: str, code: str = "") -> str:
         """Hand the message to the next channel of the route's fallback list, or fail it."""
-        if rec.digest_of and rec.fallback_chain:
-            return self._fall_back_digest(rec, reason, code)
-        recipient = self.deps.settings.recipients.get(rec.recipient)
-        chain = list(rec.fallback_chain)
         detail = f"{reason}: {code}" if code else reason
-        while chain and recipient is not None:
-            channel = chain.pop(0)
-            found = addresses(recipient, channel)
-            if not found:
-                continue
-            already, created = self._add_successors(rec, channel, found, chain)
+        hop = _next_reachable(self.deps.settings.recipients.get(rec.recipient), rec.fallback_chain)
+        if hop is not None:
+            channel, found, rest = hop
+            successors = [_successor(rec, channel, address, k, rest)
+                          for k, address in enumerate(found)]
+            if rec.digest_of:
+                # A digest goes on as a digest of its own, never "carried by" a live delivery
+                # it finds there: that one carries its own event only, and the digest's other
+                # members would wait for ever.
+                already, created = None, self.ledger.add_deliveries(successors)
+            else:
+                # Checked and created in one script: two of the person's deliveries falling
+                # back at once in two workers must not both create one.
+                already, created = self.ledger.add_fallback(rec.transaction_id, rec.recipient,
+                                                            channel, successors)
             if already is not None:
                 return self._mark_fallen_back(rec, channel, f"{detail} (carried by {already})", reason)
             for did in created:
@@ -208,28 +212,6 @@ class Outcomes:
         self._finish_all(rec, pipe, reached=False)
         _log(rec, "failed", code=code, detail=detail)
         return "failed"
-
-    def _fall_back_digest(self, rec: DeliveryRecord, reason: str, code: str) -> str:
-        """A digest goes on as a digest of its own to the next channel that reaches the
-        recipient. Never "carried by" a live delivery it finds there, as one event is: that one
-        carries its own event only, and the digest's other members would wait for ever."""
-        hop = _next_reachable(self.deps.settings.recipients.get(rec.recipient), rec.fallback_chain)
-        if hop is None:  # nowhere to go: fall_back's own ending (failed, members settled)
-            return self.fall_back(replace(rec, fallback_chain=[]), reason, code)
-        channel, found, rest = hop
-        successors = [_successor(rec, channel, address, k, rest) for k, address in enumerate(found)]
-        for did in self.ledger.add_deliveries(successors):
-            self.deps.publisher.publish(DELIVER, [did], deliver_queue(channel))
-        return self._mark_fallen_back(rec, channel, f"{reason}: {code}" if code else reason, reason)
-
-    def _add_successors(self, rec: DeliveryRecord, channel: str, found: list[str],
-                        chain: list[str]) -> tuple[str | None, list[str]]:
-        """`rec`'s successors on `channel` (one per address), unless a live delivery of its
-        transaction to the same recipient on that channel carries the message already: (its
-        id, []) or (None, the ids created). Checked and created in one script: two of the
-        person's deliveries falling back at once in two workers must not both create one."""
-        successors = [_successor(rec, channel, address, k, chain) for k, address in enumerate(found)]
-        return self.ledger.add_fallback(rec.transaction_id, rec.recipient, channel, successors)
 
     def _mark_fallen_back(self, rec: DeliveryRecord, channel: str, detail: str, reason: str) -> str:
         pipe = self.ledger.redis.pipeline()

@@ -20,7 +20,7 @@ import time
 
 from notifier.ledger import DeliveryRecord, Ledger
 from notifier.models import DeliveryStatus
-from notifier.pipeline.rollup import finish_final
+from notifier.pipeline.rollup import digest_copies, finish_final
 from notifier.tasks_spec import DELIVER, Publisher, deliver_queue
 
 PAGE, MAX_PAGES = 500, 20
@@ -48,7 +48,7 @@ def _sweep_page(ledger: Ledger, publisher: Publisher, due: list[tuple[str, float
     """Requeue the page's stuck deliveries, roll up the finished ones, re-score the rest."""
     requeued: list[str] = []
     moves: list[tuple[str, float, float]] = []
-    digests: dict[str, Digest] = {}
+    digests: dict[str, bool] = {}
     for (did, score), rec in zip(due, ledger.deliveries_by_id([d for d, _ in due]), strict=True):
         if rec is None:
             ledger.close_open(did)
@@ -69,35 +69,35 @@ def _sweep_page(ledger: Ledger, publisher: Publisher, due: list[tuple[str, float
     return requeued
 
 
-Digest = tuple[DeliveryRecord | None, list[DeliveryRecord]]  # it, and its copies (fallbacks)
-
-
 def _stranded_in_digest(ledger: Ledger, publisher: Publisher, rec: DeliveryRecord,
-                        digests: dict[str, Digest]) -> bool:
+                        digests: dict[str, bool]) -> bool:
     """A delivery merged into a digest waits for the digest to settle it, unless the digest no
     longer can: it is gone, or it fell back without a copy carrying its members (a version before
     7ea2f2a marked a refused digest "carried by" another delivery and left them), or it ended
     and its own recovery already ran. Released (sent on its own way) or settled here then;
-    True when released."""
+    True when released. `digests`: this sweep's answer per digest (whether its members are
+    stranded), so a page of its members costs one look at it."""
     if rec.digest_id not in digests:
-        digest = ledger.delivery(rec.digest_id)
-        copies = [] if digest is None else [
-            d for d in ledger.deliveries(digest.transaction_id)
-            if d.id != digest.id and set(d.digest_of) == set(digest.digest_of)]
-        digests[rec.digest_id] = (digest, copies)
-    digest, copies = digests[rec.digest_id]
-    if digest is not None:
-        status = DeliveryStatus(digest.status)
-        if not status.terminal or (status is DeliveryStatus.FALLEN_BACK and copies):
-            return False  # on its way, or carried on by copies of it: they settle its members
-        if status is not DeliveryStatus.FALLEN_BACK:
-            finish_final(ledger, digest)  # ended without settling them: idempotent, so again
-            return False
+        digests[rec.digest_id] = _digest_cannot_settle(ledger, rec.digest_id)
+    if not digests[rec.digest_id]:
+        return False
     ledger.update(rec.id, digest_id=None)
     ledger.log(rec.transaction_id, "released", delivery=rec.id, digest=rec.digest_id,
                reason="its digest can no longer carry it")
     _requeue(ledger, publisher, rec)
     return True
+
+
+def _digest_cannot_settle(ledger: Ledger, digest_id: str) -> bool:
+    digest = ledger.delivery(digest_id)
+    if digest is None:
+        return True
+    status = DeliveryStatus(digest.status)
+    if status is DeliveryStatus.FALLEN_BACK:  # its copies carry its members on, if it made any
+        return not digest_copies(ledger, digest)
+    if status.terminal:
+        finish_final(ledger, digest)  # ended without settling them: idempotent, so again
+    return False
 
 
 def _requeue(ledger: Ledger, publisher: Publisher, rec: DeliveryRecord) -> None:

@@ -62,6 +62,14 @@ def finish_digest(ledger: Ledger, digest: DeliveryRecord, reached: bool) -> None
     finish_transaction(ledger, digest.transaction_id, close=[digest.id, *digest.digest_of])
 
 
+def digest_copies(ledger: Ledger, digest: DeliveryRecord) -> list[DeliveryRecord]:
+    """The other deliveries carrying the same members: the digest's fallbacks (one per address
+    of each channel it went on to), and theirs."""
+    members = set(digest.digest_of)
+    return [d for d in ledger.deliveries(digest.transaction_id)
+            if d.id != digest.id and set(d.digest_of) == members]
+
+
 def _digest_verdict(ledger: Ledger, digest: DeliveryRecord, reached: bool) -> bool | None:
     """Did the digest's members reach the person: True once any copy of the digest did (a
     fallback makes one per address, to two push tokens say), False once every copy failed, None
@@ -69,9 +77,7 @@ def _digest_verdict(ledger: Ledger, digest: DeliveryRecord, reached: bool) -> bo
     ending at once at least one sees both ended."""
     if reached:
         return True
-    members = set(digest.digest_of)
-    copies = [DeliveryStatus(d.status) for d in ledger.deliveries(digest.transaction_id)
-              if d.id != digest.id and set(d.digest_of) == members]
+    copies = [DeliveryStatus(d.status) for d in digest_copies(ledger, digest)]
     if any(s.succeeded for s in copies):
         return True
     # A fallen-back copy is terminal, and its own successors are copies too: they decide.
