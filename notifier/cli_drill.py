@@ -34,6 +34,7 @@ from notifier.drills.service import DrillService
 from notifier.ledger import Ledger
 from notifier.redis_conn import connect
 from notifier.scheduler import Timers
+from notifier.tokens import CALLBACK_TOKEN_ENV, token_from_env
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 CHINA_TZ = timezone(timedelta(hours=8))
@@ -134,7 +135,7 @@ def cmd_sandbox(args: argparse.Namespace, settings: Settings) -> int:
         print(f"notifier: --from: {exc}", file=sys.stderr)
         return 2
     url = f"{settings.public_url.rstrip('/')}/v1/callbacks/aliyun/sms-up"
-    token = os.environ.get("NOTIFIER_CALLBACK_TOKEN", "").strip()  # as the API reads it
+    token = token_from_env(CALLBACK_TOKEN_ENV)  # as the API reads it
     try:
         response = httpx.post(url, json=body, params={"token": token} if token else None,
                               timeout=10)

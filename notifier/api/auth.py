@@ -5,15 +5,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import os
 
 from fastapi import HTTPException, Request
 
-from notifier.errors import ConfigError
+from notifier.tokens import API_TOKEN_ENV, CALLBACK_TOKEN_ENV, check_tokens, token_from_env
 
-# The names of the variables holding the tokens (the tokens are only ever read from them).
-API_TOKEN_ENV = "NOTIFIER_API_TOKEN"  # noqa: S105
-CALLBACK_TOKEN_ENV = "NOTIFIER_CALLBACK_TOKEN"  # noqa: S105
+__all__ = ["API_TOKEN_ENV", "CALLBACK_TOKEN_ENV", "CallbackAuth", "TokenAuth", "check_tokens",
+           "token_from_env"]
+
 UNAUTHORIZED = "missing or wrong credentials: send Authorization: Bearer <NOTIFIER_API_TOKEN>"
 CHALLENGE = ("WWW-Authenticate", 'Bearer realm="notifier"')
 
@@ -29,30 +28,6 @@ def _presented(header: str) -> str | None:
             return None
         return decoded.partition(":")[2]  # Alertmanager basic_auth: the password is the token
     return None
-
-
-def token_from_env(name: str) -> str | None:
-    """The token in environment variable `name`, or None when it is unset: what it guards is
-    then open (loopback demos, `notifier up`).
-
-    Set but blank is refused: that is what a missing secret looks like (`NAME=` left in the
-    env file, `NAME=${TOKEN}` with TOKEN unset, `$(cat missing-file)`), and it must not quietly
-    open the API. Surrounding whitespace is dropped: a token written from a file often ends in
-    a newline, which no client presents (Bearer values are stripped here, Alertmanager trims
-    its credentials file), so keeping it would lock every sender out."""
-    value = os.environ.get(name)
-    if value is None:
-        return None
-    if not value.strip():
-        raise ConfigError(f"{name}: set but empty; set the token, or unset {name} to run "
-                          f"without authentication")
-    return value.strip()
-
-
-def check_tokens() -> None:
-    """ConfigError now for a token the API would refuse to start with."""
-    token_from_env(API_TOKEN_ENV)
-    token_from_env(CALLBACK_TOKEN_ENV)
 
 
 class TokenAuth:

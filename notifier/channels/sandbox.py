@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -22,6 +21,7 @@ from notifier.channels.base import Channel, ChannelContext, ChannelLimits
 from notifier.config import SandboxProvider
 from notifier.ids import ulid
 from notifier.models import Outgoing, Receipt
+from notifier.tokens import CALLBACK_TOKEN_ENV, token_from_env
 
 OUTBOX_PREFIX = "ntf:sandbox:"
 OUTBOX_KEEP = 1000
@@ -103,8 +103,7 @@ def http_post(url: str, body: list[dict[str, Any]]) -> bool:
     """POST a push like Aliyun: JSON array; only HTTP 200 counts as received. NOTIFIER_CALLBACK_
     TOKEN is added as ?token= here, so it never has to sit in the config file."""
     target = httpx.URL(url)
-    # Stripped as the API reads it (notifier.api.auth.token_from_env), so that the two match.
-    token = os.environ.get("NOTIFIER_CALLBACK_TOKEN", "").strip()
+    token = token_from_env(CALLBACK_TOKEN_ENV)  # as the API reads it, so that the two match
     if token and "token" not in target.params:
         target = target.copy_merge_params({"token": token})
     try:
