@@ -12,7 +12,6 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 import phonenumbers
 import yaml
@@ -29,6 +28,7 @@ from pydantic import (
 from redis.connection import parse_url
 
 from notifier.errors import ConfigError
+from notifier.redis_conn import parse_sentinel_url
 
 CHANNEL_NAMES = ("sms", "email", "push")
 LOCALES = ("en", "zh-CN")
@@ -331,13 +331,10 @@ def check_redis_url(url: str) -> str:
         raise ValueError(f"expected a {', '.join(s + '://' for s in REDIS_SCHEMES)} URL")
     try:
         if scheme == "sentinel":
-            for part in url.split(";"):
-                port = urlsplit(part.strip()).port  # raises for a port that is not one
-                if port is not None and not 0 < port < 65536:
-                    raise ValueError
+            parse_sentinel_url(url)
         else:
             parse_url(url)  # type: ignore[no-untyped-call]
-    except ValueError:
+    except (ValueError, ConfigError):
         raise ValueError("cannot be read: check the host and port, and percent-encode any "
                          "':', '/', '@' or '#' in the password") from None
     return url

@@ -99,7 +99,8 @@ def test_redis_url_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("url", ["redis://:Xk9/Qz7pw@127.0.0.1:6379/0",  # '/' not encoded
                                  "redis://:s3cretpw@127.0.0.1:63a79/0",
                                  "redis://:s3cretpw@127.0.0.1:99999/0",
-                                 "sentinel://:s3cretpw@s1:26379;sentinel://s2:2637x"])
+                                 "sentinel://:s3cretpw@s1:26379;sentinel://s2:2637x",
+                                 "sentinel://:s3cretpw@s1:26379;redis://s2:6379"])
 def test_a_redis_url_the_client_cannot_read_is_refused_without_showing_it(url: str) -> None:
     with pytest.raises(ConfigError, match="redis_url: cannot be read") as err:
         settings_from_mapping(with_change("redis_url", url))
