@@ -90,7 +90,7 @@ class Ledger:
         self._claim = client.register_script(scripts.CLAIM)
         self._add = client.register_script(scripts.ADD_DELIVERIES)
         self._fall_back = client.register_script(scripts.FALL_BACK)
-        self._rescore_open = client.register_script(scripts.RESCORE_OPEN)
+        self._rescore_open = client.register_script(scripts.MOVE_IF_UNCHANGED)
         self._deliveries_of = client.register_script(scripts.DELIVERIES_OF)
         self._roll_up = client.register_script(scripts.ROLL_UP)
         self._finish = client.register_script(scripts.FINISH)

@@ -167,15 +167,20 @@ redis.call('ZREM', KEYS[4], ARGV[3])
 return created
 """
 
-RESCORE_OPEN = """
--- The reaper's re-scores of one page of the open index: each entry moves to the time it next
--- needs a look, unless something wrote its score since the reaper read it (that newer score,
--- a worker's, stands: the reaper's reading of the delivery is older).
--- KEYS: open index; ARGV: per entry: id, its score as read, its new score
+MOVE_IF_UNCHANGED = """
+-- Sorted-set entries moved to a new score, or removed (new score ''), each only if its score is
+-- still the one read: something that wrote it since (a worker re-scoring an open delivery, a
+-- timer rescheduled) knows better than the reader. Serves the reaper's re-scores of the open
+-- index and the scheduler's settling of the timers it fired.
+-- KEYS: the sorted set; ARGV: per entry: member, its score as read, its new score or ''
 for i = 1, #ARGV, 3 do
   local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
   if score and tonumber(score) == tonumber(ARGV[i + 1]) then
-    redis.call('ZADD', KEYS[1], ARGV[i + 2], ARGV[i])
+    if ARGV[i + 2] == '' then
+      redis.call('ZREM', KEYS[1], ARGV[i])
+    else
+      redis.call('ZADD', KEYS[1], ARGV[i + 2], ARGV[i])
+    end
   end
 end
 return 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import redis
 
 from notifier.errors import BrokerUnavailable
+from notifier.ledger_scripts import MOVE_IF_UNCHANGED
 from notifier.tasks_spec import TIMER, Publisher
 
 TIMERS = "ntf:timers"
@@ -28,20 +29,6 @@ log = logging.getLogger(__name__)
 _POP_DUE = """
 local items = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
 return items
-"""
-_REMOVE_IF_UNCHANGED = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) == tonumber(ARGV[2]) then
-  return redis.call('ZREM', KEYS[1], ARGV[1])
-end
-return 0
-"""
-_LEASE_IF_UNCHANGED = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) == tonumber(ARGV[2]) then
-  return redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
-end
-return 0
 """
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -67,8 +54,7 @@ class Timers:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._pop = client.register_script(_POP_DUE)
-        self._remove = client.register_script(_REMOVE_IF_UNCHANGED)
-        self._lease = client.register_script(_LEASE_IF_UNCHANGED)
+        self._settle = client.register_script(MOVE_IF_UNCHANGED)
 
     def schedule(self, task: str, queue: str, arg: str, due: float, *, keep_existing: bool = False
                  ) -> None:
@@ -88,12 +74,12 @@ class Timers:
 
     def done(self, timer: Timer) -> None:
         """Remove a fired timer unless it was rescheduled meanwhile."""
-        self._remove(keys=[TIMERS], args=[timer.member, repr(timer.due)])
+        self._settle(keys=[TIMERS], args=[timer.member, repr(timer.due), ""])
 
     def lease(self, timer: Timer, until: float) -> None:
         """Keep a fired timer, due again at `until`, unless it was rescheduled meanwhile: its
         task removes it (`cancel`) once its step is done, so a task that failed is re-fired."""
-        self._lease(keys=[TIMERS], args=[timer.member, repr(timer.due), repr(until)])
+        self._settle(keys=[TIMERS], args=[timer.member, repr(timer.due), repr(until)])
 
     def pending(self) -> int:
         return int(self.redis.zcard(TIMERS))
