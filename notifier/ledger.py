@@ -18,7 +18,7 @@ from redis.client import Pipeline
 
 from notifier import ledger_scripts as scripts
 from notifier.ledger_accept import ScriptCall, accept_results
-from notifier.ledger_counts import DELIVERY_COUNTERS, delivery_series
+from notifier.ledger_counts import DELIVERY_COUNTERS, SET_IF_STATUS, delivery_series
 from notifier.ledger_keys import DEADLETTERS, OPEN, OUTBOX, PREFIX, delivery_key, tx_key
 from notifier.ledger_rows import (
     Claim,
@@ -94,6 +94,7 @@ class Ledger:
         self._deliveries_of = client.register_script(scripts.DELIVERIES_OF)
         self._roll_up = client.register_script(scripts.ROLL_UP)
         self._finish = client.register_script(scripts.FINISH)
+        self.set_if_status = client.register_script(SET_IF_STATUS)  # a receipt's write
         self._merge = client.register_script(scripts.MERGE)
         self._settle_merged = client.register_script(scripts.SETTLE_MERGED)
 

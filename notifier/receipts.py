@@ -22,7 +22,7 @@ from notifier import awaiting
 from notifier.config import E164
 from notifier.inbox import Checked, Claimed, Inbox, check_records
 from notifier.ledger import Attempt, DeliveryRecord, delivery_key, text
-from notifier.ledger_counts import COUNTED, SET_IF_STATUS, delivery_count_keys, delivery_series
+from notifier.ledger_counts import COUNTED, delivery_count_keys, delivery_series
 from notifier.models import DeliveryStatus
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.outcomes import Outcomes
@@ -179,12 +179,11 @@ def _set_if_sent(deps: PipelineDeps, rec: DeliveryRecord, outcome: str | None,
                  **fields: str) -> bool:
     """Write `fields` if the delivery is still sent (see SET_IF_STATUS); `outcome`: count it
     there, moved from sent, in the same script (None: its fallback will)."""
-    script = deps.ledger.redis.register_script(SET_IF_STATUS)
     count = "" if outcome is None else delivery_series(rec.channel, rec.provider, outcome)
     flat: list[str] = [DeliveryStatus.SENT.value, _sent_series(rec), count]
     for key, value in {**fields, "updated_at": repr(time.time())}.items():
         flat += [key, value]
-    return bool(script(keys=delivery_count_keys(rec.id), args=flat))
+    return bool(deps.ledger.set_if_status(keys=delivery_count_keys(rec.id), args=flat))
 
 
 def _delivered(deps: PipelineDeps, rec: DeliveryRecord, report: Report) -> str:
