@@ -44,6 +44,15 @@ _T, _P, _A, _B = (
     ErrorClass.TRANSIENT, ErrorClass.PERMANENT, ErrorClass.ACCOUNT, ErrorClass.RECIPIENT_BUDGET
 )
 
+# Permanent codes about the request itself, never one of its numbers: its template or signature
+# (the same for every number a request carries) or our address. A request of n numbers refused
+# so fails them all at once: halving it would cost 2n - 1 requests and refuse every one.
+REQUEST_SCOPED = frozenset({
+    "isv.SMS_TEMPLATE_ILLEGAL", "isv.SMS_SIGNATURE_ILLEGAL", "isv.SIGN_STATE_ILLEGAL",
+    "isv.SMS_SIGNATURE_SCENE_ILLEGAL", "isv.SMS_SIGN_ILLEGAL",  # these two: *
+    "isv.DENY_IP_RANGE",
+})
+
 #: Every code PROTOCOLS.md lists, plus a few more from Aliyun's error-code page (marked *).
 TABLE: dict[str, ErrorClass] = {
     # transient: the provider is unwell or throttling the account; retry with backoff
@@ -70,15 +79,10 @@ TABLE: dict[str, ErrorClass] = {
     "isv.PARAM_LENGTH_LIMIT": _P,
     "isv.PARAM_NOT_SUPPORT_URL": _P,
     "isv.BLACK_KEY_CONTROL_LIMIT": _P,
-    "isv.SMS_TEMPLATE_ILLEGAL": _P,
-    "isv.SMS_SIGNATURE_ILLEGAL": _P,
-    "isv.SIGN_STATE_ILLEGAL": _P,
     "isv.SMS_CONTENT_ILLEGAL": _P,
     "isv.EXTEND_CODE_ERROR": _P,
     "isv.DOMESTIC_NUMBER_NOT_SUPPORTED": _P,
-    "isv.DENY_IP_RANGE": _P,
-    "isv.SMS_SIGNATURE_SCENE_ILLEGAL": _P,  # *
-    "isv.SMS_SIGN_ILLEGAL": _P,  # *
+    **dict.fromkeys(REQUEST_SCOPED, _P),
     # account / auth: nothing will go out on this account until a human acts
     "isv.AMOUNT_NOT_ENOUGH": _A,
     "isv.OUT_OF_SERVICE": _A,
@@ -93,15 +97,6 @@ TABLE: dict[str, ErrorClass] = {
     "InvalidTimeStamp.Expired": _A,  # our clock is off: every request will fail the same way
     "InvalidCredentials": _A,  # * raised by the SDK itself when it has no key to sign with
 }
-
-
-# Permanent codes about the request itself, never one of its numbers: its template or signature
-# (the same for every number a request carries) or our address. A request of n numbers refused
-# so fails them all at once: halving it would cost 2n - 1 requests and refuse every one.
-REQUEST_SCOPED = frozenset({
-    "isv.SMS_TEMPLATE_ILLEGAL", "isv.SMS_SIGNATURE_ILLEGAL", "isv.SIGN_STATE_ILLEGAL",
-    "isv.SMS_SIGNATURE_SCENE_ILLEGAL", "isv.SMS_SIGN_ILLEGAL", "isv.DENY_IP_RANGE",
-})
 
 
 def business_limit_class(message: str) -> tuple[ErrorClass, float | None]:
