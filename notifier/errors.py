@@ -6,6 +6,8 @@ Each protocol's table (channels/*_errors.py) maps its raw failures onto `Deliver
 
 from __future__ import annotations
 
+import copy
+
 from notifier.models import ErrorClass
 
 
@@ -69,6 +71,17 @@ class DeliveryError(NotifierError):
         # one number's rate window): a request carrying several is sent again in halves.
         self.recipient_scoped = recipient_scoped if recipient_scoped is not None else \
             self.error_class in (ErrorClass.PERMANENT, ErrorClass.RECIPIENT_BUDGET)
+
+    def redacted(self, secret: str) -> DeliveryError:
+        """This error with `secret` shown as *** (servers sometimes echo what they got), and all
+        else kept as classified: class, recipient scope, retry-after."""
+        if not secret or (secret not in self.code and secret not in self.message):
+            return self
+        clean = copy.copy(self)
+        clean.code = self.code.replace(secret, "***")
+        clean.message = self.message.replace(secret, "***")
+        clean.args = (f"{clean.code}: {clean.message}" if clean.message else clean.code,)
+        return clean
 
     @property
     def trips_breaker(self) -> bool:

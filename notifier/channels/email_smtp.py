@@ -173,16 +173,5 @@ class SmtpEmail(Channel):
             await _socket_closed(raw_socket)
 
     def _scrub(self, error: DeliveryError) -> DeliveryError:
-        """Servers sometimes echo what they got; the password must not reach a log."""
-        password = self._password
-        if password and (password in error.message or password in error.code):
-            return type(error)(
-                error.code.replace(password, "***"),
-                error.message.replace(password, "***"),
-                error_class=error.error_class,
-                retry_after=error.retry_after,
-                # Kept as classified: a full mailbox must not start counting for the breaker
-                # because its reply happened to echo the password.
-                recipient_scoped=error.recipient_scoped,
-            )
-        return error
+        """The password must not reach a log."""
+        return error.redacted(self._password) if self._password else error
