@@ -18,10 +18,10 @@ from notifier.drills.escalation import fire_drill_timer
 from notifier.drills.model import DrillSpec
 from notifier.drills.replies import REJECTED, Reply, apply_due, reply_inbox, store_replies
 from notifier.drills.service import DrillService
-from notifier.metrics import KEY as METRICS_KEY
 from tests.integration.conftest import MakeFleet
 from tests.integration.test_drill_flow import CONFIG as FLOW_CONFIG
 from tests.integration.test_drill_flow import SPEC
+from tests.support.counters import counts
 from tests.support.inline import InlineFleet
 
 UP = "/v1/callbacks/aliyun/sms-up"
@@ -59,8 +59,7 @@ def announced(svc: DrillService, **spec: Any) -> tuple[str, dict[str, str]]:
 
 
 def metric(fleet: InlineFleet, name: str, result: str) -> float:
-    raw = fleet.redis.hgetall(METRICS_KEY + name)
-    return sum(float(v) for k, v in raw.items() if json.loads(k)[-1] == result)
+    return counts(fleet.redis, name).get(result, 0.0)
 
 
 def up(phone: str, content: str, seq: str) -> dict[str, str]:

@@ -18,7 +18,6 @@ from notifier.api.app import create_app
 from notifier.channels.sandbox import REPORT_DELAY, REPORT_TRIES, REPORTS, push_reports
 from notifier.config import settings_from_mapping
 from notifier.ledger import DeliveryRecord
-from notifier.metrics import KEY as METRICS_KEY
 from notifier.models import Event, Source
 from notifier.periodic import clear_kick, periodic_jobs
 from notifier.pipeline.dispatch import dispatch
@@ -27,6 +26,7 @@ from notifier.reconciler import reconcile
 from notifier.tasks_spec import APPLY_RECEIPTS, CONTROL_QUEUE
 from tests.fakes.dysmsapi import FakeDysmsapi
 from tests.integration.conftest import MakeFleet
+from tests.support.counters import counts
 from tests.support.inline import InlineFleet
 from tests.support.servers import free_port
 
@@ -82,8 +82,7 @@ def post(api: TestClient, body: Any, token: str | None = CALLBACK_TOKEN) -> Any:
 
 
 def receipt_counts(client: redis.Redis) -> dict[str, float]:
-    raw = client.hgetall(METRICS_KEY + "notifier_receipts")
-    return {json.loads(k)[1]: float(v) for k, v in raw.items()}
+    return counts(client, "notifier_receipts", 1)
 
 
 def test_receipt_is_stored_answered_and_applied_once_even_when_pushed_twice(
