@@ -122,6 +122,15 @@ def normalise_phone(raw: str, default_region: str = "CN") -> str:
     raise ValueError(f"not a valid phone number ({mask_phone(text)})")
 
 
+def e164_or_raw(raw: str) -> str:
+    """A pushed sender as E.164 when it reads as a phone number, else as given (a short code, a
+    name): kept to be shown (masked) and rejected, not dropped."""
+    try:
+        return normalise_phone(raw)
+    except ValueError:
+        return raw
+
+
 def config_phone(raw: str, default_region: str = "CN") -> str:
     """A recipient's number as written in the config: as `normalise_phone` reads it, except that
     one written without '+' that is a mobile number both in the region and as country code +

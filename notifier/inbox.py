@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 import redis
 from pydantic import BaseModel, ValidationError
 
-from notifier.config import mask_phone, normalise_phone
+from notifier.config import e164_or_raw, mask_phone
 
 M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R")
@@ -106,10 +106,7 @@ def _sender(item: object) -> str:
     phone = item.get("phone_number") if isinstance(item, dict) else None
     if not isinstance(phone, str | int):
         return ""
-    try:
-        return mask_phone(normalise_phone(str(phone)))
-    except ValueError:
-        return mask_phone(str(phone))
+    return mask_phone(e164_or_raw(str(phone)))
 
 
 def text(value: object) -> str:

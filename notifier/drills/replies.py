@@ -20,7 +20,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
-from notifier.config import mask_phone, normalise_phone
+from notifier.config import e164_or_raw, mask_phone
 from notifier.drills.codes import Verdict, match_reply
 from notifier.drills.service import DrillService
 from notifier.inbox import Checked, Inbox, check_records
@@ -62,17 +62,11 @@ class Reply:
         return f"{self.phone}|{digest}"
 
 
-def _e164_or_raw(raw: str) -> str:
-    try:
-        return normalise_phone(raw)
-    except ValueError:
-        return raw  # match_reply cannot read it either: rejected as bad_number
-
-
 def parse_replies(payload: Any) -> Checked[Reply]:
     """An SmsUp body -> its replies and its invalid records; `InvalidPush` if not an array."""
     checked = check_records(payload, "SmsUp", SmsUpIn)
-    replies = [Reply(phone=_e164_or_raw(rec.phone_number), content=rec.content,
+    # A sender that is no phone number is kept, to be rejected as bad_number.
+    replies = [Reply(phone=e164_or_raw(rec.phone_number), content=rec.content,
                      send_time=rec.send_time, dest_code=str(rec.dest_code),
                      sequence_id=str(rec.sequence_id)) for rec in checked.records]
     return Checked(replies, checked.invalid)
