@@ -260,8 +260,7 @@ def _buckets(rec: DeliveryRecord, cfg: ChannelConfig) -> list[Bucket]:
 def _digest_events(deps: PipelineDeps, rec: DeliveryRecord) -> tuple[Event, ...]:
     events: list[Event] = []
     seen: set[str] = set()
-    for did in rec.digest_of:
-        member = deps.ledger.delivery(did)
+    for member in deps.ledger.deliveries_by_id(rec.digest_of):
         if member is None or member.transaction_id in seen:
             continue
         seen.add(member.transaction_id)

@@ -11,6 +11,7 @@ did not. A digest that fails goes on along its members' fallback chain as a dige
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from notifier.ids import ulid
@@ -111,21 +112,22 @@ def _still_held(deps: PipelineDeps, held: Held) -> list[DeliveryRecord]:
     again. One of another chain (parked by a version that kept chains together) goes on alone,
     to be held again in its own chain's set."""
     ids = [m.decode() for m in deps.ledger.redis.zrange(held.key, 0, -1)]
-    records = {did: deps.ledger.delivery(did) for did in ids}
+    records = dict(zip(ids, deps.ledger.deliveries_by_id(ids), strict=True))
     ended = [did for did, r in records.items() if r is None or DeliveryStatus(r.status).terminal]
-    if ended:
-        deps.ledger.redis.zrem(held.key, *ended)
     waiting = [r for r in records.values()
                if r is not None and r.status == DeliveryStatus.DEFERRED and not r.digest_id]
-    _release(deps, held, [r for r in waiting if Held.of(r) != held])
+    _release(deps, held, [r for r in waiting if Held.of(r) != held], also_off=ended)
     return [r for r in waiting if Held.of(r) == held]
 
 
-def _release(deps: PipelineDeps, held: Held, records: list[DeliveryRecord]) -> None:
-    """Let held deliveries go on their own: off the set, a deliver task each."""
-    if not records:
+def _release(deps: PipelineDeps, held: Held, records: list[DeliveryRecord],
+             also_off: Sequence[str] = ()) -> None:
+    """Let held deliveries go on their own: off the set, a deliver task each; `also_off`: ids
+    to take off the set in the same write (ended meanwhile)."""
+    off = [*also_off, *(r.id for r in records)]
+    if not off:
         return
-    deps.ledger.redis.zrem(held.key, *(r.id for r in records))
+    deps.ledger.redis.zrem(held.key, *off)
     for rec in records:
         deps.publisher.publish(DELIVER, [rec.id], deliver_queue(rec.channel))
 
