@@ -218,18 +218,24 @@ class Ledger:
         created = self._add(keys=[OPEN, *keys], args=[self.retention, *args])
         return [text(x) for x in created]
 
-    def add_fallback(self, txid: str, recipient: str, channel: str,
-                     successors: Sequence[DeliveryRecord]) -> tuple[str | None, list[str]]:
-        """Create a fallback's `successors` unless `txid` already has a live delivery (not
-        failed, not fallen back) to `recipient` on `channel`, in one step (see FALL_BACK): two
-        deliveries falling back at once create the fallback channel's delivery only once.
-        Returns (that live delivery's id, []) or (None, the ids created)."""
+    def add_fallback(self, failed: DeliveryRecord, channel: str | None,
+                     successors: Sequence[DeliveryRecord]) -> tuple[tuple[str, str] | None, list[str]]:
+        """Carry `failed` on: create its `successors` on the fallback `channel` (None: none is
+        left) unless a live delivery of its transaction to the same recipient already carries
+        the message, on `channel` or on the failed one's own channel to another address; then
+        `failed` is marked fallen back, in the same step (see FALL_BACK). Returns ((the carrying
+        delivery's id, its channel), []) or (None, the ids created)."""
         keys, args = self._delivery_args(successors)
-        reply = self._fall_back(keys=[OPEN, f"{tx_key(txid)}:dl", *keys],
-                                args=[self.retention, args[0], recipient, channel, _NOT_LIVE,
-                                      *args[1:]])
-        carrier, *created = (text(x) for x in reply)
-        return carrier or None, created
+        txid = failed.transaction_id
+        reply = self._fall_back(
+            keys=[OPEN, f"{tx_key(txid)}:dl", delivery_key(failed.id), *keys],
+            args=[self.retention, args[0], failed.recipient, channel or "", _NOT_LIVE, failed.id,
+                  failed.channel, json.dumps(failed.digest_of), DeliveryStatus.FALLEN_BACK.value,
+                  *args[1:]])
+        carrier, *rest = (text(x) for x in reply)
+        if carrier:
+            return (carrier, rest[0]), []
+        return None, rest
 
     def fan_out(self, writes: Sequence[FanOut]) -> list[list[str]]:
         """Dispatches' writes, one round trip for all (each all or nothing, see FAN_OUT): status

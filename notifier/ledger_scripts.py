@@ -135,23 +135,35 @@ return add(2, 3)
 """
 
 FALL_BACK = _ADD + """
--- A fallback's check and create in one step: two deliveries of one alert to one person failing
--- together (sms and push, in two workers) must not both see no delivery on the fallback channel
--- and both create one. Keyed on (transaction, recipient, channel): if the transaction already
--- has a live delivery (not failed, not fallen back) to that recipient on that channel, it
--- carries the message and nothing is created; otherwise the successors are created.
--- KEYS: open index, the transaction's delivery list, then per successor: hash, delivery list
--- ARGV: retention_s, now, recipient, channel, the statuses that are not live (comma list),
---       then per successor: id, JSON object of its fields
--- Returns {the live delivery's id} or {'', the ids created...}.
+-- A failed delivery's way on, checked and created in one step. Keyed on the transaction and
+-- the recipient: a live delivery (not failed, not fallen back) to them carries the message, and
+-- nothing is created, when it is
+--  - on the same channel to another of their addresses (a second push token): one dead device
+--    must not page the person again on the next channel while their other device is reached;
+--  - on the fallback channel (not for a digest, which goes on as a digest of its own): two of
+--    their deliveries failing at once in two workers (sms and push) must not both create one.
+-- The carried delivery is marked fallen back here, in the same step: of two of a person's
+-- devices failing at once, the second to get here then sees the first one dead and goes on,
+-- instead of each taking the other to carry it while neither does.
+-- KEYS: open index, the transaction's delivery list, the failed delivery's hash,
+--       then per successor: hash, delivery list
+-- ARGV: retention_s, now, recipient, fallback channel ('' when none is left), the statuses
+--       that are not live (comma list), the failed delivery's id, channel and digest_of (JSON),
+--       the fallen-back status, then per successor: id, JSON object of its fields
+-- Returns {the carrying delivery's id, its channel} or {'', the ids created...}.
 local dead = {}
 for name in string.gmatch(ARGV[5], '[^,]+') do dead[name] = true end
+local digest = ARGV[8] ~= '[]'
 for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
-  local d = redis.call('HMGET', 'ntf:dl:' .. id, 'recipient', 'channel', 'status')
-  if d[1] == ARGV[3] and d[2] == ARGV[4] and d[3] and not dead[d[3]] then return {id} end
+  local d = redis.call('HMGET', 'ntf:dl:' .. id, 'recipient', 'channel', 'status', 'digest_of')
+  if id ~= ARGV[6] and d[1] == ARGV[3] and d[3] and not dead[d[3]]
+      and ((d[2] == ARGV[7] and (d[4] or '[]') == ARGV[8]) or (not digest and d[2] == ARGV[4])) then
+    redis.call('HSET', KEYS[3], 'status', ARGV[9], 'updated_at', ARGV[2])
+    return {id, d[2]}
+  end
 end
 local out = {''}
-for _, id in ipairs(add(3, 6)) do out[#out + 1] = id end
+for _, id in ipairs(add(4, 10)) do out[#out + 1] = id end
 return out
 """
 

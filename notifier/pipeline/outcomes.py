@@ -181,25 +181,22 @@ class Outcomes:
         return "next_provider"
 
     def fall_back(self, rec: DeliveryRecord, reason: str, code: str = "") -> str:
-        """Hand the message to the next channel of the route's fallback list, or fail it."""
+        """Hand the message to the next channel of the route's fallback list, or fail it; unless
+        another live delivery to the person carries it already."""
         detail = f"{reason}: {code}" if code else reason
         hop = _next_reachable(self.deps.settings.recipients.get(rec.recipient), rec.fallback_chain)
+        channel, successors = None, []
         if hop is not None:
             channel, found, rest = hop
-            successors = [_successor(rec, channel, address, k, rest)
-                          for k, address in enumerate(found)]
-            if rec.digest_of:
-                # A digest goes on as a digest of its own, never "carried by" a live delivery
-                # it finds there: that one carries its own event only, and the digest's other
-                # members would wait for ever.
-                already, created = None, self.ledger.add_deliveries(successors)
-            else:
-                # Checked and created in one script: two of the person's deliveries falling
-                # back at once in two workers must not both create one.
-                already, created = self.ledger.add_fallback(rec.transaction_id, rec.recipient,
-                                                            channel, successors)
-            if already is not None:
-                return self._mark_fallen_back(rec, channel, f"{detail} (carried by {already})", reason)
+            successors = [_successor(rec, channel, address, k, rest) for k, address in enumerate(found)]
+        # Checked and created in one script (Ledger.add_fallback): another live delivery to the
+        # person on this channel (their other device) or on the next may carry the message.
+        carrier, created = self.ledger.add_fallback(rec, channel, successors)
+        if carrier is not None:
+            carrier_id, carrier_channel = carrier
+            return self._mark_fallen_back(rec, carrier_channel, f"{detail} (carried by {carrier_id})",
+                                          reason)
+        if channel is not None:
             for did in created:
                 self.deps.publisher.publish(DELIVER, [did], deliver_queue(channel))
             return self._mark_fallen_back(rec, channel, detail, reason)

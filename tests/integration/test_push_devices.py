@@ -1,0 +1,122 @@
+"""A person with two phones (two push tokens), one of them dead: the live phone carries the
+alert and the route's fallback does not page them a second time; only when every device of
+theirs failed does the message go on to the next channel, once."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from notifier.channels.sandbox import outbox_key
+from notifier.ledger import DeliveryRecord, delivery_key
+from notifier.ledger_keys import DEADLETTERS
+from notifier.models import Event, Source
+from notifier.pipeline.deliver import deliver
+from notifier.pipeline.dispatch import _fan_out
+from notifier.pipeline.outcomes import Outcomes
+from tests.integration.conftest import MakeFleet
+from tests.support.inline import InlineFleet
+
+
+def config(fallback: list[str]) -> dict[str, Any]:
+    return {
+        "channels": {"push": {"provider": "sandbox"}, "email": {"provider": "sandbox"}},
+        "recipients": {"alice": {"email": "alice@example.com", "push_tokens": ["tok-a", "tok-b"]}},
+        "routes": [{"match": {}, "to": ["alice"], "channels": ["push"], "fallback": fallback}],
+    }
+
+
+def fanned_out(fleet: InlineFleet) -> tuple[str, DeliveryRecord, DeliveryRecord]:
+    """An alert for alice, fanned out: (its transaction, the push to tok-a, the push to tok-b)."""
+    txid = fleet.intake.submit(Event(kind="alert", title="DB down", severity="critical"),
+                               Source.API).transaction_id
+    fleet.publisher.tasks.clear()
+    _fan_out(fleet.deps, [txid])
+    fleet.publisher.tasks.clear()  # their deliver tasks: each test runs what it needs
+    a, b = fleet.deps.ledger.deliveries(txid)
+    assert (a.address, b.address) == ("tok-a", "tok-b")
+    return txid, a, b
+
+
+def sent(fleet: InlineFleet, channel: str) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in fleet.redis.lrange(outbox_key(channel), 0, -1)]
+
+
+def status(fleet: InlineFleet, txid: str) -> str:
+    tx = fleet.deps.ledger.transaction(txid)
+    assert tx is not None
+    return tx.status
+
+
+def test_a_dead_device_is_carried_by_the_one_still_on_its_way(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(config(["email"]))
+    txid, dead, live = fanned_out(fleet)
+    assert Outcomes(fleet.deps).fall_back(dead, "permanent", "UNREGISTERED") == "fallen_back"
+    assert deliver(fleet.deps, live.id, uuid.uuid4().hex) == "sent"
+    fleet.drain()
+    assert [m["to"] for m in sent(fleet, "push")] == ["tok-b"]
+    assert sent(fleet, "email") == []  # not paged a second time
+    after = fleet.deps.ledger.delivery(dead.id)
+    assert after is not None and after.status == "fallen_back"
+    assert f"(carried by {live.id})" in after.reason
+    assert status(fleet, txid) == "delivered"
+
+
+def test_a_dead_device_is_carried_by_the_one_that_reached_them(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(config(["email"]))
+    txid, dead, live = fanned_out(fleet)
+    assert deliver(fleet.deps, live.id, uuid.uuid4().hex) == "sent"
+    assert Outcomes(fleet.deps).fall_back(dead, "permanent", "UNREGISTERED") == "fallen_back"
+    fleet.drain()
+    assert sent(fleet, "email") == []
+    assert status(fleet, txid) == "delivered"
+
+
+def test_every_device_dead_goes_on_to_the_next_channel_once(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(config(["email"]))
+    txid, first, second = fanned_out(fleet)
+    assert Outcomes(fleet.deps).fall_back(first, "permanent", "UNREGISTERED") == "fallen_back"
+    assert Outcomes(fleet.deps).fall_back(second, "permanent", "UNREGISTERED") == "fallen_back"
+    fleet.drain()
+    assert [m["to"] for m in sent(fleet, "email")] == ["alice@example.com"]
+    assert status(fleet, txid) == "delivered"
+
+
+def test_two_devices_failing_at_once_still_reach_the_next_channel(make_fleet: MakeFleet) -> None:
+    """The worst interleaving: tok-b's worker has found tok-a still on its way (so tok-a
+    carries it), and before it writes that down, tok-a's worker fails and looks for a carrier
+    in turn. It must not take tok-b for one: then neither would carry the alert on."""
+    fleet = make_fleet(config(["email"]))
+    txid, a, b = fanned_out(fleet)
+    client = fleet.deps.ledger.redis
+    forward: Callable[..., Any] = client.execute_command
+    raced: list[str] = []
+
+    def execute_command(*args: Any, **options: Any) -> Any:
+        reply = forward(*args, **options)
+        if not raced and delivery_key(b.id) in [str(x) for x in args]:  # b's check just ran
+            raced.append(Outcomes(fleet.deps).fall_back(a, "permanent", "UNREGISTERED"))
+        return reply
+
+    client.execute_command = execute_command  # type: ignore[method-assign]
+    try:
+        b_result = Outcomes(fleet.deps).fall_back(b, "permanent", "UNREGISTERED")
+    finally:
+        del client.execute_command
+    fleet.drain()
+
+    assert raced == ["fallen_back"] and b_result == "fallen_back"
+    shown = [(d.id, d.channel, d.status, d.reason) for d in fleet.deps.ledger.deliveries(txid)]
+    assert [m["to"] for m in sent(fleet, "email")] == ["alice@example.com"], shown
+    assert status(fleet, txid) == "delivered"
+
+
+def test_with_no_fallback_left_the_last_dead_device_fails_the_alert(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(config([]))
+    txid, first, second = fanned_out(fleet)
+    assert Outcomes(fleet.deps).fall_back(first, "permanent", "UNREGISTERED") == "fallen_back"
+    assert Outcomes(fleet.deps).fall_back(second, "permanent", "UNREGISTERED") == "failed"
+    assert status(fleet, txid) == "failed"
+    assert fleet.redis.zscore(DEADLETTERS, txid) is not None
