@@ -56,6 +56,9 @@ class Channel(ABC):
 
     channel: ClassVar[str]  # "sms" | "email" | "push"
     limits: ClassVar[ChannelLimits]
+    # Does `lookup` ask the provider? If not, a maybe-sent last attempt moves on at once
+    # instead of waiting a backoff for a look-up that cannot find anything.
+    can_look_up: ClassVar[bool] = False
 
     def __init__(self, provider_name: str) -> None:
         self.provider_name = provider_name

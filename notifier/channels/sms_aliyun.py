@@ -82,6 +82,7 @@ class AliyunSms(Channel):
     # 500: longest template content Aliyun accepts (signature + variables included); the
     # variables themselves are cut to `param_max_chars` by the renderer.
     limits = ChannelLimits(address="phone", body_maxlen=500, max_batch=1000, max_mixed_batch=100)
+    can_look_up = True  # QuerySendDetails
 
     def __init__(self, config: AliyunSmsProvider, context: ChannelContext) -> None:
         super().__init__(config.name)

@@ -89,8 +89,10 @@ class Outcomes:
         retrying = cls in ("transient", "maybe_sent") and rec.attempt < policy.max_attempts
         # The last attempt may have been sent: before another provider or channel sends it
         # again, one more claim of this one looks it up (prepare), after a backoff like a
-        # retry's, which also gives the provider's records time to show the send.
-        looking_up = cls == "maybe_sent" and not retrying
+        # retry's, which also gives the provider's records time to show the send. A provider
+        # without a look-up (SMTP, FCM) moves on at once, as its retries running out would.
+        looking_up = (cls == "maybe_sent" and not retrying
+                      and self.deps.providers[rec.channel][rec.provider_index].can_look_up)
         if retrying or looking_up:
             retry_at = time.time() + retry_delay(policy, rec.attempt, error.retry_after)
         self.ledger.record_attempt(rec.id, Attempt(
@@ -114,7 +116,7 @@ class Outcomes:
         self.ledger.update(rec.id, into=pipe, error_code=error.code, error_class=cls,
                            provider=provider)
         pipe.execute()
-        if cls in ("transient", "account"):
+        if cls in ("transient", "maybe_sent", "account"):
             reason = "retries_exhausted" if cls != "account" else "account_error"
             return self.next_provider(rec, reason, error.code)
         return self.fall_back(rec, cls, error.code)
