@@ -134,8 +134,8 @@ def _apply_claimed(deps: PipelineDeps, inbox: Inbox, item: Claimed) -> str:
 
 
 def apply_report(deps: PipelineDeps, report: Report) -> str:
-    """Apply one receipt; idempotent. Returns delivered | failed | duplicate | early | stale |
-    mismatch."""
+    """Apply one receipt; idempotent. Returns delivered | failed | other_send | duplicate |
+    early | stale | mismatch."""
     ledger = deps.ledger
     rec = ledger.delivery(report.out_id) if report.out_id else None
     if rec is None:  # no OutId, or a batch's: find it by number
@@ -151,7 +151,11 @@ def apply_report(deps: PipelineDeps, report: Report) -> str:
     if status in _NOT_YET:
         return "early"  # the provider has it, our worker has not recorded that yet
     if status is DeliveryStatus.SENT:
-        return _delivered(deps, rec, report) if report.success else _failed(deps, rec, report)
+        if report.success:  # whichever of its sends it is about, that one reached the phone
+            return _delivered(deps, rec, report)
+        if report.biz_id and rec.provider_message_id and report.biz_id != rec.provider_message_id:
+            return _other_send_failed(deps, rec, report)
+        return _failed(deps, rec, report)
     if status is DeliveryStatus.DELIVERED:
         return "duplicate"
     if status is DeliveryStatus.FAILED and rec.error_class == FAILED_CLASS:
@@ -204,6 +208,18 @@ def _delivered(deps: PipelineDeps, rec: DeliveryRecord, report: Report) -> str:
     awaiting.closed(deps.ledger.redis, rec.id)
     Outcomes(deps).finish(rec.transaction_id)
     return "delivered"
+
+
+def _other_send_failed(deps: PipelineDeps, rec: DeliveryRecord, report: Report) -> str:
+    """A failed receipt for another send of this delivery than the one it records (an attempt
+    that timed out, went out after all and was not found by the look-up, then sent again): it
+    says nothing of the recorded send, whose own receipt decides; only noted."""
+    deps.ledger.record_attempt(rec.id, Attempt(
+        at=time.time(), provider=rec.provider, outcome="receipt_failed_other_send",
+        error_code=report.err_code or "UNKNOWN",
+        message=f"{report.source}: {report.err_msg}"[:300], provider_message_id=report.biz_id,
+    ))
+    return "other_send"
 
 
 def _failed(deps: PipelineDeps, rec: DeliveryRecord, report: Report) -> str:

@@ -175,6 +175,25 @@ def test_failed_receipt_falls_back_like_a_permanent_error(fleet: InlineFleet, ap
     assert receipt_counts(redis_client)["failed"] == 1.0
 
 
+def test_a_failed_receipt_for_an_earlier_send_leaves_the_recorded_send_to_its_own(
+        fleet: InlineFleet, api: TestClient, redis_client: redis.Redis) -> None:
+    """An attempt timed out, went out after all (the look-up did not find it yet) and was sent
+    again: its failed receipt (its own BizId) must not fail the delivery, whose send reached
+    the phone, and page the person again on the fallback channel."""
+    sms = send_sms(fleet)
+    assert post(api, [report(sms, success=False, biz_id="earlier-send^0")]).status_code == 200
+    assert apply_due(fleet.deps) == {"other_send": 1}
+    fleet.drain()
+    after = fleet.deps.ledger.delivery(sms.id)
+    assert after is not None and after.status == "sent"
+    assert [d.channel for d in fleet.deps.ledger.deliveries(sms.transaction_id)] == ["sms"]
+    assert post(api, [report(sms)]).status_code == 200  # the recorded send's own receipt
+    assert apply_due(fleet.deps) == {"delivered": 1}
+    outcomes = [a["outcome"] for a in fleet.deps.ledger.attempts(sms.id)]
+    assert outcomes == ["sent", "receipt_failed_other_send", "receipt"]
+    assert receipt_counts(redis_client) == {"other_send": 1.0, "delivered": 1.0}
+
+
 @pytest.mark.parametrize(("body", "status", "problem"), [
     (b"{not json", 400, "not valid JSON"),
     (b"", 400, "empty"),
