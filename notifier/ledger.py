@@ -223,15 +223,14 @@ class Ledger:
         """Carry `failed` on: create its `successors` on the fallback `channel` (None: none is
         left) unless a live delivery of its transaction to the same recipient already carries
         the message, on `channel` or on the failed one's own channel to another address; then
-        `failed` is marked fallen back, in the same step (see FALL_BACK). Returns ((the carrying
+        `failed` is marked carried, in the same step (see FALL_BACK). Returns ((the carrying
         delivery's id, its channel), []) or (None, the ids created)."""
         keys, args = self._delivery_args(successors)
         txid = failed.transaction_id
         reply = self._fall_back(
             keys=[OPEN, f"{tx_key(txid)}:dl", delivery_key(failed.id), *keys],
             args=[self.retention, args[0], failed.recipient, channel or "", _NOT_LIVE, failed.id,
-                  failed.channel, json.dumps(failed.digest_of), DeliveryStatus.FALLEN_BACK.value,
-                  *args[1:]])
+                  failed.channel, json.dumps(failed.digest_of), *args[1:]])
         carrier, *rest = (text(x) for x in reply)
         if carrier:
             return (carrier, rest[0]), []

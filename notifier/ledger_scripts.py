@@ -142,28 +142,32 @@ FALL_BACK = _ADD + """
 --    must not page the person again on the next channel while their other device is reached;
 --  - on the fallback channel (not for a digest, which goes on as a digest of its own): two of
 --    their deliveries failing at once in two workers (sms and push) must not both create one.
--- The carried delivery is marked fallen back here, in the same step: of two of a person's
--- devices failing at once, the second to get here then sees the first one dead and goes on,
--- instead of each taking the other to carry it while neither does.
+-- The carried delivery is marked `carried_by` here, in the same step, and a delivery so marked
+-- is not live: of two of a person's devices failing at once, the second to get here then sees
+-- the first one dead and goes on, instead of each taking the other to carry it while neither
+-- does. (Its status, count and history follow in the worker's next write; a worker killed
+-- before that leaves it as it was, for the redelivered task, the reaper or the receipt applied
+-- again to finish, as before.)
 -- KEYS: open index, the transaction's delivery list, the failed delivery's hash,
 --       then per successor: hash, delivery list
 -- ARGV: retention_s, now, recipient, fallback channel ('' when none is left), the statuses
 --       that are not live (comma list), the failed delivery's id, channel and digest_of (JSON),
---       the fallen-back status, then per successor: id, JSON object of its fields
+--       then per successor: id, JSON object of its fields
 -- Returns {the carrying delivery's id, its channel} or {'', the ids created...}.
 local dead = {}
 for name in string.gmatch(ARGV[5], '[^,]+') do dead[name] = true end
 local digest = ARGV[8] ~= '[]'
 for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
-  local d = redis.call('HMGET', 'ntf:dl:' .. id, 'recipient', 'channel', 'status', 'digest_of')
-  if id ~= ARGV[6] and d[1] == ARGV[3] and d[3] and not dead[d[3]]
+  local d = redis.call('HMGET', 'ntf:dl:' .. id, 'recipient', 'channel', 'status', 'digest_of',
+                      'carried_by')
+  if id ~= ARGV[6] and d[1] == ARGV[3] and d[3] and not dead[d[3]] and not d[5]
       and ((d[2] == ARGV[7] and (d[4] or '[]') == ARGV[8]) or (not digest and d[2] == ARGV[4])) then
-    redis.call('HSET', KEYS[3], 'status', ARGV[9], 'updated_at', ARGV[2])
+    redis.call('HSET', KEYS[3], 'carried_by', id)
     return {id, d[2]}
   end
 end
 local out = {''}
-for _, id in ipairs(add(4, 10)) do out[#out + 1] = id end
+for _, id in ipairs(add(4, 9)) do out[#out + 1] = id end
 return out
 """
 

@@ -4,14 +4,18 @@ workers and both fall back to email: the person gets one email, not two."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from notifier.channels.sandbox import outbox_key
 from notifier.ledger import DeliveryRecord, delivery_key
-from notifier.models import Event, Source
+from notifier.ledger_counts import COUNTED, delivery_series
+from notifier.models import DeliveryStatus, Event, Source
+from notifier.pipeline.deliver import deliver
 from notifier.pipeline.dispatch import _fan_out
 from notifier.pipeline.outcomes import Outcomes
+from notifier.receipts import FAILED_CLASS, Report, _set_if_sent, apply_report
 from tests.integration.conftest import MakeFleet
 from tests.support.inline import InlineFleet
 
@@ -81,3 +85,31 @@ def test_a_failed_email_does_not_carry_a_later_fallback(make_fleet: MakeFleet) -
     fleet.drain()
     emails = [d for d in fleet.deps.ledger.deliveries(txid) if d.channel == "email"]
     assert [(d.id, d.status) for d in emails] == [(first.id, "failed"), (f"{push.id}.f0", "sent")]
+
+
+def test_a_receipt_fallback_cut_short_after_finding_its_carrier_is_finished_when_applied_again(
+        make_fleet: MakeFleet) -> None:
+    """A failed SMS receipt's worker killed right after the carrier check (the push's email
+    already carries the alert): the ledger it leaves is the SMS failed, still counted sent, and
+    marked carried. The receipt applied again finishes the fallback and counts it."""
+    fleet = make_fleet(CFG)
+    txid, sms, push = fanned_out(fleet)
+    assert Outcomes(fleet.deps).fall_back(push, "permanent", "UNREGISTERED") == "fallen_back"
+    (email,) = [d for d in fleet.deps.ledger.deliveries(txid) if d.channel == "email"]
+    assert deliver(fleet.deps, sms.id, uuid.uuid4().hex) == "sent"
+    sent_sms = fleet.deps.ledger.delivery(sms.id)
+    assert sent_sms is not None
+    report = Report(phone="+8613800138000", biz_id=sent_sms.provider_message_id, out_id=sms.id,
+                    success=False, err_code="UNDELIV", err_msg="undelivered")
+    # What the killed worker wrote: the receipt's failure, then the carrier check.
+    assert _set_if_sent(fleet.deps, sent_sms, None, status=DeliveryStatus.FAILED.value,
+                        error_code="UNDELIV", error_class=FAILED_CLASS)
+    assert fleet.deps.ledger.add_fallback(sent_sms, "email", [])[0] == (email.id, "email")
+
+    assert apply_report(fleet.deps, report) == "duplicate"
+    after = fleet.deps.ledger.delivery(sms.id)
+    assert after is not None and after.status == "fallen_back"
+    assert f"(carried by {email.id})" in after.reason
+    counted = fleet.redis.hget(delivery_key(sms.id), COUNTED)
+    assert counted is not None and counted.decode() == delivery_series("sms", after.provider,
+                                                                         "fallen_back")

@@ -5,17 +5,20 @@ theirs failed does the message go on to the next channel, once."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 from notifier.channels.sandbox import outbox_key
 from notifier.ledger import DeliveryRecord, delivery_key
+from notifier.ledger_counts import COUNTED
 from notifier.ledger_keys import DEADLETTERS
 from notifier.models import Event, Source
 from notifier.pipeline.deliver import deliver
 from notifier.pipeline.dispatch import _fan_out
 from notifier.pipeline.outcomes import Outcomes
+from notifier.pipeline.reaper import reap
 from tests.integration.conftest import MakeFleet
 from tests.support.inline import InlineFleet
 
@@ -120,3 +123,23 @@ def test_with_no_fallback_left_the_last_dead_device_fails_the_alert(make_fleet: 
     assert Outcomes(fleet.deps).fall_back(second, "permanent", "UNREGISTERED") == "failed"
     assert status(fleet, txid) == "failed"
     assert fleet.redis.zscore(DEADLETTERS, txid) is not None
+
+
+def test_a_worker_killed_after_finding_the_carrier_leaves_the_delivery_to_recovery(
+        make_fleet: MakeFleet) -> None:
+    """The ledger a worker leaves when killed right after the carrier check (its delivery is
+    marked carried, nothing more written): the reaper hands the delivery on again, and it ends
+    counted and rolled up like any other."""
+    fleet = make_fleet(config(["email"]))
+    txid, dead, live = fanned_out(fleet)
+    assert deliver(fleet.deps, live.id, uuid.uuid4().hex) == "sent"
+    carrier, created = fleet.deps.ledger.add_fallback(dead, "email", [])
+    assert carrier == (live.id, "push") and created == []
+    time.sleep(0.01)
+    reap(fleet.deps.ledger, fleet.publisher, stale_after=0.0, lease=0.0)
+    fleet.drain()
+    after = fleet.deps.ledger.delivery(dead.id)
+    assert after is not None and after.status in ("sent", "fallen_back")
+    assert fleet.redis.hget(delivery_key(dead.id), COUNTED) is not None  # counted once it ended
+    assert sent(fleet, "email") == []
+    assert status(fleet, txid) == "delivered"
