@@ -160,7 +160,9 @@ local digest = ARGV[8] ~= '[]'
 for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
   local d = redis.call('HMGET', 'ntf:dl:' .. id, 'recipient', 'channel', 'status', 'digest_of',
                       'carried_by')
-  if id ~= ARGV[6] and d[1] == ARGV[3] and d[3] and not dead[d[3]] and not d[5]
+  -- (one marked carried that was sent after all, by its redelivered task, reached them)
+  local carried = d[5] and d[3] ~= 'sent' and d[3] ~= 'delivered'
+  if id ~= ARGV[6] and d[1] == ARGV[3] and d[3] and not dead[d[3]] and not carried
       and ((d[2] == ARGV[7] and (d[4] or '[]') == ARGV[8]) or (not digest and d[2] == ARGV[4])) then
     redis.call('HSET', KEYS[3], 'carried_by', id)
     return {id, d[2]}

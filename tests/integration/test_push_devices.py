@@ -143,3 +143,17 @@ def test_a_worker_killed_after_finding_the_carrier_leaves_the_delivery_to_recove
     assert fleet.redis.hget(delivery_key(dead.id), COUNTED) is not None  # counted once it ended
     assert sent(fleet, "email") == []
     assert status(fleet, txid) == "delivered"
+
+
+def test_a_device_marked_carried_that_was_sent_after_all_carries_the_other(
+        make_fleet: MakeFleet) -> None:
+    """tok-a's worker was killed after the carrier check; its redelivered task sent it after
+    all. When tok-b then fails, tok-a (sent) carries it: no page on the fallback channel."""
+    fleet = make_fleet(config(["email"]))
+    txid, first, second = fanned_out(fleet)
+    assert fleet.deps.ledger.add_fallback(first, "email", [])[0] == (second.id, "push")
+    assert deliver(fleet.deps, first.id, uuid.uuid4().hex) == "sent"
+    assert Outcomes(fleet.deps).fall_back(second, "permanent", "UNREGISTERED") == "fallen_back"
+    fleet.drain()
+    assert sent(fleet, "email") == []
+    assert status(fleet, txid) == "delivered"
