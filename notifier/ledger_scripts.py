@@ -257,7 +257,9 @@ return 1
 SETTLE_MERGED = RECOUNT + """
 -- A digest ended (sent, delivered, failed): settle the deliveries still merged into it, and
 -- only those (idempotent: a redelivered task or the reaper may run it again after a crash),
--- each counted in the deliveries counter under its new outcome (the same script: once).
+-- each counted in the deliveries counter under its new outcome (the same script: once). A
+-- digest that failed after it was sent (a failed SMS receipt, its fallback failed too) also
+-- fails the members its send had settled as carried (suppressed): they never reached anyone.
 -- KEYS: the deliveries counter, its revisions counter, then the members' hashes
 -- ARGV: the status to give them, now, then per member: its counter series for that status
 -- Returns each member's transaction id ('' for one gone), to be rolled up
@@ -265,7 +267,8 @@ local out = {}
 for i = 3, #KEYS do
   local key = KEYS[i]
   local st = redis.call('HMGET', key, 'status', 'digest_id', 'transaction_id')
-  if st[1] == 'deferred' and st[2] and st[2] ~= '' then
+  if (st[1] == 'deferred' or (st[1] == 'suppressed' and ARGV[1] == 'failed'))
+      and st[2] and st[2] ~= '' then
     redis.call('HSET', key, 'status', ARGV[1], 'updated_at', ARGV[2])
     redis.call('HDEL', key, 'next_at')
     recount(key, KEYS[1], KEYS[2], ARGV[i])

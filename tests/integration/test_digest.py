@@ -16,9 +16,11 @@ from notifier.models import Event, Source
 from notifier.pipeline.deliver import deliver_batch
 from notifier.pipeline.digest import flush
 from notifier.pipeline.reaper import reap
+from notifier.receipts import Report, apply_report
 from notifier.tasks_spec import DELIVER, DIGEST
 from tests.fakes.dysmsapi import FakeDysmsapi
 from tests.fakes.fcm import FakeFcm
+from notifier.ledger_keys import DEADLETTERS
 from tests.integration.conftest import SMS_ENV, MakeFleet
 from tests.support.counters import counts
 from tests.support.inline import InlineFleet
@@ -93,6 +95,32 @@ def merged_into_a_digest(fleet: InlineFleet) -> tuple[list[str], list[str]]:
     (digest_task,) = [args for task, args, _queue in fleet.publisher.tasks if task == DELIVER]
     fleet.publisher.tasks.clear()
     return txids, digest_task
+
+
+def test_a_failed_receipt_for_a_sent_digest_fails_its_alerts(make_fleet: MakeFleet) -> None:
+    """The digest went out, so its alerts were settled as carried; then its receipt says the
+    phone never got it, and there is no fallback: those alerts reached nobody and must show
+    failed (and be dead letters to replay), not delivered."""
+    config = sandbox_config()
+    config["routes"][0]["fallback"] = []
+    fleet = make_fleet(config)
+    txids, digest_task = merged_into_a_digest(fleet)
+    assert deliver_batch(fleet.deps, digest_task, "task-1") == ["sent"]
+    assert set(tx_statuses(fleet, txids).values()) == {"delivered"}
+    digest = fleet.deps.ledger.delivery(digest_task[0])
+    assert digest is not None
+    report = Report(phone=ALICE["phone"], biz_id=digest.provider_message_id, out_id=digest.id,
+                    success=False, err_code="UNDELIV", err_msg="undelivered")
+    assert apply_report(fleet.deps, report) == "failed"
+    members = txids[1:]
+    assert set(tx_statuses(fleet, members).values()) == {"failed"}
+    assert all(fleet.redis.zscore(DEADLETTERS, t) is not None for t in members)
+    # Counted again under failed, and once under suppressed in the revisions (see metrics.md).
+    counted = {k: counts(fleet.redis, k) for k in ("notifier_deliveries", "notifier_deliveries_revised")}
+    assert counted == {"notifier_deliveries": {"sent": 2.0, "suppressed": 2.0, "failed": 3.0},
+                       "notifier_deliveries_revised": {"sent": 1.0, "suppressed": 2.0}}, counted
+    assert apply_report(fleet.deps, report) in ("duplicate", "stale")  # again: nothing moves
+    assert {k: counts(fleet.redis, k) for k in counted} == counted
 
 
 def digest_sent_by_a_worker_then_killed(fleet: InlineFleet) -> tuple[list[str], list[str]]:
