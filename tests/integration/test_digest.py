@@ -12,6 +12,7 @@ from typing import Any
 
 from notifier.breaker import FleetBreaker
 from notifier.channels.sandbox import outbox_key
+from notifier.ledger_keys import DEADLETTERS
 from notifier.models import Event, Source
 from notifier.pipeline.deliver import deliver_batch
 from notifier.pipeline.digest import flush
@@ -20,7 +21,6 @@ from notifier.receipts import Report, apply_report
 from notifier.tasks_spec import DELIVER, DIGEST
 from tests.fakes.dysmsapi import FakeDysmsapi
 from tests.fakes.fcm import FakeFcm
-from notifier.ledger_keys import DEADLETTERS
 from tests.integration.conftest import SMS_ENV, MakeFleet
 from tests.support.counters import counts
 from tests.support.inline import InlineFleet
