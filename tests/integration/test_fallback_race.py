@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from notifier.channels.sandbox import outbox_key
@@ -18,6 +17,7 @@ from notifier.pipeline.outcomes import Outcomes
 from notifier.receipts import FAILED_CLASS, Report, _set_if_sent, apply_report
 from tests.integration.conftest import MakeFleet
 from tests.support.inline import InlineFleet
+from tests.support.interleave import interleaved
 
 CFG: dict[str, Any] = {
     "channels": {"sms": {"provider": "sandbox", "recipient_limits": []},
@@ -44,21 +44,11 @@ def test_two_channels_falling_back_at_once_send_one_email(make_fleet: MakeFleet)
     # The worst interleaving at the Redis level: worker B (push) runs its whole fallback just
     # before worker A (sms) sends its first command that names the email delivery it creates,
     # i.e. after whatever A has checked before that. (The client is wrapped, not our code.)
-    client = fleet.deps.ledger.redis
-    forward: Callable[..., Any] = client.execute_command
     a_successor = delivery_key(f"{sms.id}.f0")
-    raced: list[str] = []
-
-    def execute_command(*args: Any, **options: Any) -> Any:
-        if not raced and any(str(a) == a_successor for a in args):
-            raced.append(Outcomes(fleet.deps).fall_back(push, "permanent", "UNREGISTERED"))
-        return forward(*args, **options)
-
-    client.execute_command = execute_command  # type: ignore[method-assign]
-    try:
+    with interleaved(fleet.deps.ledger.redis, lambda args: a_successor in args,
+                     lambda: Outcomes(fleet.deps).fall_back(push, "permanent", "UNREGISTERED")
+                     ) as raced:
         a_result = Outcomes(fleet.deps).fall_back(sms, "permanent", "isv.MOBILE_NUMBER_ILLEGAL")
-    finally:
-        del client.execute_command
     fleet.drain()
 
     assert raced == ["fallen_back"] and a_result == "fallen_back"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from notifier.channels.sandbox import outbox_key
@@ -21,6 +20,7 @@ from notifier.pipeline.outcomes import Outcomes
 from notifier.pipeline.reaper import reap
 from tests.integration.conftest import MakeFleet
 from tests.support.inline import InlineFleet
+from tests.support.interleave import interleaved
 
 
 def config(fallback: list[str]) -> dict[str, Any]:
@@ -93,21 +93,10 @@ def test_two_devices_failing_at_once_still_reach_the_next_channel(make_fleet: Ma
     in turn. It must not take tok-b for one: then neither would carry the alert on."""
     fleet = make_fleet(config(["email"]))
     txid, a, b = fanned_out(fleet)
-    client = fleet.deps.ledger.redis
-    forward: Callable[..., Any] = client.execute_command
-    raced: list[str] = []
-
-    def execute_command(*args: Any, **options: Any) -> Any:
-        reply = forward(*args, **options)
-        if not raced and delivery_key(b.id) in [str(x) for x in args]:  # b's check just ran
-            raced.append(Outcomes(fleet.deps).fall_back(a, "permanent", "UNREGISTERED"))
-        return reply
-
-    client.execute_command = execute_command  # type: ignore[method-assign]
-    try:
+    with interleaved(fleet.deps.ledger.redis, lambda args: delivery_key(b.id) in args,  # b's check
+                     lambda: Outcomes(fleet.deps).fall_back(a, "permanent", "UNREGISTERED"),
+                     after=True) as raced:
         b_result = Outcomes(fleet.deps).fall_back(b, "permanent", "UNREGISTERED")
-    finally:
-        del client.execute_command
     fleet.drain()
 
     assert raced == ["fallen_back"] and b_result == "fallen_back"
