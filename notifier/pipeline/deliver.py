@@ -40,6 +40,7 @@ class Ready:
     message: Outgoing
     breaker: FleetBreaker
     permit: Permit | None  # read with the rate-limit take; None: ask `breaker.acquire`
+    taken: Decision  # its rate-limit take, given back if no request is made
 
 
 def deliver(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | None = None) -> str:
@@ -134,10 +135,10 @@ def prepare(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | No
         return outcomes.not_found_after_lookup(rec, provider.provider_name)
 
     breaker = deps.breaker_for(provider.breaker_name, cfg.breaker)
-    refused, permit = _rate_limit(deps, rec, cfg, outcomes, breaker)
-    if refused is not None:
-        return refused
-    return Ready(rec, tx, provider, message, breaker, permit)
+    taken = _rate_limit(deps, rec, cfg, outcomes, breaker)
+    if isinstance(taken, str):
+        return taken
+    return Ready(rec, tx, provider, message, breaker, *taken)
 
 
 def _send(deps: PipelineDeps, batch: list[Ready], one_text: bool) -> list[str]:
@@ -164,8 +165,14 @@ def _send(deps: PipelineDeps, batch: list[Ready], one_text: bool) -> list[str]:
     try:
         permit = batch[-1].permit or breaker.acquire()  # the freshest read of its state
     except CircuitOpen:
-        for rec in members:
-            deps.ledger.uncount_attempt(rec.id)
+        # No request was made: its tokens go back, or the next provider's (or channel's) send
+        # would cost the person a second message of their limit for this one.
+        pipe = deps.ledger.redis.pipeline()
+        for ready in batch:
+            deps.buckets.give_back(_buckets(ready.rec, deps.settings.channels[ready.rec.channel]),
+                                   ready.taken, into=pipe)
+            deps.ledger.uncount_attempt(ready.rec.id, into=pipe)
+        pipe.execute()
         return [outcomes.next_provider(rec, "circuit_open", provider.breaker_name) for rec in members]
 
     started_wall, started = time.time(), time.monotonic()
@@ -215,9 +222,9 @@ def _request(batch: list[Ready], members: list[DeliveryRecord], out_id: str, one
 
 
 def _rate_limit(deps: PipelineDeps, rec: DeliveryRecord, cfg: ChannelConfig, outcomes: Outcomes,
-                breaker: FleetBreaker) -> tuple[str | None, Permit | None]:
-    """Take this send's tokens: (None, the breaker's permit if its state read says closed) when
-    taken, else (what was done instead: deferred, held for a digest, fallen back; None)."""
+                breaker: FleetBreaker) -> tuple[Permit | None, Decision] | str:
+    """Take this send's tokens: (the breaker's permit if its state read says closed, the take)
+    when taken, else what was done instead (deferred, held for a digest, fallen back)."""
     buckets = _buckets(rec, cfg)
     channel_bucket = buckets[0] if cfg.rate_limit else None
     # A newcomer (never waited on a timer) queues behind paced deliveries instead of taking a
@@ -230,9 +237,9 @@ def _rate_limit(deps: PipelineDeps, rec: DeliveryRecord, cfg: ChannelConfig, out
     replies = pipe.execute()
     decision = decide(replies)
     if decision.allowed:
-        return None, peek(replies)
+        return peek(replies), decision
     return _refused(deps, rec, cfg, outcomes, buckets=buckets, channel_bucket=channel_bucket,
-                    decision=decision), None
+                    decision=decision)
 
 
 def _refused(deps: PipelineDeps, rec: DeliveryRecord, cfg: ChannelConfig, outcomes: Outcomes, *,

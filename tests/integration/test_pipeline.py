@@ -119,6 +119,24 @@ def test_open_breaker_skips_the_provider_call(make_fleet: MakeFleet,
     assert (email.channel, email.status) == ("email", "sent")
 
 
+def test_an_open_breaker_costs_the_phone_no_message_of_its_limit(make_fleet: MakeFleet) -> None:
+    """The primary account's breaker is open: each alert goes by the backup account, and the
+    request it never made on the primary must not count against the person's limit (2 a
+    minute: both alerts of the minute go out by SMS, none held for a digest)."""
+    sms = {"providers": [{"provider": "sandbox", "name": "primary"},
+                         {"provider": "sandbox", "name": "backup"}],
+           "recipient_limits": [{"rate": 1, "per": "60s", "burst": 2}]}
+    fleet = make_fleet(config(sms))
+    FleetBreaker(fleet.redis, "sms:primary", fleet.settings.channels["sms"].breaker
+                 ).force_open("test", "primary account outage")
+    txids = [submit(fleet, f"alert {i}") for i in range(2)]
+    fleet.drain()
+    assert len(outbox(fleet, "sms")) == 2
+    for txid in txids:
+        (delivery,) = fleet.deps.ledger.deliveries(txid)
+        assert (delivery.status, delivery.provider) == ("sent", "backup")
+
+
 def test_breaker_opens_after_repeated_transient_failures(make_fleet: MakeFleet,
         sms_fake: FakeDysmsapi) -> None:
     sms_fake.script({"kind": "gateway", "status": 503, "code": "ServiceUnavailable", "times": 20})
