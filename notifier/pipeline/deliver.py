@@ -24,7 +24,7 @@ from notifier.ledger_rows import Unreadable
 from notifier.models import Event, Outgoing, Receipt, Rendered
 from notifier.pipeline.batching import by_request
 from notifier.pipeline.deps import PipelineDeps
-from notifier.pipeline.digest import hold
+from notifier.pipeline.digest import NEVER_MERGED, hold
 from notifier.pipeline.outcomes import Outcomes
 from notifier.pipeline.rollup import finish_final
 from notifier.ratelimit import Bucket, Decision
@@ -250,7 +250,7 @@ def _refused(deps: PipelineDeps, rec: DeliveryRecord, cfg: ChannelConfig, outcom
     scope = "recipient" if decision.limiting != rec.channel else "channel"
     if scope == "recipient" and decision.retry_after > cfg.max_defer:
         return outcomes.fall_back(rec, "recipient_budget", decision.limiting or "")
-    if scope == "recipient" and rec.kind != "digest":
+    if scope == "recipient" and rec.kind not in NEVER_MERGED:
         return hold(deps, rec, decision.retry_after)
     limiting = next(b for b in buckets if b.key == decision.limiting)
     return outcomes.deferred(rec, time.time() + deps.pacer.slot(limiting, decision.retry_after),
