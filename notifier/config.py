@@ -160,7 +160,9 @@ class RateLimit(_Strict):
     `rate`, and never less than one message)."""
 
     rate: float = Field(gt=0)
-    per: Duration = 1.0
+    # Over no time at all there is no rate: a bucket with `per` 0 refuses to be built, which
+    # failed every send of the channel at run time.
+    per: Duration = Field(default=1.0, gt=0)
     # A bucket that banks less than one token can never send a message (each costs one).
     burst: float | None = Field(default=None, ge=1)
 
@@ -171,7 +173,7 @@ class RateLimit(_Strict):
 
     @property
     def refill_per_second(self) -> float:
-        return self.rate / self.per if self.per > 0 else float("inf")
+        return self.rate / self.per
 
 
 class RetryPolicy(_Strict):

@@ -99,8 +99,9 @@ end
 
 # KEYS: per bucket, its state hash and its window zset; optionally last, a "behind" key.
 # ARGV: cost, then per bucket: capacity, refill per second, per (s), window capacity.
-# Returns {1, "0", 0} when taken, or {0, wait_seconds, index of the bucket that waits longest},
-# or {0, wait_seconds, -1} when the "behind" key holds a time still ahead (see `take`).
+# Returns {1, "0", 0, then per bucket the window entry written} when taken, or
+# {0, wait_seconds, index of the bucket that waits longest}, or {0, wait_seconds, -1} when the
+# "behind" key holds a time still ahead (see `take`).
 _TAKE = (
     _COMMON
     + """
@@ -130,6 +131,7 @@ end
 if limiting > 0 then
   return {0, string.format('%.6f', wait), limiting}
 end
+local out = {1, '0', 0}
 for i = 1, n do
   local b = buckets[i]
   local left = b.tokens - cost
@@ -138,13 +140,39 @@ for i = 1, n do
   redis.call('HSET', b.hkey, 'tokens', string.format('%.17g', left), 'ts', stamp,
              'used', string.format('%.17g', b.used + cost))
   redis.call('ZREMRANGEBYSCORE', b.zkey, '-inf', b.cutoff)
-  redis.call('ZADD', b.zkey, stamp, seq .. ':' .. string.format('%.17g', cost))
+  out[3 + i] = seq .. ':' .. string.format('%.17g', cost)
+  redis.call('ZADD', b.zkey, stamp, out[3 + i])
   -- Idle keys go once the bucket is full and the window empty: absent == full.
   local ttl = math.ceil(math.max((b.cap - left) / b.rate, b.per) * 1000)
   redis.call('PEXPIRE', b.hkey, ttl)
   redis.call('PEXPIRE', b.zkey, ttl)
 end
-return {1, '0', 0}
+return out
+"""
+)
+
+# A take undone: its tokens back in each bucket and its entry out of each window, where that
+# entry is still in the window (one that left it has given its slot back already, and a bucket
+# whose keys expired is full). The keys' expiry stays: a fuller bucket needs no longer.
+# KEYS, ARGV: as the take's (without "behind"), then ARGV: per bucket, the window entry it wrote.
+_GIVE_BACK = (
+    _COMMON
+    + """
+local cost = tonumber(ARGV[1])
+local n = #KEYS / 2
+for i = 1, n do
+  local b = load(i)
+  local member = ARGV[1 + 4 * n + i]
+  local score = redis.call('ZSCORE', b.zkey, member)
+  if score and tonumber(score) > now - b.per then
+    redis.call('ZREMRANGEBYSCORE', b.zkey, '-inf', b.cutoff)
+    redis.call('ZREM', b.zkey, member)
+    redis.call('HSET', b.hkey, 'tokens', string.format('%.17g', math.min(b.cap, b.tokens + cost)),
+               'ts', string.format('%.6f', now),
+               'used', string.format('%.17g', math.max(0, b.used - cost)))
+  end
+end
+return 0
 """
 )
 
@@ -185,6 +213,7 @@ class Decision:
     retry_after: float  # seconds until it would be allowed (0 when allowed)
     limiting: str | None  # key of the bucket that said no
     behind: bool = False  # refused because of the `behind` key, not for want of tokens
+    taken: tuple[str, ...] = ()  # allowed: the window entry written in each bucket (give_back)
 
 
 class TokenBuckets:
@@ -194,6 +223,7 @@ class TokenBuckets:
         # register_script: EVALSHA, with a NOSCRIPT fallback to load it (e.g. after a restart).
         self._take = redis.register_script(_TAKE)
         self._level = redis.register_script(_LEVEL)
+        self._give_back = redis.register_script(_GIVE_BACK)
 
     def _keys(self, bucket: Bucket) -> list[str]:
         return [f"{self._prefix}{bucket.key}", f"{self._prefix}{bucket.key}:w"]
@@ -243,12 +273,29 @@ class TokenBuckets:
 
     @staticmethod
     def _decision(buckets: Sequence[Bucket], reply: Any) -> Decision:
-        allowed, wait, index = reply
+        allowed, wait, index, *taken = reply
         if int(allowed):
-            return Decision(True, 0.0, None)
+            return Decision(True, 0.0, None, taken=tuple(
+                entry.decode() if isinstance(entry, bytes) else str(entry) for entry in taken))
         if int(index) < 0:
             return Decision(False, float(wait), None, behind=True)
         return Decision(False, float(wait), buckets[int(index) - 1].key)
+
+    def give_back(self, buckets: Sequence[Bucket], decision: Decision, cost: float = 1.0, *,
+                  into: Pipeline | None = None) -> None:
+        """Undo an allowed take of `cost` from `buckets` whose message was never sent (no
+        request made), so it does not count against the limits. `into`: queue it on a pipeline
+        the caller runs anyway."""
+        if not decision.taken:
+            return
+        call = self._call(buckets, cost, None)
+        if isinstance(call, Decision):
+            return
+        keys, args = call[0], [*call[1], *decision.taken]
+        if into is not None:
+            queue_script(into, _GIVE_BACK, keys, args)
+        else:
+            self._give_back(keys=keys, args=args)
 
     def level(self, bucket: Bucket) -> float:
         """How much could be taken from `bucket` now (tokens, capped by its rolling window)."""

@@ -24,7 +24,7 @@ from notifier.ledger_rows import Unreadable
 from notifier.models import Event, Outgoing, Receipt, Rendered
 from notifier.pipeline.batching import by_request
 from notifier.pipeline.deps import PipelineDeps
-from notifier.pipeline.digest import hold
+from notifier.pipeline.digest import NEVER_MERGED, hold
 from notifier.pipeline.outcomes import Outcomes
 from notifier.pipeline.rollup import finish_final
 from notifier.ratelimit import Bucket, Decision
@@ -40,6 +40,7 @@ class Ready:
     message: Outgoing
     breaker: FleetBreaker
     permit: Permit | None  # read with the rate-limit take; None: ask `breaker.acquire`
+    taken: Decision  # its rate-limit take, given back if no request is made
 
 
 def deliver(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | None = None) -> str:
@@ -134,10 +135,10 @@ def prepare(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | No
         return outcomes.not_found_after_lookup(rec, provider.provider_name)
 
     breaker = deps.breaker_for(provider.breaker_name, cfg.breaker)
-    refused, permit = _rate_limit(deps, rec, cfg, outcomes, breaker)
-    if refused is not None:
-        return refused
-    return Ready(rec, tx, provider, message, breaker, permit)
+    taken = _rate_limit(deps, rec, cfg, outcomes, breaker)
+    if isinstance(taken, str):
+        return taken
+    return Ready(rec, tx, provider, message, breaker, *taken)
 
 
 def _send(deps: PipelineDeps, batch: list[Ready], one_text: bool) -> list[str]:
@@ -164,8 +165,14 @@ def _send(deps: PipelineDeps, batch: list[Ready], one_text: bool) -> list[str]:
     try:
         permit = batch[-1].permit or breaker.acquire()  # the freshest read of its state
     except CircuitOpen:
-        for rec in members:
-            deps.ledger.uncount_attempt(rec.id)
+        # No request was made: its tokens go back, or the next provider's (or channel's) send
+        # would cost the person a second message of their limit for this one.
+        pipe = deps.ledger.redis.pipeline()
+        for ready in batch:
+            deps.buckets.give_back(_buckets(ready.rec, deps.settings.channels[ready.rec.channel]),
+                                   ready.taken, into=pipe)
+            deps.ledger.uncount_attempt(ready.rec.id, into=pipe)
+        pipe.execute()
         return [outcomes.next_provider(rec, "circuit_open", provider.breaker_name) for rec in members]
 
     started_wall, started = time.time(), time.monotonic()
@@ -215,9 +222,9 @@ def _request(batch: list[Ready], members: list[DeliveryRecord], out_id: str, one
 
 
 def _rate_limit(deps: PipelineDeps, rec: DeliveryRecord, cfg: ChannelConfig, outcomes: Outcomes,
-                breaker: FleetBreaker) -> tuple[str | None, Permit | None]:
-    """Take this send's tokens: (None, the breaker's permit if its state read says closed) when
-    taken, else (what was done instead: deferred, held for a digest, fallen back; None)."""
+                breaker: FleetBreaker) -> tuple[Permit | None, Decision] | str:
+    """Take this send's tokens: (the breaker's permit if its state read says closed, the take)
+    when taken, else what was done instead (deferred, held for a digest, fallen back)."""
     buckets = _buckets(rec, cfg)
     channel_bucket = buckets[0] if cfg.rate_limit else None
     # A newcomer (never waited on a timer) queues behind paced deliveries instead of taking a
@@ -230,9 +237,9 @@ def _rate_limit(deps: PipelineDeps, rec: DeliveryRecord, cfg: ChannelConfig, out
     replies = pipe.execute()
     decision = decide(replies)
     if decision.allowed:
-        return None, peek(replies)
+        return peek(replies), decision
     return _refused(deps, rec, cfg, outcomes, buckets=buckets, channel_bucket=channel_bucket,
-                    decision=decision), None
+                    decision=decision)
 
 
 def _refused(deps: PipelineDeps, rec: DeliveryRecord, cfg: ChannelConfig, outcomes: Outcomes, *,
@@ -243,7 +250,7 @@ def _refused(deps: PipelineDeps, rec: DeliveryRecord, cfg: ChannelConfig, outcom
     scope = "recipient" if decision.limiting != rec.channel else "channel"
     if scope == "recipient" and decision.retry_after > cfg.max_defer:
         return outcomes.fall_back(rec, "recipient_budget", decision.limiting or "")
-    if scope == "recipient" and rec.kind != "digest":
+    if scope == "recipient" and rec.kind not in NEVER_MERGED:
         return hold(deps, rec, decision.retry_after)
     limiting = next(b for b in buckets if b.key == decision.limiting)
     return outcomes.deferred(rec, time.time() + deps.pacer.slot(limiting, decision.retry_after),

@@ -20,6 +20,10 @@ from notifier.models import DeliveryStatus
 from notifier.pipeline.deps import PipelineDeps
 from notifier.tasks_spec import DELIVER, DIGEST, deliver_queue
 
+# Kinds a recipient's limit defers (paced, or down the fallback chain past max_defer) instead
+# of holding for a digest: a digest is the merge itself, and a drill message carries the reply
+# code (and reply extension) the operator confirms with, which a digest's summary drops.
+NEVER_MERGED = frozenset({"digest", "drill"})
 # A merge that keeps losing to tasks claiming its members gives up for a moment (its timer).
 _MERGE_TRIES = 3
 _MERGE_RETRY_AFTER = 1.0

@@ -18,7 +18,9 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local tail = tonumber(redis.call('GET', KEYS[1]) or '0')
 local slot = math.max(now + tonumber(ARGV[1]), tail + tonumber(ARGV[2]))
-redis.call('SET', KEYS[1], tostring(slot), 'EX', tonumber(ARGV[3]))
+-- The tail lives past the last slot it hands out (a storm books slots minutes ahead): expired
+-- earlier, newcomers would stop queueing behind the deliveries still waiting for theirs.
+redis.call('SET', KEYS[1], tostring(slot), 'EX', math.ceil(slot - now) + tonumber(ARGV[3]))
 return tostring(slot - now)
 """
 
@@ -38,7 +40,7 @@ class Pacer:
     def slot(self, bucket: Bucket, earliest: float) -> float:
         """Seconds from now at which this deferred delivery should try again."""
         interval = 1.0 / bucket.limit.refill_per_second
-        ttl = max(int(earliest + interval * 2) + 60, 60)
+        margin = int(interval) + 60  # kept this long after the last slot (seconds)
         delay = self._next_slot(keys=[self.key(bucket)],
-                                args=[repr(earliest), repr(interval), ttl])
+                                args=[repr(earliest), repr(interval), margin])
         return float(delay)

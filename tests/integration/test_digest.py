@@ -97,6 +97,22 @@ def merged_into_a_digest(fleet: InlineFleet) -> tuple[list[str], list[str]]:
     return txids, digest_task
 
 
+def test_a_drill_message_is_never_merged_into_a_digest(make_fleet: MakeFleet) -> None:
+    """A drill SMS held back by the person's limit goes out on its own once the limit allows,
+    with its reply code: merged into a digest ("2 alerts: DiskFull×1 DR drill…×1") the code
+    was lost, so the operator could not confirm and was reported silent."""
+    fleet = make_fleet(sandbox_config())
+    txids = [submit(fleet, "first"), submit(fleet, "DiskFull")]
+    drill = Event(kind="drill", title="DR drill: switch", to=("alice",),
+                  extra={"reply_code": "4711", "drill_name": "DR drill", "phase": "switch"})
+    drill_tx = fleet.intake.submit(drill, Source.DRILL).transaction_id
+    fleet.drain(timers_until=6)
+    (sms,) = [m for m in outbox(fleet, "sms") if drill_tx in m]
+    assert '"kind": "drill"' in sms and "4711" in sms
+    assert [d.status for d in fleet.deps.ledger.deliveries(drill_tx)] == ["sent"]
+    assert set(tx_statuses(fleet, [*txids, drill_tx]).values()) == {"delivered"}
+
+
 def test_a_failed_receipt_for_a_sent_digest_fails_its_alerts(make_fleet: MakeFleet) -> None:
     """The digest went out, so its alerts were settled as carried; then its receipt says the
     phone never got it, and there is no fallback: those alerts reached nobody and must show

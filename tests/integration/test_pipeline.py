@@ -21,7 +21,9 @@ from notifier.intake import Intake
 from notifier.models import Event, Outgoing, Receipt, Source
 from notifier.operations import replay_dead_letter
 from notifier.pipeline.dispatch import dispatch
+from notifier.pipeline.pacing import Pacer
 from notifier.pipeline.reaper import reap
+from notifier.ratelimit import Bucket
 from notifier.schemas import AlertmanagerWebhook
 from notifier.sources import from_alertmanager
 from notifier.tasks_spec import DISPATCH_QUEUE
@@ -115,6 +117,24 @@ def test_open_breaker_skips_the_provider_call(make_fleet: MakeFleet,
     sms, email = fleet.deps.ledger.deliveries(txid)
     assert (sms.status, sms.reason) == ("fallen_back", "circuit_open: sms:aliyun")
     assert (email.channel, email.status) == ("email", "sent")
+
+
+def test_an_open_breaker_costs_the_phone_no_message_of_its_limit(make_fleet: MakeFleet) -> None:
+    """The primary account's breaker is open: each alert goes by the backup account, and the
+    request it never made on the primary must not count against the person's limit (2 a
+    minute: both alerts of the minute go out by SMS, none held for a digest)."""
+    sms = {"providers": [{"provider": "sandbox", "name": "primary"},
+                         {"provider": "sandbox", "name": "backup"}],
+           "recipient_limits": [{"rate": 1, "per": "60s", "burst": 2}]}
+    fleet = make_fleet(config(sms))
+    FleetBreaker(fleet.redis, "sms:primary", fleet.settings.channels["sms"].breaker
+                 ).force_open("test", "primary account outage")
+    txids = [submit(fleet, f"alert {i}") for i in range(2)]
+    fleet.drain()
+    assert len(outbox(fleet, "sms")) == 2
+    for txid in txids:
+        (delivery,) = fleet.deps.ledger.deliveries(txid)
+        assert (delivery.status, delivery.provider) == ("sent", "backup")
 
 
 def test_breaker_opens_after_repeated_transient_failures(make_fleet: MakeFleet,
@@ -240,6 +260,23 @@ def test_a_channel_limit_below_one_per_second_paces_instead_of_stopping(make_fle
     assert outbox(fleet, "email") == []
     for txid in (first, second):
         assert fleet.deps.ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
+
+
+def test_newcomers_queue_behind_every_paced_delivery_not_only_the_first_minute(
+        make_fleet: MakeFleet) -> None:
+    """Deferred deliveries wait in the channel's schedule, and a newcomer queues behind its
+    tail (Pacer.key) until the last slot handed out. The tail key must outlive that slot: once
+    it expires, newcomers take the tokens the waiting deliveries were woken for, and those are
+    all re-deferred at once to slots that clash with the ones still booked."""
+    fleet = make_fleet(config({"provider": "sandbox",
+                               "rate_limit": {"rate": 1, "per": "30s", "burst": 1}}))
+    txids = [submit(fleet, f"alert {i}") for i in range(8)]
+    fleet.drain()
+    assert len(outbox(fleet, "sms")) == 1
+    last = max(d.next_at or 0.0 for t in txids for d in fleet.deps.ledger.deliveries(t))
+    tail = Pacer.key(Bucket("sms", fleet.settings.channels["sms"].rate_limit))  # type: ignore[arg-type]
+    assert last - time.time() > 180  # seven slots, 30 s apart
+    assert fleet.redis.pttl(tail) / 1000 >= last - time.time()
 
 
 def test_reaper_requeues_lost_tasks_and_finishes_orphaned_rollups(make_fleet: MakeFleet) -> None:

@@ -218,3 +218,18 @@ def test_limit_holds_fleet_wide_across_processes(redis_url: str) -> None:
     # ...and no tokens lost to races either. The rolling window holds back at most one
     # period's refill (10 in any 1 s), hence `elapsed - 1`.
     assert granted >= 10 + 10 * (elapsed - 1) - 1
+
+
+def test_a_take_given_back_counts_against_no_limit(redis_client: redis.Redis) -> None:
+    """A take whose message was never sent (the provider's breaker open) goes back to the
+    bucket and leaves the rolling window, in every bucket of the take; others stay taken."""
+    buckets = TokenBuckets(redis_client)
+    minute, day = bucket("p:0", rate=1, per=60, burst=2), bucket("p:1", rate=3, per=86400)
+    kept = buckets.take([minute, day])
+    unsent = buckets.take([minute, day])
+    assert kept.allowed and unsent.allowed and not buckets.take([minute, day]).allowed
+    buckets.give_back([minute, day], unsent)
+    assert redis_client.zcard("ntf:tb:p:0:w") == redis_client.zcard("ntf:tb:p:1:w") == 1
+    assert buckets.take([minute, day]).allowed  # the slot given back, and only that one
+    refused = buckets.take([minute, day])
+    assert not refused.allowed and refused.limiting == "p:0"

@@ -53,6 +53,10 @@ BAD_CASES = [
     ("channels.sms.sign_name", DELETE, "channels.sms.providers[0].sign_name: Field required"),
     ("channels.sms.rate_limit.per", "soon", "channels.sms.rate_limit.per: expected a duration"),
     ("channels.sms.rate_limit.rate", 0, "channels.sms.rate_limit.rate"),
+    # A bucket refilled over no time at all: every send on the channel raised in the deliver
+    # step (no SMS, no fallback, re-queued by the reaper for ever).
+    ("channels.sms.rate_limit.per", "0s",
+     "channels.sms.rate_limit.per: Input should be greater than 0"),
     ("redis_url", "localhost:6379", "redis_url: expected a redis://, rediss://, unix://, sentinel:// URL"),
     ("idempotency_ttl", 1e300, "idempotency_ttl: a duration must be at most 3650d"),
     ("channels.sms.rate_limit.burst", 0.5,
