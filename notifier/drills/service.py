@@ -139,7 +139,8 @@ class DrillService:
         if first:
             self.store.set(drill.id, **{op_field(phase, operator, "confirmed_via"): via,
                                         op_field(phase, operator, "confirmed_by"): by})
-            self.store.log(drill, "confirmed", phase=phase, operator=operator, via=via, by=by)
+            self.store.log(drill, "confirmed", at=now, phase=phase, operator=operator, via=via,
+                           by=by)
         at = float(self.store.field(drill.id, op_field(phase, operator, "confirmed_at")) or now)
         return Confirmation(first, phase, operator, at)
 

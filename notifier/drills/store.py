@@ -125,8 +125,11 @@ class DrillStore:
     def sends(self, drill_id: str) -> list[dict[str, Any]]:
         return [json.loads(text(x)) for x in self.redis.lrange(self.key(drill_id) + ":sends", 0, -1)]
 
-    def log(self, drill: Drill, event: str, **detail: Any) -> None:
-        self._append(drill, ":log", {"at": time.time(), "event": event, **detail})
+    def log(self, drill: Drill, event: str, *, at: float | None = None, **detail: Any) -> None:
+        """`at`: when it happened, if not now (a reply: when it arrived, not when a worker
+        applied it; the report's timeline is ordered by it)."""
+        self._append(drill, ":log", {"at": time.time() if at is None else at, "event": event,
+                                     **detail})
 
     def timeline(self, drill_id: str) -> list[dict[str, Any]]:
         return [json.loads(text(x)) for x in self.redis.lrange(self.key(drill_id) + ":log", 0, -1)]
