@@ -46,6 +46,16 @@ redis.call('SREM', KEYS[2], ARGV[2])
 return 'ok'
 """
 
+_CONFIRM = """
+-- KEYS: drill; ARGV: confirmed_at field, confirmed_via field, confirmed_by field, at, via, by
+-- The earliest confirmation is the one: a reply stored before a confirmation by API, but
+-- applied after it (workers busy), takes its place. Time, channel and sender in one write.
+local was = redis.call('HGET', KEYS[1], ARGV[1])
+if was and tonumber(was) <= tonumber(ARGV[4]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4], ARGV[2], ARGV[5], ARGV[3], ARGV[6])
+return 1
+"""
+
 
 def op_field(phase: int, operator: str, what: str) -> str:
     return f"p{phase}|{operator}|{what}"
@@ -57,6 +67,7 @@ class DrillStore:
         self.retention = int(retention)
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
+        self._confirm = client.register_script(_CONFIRM)
 
     @staticmethod
     def key(drill_id: str) -> str:
@@ -115,6 +126,14 @@ class DrillStore:
     def set_once(self, drill_id: str, name: str, value: str) -> bool:
         """True for the one caller that set it (first confirmation, a round fired, a code)."""
         return bool(self.redis.hsetnx(self.key(drill_id), name, value))
+
+    def confirm(self, drill_id: str, phase: int, operator: str, *, at: float, via: str,
+                by: str) -> bool:
+        """Record that `operator` confirmed `phase` at `at`; True if this is now the
+        confirmation (none yet, or only a later one), False if an earlier one stands."""
+        names = [op_field(phase, operator, what) for what in ("confirmed_at", "confirmed_via",
+                                                               "confirmed_by")]
+        return bool(self._confirm(keys=[self.key(drill_id)], args=[*names, repr(at), via, by]))
 
     def set(self, drill_id: str, **fields: str) -> None:
         self.redis.hset(self.key(drill_id), mapping=dict[Any, Any](fields))

@@ -185,3 +185,18 @@ def test_the_report_places_replies_when_they_arrived_not_when_a_worker_applied_t
     assert confirmed < started and rejected < started, events
     assert events[rejected][1] == "primary stopped"
     assert [p["rejected_replies"] for p in report["phases"]] == [1, 0]
+
+
+def test_a_reply_that_arrived_before_an_api_confirmation_is_the_confirmation(
+        fleet: InlineFleet, svc: DrillService) -> None:
+    drill_id, codes = announced(svc)
+    received = time.time()
+    store(fleet, ALICE, codes["alice"], "61")  # alice replied; no worker has applied it yet
+    time.sleep(0.3)
+    # Seeing no confirmation, she (or the lead for her) confirms by API as well, later.
+    assert svc.confirm(drill_id, "alice", by="lead").first
+    assert apply_due(svc) == {"confirmed": 1}
+    # What she did first counts, as of when it arrived, whatever order workers got to it.
+    confirmed_at = float(svc.store.field(drill_id, "p0|alice|confirmed_at") or 0)
+    assert received <= confirmed_at < received + 0.2, f"{confirmed_at - received:.1f} s late"
+    assert svc.store.field(drill_id, "p0|alice|confirmed_via") == "sms"
