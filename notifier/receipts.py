@@ -26,6 +26,7 @@ from notifier.ledger_counts import COUNTED, delivery_count_keys, delivery_series
 from notifier.models import DeliveryStatus
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.outcomes import Outcomes
+from notifier.pipeline.rollup import finish_final
 
 log = logging.getLogger(__name__)
 CHINA_TZ = timezone(timedelta(hours=8), "Asia/Shanghai")  # Aliyun's timestamps are Beijing time
@@ -168,9 +169,14 @@ def resume_fallback(deps: PipelineDeps, rec: DeliveryRecord) -> None:
     """A failed receipt was being applied when its worker died: finish the fallback it started
     (fall_back is idempotent: successor IDs are deterministic). The receipt applied again does
     this, and so does the reconciler for a failure it applied itself (no push comes again)."""
-    if (rec.status == DeliveryStatus.FAILED and rec.error_class == FAILED_CLASS
-            and _fallback_unfinished(deps, rec)):
+    if rec.status != DeliveryStatus.FAILED or rec.error_class != FAILED_CLASS:
+        return
+    if _fallback_unfinished(deps, rec):
         Outcomes(deps).fall_back(rec, "receipt_failed", rec.error_code)
+    elif rec.digest_of:
+        # Failed with nowhere left to go: its last step, settling the digest's members, comes
+        # after its own failure is written (finish_digest; idempotent).
+        finish_final(deps.ledger, rec)
 
 
 def _sent_series(rec: DeliveryRecord) -> str:
