@@ -26,6 +26,7 @@ from notifier.ledger_counts import COUNTED, delivery_count_keys, delivery_series
 from notifier.models import DeliveryStatus
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.outcomes import Outcomes
+from notifier.pipeline.rollup import finish_final
 
 log = logging.getLogger(__name__)
 CHINA_TZ = timezone(timedelta(hours=8), "Asia/Shanghai")  # Aliyun's timestamps are Beijing time
@@ -159,12 +160,23 @@ def apply_report(deps: PipelineDeps, report: Report) -> str:
     if status is DeliveryStatus.DELIVERED:
         return "duplicate"
     if status is DeliveryStatus.FAILED and rec.error_class == FAILED_CLASS:
-        if _fallback_unfinished(deps, rec):
-            # A failed receipt was being applied when its worker died: finish the fallback
-            # (fall_back is idempotent: successor IDs are deterministic).
-            Outcomes(deps).fall_back(rec, "receipt_failed", rec.error_code)
+        resume_fallback(deps, rec)
         return "duplicate"
     return "stale"  # the delivery was closed some other way meanwhile
+
+
+def resume_fallback(deps: PipelineDeps, rec: DeliveryRecord) -> None:
+    """A failed receipt was being applied when its worker died: finish the fallback it started
+    (fall_back is idempotent: successor IDs are deterministic). The receipt applied again does
+    this, and so does the reconciler for a failure it applied itself (no push comes again)."""
+    if rec.status != DeliveryStatus.FAILED or rec.error_class != FAILED_CLASS:
+        return
+    if _fallback_unfinished(deps, rec):
+        Outcomes(deps).fall_back(rec, "receipt_failed", rec.error_code)
+    elif rec.digest_of:
+        # Failed with nowhere left to go: its last step, settling the digest's members, comes
+        # after its own failure is written (finish_digest; idempotent).
+        finish_final(deps.ledger, rec)
 
 
 def _sent_series(rec: DeliveryRecord) -> str:
@@ -231,7 +243,8 @@ def _failed(deps: PipelineDeps, rec: DeliveryRecord, report: Report) -> str:
         at=time.time(), provider=rec.provider, outcome="receipt_failed", error_code=code,
         message=f"{report.source}: {report.err_msg}"[:300], provider_message_id=report.biz_id,
     ))
-    awaiting.closed(deps.ledger.redis, rec.id)
     # Like a permanent send error: the route's next channel carries the message.
     Outcomes(deps).fall_back(rec, "receipt_failed", code)
+    # Only now: until its fallback is done, the reconciler finds it there (resume_fallback).
+    awaiting.closed(deps.ledger.redis, rec.id)
     return "failed"

@@ -17,7 +17,7 @@ from notifier.errors import DeliveryError
 from notifier.ledger import DeliveryRecord
 from notifier.models import DeliveryStatus
 from notifier.pipeline.deps import PipelineDeps
-from notifier.receipts import Report, apply_report
+from notifier.receipts import Report, apply_report, resume_fallback
 
 log = logging.getLogger(__name__)
 GIVE_UP_AFTER = 3 * 86400.0  # Aliyun settles every message within 72 h
@@ -69,6 +69,8 @@ def _provider(deps: PipelineDeps, rec: DeliveryRecord) -> AliyunSms | None:
 def _reconcile_one(deps: PipelineDeps, did: str, now: float) -> str:
     rec = deps.ledger.delivery(did)
     if rec is None or rec.channel != "sms" or rec.status != DeliveryStatus.SENT:
+        if rec is not None:  # a failed receipt's worker may have died before its fallback
+            resume_fallback(deps, rec)
         return "closed"  # a receipt (or something else) settled it meanwhile
     provider = _provider(deps, rec)
     if provider is None:

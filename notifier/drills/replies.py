@@ -116,8 +116,8 @@ def apply_reply(svc: DrillService, reply: Reply, received_at: float) -> str:
                                            mask_phone(reply.phone), at=received_at)
             if done.first:
                 return "confirmed"
-            svc.store.log(drill, "reply_repeated", phase=record.phase, operator=record.operator,
-                          sender=mask_phone(reply.phone))
+            svc.store.log(drill, "reply_repeated", at=received_at, phase=record.phase,
+                          operator=record.operator, sender=mask_phone(reply.phone))
             return "already_confirmed"
     _reject(svc, reply, verdict, received_at)
     return verdict.reason.value
@@ -137,11 +137,12 @@ def _reject(svc: DrillService, reply: Reply, verdict: Verdict, received_at: floa
     for drill_id in targets:
         drill = svc.store.drill(drill_id)
         if drill is not None:
-            # A code names its phase; a reply without a known code counts against the live one.
-            live = svc.current(drill.id)
-            phase = verdict.record.phase if verdict.record is not None else (
-                live if live >= 0 else None)
-            svc.store.log(drill, "reply_rejected", phase=phase, **detail)
+            # A code names its phase; a reply without a known code counts against the one live
+            # when it arrived (the lead may have started the next since).
+            phase = verdict.record.phase if verdict.record is not None else next(
+                (i for i in range(len(drill.phases)) if svc.was_live(drill.id, i, received_at)),
+                None)
+            svc.store.log(drill, "reply_rejected", at=received_at, phase=phase, **detail)
     entry = json.dumps({"at": received_at, **detail, "drills": targets}, ensure_ascii=False)
     pipe = svc.redis.pipeline()
     pipe.rpush(REJECTED, entry)

@@ -132,14 +132,13 @@ class DrillService:
 
     def record_confirmation(self, drill: Drill, phase: int, operator: str, via: str,
                             by: str, *, at: float | None = None) -> Confirmation:
-        """The first confirmation counts; later ones are recorded as repeats. `at`: when the
-        operator confirmed (an SMS reply: when it arrived), now by default."""
+        """The earliest confirmation counts; later ones are recorded as repeats. `at`: when
+        the operator confirmed (an SMS reply: when it arrived), now by default."""
         now = time.time() if at is None else at
-        first = self.store.set_once(drill.id, op_field(phase, operator, "confirmed_at"), repr(now))
+        first = self.store.confirm(drill.id, phase, operator, at=now, via=via, by=by)
         if first:
-            self.store.set(drill.id, **{op_field(phase, operator, "confirmed_via"): via,
-                                        op_field(phase, operator, "confirmed_by"): by})
-            self.store.log(drill, "confirmed", phase=phase, operator=operator, via=via, by=by)
+            self.store.log(drill, "confirmed", at=now, phase=phase, operator=operator, via=via,
+                           by=by)
         at = float(self.store.field(drill.id, op_field(phase, operator, "confirmed_at")) or now)
         return Confirmation(first, phase, operator, at)
 

@@ -46,6 +46,16 @@ redis.call('SREM', KEYS[2], ARGV[2])
 return 'ok'
 """
 
+_CONFIRM = """
+-- KEYS: drill; ARGV: confirmed_at field, confirmed_via field, confirmed_by field, at, via, by
+-- The earliest confirmation is the one: a reply stored before a confirmation by API, but
+-- applied after it (workers busy), takes its place. Time, channel and sender in one write.
+local was = redis.call('HGET', KEYS[1], ARGV[1])
+if was and tonumber(was) <= tonumber(ARGV[4]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4], ARGV[2], ARGV[5], ARGV[3], ARGV[6])
+return 1
+"""
+
 
 def op_field(phase: int, operator: str, what: str) -> str:
     return f"p{phase}|{operator}|{what}"
@@ -57,6 +67,7 @@ class DrillStore:
         self.retention = int(retention)
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
+        self._confirm = client.register_script(_CONFIRM)
 
     @staticmethod
     def key(drill_id: str) -> str:
@@ -116,6 +127,14 @@ class DrillStore:
         """True for the one caller that set it (first confirmation, a round fired, a code)."""
         return bool(self.redis.hsetnx(self.key(drill_id), name, value))
 
+    def confirm(self, drill_id: str, phase: int, operator: str, *, at: float, via: str,
+                by: str) -> bool:
+        """Record that `operator` confirmed `phase` at `at`; True if this is now the
+        confirmation (none yet, or only a later one), False if an earlier one stands."""
+        names = [op_field(phase, operator, what) for what in ("confirmed_at", "confirmed_via",
+                                                               "confirmed_by")]
+        return bool(self._confirm(keys=[self.key(drill_id)], args=[*names, repr(at), via, by]))
+
     def set(self, drill_id: str, **fields: str) -> None:
         self.redis.hset(self.key(drill_id), mapping=dict[Any, Any](fields))
 
@@ -125,8 +144,11 @@ class DrillStore:
     def sends(self, drill_id: str) -> list[dict[str, Any]]:
         return [json.loads(text(x)) for x in self.redis.lrange(self.key(drill_id) + ":sends", 0, -1)]
 
-    def log(self, drill: Drill, event: str, **detail: Any) -> None:
-        self._append(drill, ":log", {"at": time.time(), "event": event, **detail})
+    def log(self, drill: Drill, event: str, *, at: float | None = None, **detail: Any) -> None:
+        """`at`: when it happened, if not now (a reply: when it arrived, not when a worker
+        applied it; the report's timeline is ordered by it)."""
+        self._append(drill, ":log", {"at": time.time() if at is None else at, "event": event,
+                                     **detail})
 
     def timeline(self, drill_id: str) -> list[dict[str, Any]]:
         return [json.loads(text(x)) for x in self.redis.lrange(self.key(drill_id) + ":log", 0, -1)]

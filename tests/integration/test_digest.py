@@ -12,12 +12,13 @@ from typing import Any
 
 from notifier.breaker import FleetBreaker
 from notifier.channels.sandbox import outbox_key
+from notifier.ledger_counts import count_delivery
 from notifier.ledger_keys import DEADLETTERS
 from notifier.models import Event, Source
 from notifier.pipeline.deliver import deliver_batch
 from notifier.pipeline.digest import flush
 from notifier.pipeline.reaper import reap
-from notifier.receipts import Report, apply_report
+from notifier.receipts import FAILED_CLASS, Report, apply_report
 from notifier.tasks_spec import DELIVER, DIGEST
 from tests.fakes.dysmsapi import FakeDysmsapi
 from tests.fakes.fcm import FakeFcm
@@ -137,6 +138,32 @@ def test_a_failed_receipt_for_a_sent_digest_fails_its_alerts(make_fleet: MakeFle
                        "notifier_deliveries_revised": {"sent": 1.0, "suppressed": 2.0}}, counted
     assert apply_report(fleet.deps, report) in ("duplicate", "stale")  # again: nothing moves
     assert {k: counts(fleet.redis, k) for k in counted} == counted
+
+
+def test_a_failed_receipt_for_a_sent_digest_whose_worker_died_still_fails_its_alerts(
+        make_fleet: MakeFleet) -> None:
+    """As above, but the receipt's worker is killed after the digest's own failure is written
+    (its status and count, no fallback left) and before its members are settled: the receipt
+    applied again must settle them, not find the digest failed and leave them delivered."""
+    config = sandbox_config()
+    config["routes"][0]["fallback"] = []
+    fleet = make_fleet(config)
+    txids, digest_task = merged_into_a_digest(fleet)
+    assert deliver_batch(fleet.deps, digest_task, "task-1") == ["sent"]
+    digest = fleet.deps.ledger.delivery(digest_task[0])
+    assert digest is not None
+    # The ledger as the killed worker leaves it: the receipt's write, then fall_back's (failed).
+    pipe = fleet.redis.pipeline()
+    fleet.deps.ledger.update(digest.id, into=pipe, status="failed", error_class=FAILED_CLASS,
+                             error_code="UNDELIV", reason="receipt_failed: UNDELIV")
+    count_delivery(pipe, digest.id, channel="sms", provider=digest.provider, outcome="failed")
+    pipe.execute()
+    report = Report(phone=ALICE["phone"], biz_id=digest.provider_message_id, out_id=digest.id,
+                    success=False, err_code="UNDELIV", err_msg="undelivered")
+    apply_report(fleet.deps, report)  # the stored receipt, claimed again after the lease
+    members = txids[1:]
+    assert set(tx_statuses(fleet, members).values()) == {"failed"}
+    assert all(fleet.redis.zscore(DEADLETTERS, t) is not None for t in members)
 
 
 def digest_sent_by_a_worker_then_killed(fleet: InlineFleet) -> tuple[list[str], list[str]]:

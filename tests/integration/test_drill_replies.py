@@ -17,6 +17,7 @@ from notifier.config import settings_from_mapping
 from notifier.drills.escalation import fire_drill_timer
 from notifier.drills.model import DrillSpec
 from notifier.drills.replies import REJECTED, Reply, apply_due, reply_inbox, store_replies
+from notifier.drills.report import build_report
 from notifier.drills.service import DrillService
 from tests.integration.conftest import MakeFleet
 from tests.integration.test_drill_flow import CONFIG as FLOW_CONFIG
@@ -164,3 +165,38 @@ def test_a_reminder_keeps_its_code_valid(fleet: InlineFleet, svc: DrillService) 
     store(fleet, ALICE, codes["alice"], "41")
     store(fleet, BOB, bob_code, "42")
     assert apply_due(svc) == {"confirmed": 2}
+
+
+def test_the_report_places_replies_when_they_arrived_not_when_a_worker_applied_them(
+        fleet: InlineFleet, svc: DrillService) -> None:
+    drill_id, codes = announced(svc)
+    store(fleet, ALICE, codes["alice"], "51")  # alice confirms during phase 0 ...
+    store(fleet, BOB, "done", "52")  # ... bob answers without his code, also during phase 0
+    time.sleep(0.2)
+    svc.start_phase(drill_id)  # the lead moves on before a worker got to the replies
+    assert apply_due(svc) == {"confirmed": 1, "no_code": 1}
+    report = build_report(svc, drill_id)
+    events = [(e["event"], e["phase"], e["operator"]) for e in report["timeline"]]
+    confirmed = events.index(("confirmed", "primary stopped", "alice"))
+    rejected = next(i for i, e in enumerate(events) if e[0] == "reply_rejected")
+    started = events.index(("phase_started", "traffic switched", None))
+    # Both replies came while phase 0 was live: the timeline shows them there, and bob's
+    # rejected reply counts against phase 0, not the phase that started after it.
+    assert confirmed < started and rejected < started, events
+    assert events[rejected][1] == "primary stopped"
+    assert [p["rejected_replies"] for p in report["phases"]] == [1, 0]
+
+
+def test_a_reply_that_arrived_before_an_api_confirmation_is_the_confirmation(
+        fleet: InlineFleet, svc: DrillService) -> None:
+    drill_id, codes = announced(svc)
+    received = time.time()
+    store(fleet, ALICE, codes["alice"], "61")  # alice replied; no worker has applied it yet
+    time.sleep(0.3)
+    # Seeing no confirmation, she (or the lead for her) confirms by API as well, later.
+    assert svc.confirm(drill_id, "alice", by="lead").first
+    assert apply_due(svc) == {"confirmed": 1}
+    # What she did first counts, as of when it arrived, whatever order workers got to it.
+    confirmed_at = float(svc.store.field(drill_id, "p0|alice|confirmed_at") or 0)
+    assert received <= confirmed_at < received + 0.2, f"{confirmed_at - received:.1f} s late"
+    assert svc.store.field(drill_id, "p0|alice|confirmed_via") == "sms"

@@ -14,14 +14,15 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from notifier import awaiting
 from notifier.api.app import create_app
 from notifier.channels.sandbox import REPORT_DELAY, REPORT_TRIES, REPORTS, push_reports
 from notifier.config import settings_from_mapping
-from notifier.ledger import DeliveryRecord
+from notifier.ledger import DeliveryRecord, delivery_key
 from notifier.models import Event, Source
 from notifier.periodic import clear_kick, periodic_jobs
 from notifier.pipeline.dispatch import dispatch
-from notifier.receipts import apply_due, receipt_inbox
+from notifier.receipts import FAILED_CLASS, apply_due, receipt_inbox
 from notifier.reconciler import reconcile
 from notifier.tasks_spec import APPLY_RECEIPTS, CONTROL_QUEUE
 from tests.fakes.dysmsapi import FakeDysmsapi
@@ -291,6 +292,27 @@ def test_reconciler_applies_what_querysenddetails_says(aliyun_fleet: Callable[[]
     assert reconcile(fleet.deps) == {}
     queries = sms_fake.requests["QuerySendDetails"]
     assert queries >= 3
+
+
+def test_a_failed_receipt_the_reconciler_applied_is_finished_if_its_worker_died(
+        aliyun_fleet: Callable[[], InlineFleet], sms_fake: FakeDysmsapi,
+        redis_client: redis.Redis) -> None:
+    """QuerySendDetails said failed; the reconciling worker wrote the failure (its first write)
+    and died before the fallback. No pushed receipt comes to apply it again: the next pass
+    must finish it, not drop the delivery as settled."""
+    fleet = aliyun_fleet()
+    sms_fake.script({"kind": "ok", "send_status": 2, "err_code": "IC:0001"})
+    sms = send_sms(fleet)
+    redis_client.hset(delivery_key(sms.id), mapping={
+        "status": "failed", "error_class": FAILED_CLASS, "error_code": "IC:0001"})
+    reconcile(fleet.deps)
+    reconcile(fleet.deps)
+    fleet.drain()
+    ledger = fleet.deps.ledger
+    assert ledger.delivery(sms.id).status == "fallen_back"  # type: ignore[union-attr]
+    email = [d for d in ledger.deliveries(sms.transaction_id) if d.channel == "email"]
+    assert [d.status for d in email] == ["sent"], "the alert reached nobody"
+    assert not awaiting.has_overdue(redis_client, time.time())
 
 
 def test_sandbox_pushes_aliyun_receipts_that_close_the_loop(redis_url: str, api: TestClient,
