@@ -33,7 +33,9 @@ from notifier.tasks_spec import (
 
 Job = tuple[float, Callable[[], None]]  # (every N seconds, job)
 KICK_PREFIX = "ntf:kick:"
-KICK_TTL = 15  # a kicked task that never ran (no worker) is kicked again after this
+# A kicked task that never started is taken as lost (kicked again) after this, once the
+# control queue is empty: while the queue holds tasks it is still waiting among them.
+KICK_TTL = 15
 log = logging.getLogger(__name__)
 
 
@@ -47,9 +49,16 @@ def clear_kick(client: redis.Redis, task: str) -> None:
 
 
 def kick(client: redis.Redis, publisher: Publisher, task: str) -> bool:
-    if not client.set(kick_key(task), "1", nx=True, ex=KICK_TTL):
+    key = kick_key(task)
+    if not client.set(key, "1", nx=True, ex=KICK_TTL):
+        if client.llen(CONTROL_QUEUE):  # no worker, or a backlog: the kicked one still waits
+            client.expire(key, KICK_TTL)  # (a no-op if its task started meanwhile)
         return False
-    publisher.publish(task, [], CONTROL_QUEUE)
+    try:
+        publisher.publish(task, [], CONTROL_QUEUE)
+    except Exception:
+        client.delete(key)  # nothing is waiting: the next look kicks it
+        raise
     return True
 
 

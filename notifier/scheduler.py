@@ -30,6 +30,15 @@ _POP_DUE = """
 local items = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
 return items
 """
+# KEYS: the timer set. ARGV: member, due, now. Set it unless one is set already that is not
+# due yet: a due one may be firing right now, and the scheduler removes what it fired unless
+# its score changed, so leaving it would let that removal take this timer too.
+_SCHEDULE_KEEP = """
+local current = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not current or tonumber(current) <= tonumber(ARGV[3]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+end
+"""
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -55,11 +64,17 @@ class Timers:
         self.redis = client
         self._pop = client.register_script(_POP_DUE)
         self._settle = client.register_script(MOVE_IF_UNCHANGED)
+        self._schedule_keep = client.register_script(_SCHEDULE_KEEP)
 
     def schedule(self, task: str, queue: str, arg: str, due: float, *, keep_existing: bool = False
                  ) -> None:
-        """Set a timer; `keep_existing` leaves an already scheduled one as it is."""
-        self.redis.zadd(TIMERS, {Timer(task, queue, arg, due).member: due}, nx=keep_existing)
+        """Set a timer; `keep_existing` leaves an already scheduled one as it is, unless that
+        one is due already (being fired: see _SCHEDULE_KEEP)."""
+        member = Timer(task, queue, arg, due).member
+        if keep_existing:
+            self._schedule_keep(keys=[TIMERS], args=[member, repr(due), repr(time.time())])
+        else:
+            self.redis.zadd(TIMERS, {member: due})
 
     def cancel(self, task: str, queue: str, arg: str) -> None:
         self.redis.zrem(TIMERS, Timer(task, queue, arg, 0).member)

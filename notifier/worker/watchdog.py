@@ -94,10 +94,16 @@ def supervise(argv: list[str], env: dict[str, str] | None = None, *, restart_del
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    while True:
+    code = 0
+    # Checked before each start: a stop that arrives while waiting to restart a dead worker
+    # must not start another, which would never get the signal (systemd SIGKILLs it later).
+    while not stopping:
         child = subprocess.Popen(argv, env=env)  # noqa: S603 - our own interpreter and args
+        if stopping:  # asked to stop while it was starting: `forward` saw the old child
+            child.terminate()
         code = child.wait()
         if stopping:
             return code
         log.warning("worker process exited with %s; starting it again", code)
         time.sleep(restart_delay)
+    return code

@@ -17,6 +17,7 @@ from notifier.ledger_keys import DEADLETTERS
 from notifier.models import Event, Source
 from notifier.pipeline.deliver import deliver_batch
 from notifier.pipeline.digest import flush
+from notifier.pipeline.dispatch import dispatch_all
 from notifier.pipeline.reaper import reap
 from notifier.receipts import FAILED_CLASS, Report, apply_report
 from notifier.tasks_spec import DELIVER, DIGEST
@@ -312,3 +313,31 @@ def test_members_of_a_digest_an_older_version_fell_back_as_carried_go_out_on_the
     assert set(tx_statuses(fleet, txids).values()) == {"delivered"}, members
     sent = outbox(fleet, "sms")
     assert len(sent) == 3 and all(sum(f"alert-{i}" in m for m in sent) == 1 for i in range(3))
+
+
+def test_an_alert_held_while_its_digest_timer_is_being_fired_keeps_a_timer(
+        make_fleet: MakeFleet) -> None:
+    """The scheduler publishes a digest timer's task and removes the timer after; a worker that
+    holds another alert for the same person in between found the timer still set and left it,
+    so the removal took that alert's timer too: it waited for the reaper, a minute late."""
+    fleet = make_fleet(sandbox_config())
+    txids = [submit(fleet, f"alert-{i}") for i in range(3)]
+    fleet.drain()  # alert-0 goes out, alert-1 and alert-2 are held for a digest
+    time.sleep(1.2)
+    [timer] = fleet.deps.timers.due(time.time())  # the scheduler reads the due digest timer
+    fleet.publisher.publish(timer.task, [timer.arg], timer.queue)  # and publishes its task
+    txids.append(submit(fleet, "alert-3"))
+    while fleet.publisher.tasks:  # the workers run the digest, then alert-3 is held
+        task, args, _queue = fleet.publisher.tasks.pop(0)
+        if task == DIGEST:
+            flush(fleet.deps, args[0])
+        elif task == DELIVER:
+            deliver_batch(fleet.deps, args, f"task-{task}-{args[0]}")
+        else:
+            dispatch_all(fleet.deps, args)
+    [held] = fleet.deps.ledger.deliveries(txids[3])
+    assert held.status == "deferred"
+    fleet.deps.timers.done(timer)  # the scheduler's removal of what it fired
+    fleet.drain(timers_until=4)
+    assert sum("alert-3" in text for text in outbox(fleet, "sms")) == 1
+    assert set(tx_statuses(fleet, txids).values()) == {"delivered"}

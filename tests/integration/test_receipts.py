@@ -16,11 +16,12 @@ from fastapi.testclient import TestClient
 
 from notifier import awaiting
 from notifier.api.app import create_app
+from notifier.celery_app import CeleryPublisher, make_celery
 from notifier.channels.sandbox import REPORT_DELAY, REPORT_TRIES, REPORTS, push_reports
 from notifier.config import settings_from_mapping
 from notifier.ledger import DeliveryRecord, delivery_key
 from notifier.models import Event, Source
-from notifier.periodic import clear_kick, periodic_jobs
+from notifier.periodic import KICK_TTL, clear_kick, periodic_jobs
 from notifier.pipeline.dispatch import dispatch
 from notifier.receipts import FAILED_CLASS, apply_due, receipt_inbox
 from notifier.reconciler import reconcile
@@ -28,7 +29,7 @@ from notifier.tasks_spec import APPLY_RECEIPTS, CONTROL_QUEUE
 from tests.fakes.dysmsapi import FakeDysmsapi
 from tests.integration.conftest import MakeFleet
 from tests.support.counters import counts
-from tests.support.inline import InlineFleet
+from tests.support.inline import InlineFleet, decode_task
 from tests.support.servers import free_port
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -383,3 +384,25 @@ def test_scheduler_kicks_one_apply_task_for_stored_unapplied_receipts(
     assert apply_due(fleet.deps) == {"delivered": 1}
     jobs["apply_inboxes"]()
     assert len(fleet.publisher.tasks) == 1
+
+
+def test_a_kicked_task_waiting_for_a_worker_is_not_kicked_again(
+        fleet: InlineFleet, api: TestClient) -> None:
+    """No control worker (or a backlog on its queue): the kicked task waits in the queue, and
+    the scheduler must not add another every KICK_TTL; a day without control workers queued
+    thousands, ahead of the drill timers that share the queue once a worker came back."""
+    broker = CeleryPublisher(make_celery(fleet.settings.redis_url))
+    jobs = dict((job.__name__, job) for _, job in periodic_jobs(fleet.settings, fleet.redis, broker))
+    sms = send_sms(fleet)
+    assert post(api, [report(sms)]).status_code == 200
+
+    def queued() -> list[str]:
+        return [decode_task(m)[0] for m in fleet.redis.lrange(CONTROL_QUEUE, 0, -1)]
+    jobs["apply_inboxes"]()
+    waiting = queued()
+    assert set(waiting) == {APPLY_RECEIPTS}
+    deadline = time.monotonic() + KICK_TTL + 2
+    while time.monotonic() < deadline:  # the scheduler's ticks while nobody takes the task
+        jobs["apply_inboxes"]()
+        time.sleep(1.0)
+    assert queued() == waiting

@@ -78,3 +78,31 @@ def test_supervisor_restarts_a_dying_worker_until_told_to_stop(tmp_path: Path) -
         if supervisor.poll() is None:
             supervisor.kill()
     wait_until(lambda: runs.read_text().count("run") == 3, timeout=5)
+
+
+def test_supervisor_stopped_while_waiting_to_restart_starts_no_new_worker(tmp_path: Path) -> None:
+    """systemctl stop arriving after the worker died, during the restart delay: the supervisor
+    must stop there. Starting a new worker anyway leaves one that never got the SIGTERM, so the
+    stop hangs until systemd's SIGKILL kills it mid-send."""
+    runs = tmp_path / "runs"
+    child = tmp_path / "child.py"
+    child.write_text(textwrap.dedent(f"""
+        import sys, time
+        with open({str(runs)!r}, "a") as f:
+            f.write("run\\n")
+        if open({str(runs)!r}).read().count("run") == 1:
+            sys.exit(75)  # the first worker dies (e.g. the watchdog's EXIT_WEDGED)
+        time.sleep(30)  # a restarted worker runs until it is told to stop
+    """))
+    supervisor = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from notifier.worker.watchdog import supervise; "
+        f"sys.exit(supervise([sys.executable, {str(child)!r}], restart_delay=2.0))")])
+    try:
+        wait_until(lambda: runs.exists() and runs.read_text().count("run") == 1, timeout=10)
+        time.sleep(0.5)  # the first worker has exited; the supervisor waits to restart it
+        supervisor.terminate()
+        assert supervisor.wait(timeout=10) == 75  # the last worker's status, promptly
+        assert runs.read_text().count("run") == 1  # no worker started after the stop
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
