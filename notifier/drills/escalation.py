@@ -88,10 +88,10 @@ def _fire(svc: DrillService, drill: Drill, phase: int, round_: int) -> str:
         return "all_confirmed"
     if round_ > drill.escalation_rounds:
         for op in pending:
-            if svc.store.set_once(drill.id, op_field(phase, op, "missed"), repr(time.time())):
-                svc.store.log(drill, "missed", phase=phase, operator=op,
-                              detail=f"no confirmation after {drill.escalation_rounds} "
-                                     "escalation round(s)")
+            svc.store.set_once_logged(drill, op_field(phase, op, "missed"), repr(time.time()),
+                                      "missed", phase=phase, operator=op,
+                                      detail=f"no confirmation after {drill.escalation_rounds} "
+                                             "escalation round(s)")
         return "missed"
     if first_run:
         svc.store.log(drill, "escalation_round", phase=phase, round=round_, operators=frozen)
@@ -184,12 +184,10 @@ def _send(svc: DrillService, drill: Drill, phase: int, who: str, *, round_: int,
         svc.store.log(drill, "send_failed", phase=phase, operator=who, round=round_, step=step,
                       detail=str(exc))
         return None
-    if svc.store.set_once(drill.id, op_field(phase, who, f"tx:{step}:{round_}"), txid):
-        entry = {"at": time.time(), "phase": phase, "operator": who, "round": round_,
-                 "step": step, "to": list(event.to), "channels": list(event.channels),
-                 "transaction_id": txid}
-        svc.store.add_send(drill, entry)
-        who_ = {"to": list(event.to)} if who == ESCALATION else {"operator": who}
-        svc.store.log(drill, step, phase=phase, round=round_, **who_,
-                      channels=list(event.channels) or ["(route)"], transaction_id=txid)
+    entry = {"at": time.time(), "phase": phase, "operator": who, "round": round_, "step": step,
+             "to": list(event.to), "channels": list(event.channels), "transaction_id": txid}
+    who_ = {"to": list(event.to)} if who == ESCALATION else {"operator": who}
+    svc.store.set_once_logged(drill, op_field(phase, who, f"tx:{step}:{round_}"), txid, step,
+                              send=entry, phase=phase, round=round_, **who_,
+                              channels=list(event.channels) or ["(route)"], transaction_id=txid)
     return txid

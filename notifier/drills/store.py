@@ -55,6 +55,18 @@ if was and tonumber(was) <= tonumber(ARGV[4]) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4], ARGV[2], ARGV[5], ARGV[3], ARGV[6])
 return 1
 """
+# KEYS: drill, then the lists to append to (sends, log); ARGV: field, value, ttl, keep, then one
+# entry per list. A step that fails half-way and is re-fired finds both written or neither.
+_SET_ONCE_APPEND = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+for i = 2, #KEYS do
+  redis.call('RPUSH', KEYS[i], ARGV[i + 3])
+  redis.call('LTRIM', KEYS[i], -tonumber(ARGV[4]), -1)
+  redis.call('EXPIRE', KEYS[i], ARGV[3])
+end
+return 1
+"""
+KEEP = 5000  # newest entries kept of a drill's sends and of its timeline
 
 
 def op_field(phase: int, operator: str, what: str) -> str:
@@ -68,6 +80,7 @@ class DrillStore:
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
         self._confirm = client.register_script(_CONFIRM)
+        self._set_once_append = client.register_script(_SET_ONCE_APPEND)
 
     @staticmethod
     def key(drill_id: str) -> str:
@@ -127,6 +140,21 @@ class DrillStore:
         """True for the one caller that set it (first confirmation, a round fired, a code)."""
         return bool(self.redis.hsetnx(self.key(drill_id), name, value))
 
+    def set_once_logged(self, drill: Drill, name: str, value: str, event: str, *,
+                        send: dict[str, Any] | None = None, **detail: Any) -> bool:
+        """`set_once`, logging `event` (and recording `send`) in the same atomic write: were
+        they separate, a step re-run after failing in between would find the field set and
+        never record the send (the report would show a delivered announcement as missing)."""
+        key = self.key(drill.id)
+        lists, entries = [key + ":log"], [{"at": time.time(), "event": event, **detail}]
+        if send is not None:
+            lists.insert(0, key + ":sends")
+            entries.insert(0, send)
+        return bool(self._set_once_append(
+            keys=[key, *lists],
+            args=[name, value, self._ttl(drill), KEEP,
+                  *(json.dumps(e, ensure_ascii=False) for e in entries)]))
+
     def confirm(self, drill_id: str, phase: int, operator: str, *, at: float, via: str,
                 by: str) -> bool:
         """Record that `operator` confirmed `phase` at `at`; True if this is now the
@@ -137,9 +165,6 @@ class DrillStore:
 
     def set(self, drill_id: str, **fields: str) -> None:
         self.redis.hset(self.key(drill_id), mapping=dict[Any, Any](fields))
-
-    def add_send(self, drill: Drill, entry: dict[str, Any]) -> None:
-        self._append(drill, ":sends", entry)
 
     def sends(self, drill_id: str) -> list[dict[str, Any]]:
         return [json.loads(text(x)) for x in self.redis.lrange(self.key(drill_id) + ":sends", 0, -1)]
@@ -157,7 +182,7 @@ class DrillStore:
         key = self.key(drill.id) + suffix
         pipe = self.redis.pipeline()
         pipe.rpush(key, json.dumps(entry, ensure_ascii=False))
-        pipe.ltrim(key, -5000, -1)
+        pipe.ltrim(key, -KEEP, -1)
         pipe.expire(key, self._ttl(drill))
         pipe.execute()
 

@@ -14,11 +14,13 @@ import redis
 from notifier.celery_app import CeleryPublisher, make_celery
 from notifier.drills.escalation import fire_drill_timer
 from notifier.drills.model import DrillSpec
+from notifier.drills.report import build_report
 from notifier.drills.service import DrillService, timer_arg
 from notifier.scheduler import TIMERS, Scheduler, Timer, Timers
 from notifier.tasks_spec import CONTROL_QUEUE, DELIVER, DIGEST, TIMER, deliver_queue
 from notifier.worker.timers import fire_timer
 from tests.support.inline import InlineFleet, ListPublisher
+from tests.support.interleave import interleaved
 from tests.support.servers import RedisServer, free_port, wait_until
 
 CONFIG: dict[str, Any] = {
@@ -120,3 +122,25 @@ def test_the_scheduler_outlives_a_broker_it_cannot_publish_to(redis_client: redi
     assert timers(redis_client) == ["drill:dr-x:0:1"]  # still owed: fired once it can publish
     assert redis_client.zscore(TIMERS, Timer(TIMER, CONTROL_QUEUE, "drill:dr-x:0:1", 0).member
                                ) <= time.time()
+
+
+def test_a_send_recorded_half_way_is_still_in_the_report_after_the_step_is_refired(
+        fleet: InlineFleet) -> None:
+    svc = drill_service(fleet)
+    drill = svc.create(DrillSpec.model_validate(SPEC))
+
+    def redis_fails() -> str:
+        raise redis.ConnectionError("failover")
+
+    # Redis fails over right after the announcement's transaction was noted on the drill,
+    # before the send itself was recorded: the task fails, the timer fires again.
+    with interleaved(fleet.redis, lambda args: any("|tx:announce" in a for a in args),
+                     redis_fails, after=True), pytest.raises(redis.ConnectionError):
+        fire_drill_timer(svc, f"{drill.id}:0:0")
+    assert fire_drill_timer(svc, f"{drill.id}:0:0") == "announced"
+    fleet.drain()
+    (alice,) = build_report(svc, drill.id)["phases"][0]["operators"]
+    assert alice["announce_transaction"] is not None, "the announcement went out unrecorded"
+    assert alice["accepted"]["status"] == "ok", alice["accepted"]
+    events = [e["event"] for e in svc.store.timeline(drill.id)]
+    assert events.count("announce") == 1, events
