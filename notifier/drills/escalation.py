@@ -81,6 +81,12 @@ def _fire(svc: DrillService, drill: Drill, phase: int, round_: int) -> str:
     # A reply that arrived before this round may still wait in the inbox (workers busy): apply
     # it first, so that an operator who answered is neither chased nor reported as silent.
     replies.apply_due(svc)
+    # One that another worker claimed and has not applied (busy, or killed: it comes due again
+    # when that worker's lease runs out) may confirm someone too: wait for it, a lease at most.
+    inbox = replies.reply_inbox(svc.redis, svc.settings.retention)
+    if inbox.pending() and time.time() < started + deadline * round_ + inbox.lease:
+        svc.schedule(drill, phase, round_, time.time() + RETRY_IN)
+        return RETRY
     frozen, first_run = _frozen_pending(svc, drill, phase, round_)
     # Someone may have confirmed since the round was frozen: do not chase them again.
     pending = [op for op in frozen if op not in _confirmed(svc, drill, phase)]

@@ -16,9 +16,10 @@ from notifier.api.app import create_app
 from notifier.config import settings_from_mapping
 from notifier.drills.escalation import fire_drill_timer
 from notifier.drills.model import DrillSpec
-from notifier.drills.replies import REJECTED, Reply, apply_due, reply_inbox, store_replies
+from notifier.drills.replies import INBOX, REJECTED, Reply, apply_due, reply_inbox, store_replies
 from notifier.drills.report import build_report
 from notifier.drills.service import DrillService
+from notifier.inbox import Inbox
 from tests.integration.conftest import MakeFleet
 from tests.integration.test_drill_flow import CONFIG as FLOW_CONFIG
 from tests.integration.test_drill_flow import SPEC
@@ -200,3 +201,21 @@ def test_a_reply_that_arrived_before_an_api_confirmation_is_the_confirmation(
     confirmed_at = float(svc.store.field(drill_id, "p0|alice|confirmed_at") or 0)
     assert received <= confirmed_at < received + 0.2, f"{confirmed_at - received:.1f} s late"
     assert svc.store.field(drill_id, "p0|alice|confirmed_via") == "sms"
+
+
+def test_a_reply_another_worker_claimed_but_has_not_applied_is_waited_for_by_the_round(
+        fleet: InlineFleet, svc: DrillService) -> None:
+    drill_id, codes = announced(svc)
+    store(fleet, BOB, codes["bob"], "71")  # bob answered in time...
+    # ...and a worker applying replies claimed his, then was killed (or is still busy); its
+    # lease (a minute; here a second) runs out later.
+    assert len(Inbox(fleet.redis, INBOX, 3600, lease=1.0).claim()) == 1
+    fire_drill_timer(svc, f"{drill_id}:0:1")
+    chased = [s["operator"] for s in svc.store.sends(drill_id) if s["step"] == "escalation"]
+    assert "bob" not in chased, "bob's reply had arrived: he is reminded, and carol told"
+    assert svc.store.field(drill_id, "p0:r1") is None  # the round waits, for one lease at most
+    # Once the dead worker's lease runs out, the round applies bob's reply and chases alice only.
+    time.sleep(1.1)
+    assert fire_drill_timer(svc, f"{drill_id}:0:1") == "escalated"
+    chased = [s["operator"] for s in svc.store.sends(drill_id) if s["step"] == "escalation"]
+    assert chased == ["alice"] and svc.store.field(drill_id, "p0:r1") == '["alice"]'
