@@ -144,6 +144,10 @@ def build_drill(settings: Settings, spec: DrillSpec, now: float | None = None) -
                                f"{', '.join(map(repr, unknown))}")
     if "sms" not in settings.channels:
         raise DrillInvalid("channels: drills announce by SMS, but no sms channel is configured")
+    operators = expand_recipients(settings, spec.operators)
+    if not operators:  # empty groups: a drill nobody is told of would report a pass
+        raise DrillInvalid(f"operators: no recipient in {', '.join(map(repr, spec.operators))} "
+                           "(empty groups)")
     defaults = settings.drills
     phases = tuple(
         Phase(p, defaults.default_deadline) if isinstance(p, str)
@@ -156,7 +160,7 @@ def build_drill(settings: Settings, spec: DrillSpec, now: float | None = None) -
     _check_duration("reply_code_ttl", ttl)
     return Drill(
         id=new_drill_id(), name=spec.name.strip(),
-        operators=expand_recipients(settings, spec.operators),
+        operators=operators,
         phases=phases, escalation=expand_recipients(settings, spec.escalation),
         escalation_rounds=(spec.escalation_rounds if spec.escalation_rounds is not None
                            else defaults.escalation_rounds),

@@ -177,3 +177,16 @@ def test_drill_api_flow(api: TestClient) -> None:
     assert report.status_code == 200 and "| bob |" in report.text
     assert api.get(f"/v1/drills/{drill_id}/report", params={"format": "pdf"}).status_code == 422
     assert [d["id"] for d in api.get("/v1/drills").json()] == [drill_id]
+
+
+def test_a_drill_whose_operators_are_an_empty_group_is_refused(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The night shift's group is emptied in the config (everyone moved to days).
+    monkeypatch.delenv("NOTIFIER_API_TOKEN", raising=False)
+    config = {**CONFIG, "groups": {**CONFIG["groups"], "night": []}, "redis_url": redis_url}
+    with TestClient(create_app(settings_from_mapping(config))) as api:
+        response = api.post("/v1/drills", json={**SPEC, "operators": ["night"], "start": True})
+        # Was 201: a drill nobody was told of, which then reported PASS (0/0 confirmations).
+        assert response.status_code == 422, response.text
+        assert "operators" in response.text and "night" in response.text
+        assert api.get("/v1/drills").json() == []
