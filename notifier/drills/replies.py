@@ -14,14 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from notifier.config import e164_or_raw, mask_phone
-from notifier.drills.codes import Verdict, match_reply
+from notifier.drills.codes import Reason, Verdict, match_reply
+from notifier.drills.model import DrillConflict
 from notifier.drills.service import DrillService
 from notifier.inbox import Checked, Inbox, check_records
 from notifier.metrics import Metrics
@@ -112,13 +113,17 @@ def apply_reply(svc: DrillService, reply: Reply, received_at: float) -> str:
     if verdict.confirmed and record is not None:
         drill = svc.store.drill(record.drill)
         if drill is not None:
-            done = svc.record_confirmation(drill, record.phase, record.operator, "sms",
-                                           mask_phone(reply.phone), at=received_at)
-            if done.first:
-                return "confirmed"
-            svc.store.log(drill, "reply_repeated", at=received_at, phase=record.phase,
-                          operator=record.operator, sender=mask_phone(reply.phone))
-            return "already_confirmed"
+            try:
+                done = svc.record_confirmation(drill, record.phase, record.operator, "sms",
+                                               mask_phone(reply.phone), at=received_at)
+            except DrillConflict:  # its phase ended (by another host's clock) before it came
+                verdict = replace(verdict, reason=Reason.NOT_LIVE)
+            else:
+                if done.first:
+                    return "confirmed"
+                svc.store.log(drill, "reply_repeated", at=received_at, phase=record.phase,
+                              operator=record.operator, sender=mask_phone(reply.phone))
+                return "already_confirmed"
     _reject(svc, reply, verdict, received_at)
     return verdict.reason.value
 

@@ -133,9 +133,12 @@ class DrillService:
     def record_confirmation(self, drill: Drill, phase: int, operator: str, via: str,
                             by: str, *, at: float | None = None) -> Confirmation:
         """The earliest confirmation counts; later ones are recorded as repeats. `at`: when
-        the operator confirmed (an SMS reply: when it arrived), now by default."""
+        the operator confirmed (an SMS reply: when it arrived), now by default. DrillConflict
+        if the phase had ended or the drill finished by then (decided in the same write)."""
         now = time.time() if at is None else at
         first = self.store.confirm(drill.id, phase, operator, at=now, via=via, by=by)
+        if first is None:
+            raise DrillConflict(f"phase {drill.phases[phase].name!r} is not live")
         if first:
             self.store.log(drill, "confirmed", at=now, phase=phase, operator=operator, via=via,
                            by=by)

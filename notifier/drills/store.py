@@ -47,7 +47,14 @@ return 'ok'
 """
 
 _CONFIRM = """
--- KEYS: drill; ARGV: confirmed_at field, confirmed_via field, confirmed_by field, at, via, by
+-- KEYS: drill; ARGV: confirmed_at field, confirmed_via field, confirmed_by field, at, via, by,
+-- phase ended_at field
+-- A confirmation at or after its phase ended or the drill finished counts for nothing (-1): the
+-- caller judged the phase live, but the lead may have moved on since (an API call racing it).
+local ended = redis.call('HMGET', KEYS[1], ARGV[7], 'finished_at')
+for _, t in ipairs(ended) do
+  if t and tonumber(ARGV[4]) >= tonumber(t) then return -1 end
+end
 -- The earliest confirmation is the one: a reply stored before a confirmation by API, but
 -- applied after it (workers busy), takes its place. Time, channel and sender in one write.
 local was = redis.call('HGET', KEYS[1], ARGV[1])
@@ -156,12 +163,15 @@ class DrillStore:
                   *(json.dumps(e, ensure_ascii=False) for e in entries)]))
 
     def confirm(self, drill_id: str, phase: int, operator: str, *, at: float, via: str,
-                by: str) -> bool:
+                by: str) -> bool | None:
         """Record that `operator` confirmed `phase` at `at`; True if this is now the
-        confirmation (none yet, or only a later one), False if an earlier one stands."""
+        confirmation (none yet, or only a later one), False if an earlier one stands, None if
+        the phase had ended (or the drill finished) by `at`."""
         names = [op_field(phase, operator, what) for what in ("confirmed_at", "confirmed_via",
                                                                "confirmed_by")]
-        return bool(self._confirm(keys=[self.key(drill_id)], args=[*names, repr(at), via, by]))
+        done = int(self._confirm(keys=[self.key(drill_id)],
+                                 args=[*names, repr(at), via, by, f"p{phase}:ended_at"]))
+        return None if done < 0 else bool(done)
 
     def set(self, drill_id: str, **fields: str) -> None:
         self.redis.hset(self.key(drill_id), mapping=dict[Any, Any](fields))

@@ -17,10 +17,12 @@ from notifier.config import settings_from_mapping
 from notifier.drills.escalation import fire_drill_timer
 from notifier.drills.model import DrillConflict, DrillSpec
 from notifier.drills.replies import Reply, apply_due, reply_inbox, store_replies
+from notifier.drills.report import build_report
 from notifier.drills.service import DrillService
 from notifier.scheduler import TIMERS
 from tests.integration.conftest import MakeFleet
 from tests.support.inline import InlineFleet
+from tests.support.interleave import interleaved
 
 CONFIG: dict[str, Any] = {
     "channels": {"sms": {"provider": "sandbox"}, "email": {"provider": "sandbox"}},
@@ -190,3 +192,23 @@ def test_a_drill_whose_operators_are_an_empty_group_is_refused(
         assert response.status_code == 422, response.text
         assert "operators" in response.text and "night" in response.text
         assert api.get("/v1/drills").json() == []
+
+
+def test_an_api_confirmation_racing_the_finish_is_refused_not_counted(
+        fleet: InlineFleet, svc: DrillService) -> None:
+    drill = svc.create(DrillSpec.model_validate({**SPEC, "start": True}))
+
+    def lead_finishes() -> str:
+        svc.finish(drill.id)
+        return "finished"
+
+    # The lead finishes the drill right after the confirmation found its phase live.
+    with interleaved(fleet.redis, lambda a: a[0] == "HMGET" and "finished_at" in a,
+                     lead_finishes, after=True) as ran, pytest.raises(DrillConflict):
+        svc.confirm(drill.id, "bob")
+    assert ran == ["finished"]
+    # Was counted: bob confirmed after the drill ended (the API said so too), the report
+    # showing him confirmed in a phase that was over.
+    assert svc.store.field(drill.id, "p0|bob|confirmed_at") is None
+    (_, bob) = build_report(svc, drill.id)["phases"][0]["operators"]
+    assert bob["result"] == "missed"
