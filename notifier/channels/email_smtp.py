@@ -14,6 +14,7 @@ import re
 import socket
 from datetime import UTC, datetime
 from email.errors import MessageError
+from email.header import Header
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
@@ -102,7 +103,11 @@ class SmtpEmail(Channel):
         """The email exactly as it goes on the wire (minus transport encoding)."""
         rendered = message.rendered
         email = EmailMessage()
-        email["Subject"] = rendered.subject
+        # The subject is event text: it goes in already in its wire form (RFC 2047 words, all of
+        # it), so none of it is read as header syntax. Set as text, the email package decodes
+        # whatever looks like an encoded word in it and writes the decoded CR LF raw: a label
+        # '=?utf-8?q?x=0D=0AReply-To:_...?=' added headers (Python before 3.11.10, 3.12.5).
+        email.set_raw("Subject", Header(rendered.subject, "utf-8", header_name="Subject").encode())
         email["From"] = self._config.sender
         email["To"] = Address(addr_spec=message.address)
         email["Date"] = format_datetime(datetime.now(UTC))

@@ -422,3 +422,24 @@ def test_the_standalone_fake_is_scripted_and_read_over_http(channel_for: Factory
         process.wait(timeout=10)
         assert process.stdout is not None
         process.stdout.close()
+
+
+def test_label_text_shaped_like_an_encoded_word_stays_text_in_the_subject(
+    make_fake: Callable[..., FakeSmtp], make_fleet: MakeFleet
+) -> None:
+    """An alert's title is data: text in it that reads as an RFC 2047 encoded word (here one
+    whose bytes are CR LF and a header) must reach the mailbox as that text, inside the
+    Subject. The email package decoded it when the Subject was set, and wrote the decoded CR LF
+    raw: the sender of the alert added a Reply-To of its choosing to every on-call email."""
+    fake = make_fake()
+    fleet = make_fleet({
+        "channels": {"email": smtp_channel(fake, 2, 1)},
+        "recipients": {"alice": {"email": "alice@example.com"}},
+        "routes": [{"match": {}, "to": ["alice"], "channels": ["email"]}],
+    }, {})
+    title = "=?utf-8?q?DiskFull=0D=0AReply-To:_mallory@evil.example?="
+    fleet.intake.submit(Event(kind="alert", title=title, severity="critical"), Source.API)
+    fleet.drain(timers_until=1)
+    [mail] = fake.messages
+    assert mail["Reply-To"] is None, mail.items()
+    assert title in mail["Subject"], mail["Subject"]
