@@ -7,7 +7,8 @@ Two tables, walked by tests/unit/test_smtp_errors.py:
 - `EXCEPTIONS`: failures without a reply code (network, TLS, timeouts, missing extensions),
   first `isinstance` match wins, so subclasses come before their bases.
 
-A permanent (5xx) reply is about *this message* only when the server gave it to RCPT or DATA.
+A permanent (5xx) reply is about *this message* only when the server gave it to RCPT or DATA,
+or 552 to MAIL FROM (the message's declared SIZE is over the server's limit).
 The same reply to the greeting, EHLO, STARTTLS, AUTH or MAIL FROM (our configured sender) says
 the server will refuse every message we send: that is an ACCOUNT failure (fall back and trip
 the breaker), not a PERMANENT one.
@@ -60,6 +61,11 @@ _MESSAGE_LEVEL: tuple[type[aiosmtplib.SMTPResponseException], ...] = (
     aiosmtplib.SMTPRecipientRefused,
     aiosmtplib.SMTPDataError,
 )
+
+# Replies to MAIL FROM that are about this message, not our sender: 552 there refuses the
+# SIZE= aiosmtplib declares whenever the server advertises SIZE (RFC 1870 section 6.1), so
+# this message is too big and every smaller one still goes. Permanent for it alone.
+_MESSAGE_LEVEL_MAIL_REPLIES = frozenset({552})
 
 # Replies to RCPT concern one mailbox, whatever their class: a 4xx there is that mailbox full
 # (452), greylisted (450/451) or busy, not the server unwell. Recipient-scoped, so retrying one
@@ -117,7 +123,9 @@ def reply_class(code: int) -> ErrorClass:
 
 def _from_reply(exc: aiosmtplib.SMTPResponseException) -> DeliveryError:
     error_class = reply_class(exc.code)
-    if error_class is ErrorClass.PERMANENT and not isinstance(exc, _MESSAGE_LEVEL):
+    message_level = isinstance(exc, _MESSAGE_LEVEL) or (
+        isinstance(exc, aiosmtplib.SMTPSenderRefused) and exc.code in _MESSAGE_LEVEL_MAIL_REPLIES)
+    if error_class is ErrorClass.PERMANENT and not message_level:
         error_class = ErrorClass.ACCOUNT
     scoped = True if isinstance(exc, _RECIPIENT_LEVEL) else None  # None: the class decides
     return classified(error_class, str(exc.code), exc.message.strip(), recipient_scoped=scoped)

@@ -443,3 +443,37 @@ def test_label_text_shaped_like_an_encoded_word_stays_text_in_the_subject(
     [mail] = fake.messages
     assert mail["Reply-To"] is None, mail.items()
     assert title in mail["Subject"], mail["Subject"]
+
+
+def test_a_message_too_big_for_the_server_does_not_open_the_fleet_wide_email_breaker(
+    make_fake: Callable[..., FakeSmtp], make_fleet: MakeFleet
+) -> None:
+    """A server refuses a message above its SIZE with 552 to MAIL FROM (RFC 1870): that one
+    message is too big, every other still goes. It was taken for our sender being refused
+    (ACCOUNT) and counted against `email:smtp`: two alerts with long bodies for alice shut
+    email off for everyone, and bob's small one went by SMS."""
+    fake = make_fake(data_size_limit=20_000)
+    fleet = make_fleet({
+        "channels": {
+            "email": smtp_channel(fake, 2, 3, breaker={"fail_max": 2, "reset_timeout": 30}),
+            "sms": {"provider": "sandbox", "recipient_limits": []},
+        },
+        "recipients": {"alice": {"email": "alice@example.com", "phone": "+8613800138000"},
+                       "bob": {"email": "bob@example.com", "phone": "+8613900139000"}},
+        "groups": {},
+        "routes": [{"match": {"who": "alice"}, "to": ["alice"], "channels": ["email"],
+                    "fallback": ["sms"]},
+                   {"match": {}, "to": ["bob"], "channels": ["email"], "fallback": ["sms"]}],
+    }, {})
+    for _ in range(2):
+        fleet.intake.submit(Event(kind="alert", title="DiskFull", severity="critical",
+                                  body="disk /data is full " * 2000, labels={"who": "alice"}),
+                            Source.API)
+    fleet.drain(timers_until=3)
+    assert fake.messages == []
+    breaker = fleet.deps.breaker_for("email:smtp", fleet.settings.channels["email"].breaker)
+    assert breaker.status().state is BreakerState.CLOSED
+
+    fleet.intake.submit(Event(kind="alert", title="DiskFull", severity="critical"), Source.API)
+    fleet.drain(timers_until=1)
+    assert [m["To"] for m in fake.messages] == ["bob@example.com"], fleet.outcomes

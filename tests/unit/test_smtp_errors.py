@@ -88,6 +88,13 @@ def test_a_5xx_outside_rcpt_and_data_refuses_every_message_so_it_is_account(
     check(classify(exc), ErrorClass.ACCOUNT, str(exc.code))
 
 
+def test_552_to_mail_from_is_this_message_too_big_not_our_sender() -> None:
+    error = classify(aiosmtplib.SMTPSenderRefused(
+        552, "Error: message size exceeds fixed maximum message size", "notifier@example.com"))
+    check(error, ErrorClass.PERMANENT, "552")
+    assert not error.trips_breaker
+
+
 @pytest.mark.parametrize(
     "exc",
     [
