@@ -10,8 +10,10 @@ Failures come in two layers and both end up here:
 Unknown codes: an unknown ``isv.*`` code is the provider rejecting *this request* (``isv`` =
 independent software vendor, i.e. the caller's side), so it is permanent; an unknown ``isp.*``
 code (``isp`` = the service provider's side) or any 5xx is the provider being unwell, so it is
-transient. Unknown gateway 4xx codes are permanent: a malformed or unauthorised request does not
-fix itself by being resent.
+transient. A gateway 403, whatever its code (Forbidden.RAM, NoPermission, a disabled key), is the
+AccessKey not being allowed to call the API: an ACCOUNT failure, so the channel's next account
+takes the alert and the breaker counts it. Other unknown gateway 4xx codes are permanent: a
+malformed request does not fix itself by being resent.
 """
 
 from __future__ import annotations
@@ -119,6 +121,8 @@ def class_of(code: str, status: int | None = None) -> ErrorClass:
         return ErrorClass.TRANSIENT
     if status is not None and status >= 500:
         return ErrorClass.TRANSIENT
+    if status == 403:
+        return ErrorClass.ACCOUNT  # this AccessKey may not send at all (module docstring)
     return ErrorClass.PERMANENT  # unknown isv.* or gateway 4xx: resending cannot help
 
 

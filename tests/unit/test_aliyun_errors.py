@@ -134,6 +134,8 @@ def gateway(cls: type[ClientException], status: int, code: str, **extra: int) ->
          "InvalidAccessKeyId.NotFound"),
         (gateway(ClientException, 400, "InvalidTimeStamp.Expired"), A, "InvalidTimeStamp.Expired"),
         (gateway(ClientException, 400, "MissingPhoneNumbers"), P, "MissingPhoneNumbers"),
+        (gateway(ClientException, 403, "Forbidden.RAM"), A, "Forbidden.RAM"),
+        (gateway(ClientException, 403, "NoPermission"), A, "NoPermission"),
         (gateway(ClientException, 400, "Throttling.User"), T, "Throttling.User"),
         (gateway(ServerException, 500, "InternalError"), T, "InternalError"),
         (gateway(ServerException, 503, "ServiceUnavailable"), T, "ServiceUnavailable"),
