@@ -19,6 +19,7 @@ malformed request does not fix itself by being resent.
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Iterator
 
 import aiohttp
@@ -214,9 +215,15 @@ def _transport_error(inner: BaseException | None) -> DeliveryError:
         # The sync SDK path (requests/urllib3) first: a connect timeout also carries a bare
         # TimeoutError deeper in its chain, which alone would read as "maybe sent".
         # (urllib3's NewConnectionError subclasses its ConnectTimeoutError: refusals first.)
-        if isinstance(exc, urllib3.exceptions.NewConnectionError | requests.exceptions.SSLError):
-            # refused, unreachable, DNS, TLS handshake: the request never left
+        if isinstance(exc, urllib3.exceptions.NewConnectionError):
+            # refused, unreachable, DNS: the request never left
             return TransientError("ConnectionError", _clean(str(exc)))
+        if isinstance(exc, requests.exceptions.SSLError):
+            # requests raises this for a TLS failure at any point: only a refused certificate
+            # is sure to be the handshake; a record failing while the answer came back is not.
+            if any(isinstance(e, ssl.SSLCertVerificationError) for e in chain):
+                return TransientError("ConnectionError", _clean(str(exc)))
+            return MaybeSentError("TLSError", _clean(str(exc)))
         if isinstance(exc, requests.ConnectTimeout | urllib3.exceptions.ConnectTimeoutError):
             return TransientError("ConnectTimeout", _clean(str(exc)) or "connect timed out")
         if isinstance(exc, requests.ReadTimeout | urllib3.exceptions.ReadTimeoutError):

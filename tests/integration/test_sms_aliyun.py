@@ -14,6 +14,7 @@ import traceback
 import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,6 +37,7 @@ from tests.integration.conftest import SMS_ENV, MakeFleet
 from tests.integration.test_pipeline import FAST_RETRY, aliyun, outbox
 from tests.support.channel_calls import send_error, send_now
 from tests.support.servers import clean_env, free_port
+from tests.support.tls import CorruptingTlsFront
 
 AK_ID, AK_SECRET = "LTAI5tFakeKeyId0001", "s3cr3t-VALUE-never-printed"
 TEMPLATES = {"alert": "SMS_100001", "resolved": "SMS_100002", "drill": "SMS_100003"}
@@ -404,3 +406,31 @@ def test_an_account_refused_by_its_ram_policy_hands_the_alert_to_the_backup_acco
     assert len(outbox(fleet, "sms")) == 1 and outbox(fleet, "email") == []
     breaker = fleet.deps.breaker_for("sms:aliyun", fleet.settings.channels["sms"].breaker)
     assert breaker.status().failures == 1  # counted: the account, not the message
+
+
+def test_a_tls_failure_reading_the_answer_is_looked_up_not_sent_twice(
+    make_fleet: MakeFleet, sms_fake: FakeDysmsapi, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over HTTPS, Aliyun took the SendSms and the TLS layer broke while its answer came back
+    (a record that fails to decrypt: requests raises SSLError). That was filed with the
+    handshake failures as 'never left', transient, so the retry sent the SMS again without a
+    look-up: the phone got the page twice. It may have been sent: QuerySendDetails finds it."""
+    front = CorruptingTlsFront(sms_fake.port, tmp_path, corrupt=1)
+    monkeypatch.setenv("SSL_CERT_FILE", str(front.cert))  # the test CA, as a deployment's own
+    sms = {**aliyun(sms_fake), "endpoint": f"127.0.0.1:{front.port}", "protocol": "https",
+           "recipient_limits": [], "retry": FAST_RETRY}
+    fleet = make_fleet({
+        "channels": {"sms": sms},
+        "recipients": {"alice": {"phone": "+8613800138000"}},
+        "routes": [{"match": {}, "to": ["alice"], "channels": ["sms"]}],
+    }, SMS_ENV)
+    txid = fleet.intake.submit(Event(kind="alert", title="DiskFull", severity="critical"),
+                               Source.API).transaction_id
+    fleet.drain(timers_until=3)
+    front.close()
+    (delivery,) = fleet.deps.ledger.deliveries(txid)
+    attempts = [a["outcome"] for a in fleet.deps.ledger.attempts(delivery.id)]
+    assert [m["out_id"] for m in sms_fake.messages] == [delivery.id], attempts
+    assert attempts == ["maybe_sent", "found_after_timeout"], attempts
+    assert delivery.status == "sent"
