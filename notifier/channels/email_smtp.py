@@ -15,7 +15,6 @@ import socket
 from datetime import UTC, datetime
 from email.errors import MessageError
 from email.header import Header
-from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
 from typing import Any
@@ -109,7 +108,9 @@ class SmtpEmail(Channel):
         # '=?utf-8?q?x=0D=0AReply-To:_...?=' added headers (Python before 3.11.10, 3.12.5).
         email.set_raw("Subject", Header(rendered.subject, "utf-8", header_name="Subject").encode())
         email["From"] = self._config.sender
-        email["To"] = Address(addr_spec=message.address)
+        # As text: Address() refuses a non-ASCII mailbox (RFC 6531), which the config accepts and
+        # aiosmtplib sends with SMTPUTF8; CR or LF in it is still refused (ValueError).
+        email["To"] = message.address
         email["Date"] = format_datetime(datetime.now(UTC))
         email["Message-ID"] = self.message_id(message)
         email["X-Notifier-Transaction-Id"] = message.transaction_id

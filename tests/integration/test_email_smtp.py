@@ -477,3 +477,24 @@ def test_a_message_too_big_for_the_server_does_not_open_the_fleet_wide_email_bre
     fleet.intake.submit(Event(kind="alert", title="DiskFull", severity="critical"), Source.API)
     fleet.drain(timers_until=1)
     assert [m["To"] for m in fake.messages] == ["bob@example.com"], fleet.outcomes
+
+
+def test_an_address_with_a_non_ascii_mailbox_gets_its_email_where_the_server_takes_smtputf8(
+    make_fake: Callable[..., FakeSmtp], make_fleet: MakeFleet
+) -> None:
+    """'运维值班@example.com' passes the config (an internationalised address, RFC 6530) and the
+    server offers SMTPUTF8 (aiosmtpd does, as Postfix does by default). The To header was built with the email
+    package's Address, which refuses a non-ASCII local part: every alert to that person failed
+    as INVALID_MESSAGE before connecting, and went by SMS or nowhere."""
+    fake = make_fake()
+    fleet = make_fleet({
+        "channels": {"email": smtp_channel(fake, 2, 1),
+                     "sms": {"provider": "sandbox", "recipient_limits": []}},
+        "recipients": {"alice": {"email": "运维值班@example.com", "phone": "+8613800138000"}},
+        "routes": [{"match": {}, "to": ["alice"], "channels": ["email"], "fallback": ["sms"]}],
+    }, {})
+    fleet.intake.submit(Event(kind="alert", title="DiskFull", severity="critical"), Source.API)
+    fleet.drain(timers_until=1)
+    assert fake.envelopes == [("notifier@alerts.example.com", ["运维值班@example.com"])], \
+        fleet.outcomes
+    assert fake.messages[0]["To"] == "运维值班@example.com"
