@@ -75,6 +75,9 @@ _MESSAGE_LEVEL_MAIL_REPLIES = frozenset({552})
 _RECIPIENT_LEVEL: tuple[type[aiosmtplib.SMTPResponseException], ...] = (
     aiosmtplib.SMTPRecipientRefused,
 )
+# Except 421: the server closing the session (RFC 5321 section 3.8), whichever command it
+# answers, says nothing of the mailbox; at RCPT too it is the server unwell.
+_SESSION_CLOSING = 421
 
 # (exception type, class, code). Order matters: first match wins.
 EXCEPTIONS: tuple[tuple[type[BaseException], ErrorClass, str], ...] = (
@@ -127,7 +130,8 @@ def _from_reply(exc: aiosmtplib.SMTPResponseException) -> DeliveryError:
         isinstance(exc, aiosmtplib.SMTPSenderRefused) and exc.code in _MESSAGE_LEVEL_MAIL_REPLIES)
     if error_class is ErrorClass.PERMANENT and not message_level:
         error_class = ErrorClass.ACCOUNT
-    scoped = True if isinstance(exc, _RECIPIENT_LEVEL) else None  # None: the class decides
+    # None: the class decides
+    scoped = True if isinstance(exc, _RECIPIENT_LEVEL) and exc.code != _SESSION_CLOSING else None
     return classified(error_class, str(exc.code), exc.message.strip(), recipient_scoped=scoped)
 
 

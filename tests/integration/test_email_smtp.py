@@ -498,3 +498,27 @@ def test_an_address_with_a_non_ascii_mailbox_gets_its_email_where_the_server_tak
     assert fake.envelopes == [("notifier@alerts.example.com", ["运维值班@example.com"])], \
         fleet.outcomes
     assert fake.messages[0]["To"] == "运维值班@example.com"
+
+
+def test_a_server_closing_at_rcpt_with_421_opens_the_email_breaker(
+    make_fake: Callable[..., FakeSmtp], make_fleet: MakeFleet
+) -> None:
+    """421 is the server closing the session (RFC 5321 3.8), whichever command it answers: at
+    RCPT too it says nothing of the mailbox. It was taken for one mailbox's trouble, like 452,
+    so a server shedding every session at RCPT never opened `email:smtp`: every alert kept
+    trying it, max_attempts times with backoff, before going by SMS."""
+    fake = make_fake()
+    fleet = make_fleet({
+        "channels": {
+            "email": smtp_channel(fake, 2, 2, breaker={"fail_max": 2, "reset_timeout": 30}),
+            "sms": {"provider": "sandbox", "recipient_limits": []},
+        },
+        "recipients": {"alice": {"email": "alice@example.com", "phone": "+8613800138000"}},
+        "routes": [{"match": {}, "to": ["alice"], "channels": ["email"], "fallback": ["sms"]}],
+    }, {})
+    fake.script("rcpt", "421 4.3.2 service shutting down", close=True, times=10)
+    fleet.intake.submit(Event(kind="alert", title="DiskFull", severity="critical"), Source.API)
+    fleet.drain(timers_until=3)
+    assert "fallen_back" in [outcome for _, outcome in fleet.outcomes]
+    breaker = fleet.deps.breaker_for("email:smtp", fleet.settings.channels["email"].breaker)
+    assert breaker.status().state is BreakerState.OPEN

@@ -62,7 +62,8 @@ def test_a_4xx_to_rcpt_is_about_that_mailbox_and_does_not_trip_the_breaker(code:
     "exc",
     [aiosmtplib.SMTPSenderRefused(451, "try later", "notifier@example.com"),
      aiosmtplib.SMTPDataError(451, "local error in processing"),
-     aiosmtplib.SMTPConnectResponseError(421, "too busy")],
+     aiosmtplib.SMTPConnectResponseError(421, "too busy"),
+     aiosmtplib.SMTPRecipientRefused(421, "4.3.2 shutting down", "bob@example.com")],
     ids=lambda e: type(e).__name__,
 )
 def test_a_4xx_outside_rcpt_is_about_the_server_and_trips_the_breaker(
