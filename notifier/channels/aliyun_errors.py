@@ -10,13 +10,16 @@ Failures come in two layers and both end up here:
 Unknown codes: an unknown ``isv.*`` code is the provider rejecting *this request* (``isv`` =
 independent software vendor, i.e. the caller's side), so it is permanent; an unknown ``isp.*``
 code (``isp`` = the service provider's side) or any 5xx is the provider being unwell, so it is
-transient. Unknown gateway 4xx codes are permanent: a malformed or unauthorised request does not
-fix itself by being resent.
+transient. A gateway 403, whatever its code (Forbidden.RAM, NoPermission, a disabled key), is the
+AccessKey not being allowed to call the API: an ACCOUNT failure, so the channel's next account
+takes the alert and the breaker counts it. Other unknown gateway 4xx codes are permanent: a
+malformed request does not fix itself by being resent.
 """
 
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Iterator
 
 import aiohttp
@@ -119,6 +122,8 @@ def class_of(code: str, status: int | None = None) -> ErrorClass:
         return ErrorClass.TRANSIENT
     if status is not None and status >= 500:
         return ErrorClass.TRANSIENT
+    if status == 403:
+        return ErrorClass.ACCOUNT  # this AccessKey may not send at all (module docstring)
     return ErrorClass.PERMANENT  # unknown isv.* or gateway 4xx: resending cannot help
 
 
@@ -210,9 +215,15 @@ def _transport_error(inner: BaseException | None) -> DeliveryError:
         # The sync SDK path (requests/urllib3) first: a connect timeout also carries a bare
         # TimeoutError deeper in its chain, which alone would read as "maybe sent".
         # (urllib3's NewConnectionError subclasses its ConnectTimeoutError: refusals first.)
-        if isinstance(exc, urllib3.exceptions.NewConnectionError | requests.exceptions.SSLError):
-            # refused, unreachable, DNS, TLS handshake: the request never left
+        if isinstance(exc, urllib3.exceptions.NewConnectionError):
+            # refused, unreachable, DNS: the request never left
             return TransientError("ConnectionError", _clean(str(exc)))
+        if isinstance(exc, requests.exceptions.SSLError):
+            # requests raises this for a TLS failure at any point: only a refused certificate
+            # is sure to be the handshake; a record failing while the answer came back is not.
+            if any(isinstance(e, ssl.SSLCertVerificationError) for e in chain):
+                return TransientError("ConnectionError", _clean(str(exc)))
+            return MaybeSentError("TLSError", _clean(str(exc)))
         if isinstance(exc, requests.ConnectTimeout | urllib3.exceptions.ConnectTimeoutError):
             return TransientError("ConnectTimeout", _clean(str(exc)) or "connect timed out")
         if isinstance(exc, requests.ReadTimeout | urllib3.exceptions.ReadTimeoutError):

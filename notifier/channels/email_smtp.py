@@ -14,7 +14,7 @@ import re
 import socket
 from datetime import UTC, datetime
 from email.errors import MessageError
-from email.headerregistry import Address
+from email.header import Header
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
 from typing import Any
@@ -102,9 +102,15 @@ class SmtpEmail(Channel):
         """The email exactly as it goes on the wire (minus transport encoding)."""
         rendered = message.rendered
         email = EmailMessage()
-        email["Subject"] = rendered.subject
+        # The subject is event text: it goes in already in its wire form (RFC 2047 words, all of
+        # it), so none of it is read as header syntax. Set as text, the email package decodes
+        # whatever looks like an encoded word in it and writes the decoded CR LF raw: a label
+        # '=?utf-8?q?x=0D=0AReply-To:_...?=' added headers (Python before 3.11.10, 3.12.5).
+        email.set_raw("Subject", Header(rendered.subject, "utf-8", header_name="Subject").encode())
         email["From"] = self._config.sender
-        email["To"] = Address(addr_spec=message.address)
+        # As text: Address() refuses a non-ASCII mailbox (RFC 6531), which the config accepts and
+        # aiosmtplib sends with SMTPUTF8; CR or LF in it is still refused (ValueError).
+        email["To"] = message.address
         email["Date"] = format_datetime(datetime.now(UTC))
         email["Message-ID"] = self.message_id(message)
         email["X-Notifier-Transaction-Id"] = message.transaction_id

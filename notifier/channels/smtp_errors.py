@@ -7,7 +7,8 @@ Two tables, walked by tests/unit/test_smtp_errors.py:
 - `EXCEPTIONS`: failures without a reply code (network, TLS, timeouts, missing extensions),
   first `isinstance` match wins, so subclasses come before their bases.
 
-A permanent (5xx) reply is about *this message* only when the server gave it to RCPT or DATA.
+A permanent (5xx) reply is about *this message* only when the server gave it to RCPT or DATA,
+or 552 to MAIL FROM (the message's declared SIZE is over the server's limit).
 The same reply to the greeting, EHLO, STARTTLS, AUTH or MAIL FROM (our configured sender) says
 the server will refuse every message we send: that is an ACCOUNT failure (fall back and trip
 the breaker), not a PERMANENT one.
@@ -61,6 +62,11 @@ _MESSAGE_LEVEL: tuple[type[aiosmtplib.SMTPResponseException], ...] = (
     aiosmtplib.SMTPDataError,
 )
 
+# Replies to MAIL FROM that are about this message, not our sender: 552 there refuses the
+# SIZE= aiosmtplib declares whenever the server advertises SIZE (RFC 1870 section 6.1), so
+# this message is too big and every smaller one still goes. Permanent for it alone.
+_MESSAGE_LEVEL_MAIL_REPLIES = frozenset({552})
+
 # Replies to RCPT concern one mailbox, whatever their class: a 4xx there is that mailbox full
 # (452), greylisted (450/451) or busy, not the server unwell. Recipient-scoped, so retrying one
 # recipient's delivery never counts against the fleet-wide `email:smtp` breaker (fail_max
@@ -69,6 +75,9 @@ _MESSAGE_LEVEL: tuple[type[aiosmtplib.SMTPResponseException], ...] = (
 _RECIPIENT_LEVEL: tuple[type[aiosmtplib.SMTPResponseException], ...] = (
     aiosmtplib.SMTPRecipientRefused,
 )
+# Except 421: the server closing the session (RFC 5321 section 3.8), whichever command it
+# answers, says nothing of the mailbox; at RCPT too it is the server unwell.
+_SESSION_CLOSING = 421
 
 # (exception type, class, code). Order matters: first match wins.
 EXCEPTIONS: tuple[tuple[type[BaseException], ErrorClass, str], ...] = (
@@ -117,9 +126,12 @@ def reply_class(code: int) -> ErrorClass:
 
 def _from_reply(exc: aiosmtplib.SMTPResponseException) -> DeliveryError:
     error_class = reply_class(exc.code)
-    if error_class is ErrorClass.PERMANENT and not isinstance(exc, _MESSAGE_LEVEL):
+    message_level = isinstance(exc, _MESSAGE_LEVEL) or (
+        isinstance(exc, aiosmtplib.SMTPSenderRefused) and exc.code in _MESSAGE_LEVEL_MAIL_REPLIES)
+    if error_class is ErrorClass.PERMANENT and not message_level:
         error_class = ErrorClass.ACCOUNT
-    scoped = True if isinstance(exc, _RECIPIENT_LEVEL) else None  # None: the class decides
+    # None: the class decides
+    scoped = True if isinstance(exc, _RECIPIENT_LEVEL) and exc.code != _SESSION_CLOSING else None
     return classified(error_class, str(exc.code), exc.message.strip(), recipient_scoped=scoped)
 
 

@@ -116,9 +116,13 @@ class _Controller(Controller):
 
 class FakeSmtp:
     def __init__(
-        self, tls: TlsMode = "none", auth: tuple[str, str] | None = None, port: int | None = None
+        self, tls: TlsMode = "none", auth: tuple[str, str] | None = None, port: int | None = None,
+        data_size_limit: int | None = None,
     ) -> None:
         self.tls = tls
+        # The SIZE the server advertises (aiosmtpd's default: 32 MiB); a MAIL FROM declaring
+        # more is answered 552, as RFC 1870 says.
+        self.data_size_limit = data_size_limit
         self.auth = auth
         self.port = port or free_port()
         self.messages: list[EmailMessage] = []
@@ -157,6 +161,8 @@ class FakeSmtp:
             "server_hostname": "fake-smtp.localhost",
             "ready_timeout": 10.0,
         }
+        if self.data_size_limit is not None:
+            kwargs["data_size_limit"] = self.data_size_limit
         if self.tls == "tls":
             kwargs["ssl_context"] = context
         elif self.tls == "starttls":

@@ -422,3 +422,103 @@ def test_the_standalone_fake_is_scripted_and_read_over_http(channel_for: Factory
         process.wait(timeout=10)
         assert process.stdout is not None
         process.stdout.close()
+
+
+def test_label_text_shaped_like_an_encoded_word_stays_text_in_the_subject(
+    make_fake: Callable[..., FakeSmtp], make_fleet: MakeFleet
+) -> None:
+    """An alert's title is data: text in it that reads as an RFC 2047 encoded word (here one
+    whose bytes are CR LF and a header) must reach the mailbox as that text, inside the
+    Subject. The email package decoded it when the Subject was set, and wrote the decoded CR LF
+    raw: the sender of the alert added a Reply-To of its choosing to every on-call email."""
+    fake = make_fake()
+    fleet = make_fleet({
+        "channels": {"email": smtp_channel(fake, 2, 1)},
+        "recipients": {"alice": {"email": "alice@example.com"}},
+        "routes": [{"match": {}, "to": ["alice"], "channels": ["email"]}],
+    }, {})
+    title = "=?utf-8?q?DiskFull=0D=0AReply-To:_mallory@evil.example?="
+    fleet.intake.submit(Event(kind="alert", title=title, severity="critical"), Source.API)
+    fleet.drain(timers_until=1)
+    [mail] = fake.messages
+    assert mail["Reply-To"] is None, mail.items()
+    assert title in mail["Subject"], mail["Subject"]
+
+
+def test_a_message_too_big_for_the_server_does_not_open_the_fleet_wide_email_breaker(
+    make_fake: Callable[..., FakeSmtp], make_fleet: MakeFleet
+) -> None:
+    """A server refuses a message above its SIZE with 552 to MAIL FROM (RFC 1870): that one
+    message is too big, every other still goes. It was taken for our sender being refused
+    (ACCOUNT) and counted against `email:smtp`: two alerts with long bodies for alice shut
+    email off for everyone, and bob's small one went by SMS."""
+    fake = make_fake(data_size_limit=20_000)
+    fleet = make_fleet({
+        "channels": {
+            "email": smtp_channel(fake, 2, 3, breaker={"fail_max": 2, "reset_timeout": 30}),
+            "sms": {"provider": "sandbox", "recipient_limits": []},
+        },
+        "recipients": {"alice": {"email": "alice@example.com", "phone": "+8613800138000"},
+                       "bob": {"email": "bob@example.com", "phone": "+8613900139000"}},
+        "groups": {},
+        "routes": [{"match": {"who": "alice"}, "to": ["alice"], "channels": ["email"],
+                    "fallback": ["sms"]},
+                   {"match": {}, "to": ["bob"], "channels": ["email"], "fallback": ["sms"]}],
+    }, {})
+    for _ in range(2):
+        fleet.intake.submit(Event(kind="alert", title="DiskFull", severity="critical",
+                                  body="disk /data is full " * 2000, labels={"who": "alice"}),
+                            Source.API)
+    fleet.drain(timers_until=3)
+    assert fake.messages == []
+    breaker = fleet.deps.breaker_for("email:smtp", fleet.settings.channels["email"].breaker)
+    assert breaker.status().state is BreakerState.CLOSED
+
+    fleet.intake.submit(Event(kind="alert", title="DiskFull", severity="critical"), Source.API)
+    fleet.drain(timers_until=1)
+    assert [m["To"] for m in fake.messages] == ["bob@example.com"], fleet.outcomes
+
+
+def test_an_address_with_a_non_ascii_mailbox_gets_its_email_where_the_server_takes_smtputf8(
+    make_fake: Callable[..., FakeSmtp], make_fleet: MakeFleet
+) -> None:
+    """'运维值班@example.com' passes the config (an internationalised address, RFC 6530) and the
+    server offers SMTPUTF8 (aiosmtpd does, as Postfix does by default). The To header was built with the email
+    package's Address, which refuses a non-ASCII local part: every alert to that person failed
+    as INVALID_MESSAGE before connecting, and went by SMS or nowhere."""
+    fake = make_fake()
+    fleet = make_fleet({
+        "channels": {"email": smtp_channel(fake, 2, 1),
+                     "sms": {"provider": "sandbox", "recipient_limits": []}},
+        "recipients": {"alice": {"email": "运维值班@example.com", "phone": "+8613800138000"}},
+        "routes": [{"match": {}, "to": ["alice"], "channels": ["email"], "fallback": ["sms"]}],
+    }, {})
+    fleet.intake.submit(Event(kind="alert", title="DiskFull", severity="critical"), Source.API)
+    fleet.drain(timers_until=1)
+    assert fake.envelopes == [("notifier@alerts.example.com", ["运维值班@example.com"])], \
+        fleet.outcomes
+    assert fake.messages[0]["To"] == "运维值班@example.com"
+
+
+def test_a_server_closing_at_rcpt_with_421_opens_the_email_breaker(
+    make_fake: Callable[..., FakeSmtp], make_fleet: MakeFleet
+) -> None:
+    """421 is the server closing the session (RFC 5321 3.8), whichever command it answers: at
+    RCPT too it says nothing of the mailbox. It was taken for one mailbox's trouble, like 452,
+    so a server shedding every session at RCPT never opened `email:smtp`: every alert kept
+    trying it, max_attempts times with backoff, before going by SMS."""
+    fake = make_fake()
+    fleet = make_fleet({
+        "channels": {
+            "email": smtp_channel(fake, 2, 2, breaker={"fail_max": 2, "reset_timeout": 30}),
+            "sms": {"provider": "sandbox", "recipient_limits": []},
+        },
+        "recipients": {"alice": {"email": "alice@example.com", "phone": "+8613800138000"}},
+        "routes": [{"match": {}, "to": ["alice"], "channels": ["email"], "fallback": ["sms"]}],
+    }, {})
+    fake.script("rcpt", "421 4.3.2 service shutting down", close=True, times=10)
+    fleet.intake.submit(Event(kind="alert", title="DiskFull", severity="critical"), Source.API)
+    fleet.drain(timers_until=3)
+    assert "fallen_back" in [outcome for _, outcome in fleet.outcomes]
+    breaker = fleet.deps.breaker_for("email:smtp", fleet.settings.channels["email"].breaker)
+    assert breaker.status().state is BreakerState.OPEN

@@ -14,6 +14,7 @@ import traceback
 import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,10 +31,13 @@ from notifier.errors import (
     PermanentError,
     TransientError,
 )
-from notifier.models import ErrorClass, Outgoing, Rendered
+from notifier.models import ErrorClass, Event, Outgoing, Rendered, Source
 from tests.fakes.dysmsapi import FakeDysmsapi
+from tests.integration.conftest import SMS_ENV, MakeFleet
+from tests.integration.test_pipeline import FAST_RETRY, aliyun, outbox
 from tests.support.channel_calls import send_error, send_now
 from tests.support.servers import clean_env, free_port
+from tests.support.tls import CorruptingTlsFront
 
 AK_ID, AK_SECRET = "LTAI5tFakeKeyId0001", "s3cr3t-VALUE-never-printed"
 TEMPLATES = {"alert": "SMS_100001", "resolved": "SMS_100002", "drill": "SMS_100003"}
@@ -165,6 +169,12 @@ LIMIT = {"kind": "business", "code": "isv.BUSINESS_LIMIT_CONTROL"}
      ErrorClass.ACCOUNT, "InvalidTimeStamp.Expired", None),
     ({"kind": "non_json", "status": 502},
      ErrorClass.MAYBE_SENT, "InvalidResponse", None),
+    ({"kind": "gateway", "status": 403, "code": "Forbidden.RAM"},
+     ErrorClass.ACCOUNT, "Forbidden.RAM", None),
+    ({"kind": "gateway", "status": 403, "code": "NoPermission"},
+     ErrorClass.ACCOUNT, "NoPermission", None),
+    ({"kind": "gateway", "status": 400, "code": "MissingPhoneNumbers"},
+     ErrorClass.PERMANENT, "MissingPhoneNumbers", None),
 ])
 def test_scripted_failures_are_classified(
     fake: FakeDysmsapi, channel: AliyunSms, behaviour: dict[str, Any],
@@ -365,3 +375,62 @@ def test_standalone_fake_with_control_api() -> None:
         if process.stdout is not None:
             process.stdout.close()
     assert process.returncode == 0
+
+
+def test_an_account_refused_by_its_ram_policy_hands_the_alert_to_the_backup_account(
+    make_fleet: MakeFleet, sms_fake: FakeDysmsapi
+) -> None:
+    """The gateway answers 403 Forbidden.RAM when the AccessKey's RAM user may not call
+    SendSms (a policy changed, a key rotated to the wrong user): no SMS goes out on this
+    account until someone fixes it. It was taken for this message's fault (an unknown 4xx,
+    permanent), so the channel's backup account was skipped: the alert went by email, and on
+    a route without a fallback it failed, while the backup account would have sent it."""
+    forbidden = {"kind": "gateway", "status": 403, "code": "Forbidden.RAM",
+                 "message": "User not authorized to operate on the specified resource, or "
+                            "this API doesn't support RAM."}
+    sms_fake.script(forbidden)
+    sms = {**aliyun(sms_fake), "recipient_limits": [], "retry": FAST_RETRY,
+           "providers": [{"provider": "sandbox", "name": "backup"}]}
+    fleet = make_fleet({
+        "channels": {"sms": sms, "email": {"provider": "sandbox"}},
+        "recipients": {"alice": {"phone": "+8613800138000", "email": "alice@example.com"}},
+        "routes": [{"match": {}, "to": ["alice"], "channels": ["sms"], "fallback": ["email"]}],
+    }, SMS_ENV)
+    txid = fleet.intake.submit(Event(kind="alert", title="DiskFull", severity="critical"),
+                               Source.API).transaction_id
+    fleet.drain(timers_until=3)
+    deliveries = fleet.deps.ledger.deliveries(txid)
+    assert [(d.channel, d.status) for d in deliveries] == [("sms", "sent")]
+    attempts = [(a["provider"], a["outcome"]) for a in fleet.deps.ledger.attempts(deliveries[0].id)]
+    assert attempts == [("aliyun", "account"), ("backup", "sent")], attempts
+    assert len(outbox(fleet, "sms")) == 1 and outbox(fleet, "email") == []
+    breaker = fleet.deps.breaker_for("sms:aliyun", fleet.settings.channels["sms"].breaker)
+    assert breaker.status().failures == 1  # counted: the account, not the message
+
+
+def test_a_tls_failure_reading_the_answer_is_looked_up_not_sent_twice(
+    make_fleet: MakeFleet, sms_fake: FakeDysmsapi, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over HTTPS, Aliyun took the SendSms and the TLS layer broke while its answer came back
+    (a record that fails to decrypt: requests raises SSLError). That was filed with the
+    handshake failures as 'never left', transient, so the retry sent the SMS again without a
+    look-up: the phone got the page twice. It may have been sent: QuerySendDetails finds it."""
+    front = CorruptingTlsFront(sms_fake.port, tmp_path, corrupt=1)
+    monkeypatch.setenv("SSL_CERT_FILE", str(front.cert))  # the test CA, as a deployment's own
+    sms = {**aliyun(sms_fake), "endpoint": f"127.0.0.1:{front.port}", "protocol": "https",
+           "recipient_limits": [], "retry": FAST_RETRY}
+    fleet = make_fleet({
+        "channels": {"sms": sms},
+        "recipients": {"alice": {"phone": "+8613800138000"}},
+        "routes": [{"match": {}, "to": ["alice"], "channels": ["sms"]}],
+    }, SMS_ENV)
+    txid = fleet.intake.submit(Event(kind="alert", title="DiskFull", severity="critical"),
+                               Source.API).transaction_id
+    fleet.drain(timers_until=3)
+    front.close()
+    (delivery,) = fleet.deps.ledger.deliveries(txid)
+    attempts = [a["outcome"] for a in fleet.deps.ledger.attempts(delivery.id)]
+    assert [m["out_id"] for m in sms_fake.messages] == [delivery.id], attempts
+    assert attempts == ["maybe_sent", "found_after_timeout"], attempts
+    assert delivery.status == "sent"

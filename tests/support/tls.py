@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import socket
 import ssl
+import threading
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -50,3 +54,65 @@ def server_tls_context(directory: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     return context
+
+
+class CorruptingTlsFront:
+    """HTTPS in front of a plain-HTTP server on loopback (certificate: `server_tls_context`).
+    Each request is forwarded whole and its answer relayed, except that the first `corrupt`
+    answers are replaced by a TLS record nobody can decrypt: the server did the work, and the
+    client's TLS layer fails while reading what came back."""
+
+    def __init__(self, upstream_port: int, directory: Path, corrupt: int = 1) -> None:
+        self.upstream_port = upstream_port
+        self.corrupt = corrupt
+        self.cert = directory / "cert.pem"
+        self._context = server_tls_context(directory)
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        raw = socket.socket(fileno=os.dup(client.fileno()))  # under the TLS layer
+        try:
+            with self._context.wrap_socket(client, server_side=True) as tls, \
+                    socket.create_connection(("127.0.0.1", self.upstream_port)) as upstream:
+                from_client, from_upstream = tls.makefile("rb"), upstream.makefile("rb")
+                while request := _http_message(from_client):
+                    upstream.sendall(request)
+                    answer = _http_message(from_upstream)
+                    if self.corrupt > 0:
+                        self.corrupt -= 1
+                        raw.sendall(b"\x17\x03\x03\x00\x40" + os.urandom(64))
+                        return
+                    tls.sendall(answer)
+        except OSError:
+            pass
+        finally:
+            raw.close()
+
+
+def _http_message(stream: BinaryIO) -> bytes:
+    """One HTTP/1.1 request or response with a Content-Length body; b"" at end of stream."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        line = stream.readline()
+        if not line:
+            return b""
+        head += line
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return head + stream.read(length)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Callable
 
 import aiohttp
 import pytest
 import requests
+import urllib3.exceptions
 from alibabacloud_tea_openapi.exceptions import (
     ClientException,
     ServerException,
@@ -134,6 +136,8 @@ def gateway(cls: type[ClientException], status: int, code: str, **extra: int) ->
          "InvalidAccessKeyId.NotFound"),
         (gateway(ClientException, 400, "InvalidTimeStamp.Expired"), A, "InvalidTimeStamp.Expired"),
         (gateway(ClientException, 400, "MissingPhoneNumbers"), P, "MissingPhoneNumbers"),
+        (gateway(ClientException, 403, "Forbidden.RAM"), A, "Forbidden.RAM"),
+        (gateway(ClientException, 403, "NoPermission"), A, "NoPermission"),
         (gateway(ClientException, 400, "Throttling.User"), T, "Throttling.User"),
         (gateway(ServerException, 500, "InternalError"), T, "InternalError"),
         (gateway(ServerException, 503, "ServiceUnavailable"), T, "ServiceUnavailable"),
@@ -320,3 +324,22 @@ def test_sync_refusal_recognised_from_text_alone() -> None:
         "HTTPConnectionPool(host='127.0.0.1', port=1): Max retries exceeded with url: / (Caused "
         "by NewConnectionError('Failed to establish a new connection: [Errno 111] refused'))")))
     assert classify_exception(bare).code == "ConnectionError"
+
+
+@pytest.mark.parametrize(("reason", "expected", "code"), [
+    # only the handshake can refuse a certificate: nothing left
+    (ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] self-signed"),
+     ErrorClass.TRANSIENT, "ConnectionError"),
+    # any other TLS failure may come while the answer is read, after the request left
+    (ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] bad record mac"),
+     ErrorClass.MAYBE_SENT, "TLSError"),
+])
+def test_sync_tls_failures(reason: ssl.SSLError, expected: ErrorClass, code: str) -> None:
+    def tls_failure() -> None:  # as urllib3 and requests chain it
+        try:
+            raise urllib3.exceptions.SSLError(reason) from reason
+        except urllib3.exceptions.SSLError as exc:
+            raise requests.exceptions.SSLError(exc) from exc
+
+    error = classify_exception(sync_sdk_wrapped(tls_failure))
+    assert (error.error_class, error.code) == (expected, code)

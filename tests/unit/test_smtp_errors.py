@@ -62,7 +62,8 @@ def test_a_4xx_to_rcpt_is_about_that_mailbox_and_does_not_trip_the_breaker(code:
     "exc",
     [aiosmtplib.SMTPSenderRefused(451, "try later", "notifier@example.com"),
      aiosmtplib.SMTPDataError(451, "local error in processing"),
-     aiosmtplib.SMTPConnectResponseError(421, "too busy")],
+     aiosmtplib.SMTPConnectResponseError(421, "too busy"),
+     aiosmtplib.SMTPRecipientRefused(421, "4.3.2 shutting down", "bob@example.com")],
     ids=lambda e: type(e).__name__,
 )
 def test_a_4xx_outside_rcpt_is_about_the_server_and_trips_the_breaker(
@@ -86,6 +87,13 @@ def test_a_5xx_outside_rcpt_and_data_refuses_every_message_so_it_is_account(
     exc: aiosmtplib.SMTPResponseException,
 ) -> None:
     check(classify(exc), ErrorClass.ACCOUNT, str(exc.code))
+
+
+def test_552_to_mail_from_is_this_message_too_big_not_our_sender() -> None:
+    error = classify(aiosmtplib.SMTPSenderRefused(
+        552, "Error: message size exceeds fixed maximum message size", "notifier@example.com"))
+    check(error, ErrorClass.PERMANENT, "552")
+    assert not error.trips_breaker
 
 
 @pytest.mark.parametrize(
