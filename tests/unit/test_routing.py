@@ -7,7 +7,7 @@ import random
 from notifier.config import RetryPolicy, settings_from_mapping
 from notifier.ledger import DeliveryRecord
 from notifier.models import Event, TxStatus
-from notifier.pipeline.backoff import retry_delay
+from notifier.pipeline.backoff import RETRY_AFTER_MAX, retry_delay
 from notifier.pipeline.fanout import plan_deliveries
 from notifier.pipeline.rollup import transaction_status
 from notifier.pipeline.routing import plan_route
@@ -73,6 +73,11 @@ def test_backoff_grows_exponentially_caps_and_honours_retry_after() -> None:
     policy = RetryPolicy(base_delay=1, max_delay=30, jitter=0)
     assert [retry_delay(policy, n) for n in (1, 2, 3, 4, 6, 10)] == [1, 2, 4, 8, 30, 30]
     assert retry_delay(policy, 1, retry_after=60) >= 60
+    # A Retry-After no provider means ("inf", "1e12", "nan" through a proxy) cannot hold an
+    # alert for ever: at most RETRY_AFTER_MAX, plus its upward jitter.
+    for nonsense in (float("inf"), 1e12):
+        assert RETRY_AFTER_MAX <= retry_delay(policy, 1, retry_after=nonsense) <= RETRY_AFTER_MAX * 1.2
+    assert retry_delay(policy, 1, retry_after=float("nan")) == 1
     jittery = RetryPolicy(base_delay=10, max_delay=100, jitter=0.5)
     draws = {round(retry_delay(jittery, 1, rng=random.Random(seed)), 3) for seed in range(20)}
     assert len(draws) > 10 and all(5 <= d <= 15 for d in draws)
