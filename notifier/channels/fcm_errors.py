@@ -38,7 +38,10 @@ SEND_ERROR_CODES: Mapping[str, ErrorClass] = {
     "INVALID_ARGUMENT": P,  # bad token format, payload too big, reserved data key
     "UNREGISTERED": P,  # app uninstalled / token expired
     "SENDER_ID_MISMATCH": P,  # the token belongs to another Firebase project
-    "THIRD_PARTY_AUTH_ERROR": A,  # our APNs certificate / web-push credentials are bad
+    # Our APNs certificate or web-push credentials are bad: that iOS or browser token's send
+    # fails (PROTOCOLS.md: permanent), and its fallback carries the alert. Not an account
+    # error: the fleet-wide push breaker would shut off the Android pushes that still work.
+    "THIRD_PARTY_AUTH_ERROR": P,
     "QUOTA_EXCEEDED": T,  # project or per-device rate; honour Retry-After
     "UNAVAILABLE": T,
     "INTERNAL": T,

@@ -123,12 +123,14 @@ def test_a_401_that_survives_a_fresh_token_is_an_account_failure(
     assert (fake.token_requests, fake.send_requests) == (2, 2)
 
 
-def test_third_party_auth_error_is_account_without_a_token_refresh(
+def test_third_party_auth_error_fails_that_token_only_without_a_token_refresh(
     fake: FakeFcm, channel_for: Factory
 ) -> None:
+    """Bad APNs / web-push credentials: that token's send is permanent (its fallback carries
+    it), not an account error that would open the breaker for Android tokens too."""
     fake.script(status=401, error_code="THIRD_PARTY_AUTH_ERROR")
     error = fails(channel_for(fake))
-    assert (error.error_class, error.code) == (ErrorClass.ACCOUNT, "THIRD_PARTY_AUTH_ERROR")
+    assert (error.error_class, error.code) == (ErrorClass.PERMANENT, "THIRD_PARTY_AUTH_ERROR")
     assert fake.token_requests == 1
 
 

@@ -51,9 +51,8 @@ def fcm_body(status: int, error_code: str | None = None) -> bytes:
 
 
 def test_protocols_md_classes() -> None:
-    permanent = ("INVALID_ARGUMENT", "SENDER_ID_MISMATCH", "UNREGISTERED")
+    permanent = ("INVALID_ARGUMENT", "SENDER_ID_MISMATCH", "UNREGISTERED", "THIRD_PARTY_AUTH_ERROR")
     assert all(SEND_ERROR_CODES[c] is ErrorClass.PERMANENT for c in permanent)
-    assert SEND_ERROR_CODES["THIRD_PARTY_AUTH_ERROR"] is ErrorClass.ACCOUNT
     transient = ("QUOTA_EXCEEDED", "INTERNAL", "UNAVAILABLE")
     assert all(SEND_ERROR_CODES[c] is ErrorClass.TRANSIENT for c in transient)
 
