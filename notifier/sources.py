@@ -55,13 +55,15 @@ def from_alertmanager(payload: AlertmanagerWebhook) -> Event:
 
 
 def alertmanager_dedup_key(payload: WebhookFields) -> str:
-    """Same group, same status, same alerts (fingerprint + status) -> same key.
+    """Same group, same status, same alerts (fingerprint + startsAt + status) -> same key.
 
     Alertmanager re-sends an identical body on retry and at repeat_interval; a changed set of
-    alerts gives a new key and so a new notification.
+    alerts gives a new key and so a new notification. startsAt tells an alert that fired again
+    (after resolving, within the dedup window) from the firing it had before: same fingerprint,
+    but a new firing, which must page although its last message said resolved.
     """
     alerts = sorted([f"{a.fingerprint or orjson.dumps(a.labels, option=orjson.OPT_SORT_KEYS).decode()}"
-                     f":{a.status}" for a in payload.alerts])
+                     f":{a.startsAt}:{a.status}" for a in payload.alerts])
     material = orjson.dumps([payload.receiver, payload.groupKey, payload.status, alerts,
                              payload.truncatedAlerts])
     return hashlib.sha256(material).hexdigest()

@@ -183,6 +183,20 @@ def test_changed_alert_set_is_a_new_notification(client: TestClient) -> None:
     assert second["transaction_id"] != first["transaction_id"] and "suppressed" not in second
 
 
+def test_an_alert_that_fires_again_after_resolving_is_a_new_notification(client: TestClient) -> None:
+    # Flapping within the dedup window: firing, resolved, then firing again (a new startsAt,
+    # the same fingerprint). The third must page: its person's last message said RESOLVED.
+    firing = fixture("alertmanager-firing.json")
+    first = client.post("/v1/alertmanager", json=firing).json()
+    resolved = client.post("/v1/alertmanager", json=fixture("alertmanager-resolved.json")).json()
+    assert "suppressed" not in resolved
+    firing["alerts"][0]["startsAt"] = "2026-11-23T03:52:41.730555223Z"
+    again = client.post("/v1/alertmanager", json=firing).json()
+    assert again["transaction_id"] != first["transaction_id"] and "suppressed" not in again
+    # while a retry of that very webhook is still one notification
+    assert client.post("/v1/alertmanager", json=firing).json() == {**again, "suppressed": True}
+
+
 @pytest.mark.parametrize("kind", ["drill", "digest"])
 def test_an_event_of_an_internal_kind_is_refused_naming_kind(client: TestClient, redis_client: Any,
                                                              kind: str) -> None:
