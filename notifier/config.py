@@ -356,9 +356,12 @@ class Settings(_Strict):
     # With redis_url sentinel://host:26379;sentinel://host2:26379: the monitored master's name.
     redis_sentinel_master: str | None = None
     locale: Literal["en", "zh-CN"] = "en"
-    retention: Duration = 7 * 86400.0
-    dedup_window: Duration = 600.0
-    idempotency_ttl: Duration = 86400.0
+    # Key lifetimes, in whole seconds (or milliseconds, the dedup window) as Redis takes them:
+    # one that rounds to 0 is EXPIRE 0 (the transaction deleted as it is accepted) or SET ... EX 0
+    # (an error: the accept script fails, every webhook or keyed event answered 503).
+    retention: Duration = Field(default=7 * 86400.0, ge=1)
+    dedup_window: Duration = Field(default=600.0, ge=0.001)
+    idempotency_ttl: Duration = Field(default=86400.0, ge=1)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     public_url: str = "http://127.0.0.1:9095"  # where providers' callbacks reach the API
     scheduler_interval: Duration = 0.05  # timer resolution: paced sends fire one by one

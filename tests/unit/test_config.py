@@ -57,6 +57,13 @@ BAD_CASES = [
     # step (no SMS, no fallback, re-queued by the reaper for ever).
     ("channels.sms.rate_limit.per", "0s",
      "channels.sms.rate_limit.per: Input should be greater than 0"),
+    # Key lifetimes that round to nothing in Redis: a retention under a second (EXPIRE 0)
+    # deleted each transaction as it was accepted (200, then 404, never sent); a dedup window
+    # under a millisecond (SET PX 0) or an idempotency TTL under a second (SET EX 0) made the
+    # accept script fail: every Alertmanager webhook, or every event with a key, answered 503.
+    ("retention", "0.5s", "retention: Input should be greater than or equal to 1"),
+    ("dedup_window", "0s", "dedup_window: Input should be greater than or equal to 0.001"),
+    ("idempotency_ttl", 0, "idempotency_ttl: Input should be greater than or equal to 1"),
     ("redis_url", "localhost:6379", "redis_url: expected a redis://, rediss://, unix://, sentinel:// URL"),
     ("idempotency_ttl", 1e300, "idempotency_ttl: a duration must be at most 3650d"),
     ("channels.sms.rate_limit.burst", 0.5,
