@@ -310,6 +310,15 @@ class Route(_Strict):
     channels: list[str] = Field(min_length=1)
     fallback: list[str] = Field(default_factory=list)
 
+    @field_validator("channels", "fallback")
+    @classmethod
+    def _each_once(cls, value: list[str]) -> list[str]:
+        # Each listing is a delivery of its own: a channel listed twice sends every alert twice.
+        twice = sorted({c for c in value if value.count(c) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(map(repr, twice))} listed twice")
+        return value
+
     @field_validator("match_re")
     @classmethod
     def _regexes_compile(cls, value: dict[str, str]) -> dict[str, str]:

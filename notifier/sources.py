@@ -70,9 +70,10 @@ def alertmanager_dedup_key(payload: WebhookFields) -> str:
 
 
 def from_event_in(body: EventIn) -> Event:
+    # A channel named twice would fan out a delivery per listing: the same message twice.
     return Event(kind=body.kind, title=body.title, body=body.body, severity=body.severity,
                  labels=body.labels, annotations=body.annotations, to=tuple(body.to),
-                 channels=tuple(body.channels))
+                 channels=tuple(dict.fromkeys(body.channels)))
 
 
 def stored_event(fields: Mapping[str, str]) -> Event:

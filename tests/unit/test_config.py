@@ -64,6 +64,9 @@ BAD_CASES = [
     ("retention", "0.5s", "retention: Input should be greater than or equal to 1"),
     ("dedup_window", "0s", "dedup_window: Input should be greater than or equal to 0.001"),
     ("idempotency_ttl", 0, "idempotency_ttl: Input should be greater than or equal to 1"),
+    # Each listing was a delivery of its own: every alert went to the phone twice.
+    ("routes.0.channels", ["sms", "sms"], "routes[0].channels: 'sms' listed twice"),
+    ("routes.0.fallback", ["email", "email"], "routes[0].fallback: 'email' listed twice"),
     ("redis_url", "localhost:6379", "redis_url: expected a redis://, rediss://, unix://, sentinel:// URL"),
     ("idempotency_ttl", 1e300, "idempotency_ttl: a duration must be at most 3650d"),
     ("channels.sms.rate_limit.burst", 0.5,
