@@ -205,6 +205,16 @@ class AliyunSmsProvider(_Strict):
     # Longest value Aliyun accepts for one template variable.
     param_max_chars: int = Field(default=35, ge=1)
 
+    @field_validator("templates")
+    @classmethod
+    def _has_alert(cls, value: dict[str, str]) -> dict[str, str]:
+        # Every kind without a template of its own is sent with 'alert' (AliyunSms.template_for):
+        # without it, each firing alert's SMS failed at send time (NoTemplate).
+        if not value.get("alert"):
+            raise ValueError(f"no 'alert' template (the kind of a firing alert, and the one every "
+                             f"kind without its own uses); has: {', '.join(sorted(value))}")
+        return value
+
 
 class SmtpProvider(_Strict):
     provider: Literal["smtp"]

@@ -67,6 +67,10 @@ BAD_CASES = [
     # Each listing was a delivery of its own: every alert went to the phone twice.
     ("routes.0.channels", ["sms", "sms"], "routes[0].channels: 'sms' listed twice"),
     ("routes.0.fallback", ["email", "email"], "routes[0].fallback: 'email' listed twice"),
+    # Every kind without a template of its own uses 'alert': without it, a firing alert's SMS
+    # failed at every send (NoTemplate), and only there.
+    ("channels.sms.templates", {"firing": "SMS_1", "resolved": "SMS_2"},
+     "channels.sms.providers[0].templates: no 'alert' template"),
     ("redis_url", "localhost:6379", "redis_url: expected a redis://, rediss://, unix://, sentinel:// URL"),
     ("idempotency_ttl", 1e300, "idempotency_ttl: a duration must be at most 3650d"),
     ("channels.sms.rate_limit.burst", 0.5,
