@@ -151,6 +151,18 @@ def config_phone(raw: str, default_region: str = "CN") -> str:
 E164 = Annotated[str, AfterValidator(normalise_phone)]
 
 
+def each_once(value: list[str]) -> list[str]:
+    """A list of channels or addresses, refused when it names one twice: each listing is a
+    delivery of its own, so the message would go there twice."""
+    twice = sorted({item for item in value if value.count(item) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(map(repr, twice))} listed twice")
+    return value
+
+
+Once = Annotated[list[str], AfterValidator(each_once)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -302,7 +314,7 @@ class ChannelConfig(_Strict):
 class Recipient(_Strict):
     phone: Annotated[str, AfterValidator(config_phone)] | None = None
     email: str | None = None
-    push_tokens: list[str] = Field(default_factory=list)
+    push_tokens: Once = Field(default_factory=list)
     locale: Literal["en", "zh-CN"] | None = None
 
     @field_validator("email")
@@ -317,17 +329,8 @@ class Route(_Strict):
     match: dict[str, str] = Field(default_factory=dict)  # label == value (and `receiver`)
     match_re: dict[str, str] = Field(default_factory=dict)  # label ~ anchored regex
     to: list[str] = Field(min_length=1)
-    channels: list[str] = Field(min_length=1)
-    fallback: list[str] = Field(default_factory=list)
-
-    @field_validator("channels", "fallback")
-    @classmethod
-    def _each_once(cls, value: list[str]) -> list[str]:
-        # Each listing is a delivery of its own: a channel listed twice sends every alert twice.
-        twice = sorted({c for c in value if value.count(c) > 1})
-        if twice:
-            raise ValueError(f"{', '.join(map(repr, twice))} listed twice")
-        return value
+    channels: Once = Field(min_length=1)
+    fallback: Once = Field(default_factory=list)
 
     @field_validator("match_re")
     @classmethod

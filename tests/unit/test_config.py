@@ -71,6 +71,9 @@ BAD_CASES = [
     # failed at every send (NoTemplate), and only there.
     ("channels.sms.templates", {"firing": "SMS_1", "resolved": "SMS_2"},
      "channels.sms.providers[0].templates: no 'alert' template"),
+    # Each token is a delivery of its own: the device got every alert twice.
+    ("recipients.alice.push_tokens", ["tok-1", "tok-1"],
+     "recipients.alice.push_tokens: 'tok-1' listed twice"),
     ("redis_url", "localhost:6379", "redis_url: expected a redis://, rediss://, unix://, sentinel:// URL"),
     ("idempotency_ttl", 1e300, "idempotency_ttl: a duration must be at most 3650d"),
     ("channels.sms.rate_limit.burst", 0.5,
