@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 
 import orjson
@@ -27,6 +28,16 @@ def _severity(payload: AlertmanagerWebhook) -> str:
 
 def alertmanager_kind(payload: WebhookFields) -> str:
     return "alert" if payload.status == "firing" else "resolved"
+
+
+_QUOTED = re.compile(r"\\(.)", re.DOTALL)
+
+
+def alertmanager_receiver(payload: WebhookFields) -> str:
+    """The receiver's name as configured in Alertmanager, which sends it regex-quoted (Go's
+    regexp.QuoteMeta: `ops.pager` arrives as `ops\\.pager`); routes match on the name."""
+    quoted = payload.receiver
+    return _QUOTED.sub(r"\1", quoted) if "\\" in quoted else quoted
 
 
 def from_alertmanager(payload: AlertmanagerWebhook) -> Event:

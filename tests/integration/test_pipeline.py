@@ -228,6 +228,25 @@ def test_an_event_naming_a_channel_twice_sends_one_message(make_fleet: MakeFleet
     assert fleet.deps.ledger.transaction(txid).event.channels == ("sms",)  # type: ignore[union-attr]
 
 
+def test_a_route_matches_an_alertmanager_receiver_by_its_name(make_fleet: MakeFleet, redis_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Alertmanager 0.25 sends the receiver's name regex-quoted (as captured from it): the route
+    # for `ops.pager` must take its webhooks, not the catch-all after it.
+    cfg = {"channels": {"email": {"provider": "sandbox"}},
+           "recipients": {"alice": {"email": "alice@example.com"}, "bob": {"email": "bob@example.com"}},
+           "routes": [{"match": {"receiver": "ops.pager"}, "to": ["alice"], "channels": ["email"]},
+                      {"match": {}, "to": ["bob"], "channels": ["email"]}]}
+    body = {**json.loads((FIXTURES / "alertmanager-firing.json").read_text()), "receiver": "ops\\.pager"}
+    monkeypatch.setenv("NOTIFIER_API_TOKEN", TOKEN)
+    app = create_app(settings_from_mapping({**cfg, "redis_url": redis_url}))
+    with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        assert client.post("/v1/alertmanager", json=body).status_code == 200
+    fleet = make_fleet(cfg)
+    fleet.take_queued_dispatches()
+    fleet.drain()
+    assert [m["to"] for m in outbox(fleet, "email")] == ["alice@example.com"]
+
+
 def test_a_webhook_with_an_impossible_start_time_still_reaches_email(make_fleet: MakeFleet) -> None:
     # startsAt is a free string in the webhook: one shaped like a time but impossible (month 13)
     # is accepted, and must not fail the email's template.
