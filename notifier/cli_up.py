@@ -177,8 +177,9 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         redis_url = os.environ.get("NOTIFIER_REDIS_URL") or data.get("redis_url")
         if not redis_url:
-            redis_url = _start_redis(tree)
-        data["redis_url"] = redis_url
+            redis_url = data["redis_url"] = _start_redis(tree)
+        # The children read the URL from NOTIFIER_REDIS_URL (below): one that came from there
+        # stays out of the file written next, as its password must (the environment only).
         settings_from_mapping(data, "effective config")  # fail before starting anything else
         STATE_DIR.mkdir(exist_ok=True)
         effective = STATE_DIR / "notifier.yaml"

@@ -151,6 +151,18 @@ def config_phone(raw: str, default_region: str = "CN") -> str:
 E164 = Annotated[str, AfterValidator(normalise_phone)]
 
 
+def each_once(value: list[str]) -> list[str]:
+    """A list of channels or addresses, refused when it names one twice: each listing is a
+    delivery of its own, so the message would go there twice."""
+    twice = sorted({item for item in value if value.count(item) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(map(repr, twice))} listed twice")
+    return value
+
+
+Once = Annotated[list[str], AfterValidator(each_once)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -204,6 +216,16 @@ class AliyunSmsProvider(_Strict):
     read_timeout: Duration = 10.0
     # Longest value Aliyun accepts for one template variable.
     param_max_chars: int = Field(default=35, ge=1)
+
+    @field_validator("templates")
+    @classmethod
+    def _has_alert(cls, value: dict[str, str]) -> dict[str, str]:
+        # Every kind without a template of its own is sent with 'alert' (AliyunSms.template_for):
+        # without it, each firing alert's SMS failed at send time (NoTemplate).
+        if not value.get("alert"):
+            raise ValueError(f"no 'alert' template (the kind of a firing alert, and the one every "
+                             f"kind without its own uses); has: {', '.join(sorted(value))}")
+        return value
 
 
 class SmtpProvider(_Strict):
@@ -292,7 +314,7 @@ class ChannelConfig(_Strict):
 class Recipient(_Strict):
     phone: Annotated[str, AfterValidator(config_phone)] | None = None
     email: str | None = None
-    push_tokens: list[str] = Field(default_factory=list)
+    push_tokens: Once = Field(default_factory=list)
     locale: Literal["en", "zh-CN"] | None = None
 
     @field_validator("email")
@@ -307,8 +329,8 @@ class Route(_Strict):
     match: dict[str, str] = Field(default_factory=dict)  # label == value (and `receiver`)
     match_re: dict[str, str] = Field(default_factory=dict)  # label ~ anchored regex
     to: list[str] = Field(min_length=1)
-    channels: list[str] = Field(min_length=1)
-    fallback: list[str] = Field(default_factory=list)
+    channels: Once = Field(min_length=1)
+    fallback: Once = Field(default_factory=list)
 
     @field_validator("match_re")
     @classmethod
@@ -356,9 +378,12 @@ class Settings(_Strict):
     # With redis_url sentinel://host:26379;sentinel://host2:26379: the monitored master's name.
     redis_sentinel_master: str | None = None
     locale: Literal["en", "zh-CN"] = "en"
-    retention: Duration = 7 * 86400.0
-    dedup_window: Duration = 600.0
-    idempotency_ttl: Duration = 86400.0
+    # Key lifetimes, in whole seconds (or milliseconds, the dedup window) as Redis takes them:
+    # one that rounds to 0 is EXPIRE 0 (the transaction deleted as it is accepted) or SET ... EX 0
+    # (an error: the accept script fails, every webhook or keyed event answered 503).
+    retention: Duration = Field(default=7 * 86400.0, ge=1)
+    dedup_window: Duration = Field(default=600.0, ge=0.001)
+    idempotency_ttl: Duration = Field(default=86400.0, ge=1)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     public_url: str = "http://127.0.0.1:9095"  # where providers' callbacks reach the API
     scheduler_interval: Duration = 0.05  # timer resolution: paced sends fire one by one

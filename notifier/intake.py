@@ -36,7 +36,7 @@ from notifier.logs import log_lines
 from notifier.models import Event, Source
 from notifier.pipeline.routing import unknown_targets
 from notifier.schemas import WebhookFields
-from notifier.sources import alertmanager_kind
+from notifier.sources import alertmanager_kind, alertmanager_receiver
 
 log = logging.getLogger("notifier.intake")
 
@@ -95,7 +95,8 @@ class Intake:
         notifier.ledger_accept.Stored).
         Nothing to check against the config: such an event names no recipients or channels."""
         return accept_call(new_transaction_id(), alertmanager_kind(webhook), webhook_body(body),
-                           Source.ALERTMANAGER, receiver=webhook.receiver, dedup_key=dedup_key)
+                           Source.ALERTMANAGER, receiver=alertmanager_receiver(webhook),
+                           dedup_key=dedup_key)
 
     def script_call(self, calls: Sequence[AcceptCall]) -> ScriptCall:
         """The one accept script call for `calls` (in order), under this intake's policy."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 
 import orjson
@@ -27,6 +28,16 @@ def _severity(payload: AlertmanagerWebhook) -> str:
 
 def alertmanager_kind(payload: WebhookFields) -> str:
     return "alert" if payload.status == "firing" else "resolved"
+
+
+_QUOTED = re.compile(r"\\(.)", re.DOTALL)
+
+
+def alertmanager_receiver(payload: WebhookFields) -> str:
+    """The receiver's name as configured in Alertmanager, which sends it regex-quoted (Go's
+    regexp.QuoteMeta: `ops.pager` arrives as `ops\\.pager`); routes match on the name."""
+    quoted = payload.receiver
+    return _QUOTED.sub(r"\1", quoted) if "\\" in quoted else quoted
 
 
 def from_alertmanager(payload: AlertmanagerWebhook) -> Event:
@@ -55,22 +66,25 @@ def from_alertmanager(payload: AlertmanagerWebhook) -> Event:
 
 
 def alertmanager_dedup_key(payload: WebhookFields) -> str:
-    """Same group, same status, same alerts (fingerprint + status) -> same key.
+    """Same group, same status, same alerts (fingerprint + startsAt + status) -> same key.
 
     Alertmanager re-sends an identical body on retry and at repeat_interval; a changed set of
-    alerts gives a new key and so a new notification.
+    alerts gives a new key and so a new notification. startsAt tells an alert that fired again
+    (after resolving, within the dedup window) from the firing it had before: same fingerprint,
+    but a new firing, which must page although its last message said resolved.
     """
     alerts = sorted([f"{a.fingerprint or orjson.dumps(a.labels, option=orjson.OPT_SORT_KEYS).decode()}"
-                     f":{a.status}" for a in payload.alerts])
+                     f":{a.startsAt}:{a.status}" for a in payload.alerts])
     material = orjson.dumps([payload.receiver, payload.groupKey, payload.status, alerts,
                              payload.truncatedAlerts])
     return hashlib.sha256(material).hexdigest()
 
 
 def from_event_in(body: EventIn) -> Event:
+    # A channel named twice would fan out a delivery per listing: the same message twice.
     return Event(kind=body.kind, title=body.title, body=body.body, severity=body.severity,
                  labels=body.labels, annotations=body.annotations, to=tuple(body.to),
-                 channels=tuple(body.channels))
+                 channels=tuple(dict.fromkeys(body.channels)))
 
 
 def stored_event(fields: Mapping[str, str]) -> Event:

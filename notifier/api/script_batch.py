@@ -321,7 +321,9 @@ class _Link(asyncio.Protocol):
                 self.write_out()
                 return
             if message.startswith("READONLY"):  # a demoted master: find the new one next call
-                self._fail(redis.ReadOnlyError(message))
+                readonly = redis.ReadOnlyError(message)
+                pending.settle(readonly)  # popped already: _fail only reaches those still owed
+                self._fail(readonly)
                 return
         pending.settle(reply)
 

@@ -5,6 +5,7 @@ Each Alertmanager fixture is posted and checked at the providers and in the ledg
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from notifier.cli import main
 from notifier.client import intake_for
 from notifier.config import settings_from_mapping
 from notifier.models import Event, Source
@@ -260,3 +262,22 @@ def test_metrics_count_the_live_worker_for_each_queue_it_consumes(stack: Stack) 
               "notifier.push"]
     wanted = [f'notifier_workers_alive{{queue="{queue}"}} 1.0' for queue in queues]
     wait_until(lambda: all(line in stack.get("/metrics").text for line in wanted), timeout=15)
+
+
+def test_up_keeps_a_redis_password_from_the_environment_off_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `notifier up` writes its effective config to ./.notifier/notifier.yaml: NOTIFIER_REDIS_URL,
+    # password and all, was written into it.
+    server = RedisServer(appendonly=False, password="s3cret-redis-pass")
+    server.start()
+    try:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.delenv("NOTIFIER_API_TOKEN", raising=False)
+        monkeypatch.setenv("NOTIFIER_REDIS_URL", f"redis://:s3cret-redis-pass@127.0.0.1:{server.port}/0")
+        with socket.socket() as taken:  # the API cannot bind: `up` stops once it wrote the file
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            assert main(["up", "--sandbox", "--port", str(taken.getsockname()[1])]) == 2
+        assert "s3cret-redis-pass" not in (tmp_path / ".notifier" / "notifier.yaml").read_text()
+    finally:
+        server.close()

@@ -4,6 +4,7 @@ echo it, and a Redis restart between accepts (new connection, script cache empty
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -144,3 +146,21 @@ def test_something_that_is_not_redis_gets_503s_never_a_500(reply: bytes | None) 
                 assert "redis unavailable" in response.json()["detail"]
     finally:
         impostor.close()
+
+
+
+def test_a_demoted_master_answers_503_not_a_hung_request(server: RedisServer) -> None:
+    # The master became a replica (a failover): it answers the accept script READONLY. That
+    # request must hear of it like the others on the link, not wait for ever.
+    redis.Redis(port=server.port).replicaof("127.0.0.1", free_port())
+    app = create_app(settings_from_mapping({**CONFIG, "redis_url": server.url}))
+
+    async def post(title: str) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+            return await asyncio.wait_for(client.post("/v1/events", json={"title": title}), 10)
+
+    response = asyncio.run(post("to a replica"))
+    assert response.status_code == 503, response.text
+    assert "ReadOnlyError" in response.json()["detail"]
+    redis.Redis(port=server.port).replicaof("NO", "ONE")  # promoted: the next call finds it
+    assert asyncio.run(post("promoted")).status_code == 202

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import yaml
 from fastapi.testclient import TestClient
 
 from notifier.api.app import create_app
@@ -181,6 +183,39 @@ def test_changed_alert_set_is_a_new_notification(client: TestClient) -> None:
     body["alerts"] = body["alerts"][:1]
     second = client.post("/v1/alertmanager", json=body).json()
     assert second["transaction_id"] != first["transaction_id"] and "suppressed" not in second
+
+
+def test_an_alert_that_fires_again_after_resolving_is_a_new_notification(client: TestClient) -> None:
+    # Flapping within the dedup window: firing, resolved, then firing again (a new startsAt,
+    # the same fingerprint). The third must page: its person's last message said RESOLVED.
+    firing = fixture("alertmanager-firing.json")
+    first = client.post("/v1/alertmanager", json=firing).json()
+    resolved = client.post("/v1/alertmanager", json=fixture("alertmanager-resolved.json")).json()
+    assert "suppressed" not in resolved
+    firing["alerts"][0]["startsAt"] = "2026-11-23T03:52:41.730555223Z"
+    again = client.post("/v1/alertmanager", json=firing).json()
+    assert again["transaction_id"] != first["transaction_id"] and "suppressed" not in again
+    # while a retry of that very webhook is still one notification
+    assert client.post("/v1/alertmanager", json=firing).json() == {**again, "suppressed": True}
+
+
+def test_a_large_group_sent_as_the_readme_configures_alertmanager_is_accepted(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A group of 4,000 alerts (a per-pod alert across a cluster) as the README's receiver sends
+    # it: without max_alerts, the whole group in one body, past max_body_bytes: a 413, which
+    # Alertmanager never retries, so that group paged nobody.
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    snippet = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "webhook_configs" in b)
+    [hook] = yaml.safe_load(snippet)["receivers"][0]["webhook_configs"]
+    body = fixture("alertmanager-firing.json")
+    alerts = [{**body["alerts"][0], "fingerprint": f"{i:016x}"} for i in range(4000)]
+    sent = alerts[:hook.get("max_alerts") or len(alerts)]
+    body.update(alerts=sent, truncatedAlerts=len(alerts) - len(sent))
+    monkeypatch.delenv("NOTIFIER_API_TOKEN", raising=False)
+    config = {key: value for key, value in CONFIG.items() if key != "max_body_bytes"}  # the default
+    with TestClient(create_app(settings_from_mapping({**config, "redis_url": redis_url}))) as client:
+        response = client.post("/v1/alertmanager", json=body)
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("kind", ["drill", "digest"])

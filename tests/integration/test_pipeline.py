@@ -10,12 +10,14 @@ import time
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
+from notifier.api.app import create_app
 from notifier.breaker import FleetBreaker
 from notifier.channels.base import ChannelContext
 from notifier.channels.sandbox import SandboxSms, outbox_key, read_outbox
 from notifier.client import as_event
-from notifier.config import SandboxProvider
+from notifier.config import SandboxProvider, settings_from_mapping
 from notifier.errors import BrokerUnavailable, InvalidEvent
 from notifier.intake import Intake
 from notifier.models import Event, Outgoing, Receipt, Source
@@ -29,7 +31,7 @@ from notifier.sources import from_alertmanager
 from notifier.tasks_spec import DISPATCH_QUEUE
 from tests.fakes.dysmsapi import FakeDysmsapi
 from tests.integration.conftest import SMS_ENV, MakeFleet
-from tests.integration.test_api import FIXTURES
+from tests.integration.test_api import FIXTURES, TOKEN
 from tests.support.inline import InlineFleet
 
 ENV = SMS_ENV
@@ -206,6 +208,43 @@ def test_a_drill_event_goes_out_from_a_drill_and_is_refused_from_the_client(
     assert fleet.deps.ledger.transaction(txid).status == "delivered"  # type: ignore[union-attr]
     [sms] = outbox(fleet, "sms")
     assert "4711" in json.dumps(sms, ensure_ascii=False)
+
+
+def test_an_event_naming_a_channel_twice_sends_one_message(make_fleet: MakeFleet,
+        sms_fake: FakeDysmsapi, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One event, "channels": ["sms", "sms", ...] from an API sender: each repeat was a delivery
+    # of its own, so the phone got the same SMS once per repeat (50 here).
+    cfg = {**config(aliyun(sms_fake)), "routes": [{"match": {}, "to": ["alice"], "channels": ["email"]}]}
+    monkeypatch.setenv("NOTIFIER_API_TOKEN", TOKEN)
+    app = create_app(settings_from_mapping({**cfg, "redis_url": redis_url}))
+    with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        accepted = client.post("/v1/events", json={"title": "DiskFull", "channels": ["sms"] * 50})
+    assert accepted.status_code == 202, accepted.text
+    fleet = make_fleet(cfg)
+    fleet.take_queued_dispatches()
+    fleet.drain()
+    assert [m["phone"] for m in sms_fake.messages] == ["13800138000"]
+    txid = accepted.json()["transaction_id"]
+    assert fleet.deps.ledger.transaction(txid).event.channels == ("sms",)  # type: ignore[union-attr]
+
+
+def test_a_route_matches_an_alertmanager_receiver_by_its_name(make_fleet: MakeFleet, redis_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Alertmanager 0.25 sends the receiver's name regex-quoted (as captured from it): the route
+    # for `ops.pager` must take its webhooks, not the catch-all after it.
+    cfg = {"channels": {"email": {"provider": "sandbox"}},
+           "recipients": {"alice": {"email": "alice@example.com"}, "bob": {"email": "bob@example.com"}},
+           "routes": [{"match": {"receiver": "ops.pager"}, "to": ["alice"], "channels": ["email"]},
+                      {"match": {}, "to": ["bob"], "channels": ["email"]}]}
+    body = {**json.loads((FIXTURES / "alertmanager-firing.json").read_text()), "receiver": "ops\\.pager"}
+    monkeypatch.setenv("NOTIFIER_API_TOKEN", TOKEN)
+    app = create_app(settings_from_mapping({**cfg, "redis_url": redis_url}))
+    with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        assert client.post("/v1/alertmanager", json=body).status_code == 200
+    fleet = make_fleet(cfg)
+    fleet.take_queued_dispatches()
+    fleet.drain()
+    assert [m["to"] for m in outbox(fleet, "email")] == ["alice@example.com"]
 
 
 def test_a_webhook_with_an_impossible_start_time_still_reaches_email(make_fleet: MakeFleet) -> None:

@@ -112,7 +112,9 @@ def test_kind_without_template_falls_back_to_alert(fake: FakeDysmsapi, channel: 
 
 
 def test_no_template_at_all_is_permanent_and_sends_nothing(fake: FakeDysmsapi) -> None:
-    channel = make_channel(fake.endpoint, templates={"drill": "SMS_100003"})
+    # The config refuses templates without 'alert'; the channel still refuses to guess one.
+    channel = make_channel(fake.endpoint)
+    channel.config = channel.config.model_copy(update={"templates": {"drill": "SMS_100003"}})
     error = send_error(channel, outgoing(kind="alert"))
     assert isinstance(error, PermanentError) and error.code == "NoTemplate"
     assert fake.requests.total() == 0

@@ -57,6 +57,23 @@ BAD_CASES = [
     # step (no SMS, no fallback, re-queued by the reaper for ever).
     ("channels.sms.rate_limit.per", "0s",
      "channels.sms.rate_limit.per: Input should be greater than 0"),
+    # Key lifetimes that round to nothing in Redis: a retention under a second (EXPIRE 0)
+    # deleted each transaction as it was accepted (200, then 404, never sent); a dedup window
+    # under a millisecond (SET PX 0) or an idempotency TTL under a second (SET EX 0) made the
+    # accept script fail: every Alertmanager webhook, or every event with a key, answered 503.
+    ("retention", "0.5s", "retention: Input should be greater than or equal to 1"),
+    ("dedup_window", "0s", "dedup_window: Input should be greater than or equal to 0.001"),
+    ("idempotency_ttl", 0, "idempotency_ttl: Input should be greater than or equal to 1"),
+    # Each listing was a delivery of its own: every alert went to the phone twice.
+    ("routes.0.channels", ["sms", "sms"], "routes[0].channels: 'sms' listed twice"),
+    ("routes.0.fallback", ["email", "email"], "routes[0].fallback: 'email' listed twice"),
+    # Every kind without a template of its own uses 'alert': without it, a firing alert's SMS
+    # failed at every send (NoTemplate), and only there.
+    ("channels.sms.templates", {"firing": "SMS_1", "resolved": "SMS_2"},
+     "channels.sms.providers[0].templates: no 'alert' template"),
+    # Each token is a delivery of its own: the device got every alert twice.
+    ("recipients.alice.push_tokens", ["tok-1", "tok-1"],
+     "recipients.alice.push_tokens: 'tok-1' listed twice"),
     ("redis_url", "localhost:6379", "redis_url: expected a redis://, rediss://, unix://, sentinel:// URL"),
     ("idempotency_ttl", 1e300, "idempotency_ttl: a duration must be at most 3650d"),
     ("channels.sms.rate_limit.burst", 0.5,
