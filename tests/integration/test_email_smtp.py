@@ -234,16 +234,12 @@ def smtp_channel(fake: FakeSmtp, timeout: float, max_attempts: int, **extra: Any
                       "jitter": 0}, **extra}
 
 
-def test_one_full_mailbox_does_not_open_the_fleet_wide_email_breaker(
-    make_fake: Callable[..., FakeSmtp], make_fleet: MakeFleet
-) -> None:
-    """452 to RCPT, on every attempt of alice's delivery (fail_max of them): her mailbox is
-    full, the mail server is fine. Her delivery falls back; bob's email still goes by email
-    (review 3: the retries used to open `email:smtp` for everyone)."""
-    fake = make_fake()
-    fleet = make_fleet({
+def alice_and_bob(fake: FakeSmtp, fail_max: int) -> dict[str, Any]:
+    """Alerts labelled who=alice go to alice, the rest to bob; both by email, SMS as fallback,
+    on an email breaker that opens after `fail_max` failures."""
+    return {
         "channels": {
-            "email": smtp_channel(fake, 2, 3, breaker={"fail_max": 3, "reset_timeout": 30}),
+            "email": smtp_channel(fake, 2, 3, breaker={"fail_max": fail_max, "reset_timeout": 30}),
             "sms": {"provider": "sandbox", "recipient_limits": []},
         },
         "recipients": {"alice": {"email": "alice@example.com", "phone": "+8613800138000"},
@@ -252,7 +248,17 @@ def test_one_full_mailbox_does_not_open_the_fleet_wide_email_breaker(
         "routes": [{"match": {"who": "alice"}, "to": ["alice"], "channels": ["email"],
                     "fallback": ["sms"]},
                    {"match": {}, "to": ["bob"], "channels": ["email"], "fallback": ["sms"]}],
-    }, {})
+    }
+
+
+def test_one_full_mailbox_does_not_open_the_fleet_wide_email_breaker(
+    make_fake: Callable[..., FakeSmtp], make_fleet: MakeFleet
+) -> None:
+    """452 to RCPT, on every attempt of alice's delivery (fail_max of them): her mailbox is
+    full, the mail server is fine. Her delivery falls back; bob's email still goes by email
+    (review 3: the retries used to open `email:smtp` for everyone)."""
+    fake = make_fake()
+    fleet = make_fleet(alice_and_bob(fake, fail_max=3), {})
     fake.script("rcpt", "452 4.2.2 <alice@example.com>: mailbox full", times=10)
     fleet.intake.submit(Event(kind="alert", title="DiskFull", severity="critical",
                               labels={"who": "alice"}), Source.API)
@@ -453,18 +459,7 @@ def test_a_message_too_big_for_the_server_does_not_open_the_fleet_wide_email_bre
     (ACCOUNT) and counted against `email:smtp`: two alerts with long bodies for alice shut
     email off for everyone, and bob's small one went by SMS."""
     fake = make_fake(data_size_limit=20_000)
-    fleet = make_fleet({
-        "channels": {
-            "email": smtp_channel(fake, 2, 3, breaker={"fail_max": 2, "reset_timeout": 30}),
-            "sms": {"provider": "sandbox", "recipient_limits": []},
-        },
-        "recipients": {"alice": {"email": "alice@example.com", "phone": "+8613800138000"},
-                       "bob": {"email": "bob@example.com", "phone": "+8613900139000"}},
-        "groups": {},
-        "routes": [{"match": {"who": "alice"}, "to": ["alice"], "channels": ["email"],
-                    "fallback": ["sms"]},
-                   {"match": {}, "to": ["bob"], "channels": ["email"], "fallback": ["sms"]}],
-    }, {})
+    fleet = make_fleet(alice_and_bob(fake, fail_max=2), {})
     for _ in range(2):
         fleet.intake.submit(Event(kind="alert", title="DiskFull", severity="critical",
                                   body="disk /data is full " * 2000, labels={"who": "alice"}),
