@@ -403,6 +403,13 @@ class Settings(_Strict):
         if self.redis_url.startswith("sentinel://") and not self.redis_sentinel_master:
             problems.append("redis_sentinel_master: required with a sentinel:// redis_url "
                             "(the name the sentinels monitor)")
+        for name in ("dedup_window", "idempotency_ttl"):
+            # A repeat inside the window is answered with the first transaction, which must
+            # still exist: else the sender is told "suppressed" pointing at nothing, and the
+            # repeat's count lands on a key without expiry.
+            if getattr(self, name) > self.retention:
+                problems.append(f"{name}: longer than retention ({getattr(self, name):g}s > "
+                                f"{self.retention:g}s); lower it or keep transactions longer")
         configured = sorted(self.channels)
         for name, channel in self.channels.items():
             if name not in CHANNEL_NAMES:

@@ -64,6 +64,9 @@ BAD_CASES = [
     ("retention", "0.5s", "retention: Input should be greater than or equal to 1"),
     ("dedup_window", "0s", "dedup_window: Input should be greater than or equal to 0.001"),
     ("idempotency_ttl", 0, "idempotency_ttl: Input should be greater than or equal to 1"),
+    # A repeat answered "suppressed" with a transaction retention had already deleted.
+    ("retention", "1h", "idempotency_ttl: longer than retention (86400s > 3600s)"),
+    ("dedup_window", "8d", "dedup_window: longer than retention"),
     # Each listing was a delivery of its own: every alert went to the phone twice.
     ("routes.0.channels", ["sms", "sms"], "routes[0].channels: 'sms' listed twice"),
     ("routes.0.fallback", ["email", "email"], "routes[0].fallback: 'email' listed twice"),
