@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from notifier.api.auth import CHALLENGE, UNAUTHORIZED, TokenAuth
 from notifier.api.first_pass import Decode, first_pass
-from notifier.api.limits import declared_too_large, read_body, reject_too_large
+from notifier.api.limits import ClientGone, declared_too_large, read_body, reject_too_large
 from notifier.api.raw import RETRY_AFTER_SECONDS, field_errors, send_json, unavailable_detail
 from notifier.api.script_batch import ScriptBatcher
 from notifier.errors import BrokerUnavailable, IdempotencyConflict, InvalidEvent
@@ -92,7 +92,10 @@ class IngestRoutes:
             challenge = (CHALLENGE[0].lower().encode(), CHALLENGE[1].encode())
             await send_json(send, 401, {"detail": UNAUTHORIZED}, [challenge])
             return
-        body = await read_body(receive, None if too_large is False else self.max_bytes)
+        try:
+            body = await read_body(receive, None if too_large is False else self.max_bytes)
+        except ClientGone:
+            return
         if body is None:
             await reject_too_large(send, self.max_bytes)
             return

@@ -43,7 +43,10 @@ class BodySizeLimit:
         # No Content-Length (chunked): read it here, counting, and hand the app the whole body.
         # (Raising from inside the app's receive would not do: FastAPI turns an error while
         # reading the body into its own 400/422, which would not say what is wrong.)
-        body = await read_body(receive, self.max_bytes)
+        try:
+            body = await read_body(receive, self.max_bytes)
+        except ClientGone:
+            return
         if body is None:
             await reject_too_large(send, self.max_bytes)
             return
@@ -59,15 +62,21 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
 
+class ClientGone(Exception):
+    """The client disconnected before its whole body arrived: there is nothing to answer, and
+    a part of a body must never be taken for the request (a first chunk can be valid JSON)."""
+
+
 async def read_body(receive: Receive, max_bytes: int | None) -> bytes | None:
-    """The whole request body; None once it grows past `max_bytes` (None: no limit to count)."""
+    """The whole request body; None once it grows past `max_bytes` (None: no limit to count).
+    ClientGone if the client left before its end."""
     chunks: list[bytes] = []
     seen = 0
     more = True
     while more:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            raise ClientGone
         chunk = message.get("body", b"")
         seen += len(chunk)
         if max_bytes is not None and seen > max_bytes:

@@ -497,3 +497,33 @@ def test_a_hung_redis_gets_503_and_the_api_stays_responsive(monkeypatch: pytest.
             assert client.post("/v1/events", json={"title": "after"}).status_code == 202
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("path", ["/v1/events", "/v1/alertmanager"])
+def test_a_client_gone_before_its_body_ended_has_nothing_accepted(
+        path: str, redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client sent a first chunk that happens to be a valid request, then disconnected
+    before the rest: that part is not the request, nothing is stored, nothing answered."""
+    monkeypatch.setenv("NOTIFIER_API_TOKEN", TOKEN)
+    app = create_app(settings_from_mapping({**CONFIG, "redis_url": redis_url}))
+    first = (json.dumps({"kind": "alert", "title": "partial", "to": ["alice"]}) if path == "/v1/events"
+             else json.dumps(fixture("alertmanager-firing.json"))).encode()
+    messages = [{"type": "http.request", "body": first, "more_body": True},
+                {"type": "http.disconnect"}]
+    sent: list[dict[str, Any]] = []
+    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "headers": [(b"authorization", f"Bearer {TOKEN}".encode()),
+                                              (b"transfer-encoding", b"chunked")]}
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    before = len(redis_client.keys("ntf:tx:*"))
+    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    assert sent == []
+    assert len(redis_client.keys("ntf:tx:*")) == before
+    assert redis_client.llen(DISPATCH_QUEUE) == 0
