@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from notifier.api.gauges import FLEET_GAUGES
+from notifier.api.gauges import fleet_gauges
 from notifier.api.script_batch import ScriptBatcher
 from notifier.celery_app import CeleryPublisher, make_celery
 from notifier.config import Settings
@@ -31,4 +31,4 @@ class ApiState:
             self.redis, ACCEPT, combine=self.intake.script_call, split=self.intake.results,
             max_items=MAX_EVENTS)
         self.registry = CollectorRegistry()
-        self.registry.register(FleetCollector(self.redis, FLEET_GAUGES))
+        self.registry.register(FleetCollector(self.redis, fleet_gauges(settings)))
