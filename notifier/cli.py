@@ -208,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a Celery worker of this app")
     p.add_argument("--concurrency", type=int, default=os.cpu_count() or 2)
     p.add_argument("--queues", default=",".join(ALL_QUEUES))
-    p.add_argument("--loglevel", default="WARNING")
+    # Celery sets the root logger to this level, over configure_logging's: by default it is
+    # NOTIFIER_LOG_LEVEL, as for every other process (the units set only that)
+    p.add_argument("--loglevel", default=os.environ.get("NOTIFIER_LOG_LEVEL", "INFO"),
+                   help="default: $NOTIFIER_LOG_LEVEL or INFO")
     p.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     sub.add_parser("scheduler", help="run the timer process (one per fleet; leader-elected)")
     p = sub.add_parser("up", help="api + worker + scheduler (+ private redis) in one process tree")
