@@ -56,6 +56,11 @@ def test_a_worker_started_as_the_unit_does_logs_each_delivery_with_its_transacti
         # the worker's line for each delivery step
         wait_until(lambda: any(e.get("outcome") == "sent" for e in lines()), timeout=30,
                    interval=0.2)
+        # ... and not Celery's two lines per task ("Task ... received", "... succeeded in"):
+        # our own lines say what each task did, with the transaction
+        per_task = [line for line in log.read_text(errors="replace").splitlines()
+                    if "received" in line or "succeeded in" in line]
+        assert per_task == [], per_task[:4]
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
