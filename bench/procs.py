@@ -45,7 +45,9 @@ class Procs:
     def __init__(self, workdir: Path | None = None) -> None:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="notifier-bench-"))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.env = clean_env(PYTHONPATH=str(REPO), NOTIFIER_LOG_LEVEL="WARNING")
+        # INFO, as deploy/systemd runs notifier: its log line per event and per delivery step
+        # is part of what each costs.
+        self.env = clean_env(PYTHONPATH=str(REPO), NOTIFIER_LOG_LEVEL="INFO")
         self.env.pop("NOTIFIER_REDIS_URL", None)
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
