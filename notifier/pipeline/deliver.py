@@ -108,6 +108,11 @@ def prepare(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | No
         # template; this ends the delivery instead of failing every attempt until retention.
         return outcomes.fall_back(rec, "unreadable", tx_or_unreadable.detail)
     tx = tx_or_unreadable
+    if result is ClaimResult.RECLAIMED and deps.ledger.fallback_started(rec.id):
+        # Its holder died inside `fall_back`, after the step that hands the message on (a
+        # successor created, or another delivery found carrying it): finish that fallback
+        # (idempotent), never send it here as well, which paged the person on both channels.
+        return outcomes.fall_back(rec, rec.error_class or "resumed", rec.error_code)
     if not rec.address:
         return outcomes.fall_back(rec, "no_address")
     providers = deps.providers[rec.channel]
