@@ -115,7 +115,9 @@ def prepare(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | No
         return outcomes.fall_back(rec, rec.error_class or "resumed", rec.error_code)
     if not rec.address:
         return outcomes.fall_back(rec, "no_address")
-    providers = deps.providers[rec.channel]
+    # A channel taken out of the config since this delivery was made has none: it falls back
+    # (as one whose provider was removed does) instead of raising on every claim for ever.
+    providers = deps.providers.get(rec.channel, [])
     if rec.provider_index >= len(providers):
         return outcomes.fall_back(rec, "no_provider")
     cfg = deps.settings.channels[rec.channel]

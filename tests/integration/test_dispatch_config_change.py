@@ -45,3 +45,30 @@ def test_an_event_for_a_removed_recipient_fails_alone_and_the_rest_of_its_messag
         assert new.deps.ledger.transaction(txid).status == "failed"  # type: ignore[union-attr]
         assert txid in dead
     assert results[2] == "dispatched"
+
+
+WITH_PUSH: dict[str, Any] = {
+    **BEFORE,
+    "channels": {**BEFORE["channels"], "push": {"provider": "sandbox"}},
+    "recipients": {"alice": {"phone": "+8613800138000", "push_tokens": ["tok-a"]}}, "groups": {},
+}
+
+
+def test_an_event_for_a_removed_channel_fails_instead_of_staying_open(
+        make_fleet: MakeFleet) -> None:
+    old = make_fleet(WITH_PUSH)
+    by_push = old.intake.submit(Event(kind="alert", title="by push", to=("alice",),
+                                      channels=("push",)), Source.API).transaction_id
+    for_alice = old.intake.submit(Event(kind="alert", title="for alice"), Source.API).transaction_id
+    old.publisher.tasks.clear()
+
+    new = make_fleet({**WITH_PUSH, "channels": BEFORE["channels"]})  # push taken out
+    dispatch_all(new.deps, [by_push, for_alice], token="dispatch:t1")
+    new.drain()
+
+    ledger = new.deps.ledger
+    assert ledger.transaction(for_alice).status == "delivered"  # type: ignore[union-attr]
+    # Nothing can send it: failed and dead-lettered, not left 'sending' for the reaper for ever
+    assert [(d.channel, d.status) for d in ledger.deliveries(by_push)] == [("push", "failed")]
+    assert ledger.transaction(by_push).status == "failed"  # type: ignore[union-attr]
+    assert new.redis.zscore("ntf:deadletters", by_push) is not None
