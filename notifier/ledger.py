@@ -17,6 +17,7 @@ import redis
 from redis.client import Pipeline
 
 from notifier import ledger_scripts as scripts
+from notifier.ids import fallback_id
 from notifier.ledger_accept import ScriptCall, accept_results
 from notifier.ledger_counts import DELIVERY_COUNTERS, SET_IF_STATUS, delivery_series
 from notifier.ledger_keys import DEADLETTERS, OPEN, OUTBOX, PREFIX, delivery_key, tx_key
@@ -235,6 +236,14 @@ class Ledger:
         if carrier:
             return (carrier, rest[0]), []
         return None, rest
+
+    def fallback_started(self, did: str) -> bool:
+        """Whether FALL_BACK ran for `did`: it created its first successor (ids.fallback_id:
+        step 0) or marked it carried by another delivery. One round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(delivery_key(fallback_id(did, 0)))
+        pipe.hexists(delivery_key(did), "carried_by")
+        return any(pipe.execute())
 
     def fan_out(self, writes: Sequence[FanOut]) -> list[list[str]]:
         """Dispatches' writes, one round trip for all (each all or nothing, see FAN_OUT): status

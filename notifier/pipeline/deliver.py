@@ -108,9 +108,16 @@ def prepare(deps: PipelineDeps, did: str, token: str, tx: TransactionRecord | No
         # template; this ends the delivery instead of failing every attempt until retention.
         return outcomes.fall_back(rec, "unreadable", tx_or_unreadable.detail)
     tx = tx_or_unreadable
+    if result is ClaimResult.RECLAIMED and deps.ledger.fallback_started(rec.id):
+        # Its holder died inside `fall_back`, after the step that hands the message on (a
+        # successor created, or another delivery found carrying it): finish that fallback
+        # (idempotent), never send it here as well, which paged the person on both channels.
+        return outcomes.fall_back(rec, rec.error_class or "resumed", rec.error_code)
     if not rec.address:
         return outcomes.fall_back(rec, "no_address")
-    providers = deps.providers[rec.channel]
+    # A channel taken out of the config since this delivery was made has none: it falls back
+    # (as one whose provider was removed does) instead of raising on every claim for ever.
+    providers = deps.providers.get(rec.channel, [])
     if rec.provider_index >= len(providers):
         return outcomes.fall_back(rec, "no_provider")
     cfg = deps.settings.channels[rec.channel]

@@ -37,7 +37,14 @@ def plan_deliveries(settings: Settings, txid: str, kind: str, plan: RoutePlan) -
         )
 
     for name in plan.recipients:
-        recipient = settings.recipients[name]
+        recipient = settings.recipients.get(name)
+        if recipient is None:
+            # Named by an event accepted under an earlier config (renamed or removed since, or
+            # a group that was): a delivery without an address fails on its own, and the rest
+            # of the dispatch message goes out (a KeyError here failed all of it, every time
+            # the outbox sweep sent it again, and its transactions stayed open for ever).
+            add(plan.channels[0], name, "", [], reason="not a recipient in the current config")
+            continue
         reachable = [(c, a) for c in plan.channels for a in addresses(recipient, c)]
         if reachable:
             for channel, address in reachable:
