@@ -14,6 +14,7 @@ from notifier.pipeline.dispatch import _fan_out
 from notifier.pipeline.outcomes import Outcomes, _next_reachable, _successor
 from notifier.pipeline.reaper import reap
 from tests.integration.conftest import MakeFleet
+from tests.support.inline import InlineFleet
 
 CFG: dict[str, Any] = {
     "channels": {"sms": {"provider": "sandbox", "max_defer": "0.5s",
@@ -24,15 +25,36 @@ CFG: dict[str, Any] = {
 }
 
 
+def second_alert_fanned_out(fleet: InlineFleet) -> str:
+    """A first alert spends alice's SMS budget for the next 2 s; a second is fanned out (its
+    deliveries exist, no task runs them). -> the second's transaction."""
+    fleet.intake.submit(Event(kind="alert", title="first"), Source.API)
+    fleet.drain()
+    second = fleet.intake.submit(Event(kind="alert", title="second"), Source.API).transaction_id
+    fleet.publisher.tasks.clear()
+    _fan_out(fleet.deps, [second])
+    return second
+
+
+def recovered_after_the_budget_refills(fleet: InlineFleet, sms_id: str, txid: str
+                                       ) -> tuple[list[Any], list[Any], list[Any]]:
+    """Once the budget refilled, the reaper re-queues the SMS its killed worker left and the
+    fleet runs everything. -> (SMS sent, emails sent, the transaction's deliveries)."""
+    time.sleep(2.1)
+    fleet.deps.claim_lease = 0.0
+    assert sms_id in reap(fleet.deps.ledger, fleet.publisher, stale_after=0.0, lease=0.0)
+    fleet.drain()
+    texts = [json.loads(x) for x in fleet.redis.lrange(outbox_key("sms"), 0, -1)]
+    emails = [json.loads(x) for x in fleet.redis.lrange(outbox_key("email"), 0, -1)]
+    shown = [(d.id, d.channel, d.status, d.reason) for d in fleet.deps.ledger.deliveries(txid)]
+    return texts, emails, shown
+
+
 def test_a_fallback_cut_short_by_a_dead_worker_is_finished_not_sent_again(
         make_fleet: MakeFleet) -> None:
     fleet = make_fleet(CFG)
     ledger = fleet.deps.ledger
-    fleet.intake.submit(Event(kind="alert", title="first"), Source.API)
-    fleet.drain()  # alice's SMS budget for the next 2 s is spent
-    second = fleet.intake.submit(Event(kind="alert", title="second"), Source.API).transaction_id
-    fleet.publisher.tasks.clear()
-    _fan_out(fleet.deps, [second])
+    second = second_alert_fanned_out(fleet)
     (sms,) = ledger.deliveries(second)
     # A worker claims it, is refused by alice's limit for longer than max_defer and starts the
     # fallback to email (Outcomes.fall_back): the successor is created, then the worker dies.
@@ -44,14 +66,7 @@ def test_a_fallback_cut_short_by_a_dead_worker_is_finished_not_sent_again(
     channel, found, rest = hop
     ledger.add_fallback(claimed, channel, [_successor(claimed, channel, a, k, rest)
                                            for k, a in enumerate(found)])
-    time.sleep(2.1)  # the budget refills meanwhile
-    fleet.deps.claim_lease = 0.0
-    assert sms.id in reap(ledger, fleet.publisher, stale_after=0.0, lease=0.0)
-    fleet.drain()
-
-    texts = [json.loads(x) for x in fleet.redis.lrange(outbox_key("sms"), 0, -1)]
-    emails = [json.loads(x) for x in fleet.redis.lrange(outbox_key("email"), 0, -1)]
-    shown = [(d.id, d.channel, d.status, d.reason) for d in ledger.deliveries(second)]
+    texts, emails, shown = recovered_after_the_budget_refills(fleet, sms.id, second)
     # The second alert reaches alice once: by the email its fallback created, not also by SMS.
     assert len(texts) == 1 and len(emails) == 1, shown
     assert [(d.channel, d.status) for d in ledger.deliveries(second)] == [
@@ -73,11 +88,7 @@ def test_a_delivery_found_carried_by_a_dead_worker_is_not_sent_again(
     email): the worker marked the SMS carried, then died before marking it fallen back."""
     fleet = make_fleet(PUSH_CFG)
     ledger = fleet.deps.ledger
-    fleet.intake.submit(Event(kind="alert", title="first"), Source.API)
-    fleet.drain()  # alice's SMS budget for the next 2 s is spent
-    second = fleet.intake.submit(Event(kind="alert", title="second"), Source.API).transaction_id
-    fleet.publisher.tasks.clear()
-    _fan_out(fleet.deps, [second])
+    second = second_alert_fanned_out(fleet)
     sms, push = ledger.deliveries(second)
     Outcomes(fleet.deps).fall_back(push, "permanent", "UNREGISTERED")  # on to email
     claimed = ledger.claim(sms.id, "killed-worker", fleet.deps.claim_lease).delivery
@@ -85,14 +96,7 @@ def test_a_delivery_found_carried_by_a_dead_worker_is_not_sent_again(
     carrier, _ = ledger.add_fallback(claimed, "email", [
         _successor(claimed, "email", "alice@example.com", 0, [])])
     assert carrier is not None and carrier[1] == "email"
-    time.sleep(2.1)  # the budget refills meanwhile
-    fleet.deps.claim_lease = 0.0
-    assert sms.id in reap(ledger, fleet.publisher, stale_after=0.0, lease=0.0)
-    fleet.drain()
-
-    texts = [json.loads(x) for x in fleet.redis.lrange(outbox_key("sms"), 0, -1)]
-    emails = [json.loads(x) for x in fleet.redis.lrange(outbox_key("email"), 0, -1)]
-    shown = [(d.id, d.channel, d.status, d.reason) for d in ledger.deliveries(second)]
+    texts, emails, shown = recovered_after_the_budget_refills(fleet, sms.id, second)
     assert len(texts) == 1 and len(emails) == 1, shown
     assert ledger.delivery(sms.id).status == "fallen_back"  # type: ignore[union-attr]
     assert ledger.transaction(second).status == "delivered"  # type: ignore[union-attr]
