@@ -222,15 +222,20 @@ def _delivered(deps: PipelineDeps, rec: DeliveryRecord, report: Report) -> str:
     return "delivered"
 
 
+def _record_failure(deps: PipelineDeps, rec: DeliveryRecord, report: Report, outcome: str) -> None:
+    """A failed receipt's line in the delivery's attempts."""
+    deps.ledger.record_attempt(rec.id, Attempt(
+        at=time.time(), provider=rec.provider, outcome=outcome,
+        error_code=report.err_code or "UNKNOWN",
+        message=f"{report.source}: {report.err_msg}"[:300], provider_message_id=report.biz_id,
+    ))
+
+
 def _other_send_failed(deps: PipelineDeps, rec: DeliveryRecord, report: Report) -> str:
     """A failed receipt for another send of this delivery than the one it records (an attempt
     that timed out, went out after all and was not found by the look-up, then sent again): it
     says nothing of the recorded send, whose own receipt decides; only noted."""
-    deps.ledger.record_attempt(rec.id, Attempt(
-        at=time.time(), provider=rec.provider, outcome="receipt_failed_other_send",
-        error_code=report.err_code or "UNKNOWN",
-        message=f"{report.source}: {report.err_msg}"[:300], provider_message_id=report.biz_id,
-    ))
+    _record_failure(deps, rec, report, "receipt_failed_other_send")
     return "other_send"
 
 
@@ -239,10 +244,7 @@ def _failed(deps: PipelineDeps, rec: DeliveryRecord, report: Report) -> str:
     if not _set_if_sent(deps, rec, None, status=DeliveryStatus.FAILED.value, error_code=code,
                         error_class=FAILED_CLASS):
         return "duplicate"
-    deps.ledger.record_attempt(rec.id, Attempt(
-        at=time.time(), provider=rec.provider, outcome="receipt_failed", error_code=code,
-        message=f"{report.source}: {report.err_msg}"[:300], provider_message_id=report.biz_id,
-    ))
+    _record_failure(deps, rec, report, "receipt_failed")
     # Like a permanent send error: the route's next channel carries the message.
     Outcomes(deps).fall_back(rec, "receipt_failed", code)
     # Only now: until its fallback is done, the reconciler finds it there (resume_fallback).
