@@ -27,7 +27,8 @@ def routing_labels(event: Event, receiver: str = "") -> dict[str, str]:
 
 
 def route_matches(route: Route, labels: dict[str, str]) -> bool:
-    if any(labels.get(name) != value for name, value in route.match.items()):
+    # A missing label reads as "", as in Alertmanager: `match: {team: ""}` catches the unowned.
+    if any(labels.get(name, "") != value for name, value in route.match.items()):
         return False
     return all(re.fullmatch(pattern, labels.get(name, "")) for name, pattern in route.match_re.items())
 

@@ -40,6 +40,21 @@ def test_first_matching_route_wins_on_labels_and_receiver() -> None:
     assert plan_route(SETTINGS, other_cluster).route_index == 2  # type: ignore[union-attr]
 
 
+def test_match_on_an_empty_value_matches_a_missing_label_as_alertmanager_does() -> None:
+    # Alertmanager treats a missing label as the empty string, so `team=""` is the usual way
+    # to route what carries no team; match_re already read it so, match must agree.
+    settings = settings_from_mapping({
+        "channels": {"email": {"provider": "sandbox"}},
+        "recipients": {"bob": {"email": "b@example.com"}, "carol": {"email": "c@example.com"}},
+        "routes": [{"match": {"team": ""}, "to": ["carol"], "channels": ["email"]},
+                   {"match": {}, "to": ["bob"], "channels": ["email"]}],
+    })
+    unowned = Event(kind="alert", title="x", labels={"alertname": "Disk"})
+    owned = Event(kind="alert", title="x", labels={"team": "db"})
+    assert plan_route(settings, unowned).recipients == ("carol",)  # type: ignore[union-attr]
+    assert plan_route(settings, owned).recipients == ("bob",)  # type: ignore[union-attr]
+
+
 def test_event_overrides_recipients_and_channels_but_keeps_route_fallback() -> None:
     event = Event(kind="alert", title="x", severity="critical", labels={"cluster": "hz"},
                   to=("bob",), channels=("sms",))
