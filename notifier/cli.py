@@ -182,6 +182,7 @@ def cmd_deadletters(args: argparse.Namespace, settings: Settings) -> int:
         if not ledger.drop_dead_letter(args.txid):
             print(f"{args.txid!r} is not a dead letter", file=sys.stderr)
             return 1
+        print(f"dropped {args.txid}")
         return 0
     for txid, at in ledger.dead_letters(args.limit):
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))}  {txid}")
