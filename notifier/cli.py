@@ -16,6 +16,7 @@ import redis
 import uvicorn
 from celery.signals import task_received
 
+import celeryconfig
 from notifier import cli_drill
 from notifier.api.app import create_app
 from notifier.api.auth import check_tokens
@@ -25,7 +26,7 @@ from notifier.channels.base import ChannelContext
 from notifier.channels.sandbox import read_outbox
 from notifier.cli_up import run_up
 from notifier.client import as_event, intake_for, submit_retrying
-from notifier.config import Settings, config_path, load_settings
+from notifier.config import Settings, check_claim_lease, config_path, load_settings
 from notifier.errors import NotifierError
 from notifier.heartbeats import beat_forever
 from notifier.ledger import Ledger
@@ -257,6 +258,9 @@ HANDLERS: dict[str, Handler] = {
     "status": cmd_status, "check-config": cmd_check_config, "outbox": cmd_outbox,
     "breakers": cmd_breakers, "deadletters": cmd_deadletters, **cli_drill.HANDLERS,
 }
+# The commands whose processes claim deliveries (or re-queue them when a claim lapses), and the
+# check the systemd units run before them.
+LEASE_HOLDERS = frozenset({"worker", "scheduler", "check-config"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -268,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "up":
             return run_up(args)
         settings = load_settings(config_path(args.config))
+        if args.command in LEASE_HOLDERS:
+            check_claim_lease(settings, celeryconfig.task_time_limit)
         return HANDLERS[args.command](args, settings)
     except NotifierError as exc:
         print(f"notifier: {exc}", file=sys.stderr)

@@ -16,8 +16,9 @@ from typing import Any
 import httpx
 import yaml
 
+import celeryconfig
 from notifier.api.auth import API_TOKEN_ENV, check_tokens, token_from_env
-from notifier.config import config_path, read_config_file, settings_from_mapping
+from notifier.config import check_claim_lease, config_path, read_config_file, settings_from_mapping
 from notifier.errors import ConfigError
 from notifier.models import TxStatus
 from notifier.redis_conn import redacted
@@ -180,7 +181,8 @@ def run_up(args: argparse.Namespace) -> int:
             redis_url = data["redis_url"] = _start_redis(tree)
         # The children read the URL from NOTIFIER_REDIS_URL (below): one that came from there
         # stays out of the file written next, as its password must (the environment only).
-        settings_from_mapping(data, "effective config")  # fail before starting anything else
+        # Fail before starting anything else.
+        check_claim_lease(settings_from_mapping(data, "effective config"), celeryconfig.task_time_limit)
         STATE_DIR.mkdir(exist_ok=True)
         effective = STATE_DIR / "notifier.yaml"
         effective.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), "utf-8")

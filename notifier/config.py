@@ -496,6 +496,18 @@ def load_settings(path: str | Path | None = None) -> Settings:
     return settings_from_mapping(read_config_file(file), str(file))
 
 
+def check_claim_lease(settings: Settings, task_time_limit: float) -> None:
+    """ConfigError when a claim can lapse while its send still runs: the reaper re-queues the
+    delivery, another worker takes the claim over and, on a channel without a look-up (email,
+    push), sends it again. A step, its send included, ends by Celery's time limit, which comes
+    from the worker's environment (NOTIFIER_TASK_TIME_LIMIT), not from this file."""
+    if settings.claim_lease < task_time_limit:
+        raise ConfigError(
+            f"claim_lease: shorter than the worker's task time limit ({settings.claim_lease:g}s "
+            f"< {task_time_limit:g}s, NOTIFIER_TASK_TIME_LIMIT): a send still running could be "
+            f"taken over and sent again; raise claim_lease")
+
+
 def read_config_file(file: Path) -> Any:
     """The YAML document in `file`; ConfigError naming the file for one that cannot be read,
     is not UTF-8 or is not YAML."""

@@ -18,11 +18,12 @@ from notifier.models import Outgoing, Receipt
 AddressKind = Literal["phone", "email", "push_token"]
 
 # The longest one provider call may take, whatever its configured timeouts: Celery's soft time
-# limit (celeryconfig: 50 s at the default 60 s hard limit) less 10 s for the rest of the step
-# (claim, render, records; SMTP's QUIT and close: email_smtp). A call still running at the soft
-# limit is abandoned (notifier.aio) and recorded as maybe sent: a timeout of our own is a
-# classified, honest failure instead.
-MAX_SEND_SECONDS = max(celeryconfig.task_soft_time_limit - 10.0, 1.0)
+# limit (celeryconfig: 50 s at the default 60 s hard limit) less 10 s (a fifth of a short limit)
+# for the rest of the step (claim, render, records; SMTP's QUIT and close: email_smtp). A call
+# still running at the soft limit is abandoned (notifier.aio) and recorded as maybe sent: a
+# timeout of our own is a classified, honest failure instead.
+_SOFT_LIMIT = celeryconfig.task_soft_time_limit
+MAX_SEND_SECONDS = max(_SOFT_LIMIT - min(10.0, _SOFT_LIMIT / 5), 1.0)
 
 
 def send_budget(timeout: float, steps: int) -> float:

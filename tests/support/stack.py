@@ -20,10 +20,18 @@ from typing import Any
 import httpx
 import yaml
 
+from notifier.config import parse_duration
 from tests.support.servers import clean_env, free_port, wait_until
 
 TERMINAL = {"delivered", "partial", "failed", "suppressed"}
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _time_limit_for(config: dict[str, Any]) -> dict[str, str]:
+    """A short claim_lease (a test of a taken-over claim that should not wait 2 min) needs a
+    task time limit no longer than it, or the worker refuses the config (check_claim_lease)."""
+    lease = parse_duration(config.get("claim_lease", "120s"))
+    return {"NOTIFIER_TASK_TIME_LIMIT": str(int(lease))} if lease < 60 else {}
 
 
 class Stack:
@@ -40,7 +48,7 @@ class Stack:
         self.api_workers = api_workers
         self.config_path = workdir / "notifier.yaml"
         self.env = clean_env(**{"NOTIFIER_CONFIG": str(self.config_path), "NOTIFIER_LOG_LEVEL": "WARNING",
-                                "PYTHONPATH": str(REPO), **(env or {})})
+                                "PYTHONPATH": str(REPO), **_time_limit_for(self.config), **(env or {})})
         self.env.pop("NOTIFIER_REDIS_URL", None)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.token = (env or {}).get("NOTIFIER_API_TOKEN")

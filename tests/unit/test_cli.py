@@ -4,12 +4,15 @@ traceback (no Redis needed)."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from notifier.cli import main
 from notifier.redis_conn import redacted
+from tests.support.servers import clean_env
 
 VALID = """\
 channels:
@@ -114,3 +117,25 @@ def test_deadletters_replay_or_drop_without_a_transaction_says_so(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str) -> None:
     code = main(["--config", write(tmp_path, VALID), "deadletters", action])
     assert code == 2 and "name the transaction (TXID)" in capsys.readouterr().err
+
+
+def test_a_claim_lease_shorter_than_a_send_may_take_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A claim that lapses while its send runs is taken over by another worker, which on email
+    # or push (no look-up) sends the message again: one page becomes two.
+    short = write(tmp_path, VALID + "claim_lease: 30s\n")
+    for command in ("check-config", "worker", "scheduler"):
+        assert main(["--config", short, command]) == 2
+        err = capsys.readouterr().err
+        assert "claim_lease: shorter than the worker's task time limit (30s < 60s" in err, command
+    assert main(["--config", write(tmp_path, VALID + "claim_lease: 60s\n"), "check-config"]) == 0
+
+
+def test_the_claim_lease_check_reads_the_workers_task_time_limit(tmp_path: Path) -> None:
+    # The limit is the worker's environment's, so check-config (run by systemd with that same
+    # environment) must read it there: 30 s is fine for workers limited to 20 s.
+    short = write(tmp_path, VALID + "claim_lease: 30s\n")
+    env = clean_env(NOTIFIER_TASK_TIME_LIMIT="20")
+    checked = subprocess.run([sys.executable, "-m", "notifier", "--config", short, "check-config"],
+                             capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert checked.returncode == 0, checked.stderr
