@@ -22,11 +22,15 @@ per message instead of one per event. A held claim waits at most the message's t
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import redis
+
 from notifier.channels.base import Channel
+from notifier.errors import BrokerUnavailable
 from notifier.ledger import DeliveryRecord, FanOut, TransactionRecord
 from notifier.ledger_rows import Unreadable
 from notifier.models import DeliveryStatus, TxStatus
@@ -46,6 +50,16 @@ _RESUMABLE = (DeliveryStatus.QUEUED, DeliveryStatus.SENDING)
 # the queue as a new message, so a task never nears its time limit (celeryconfig: 60 s) however
 # slow the provider, and idle workers share the remainder.
 BATCH_BUDGET = 10.0
+# Redis (the ledger, or the broker on it) unreachable part-way through a message: its events may
+# be fanned out with some send tasks not published yet. Celery acks a failed task, so nothing
+# would run the message again and those deliveries would wait for the reaper (`reaper_after`).
+# Instead the message runs again (idempotent: the same token takes its own claims over) once
+# Redis answers, for up to OUTAGE_WAIT s from its start (with BATCH_BUDGET, inside the task's
+# 50 s soft time limit); a longer outage is left to the reaper as before.
+_OUTAGE = (redis.ConnectionError, redis.TimeoutError, BrokerUnavailable)
+OUTAGE_WAIT = 20.0
+_PAUSES = (0.25, 2.0)  # the first wait for Redis, the longest (doubling in between)
+log = logging.getLogger(__name__)
 
 
 def inline_token(dispatch_task_id: str) -> str:
@@ -93,22 +107,39 @@ class _Fanned:
 
 def dispatch_all(deps: PipelineDeps, txids: Sequence[str], token: str | None = None,
                  may_inline: Callable[[str], bool] = lambda _queue: True,
-                 budget: float = BATCH_BUDGET) -> list[str]:
+                 *, budget: float = BATCH_BUDGET, outage_wait: float = OUTAGE_WAIT) -> list[str]:
     """Dispatch the transactions of one message: what happened to each dispatched.
 
     Idempotent: a redelivered message recreates nothing and re-queues only queued work. All the
     transactions are read in one round trip and fanned out in another, then each one's
     deliveries go out in turn (`token`, `may_inline`: see `dispatch`). Transactions past the
-    budget are re-queued (all of them, or none if that publish fails: the outbox sweep has
-    them); they are fanned out already, so their new message only sends."""
+    budget are re-queued as one new message; they are fanned out already, so it only sends.
+    Redis lost part-way: the message runs again once it is back (see OUTAGE_WAIT)."""
     started = time.monotonic()
     txids = list(dict.fromkeys(txids))  # a message naming one twice: once is enough
+    pause = _PAUSES[0]
+    while True:
+        try:
+            return _dispatch_once(deps, txids, token, may_inline, started + budget)
+        except _OUTAGE as exc:
+            if time.monotonic() + pause - started > outage_wait:
+                raise
+            log.warning("dispatch: Redis unreachable (%s); the message runs again in %.2fs",
+                        type(exc).__name__, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, _PAUSES[1])
+
+
+def _dispatch_once(deps: PipelineDeps, txids: list[str], token: str | None,
+                   may_inline: Callable[[str], bool], deadline: float) -> list[str]:
+    """One run of a message; past `deadline` (its budget, counted from the first run) the rest
+    of its transactions go back on the queue as a new message."""
     ready = _fan_out(deps, txids)
     done: list[str] = []
     held = _Held(deps)
     try:
         for position, txid in enumerate(txids):
-            if position and time.monotonic() - started > budget:
+            if position and time.monotonic() > deadline:
                 deps.publisher.publish(DISPATCH, list(txids[position:]), DISPATCH_QUEUE)
                 break
             fanned = ready[txid]

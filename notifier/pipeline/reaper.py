@@ -12,6 +12,12 @@ it leaves the front of the index: a storm of waiting deliveries costs a read eac
 not per sweep, and never hides a lost one behind them. A sweep reads pages of `page` entries,
 at most `max_pages` of them (one round trip per page to read, one to re-score), so its cost
 stays bounded when very many are due at once; the rest are the oldest at the next sweep.
+
+A queued delivery (its task published, never claimed) whose channel queue still holds tasks is
+most likely waiting in that backlog: a copy would only join the end of the same queue and be a
+no-op, and copying a deep backlog every `stale_after` multiplies the work the fleet must get
+through. It is taken as lost only once its queue is empty, or after BACKLOG_PERIODS ×
+`stale_after` (a task lost from a queue that never empties still goes again).
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ import time
 from notifier.ledger import DeliveryRecord, Ledger
 from notifier.models import DeliveryStatus
 from notifier.pipeline.rollup import digest_copies, finish_final
-from notifier.tasks_spec import DELIVER, Publisher, deliver_queue
+from notifier.tasks_spec import CHANNEL_QUEUES, CONTROL_QUEUE, DELIVER, Publisher, deliver_queue
 
 PAGE, MAX_PAGES = 500, 20
+# As long as a reserved message of a dead worker takes to come back by itself (Celery's
+# visibility timeout, 300 s, against the default reaper_after of 60 s).
+BACKLOG_PERIODS = 5
 
 
 def reap(ledger: Ledger, publisher: Publisher, *, stale_after: float, lease: float,
@@ -33,18 +42,30 @@ def reap(ledger: Ledger, publisher: Publisher, *, stale_after: float, lease: flo
     cutoff = now - stale_after  # fixed for the sweep: what it handles moves past it
     requeued: list[str] = []
     seen: set[str] = set()  # an entry scored exactly at the cutoff stays in range: once only
+    backlogged: set[str] | None = None  # the delivery queues holding tasks, read once per sweep
     for _ in range(max_pages):
         due = [(did, score) for did, score in ledger.open_due(cutoff, page) if did not in seen]
         if not due:
             break
         seen.update(did for did, _ in due)
+        if backlogged is None:
+            backlogged = _backlogged(ledger)
         requeued += _sweep_page(ledger, publisher, due, now=now, stale_after=stale_after,
-                                lease=lease)
+                                lease=lease, backlogged=backlogged)
     return requeued
 
 
+def _backlogged(ledger: Ledger) -> set[str]:
+    """The delivery queues that hold tasks (the broker is the ledger's Redis), in one round trip."""
+    queues = [*CHANNEL_QUEUES.values(), CONTROL_QUEUE]
+    pipe = ledger.redis.pipeline(transaction=False)
+    for queue in queues:
+        pipe.llen(queue)
+    return {queue for queue, depth in zip(queues, pipe.execute(), strict=True) if depth}
+
+
 def _sweep_page(ledger: Ledger, publisher: Publisher, due: list[tuple[str, float]], *,
-                now: float, stale_after: float, lease: float) -> list[str]:
+                now: float, stale_after: float, lease: float, backlogged: set[str]) -> list[str]:
     """Requeue the page's stuck deliveries, roll up the finished ones, re-score the rest."""
     requeued: list[str] = []
     moves: list[tuple[str, float, float]] = []
@@ -60,11 +81,12 @@ def _sweep_page(ledger: Ledger, publisher: Publisher, due: list[tuple[str, float
             requeued.append(did)
             continue
         since = _alive_since(rec, now=now, stale_after=stale_after, lease=lease)
-        if now - since > stale_after:
+        waiting = rec.status == DeliveryStatus.QUEUED and deliver_queue(rec.channel) in backlogged
+        if now - since > stale_after * (BACKLOG_PERIODS if waiting else 1):
             _requeue(ledger, publisher, rec)
             requeued.append(did)
-        else:
-            moves.append((did, score, since))
+        else:  # (one waiting in a backlog: looked at again next period, its queue may be empty)
+            moves.append((did, score, now if waiting else since))
     ledger.rescore_open(moves)
     return requeued
 
@@ -102,6 +124,10 @@ def _digest_cannot_settle(ledger: Ledger, digest_id: str) -> bool:
 
 def _requeue(ledger: Ledger, publisher: Publisher, rec: DeliveryRecord) -> None:
     publisher.publish(DELIVER, [rec.id], deliver_queue(rec.channel))
+    if rec.status == DeliveryStatus.QUEUED:
+        # Its copy is a sign of life: a queued delivery counts its wait from here, so one still
+        # behind a backlog is copied once per BACKLOG_PERIODS, not once per sweep after that.
+        ledger.update(rec.id)
     ledger.touch_open(rec.id)
     ledger.log(rec.transaction_id, "requeued", delivery=rec.id, status=rec.status)
 

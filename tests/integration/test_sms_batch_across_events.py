@@ -182,8 +182,8 @@ def test_a_failure_mid_message_still_sends_what_was_held(
         raise BrokerUnavailable("redis unavailable: ConnectionError")
 
     monkeypatch.setattr(fleet.publisher, "publish", broker_down)
-    with pytest.raises(BrokerUnavailable):
-        dispatch_all(fleet.deps, named, TOKEN)
+    with pytest.raises(BrokerUnavailable):  # an outage longer than the message waits for Redis
+        dispatch_all(fleet.deps, named, TOKEN, outage_wait=0.0)
     # Celery acks the failed task: alice's claimed, held SMS went out rather than wait for the
     # reaper; bob's was never claimed and is queued for the outbox sweep's re-publish
     assert list(by_phone(sms_fake)) == [PHONE["alice"]]
