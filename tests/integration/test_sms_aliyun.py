@@ -21,6 +21,7 @@ import pytest
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
+from notifier.api.views import transaction_view
 from notifier.channels.aliyun_errors import TABLE
 from notifier.channels.base import ChannelContext
 from notifier.channels.sms_aliyun import CHINA_TZ, AliyunSms, send_dates
@@ -34,7 +35,7 @@ from notifier.errors import (
 from notifier.models import ErrorClass, Event, Outgoing, Rendered, Source
 from tests.fakes.dysmsapi import FakeDysmsapi
 from tests.integration.conftest import SMS_ENV, MakeFleet
-from tests.integration.test_pipeline import FAST_RETRY, aliyun, outbox
+from tests.integration.test_pipeline import FAST_RETRY, aliyun, config, outbox
 from tests.support.channel_calls import send_error, send_now
 from tests.support.servers import clean_env, free_port
 from tests.support.tls import CorruptingTlsFront
@@ -436,3 +437,24 @@ def test_a_tls_failure_reading_the_answer_is_looked_up_not_sent_twice(
     assert [m["out_id"] for m in sms_fake.messages] == [delivery.id], attempts
     assert attempts == ["maybe_sent", "found_after_timeout"], attempts
     assert delivery.status == "sent"
+
+
+def test_a_send_found_by_look_up_is_tracked_at_the_provider_s_send_time(
+    make_fleet: MakeFleet, sms_fake: FakeDysmsapi
+) -> None:
+    # The answer to SendSms is lost (a stall past the read timeout), the look-up after the
+    # backoff finds it. The tracking API must say when Aliyun took the SMS (its SendDate), not
+    # when we happened to ask: a drill measures "provider accepted" from it, and the receipt
+    # reconciler picks the days to query from it.
+    sms_fake.script({"kind": "stall", "seconds": 1})
+    slow_retry = {**FAST_RETRY, "base_delay": "1500ms", "max_delay": "1500ms"}
+    fleet = make_fleet(config(aliyun(sms_fake), retry=slow_retry), SMS_ENV)
+    txid = fleet.intake.submit(Event(kind="alert", title="DiskFull", severity="critical"),
+                               Source.API).transaction_id
+    fleet.drain(timers_until=4)
+    [delivery] = transaction_view(fleet.deps.ledger, txid)["deliveries"]  # type: ignore[index]
+    assert [a["outcome"] for a in delivery["attempts"]] == ["maybe_sent", "found_after_timeout"]
+    [record] = sms_fake.messages
+    provider_sent = datetime.strptime(record["send_date"], "%Y-%m-%d %H:%M:%S").replace(
+        tzinfo=CHINA_TZ).timestamp()
+    assert delivery["sent_at"] == provider_sent
