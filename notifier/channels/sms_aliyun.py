@@ -121,8 +121,7 @@ class AliyunSms(Channel):
         )
 
     def template_for(self, kind: str) -> str:
-        templates = self.config.templates
-        code = templates.get(kind) or templates.get("alert")
+        code = self.config.templates.get(self.config.template_kind(kind))
         if not code:
             raise PermanentError(
                 "NoTemplate",

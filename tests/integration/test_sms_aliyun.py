@@ -458,3 +458,28 @@ def test_a_send_found_by_look_up_is_tracked_at_the_provider_s_send_time(
     provider_sent = datetime.strptime(record["send_date"], "%Y-%m-%d %H:%M:%S").replace(
         tzinfo=CHINA_TZ).timestamp()
     assert delivery["sent_at"] == provider_sent
+
+
+# The console templates of templates/sms/alert.*.j2: the words outside ${...} are Aliyun's.
+ALERT_CONSOLE = {"zh-CN": "告警（${severity}）：${title}，${content}",
+                 "en": "[${severity}] ${title}: ${content}"}
+
+
+@pytest.mark.parametrize(("locale", "resolved_word"), [("zh-CN", "已恢复"), ("en", "RESOLVED")])
+def test_a_resolved_alert_sent_with_the_alert_template_reads_as_resolved(
+    make_fleet: MakeFleet, locale: str, resolved_word: str
+) -> None:
+    # An account with only the 'alert' TemplateCode sends a resolved alert with it. The phone
+    # shows the alert console template filled with the variables: they alone must say it is
+    # over, or the on-call reads "DiskFull" at 3 am as a new firing.
+    with FakeDysmsapi(*SMS_ENV.values(), templates={"SMS_1": ALERT_CONSOLE[locale]}) as fake:
+        cfg = config(aliyun(fake))
+        cfg["recipients"]["alice"]["locale"] = locale
+        fleet = make_fleet(cfg, SMS_ENV)
+        for kind in ("alert", "resolved"):
+            fleet.intake.submit(Event(kind=kind, title="DiskFull db-1", severity="critical",
+                                      body="disk 97%"), Source.API)
+            fleet.drain()
+        firing, resolved = (m["content"] for m in fake.messages)
+    assert resolved_word not in firing
+    assert resolved_word in resolved
