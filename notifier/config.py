@@ -217,6 +217,10 @@ class AliyunSmsProvider(_Strict):
     # Longest value Aliyun accepts for one template variable.
     param_max_chars: int = Field(default=35, ge=1)
 
+    def template_kind(self, kind: str) -> str:
+        """The kind whose TemplateCode a message of `kind` goes out with (AliyunSms)."""
+        return kind if self.templates.get(kind) else "alert"
+
     @field_validator("templates")
     @classmethod
     def _has_alert(cls, value: dict[str, str]) -> dict[str, str]:

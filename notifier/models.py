@@ -203,3 +203,6 @@ class Receipt:
     provider_message_id: str  # Aliyun BizId, SMTP Message-ID, FCM message name
     request_id: str = ""
     detail: Mapping[str, str] = field(default_factory=dict)
+    # When the provider took it, if it says so (epoch seconds; a look-up finds a send after the
+    # fact); None: when send() returned.
+    sent_at: float | None = None

@@ -12,13 +12,13 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from notifier import awaiting
+from notifier.channels.sms_aliyun import beijing_time
 from notifier.config import E164
 from notifier.inbox import Checked, Claimed, Inbox, check_records
 from notifier.ledger import Attempt, DeliveryRecord, delivery_key, text
@@ -29,7 +29,6 @@ from notifier.pipeline.outcomes import Outcomes
 from notifier.pipeline.rollup import finish_final
 
 log = logging.getLogger(__name__)
-CHINA_TZ = timezone(timedelta(hours=8), "Asia/Shanghai")  # Aliyun's timestamps are Beijing time
 INBOX = "rcpt"
 FAILED_CLASS = "receipt"  # error_class of a delivery a failed receipt closed
 _NOT_YET = {DeliveryStatus.QUEUED, DeliveryStatus.SENDING, DeliveryStatus.RETRYING,
@@ -88,13 +87,6 @@ def store_reports(inbox: Inbox, reports: Sequence[Report]) -> tuple[int, int]:
     fresh = inbox.store([(r.member, asdict(r)) for r in reports])
     new = sum(fresh)
     return new, len(fresh) - new
-
-
-def beijing_time(value: str) -> float | None:
-    try:
-        return datetime.strptime(value, "%Y-%m-%d %H:%M:%S").replace(tzinfo=CHINA_TZ).timestamp()
-    except ValueError:
-        return None
 
 
 def _retry_delay(age: float) -> float:

@@ -28,6 +28,9 @@ class TemplateContext:
     # Storm protection: the merged events. When given, the digest template is used whatever
     # `event.kind` says (the pipeline passes the first merged event as `event`).
     digest: tuple[Event, ...] = ()
+    # SMS: the kind whose Aliyun TemplateCode carries this message, when it has none of its own
+    # ("" = its own). Only the variables then tell it apart from that kind's messages.
+    sms_template: str = ""
 
     @property
     def kind(self) -> str:
@@ -146,6 +149,7 @@ def template_vars(ctx: TemplateContext) -> dict[str, Any]:
     data: dict[str, Any] = {
         "event": event,
         "kind": ctx.kind,
+        "sms_template": ctx.sms_template or ctx.kind,
         "title": event.title,
         "body": event.body,
         "severity": event.severity or "info",

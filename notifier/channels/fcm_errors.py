@@ -95,6 +95,11 @@ SEND_READ_ERRORS: tuple[tuple[type[Exception], ErrorClass, str], ...] = (
 # while the token was asked for, nothing was sent.
 DEADLINE: Mapping[bool, ErrorClass] = {False: T, True: M}  # by "messages:send in flight"
 
+# A 2xx from messages:send without the message `name` FCM gives every push it accepts: not FCM
+# answering (a captive portal's 200 HTML, a proxy), after the request went out. Whether FCM got
+# it is unknown: maybe sent, as Aliyun's answer without a Code (aliyun_errors), never "sent".
+NO_MESSAGE_NAME = M
+
 
 @dataclass(frozen=True)
 class FcmErrorBody:
@@ -178,6 +183,20 @@ def classify_send(
     code = parsed.error_code or parsed.status or f"HTTP_{status}"
     message = parsed.message or f"HTTP {status} from FCM"
     return classified(error_class, code, message, delay)
+
+
+def accepted_name(body: bytes) -> str:
+    """The message name of a 2xx answer of messages:send; raises (`NO_MESSAGE_NAME`) when the
+    answer carries none."""
+    try:
+        data: Any = json.loads(body or b"null")
+    except ValueError:
+        data = None
+    name = data.get("name") if isinstance(data, Mapping) else None
+    if isinstance(name, str) and name:
+        return name
+    raise classified(NO_MESSAGE_NAME, "INVALID_RESPONSE",
+                     "2xx from the FCM endpoint without a message name: not FCM answering")
 
 
 def classify_token(

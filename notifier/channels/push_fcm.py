@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from notifier.channels.base import Channel, ChannelContext, ChannelLimits, send_budget
 from notifier.channels.fcm_errors import (
+    accepted_name,
     classify_send,
     classify_token,
     classify_transport,
@@ -211,11 +212,7 @@ class FcmPush(Channel):
             except TimeoutError:
                 raise deadline_exceeded(budget, sending=sending) from None
         if response.is_success:
-            try:
-                name = response.json().get("name", "")
-            except (ValueError, AttributeError):
-                name = ""  # accepted all the same; the 2xx is what counts
-            return Receipt(provider_message_id=str(name))
+            return Receipt(provider_message_id=accepted_name(response.content))
         raise classify_send(
             response.status_code, response.content, response.headers.get("Retry-After")
         )

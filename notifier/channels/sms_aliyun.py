@@ -64,6 +64,15 @@ def aliyun_phones(address: str) -> str:
     return ",".join(aliyun_phone(part) for part in address.split(",") if part.strip())
 
 
+def beijing_time(value: str) -> float | None:
+    """An Aliyun timestamp ("yyyy-MM-dd HH:mm:ss", Beijing time) as epoch seconds; None if it
+    is not one."""
+    try:
+        return datetime.strptime(value, "%Y-%m-%d %H:%M:%S").replace(tzinfo=CHINA_TZ).timestamp()
+    except ValueError:
+        return None
+
+
 def send_dates(sent_after: float, now: float | None = None) -> list[str]:
     """SendDate values (yyyyMMdd, Beijing time) on which a send made after `sent_after` may be
     filed: that day, and the next one when midnight has passed since."""
@@ -112,8 +121,7 @@ class AliyunSms(Channel):
         )
 
     def template_for(self, kind: str) -> str:
-        templates = self.config.templates
-        code = templates.get(kind) or templates.get("alert")
+        code = self.config.templates.get(self.config.template_kind(kind))
         if not code:
             raise PermanentError(
                 "NoTemplate",
@@ -179,7 +187,10 @@ class AliyunSms(Channel):
                     if record.get("OutId") in out_ids:
                         detail = {key: str(record.get(key) or "") for key in STATUS_FIELDS}
                         detail["found_by"] = "QuerySendDetails"
-                        return Receipt(provider_message_id="", detail=detail)
+                        # Sent when Aliyun took it (SendDate), not now: the look-up runs a
+                        # backoff or a claim lease later.
+                        return Receipt(provider_message_id="", detail=detail,
+                                       sent_at=beijing_time(detail["SendDate"]))
         except DeliveryError as exc:
             log.warning("lookup of %s via QuerySendDetails failed: %s", message.delivery_id,
                         exc.code, extra={"transaction_id": message.transaction_id,

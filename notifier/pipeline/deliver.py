@@ -290,12 +290,15 @@ def _message(deps: PipelineDeps, rec: DeliveryRecord, tx: TransactionRecord,
     locale = (recipient.locale if recipient else None) or deps.settings.locale
     provider_cfg = cfg.providers[rec.provider_index]
     limits = deps.providers[rec.channel][rec.provider_index].limits
+    aliyun = provider_cfg if isinstance(provider_cfg, AliyunSmsProvider) else None
+    digest = _digest_events(deps, rec)
+    kind = "digest" if digest else rec.kind
     rendered: Rendered = deps.renderer.render(
         rec.channel,
         TemplateContext(event=tx.event, transaction_id=tx.id, recipient=rec.recipient,
-                        locale=locale, digest=_digest_events(deps, rec)),
-        param_max_chars=provider_cfg.param_max_chars
-        if isinstance(provider_cfg, AliyunSmsProvider) else 35,
+                        locale=locale, digest=digest,
+                        sms_template=aliyun.template_kind(kind) if aliyun else ""),
+        param_max_chars=aliyun.param_max_chars if aliyun else 35,
         body_maxlen=limits.body_maxlen,
         title_maxlen=limits.title_maxlen,
     )

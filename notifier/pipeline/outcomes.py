@@ -49,10 +49,14 @@ class Outcomes:
         `execute=False` leaves them queued there, for the other members of a batch request to
         join (the caller executes it; a digest's writes run at once, its roll-up reads them)."""
         now = time.time()
+        # A send found by a look-up went out earlier, when the provider says (never later than
+        # now: its clock is not ours).
+        sent_at = now if receipt.sent_at is None else min(now, receipt.sent_at)
         # One round trip for the record, its metrics, its receipt index and the roll-up's read.
         pipe = into if into is not None else self.ledger.redis.pipeline()
         self.ledger.update(
-            rec.id, into=pipe, status=DeliveryStatus.SENT.value, provider=provider, sent_at=now,
+            rec.id, into=pipe, status=DeliveryStatus.SENT.value, provider=provider,
+            sent_at=sent_at,
             provider_message_id=receipt.provider_message_id, request_id=receipt.request_id,
             next_at=None, maybe_sent_at=None, after_lookup=None, error_code="", error_class="",
             sent_as=rec.sent_as or None,  # the OutId it went under, if not its own id
@@ -70,9 +74,9 @@ class Outcomes:
             self.metrics.observe("notifier_provider_latency_seconds", latency, into=pipe,
                                  channel=rec.channel, provider=provider)
         if accepted_at is not None:
-            self.metrics.observe("notifier_end_to_end_latency_seconds", now - accepted_at,
-                                 into=pipe, channel=rec.channel)
-        index_sent(pipe, rec, receipt, now, self.deps.settings.retention)
+            self.metrics.observe("notifier_end_to_end_latency_seconds",
+                                 max(sent_at - accepted_at, 0.0), into=pipe, channel=rec.channel)
+        index_sent(pipe, rec, receipt, sent_at, self.deps.settings.retention)
         self._finish_all(rec, pipe, reached=True, execute=execute or into is None)
         _log(rec, outcome, provider)
         return outcome

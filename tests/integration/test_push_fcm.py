@@ -389,3 +389,20 @@ def test_the_standalone_fake_writes_its_key_and_is_scripted_over_http(
         process.wait(timeout=10)
         assert process.stdout is not None
         process.stdout.close()
+
+
+@pytest.mark.parametrize("body", [
+    "<html><body>Please log in to the guest network</body></html>",  # a captive portal
+    {},  # a proxy's empty JSON
+    {"name": ""},
+])
+def test_a_2xx_without_a_message_name_is_not_counted_as_sent(
+    fake: FakeFcm, channel_for: Factory, body: Any
+) -> None:
+    # FCM answers every accepted push with its message name (PROTOCOLS.md). A 2xx without one
+    # came from something in between: the push may or may not have reached FCM. Counted as
+    # sent, the alert was closed although no phone may ever show it.
+    fake.script(status=200, body=body)
+    error = fails(channel_for(fake))
+    assert (error.error_class, error.code) == (ErrorClass.MAYBE_SENT, "INVALID_RESPONSE")
+    assert fake.messages == []

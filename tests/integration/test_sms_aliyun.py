@@ -21,6 +21,7 @@ import pytest
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
+from notifier.api.views import transaction_view
 from notifier.channels.aliyun_errors import TABLE
 from notifier.channels.base import ChannelContext
 from notifier.channels.sms_aliyun import CHINA_TZ, AliyunSms, send_dates
@@ -34,7 +35,7 @@ from notifier.errors import (
 from notifier.models import ErrorClass, Event, Outgoing, Rendered, Source
 from tests.fakes.dysmsapi import FakeDysmsapi
 from tests.integration.conftest import SMS_ENV, MakeFleet
-from tests.integration.test_pipeline import FAST_RETRY, aliyun, outbox
+from tests.integration.test_pipeline import FAST_RETRY, aliyun, config, outbox
 from tests.support.channel_calls import send_error, send_now
 from tests.support.servers import clean_env, free_port
 from tests.support.tls import CorruptingTlsFront
@@ -436,3 +437,49 @@ def test_a_tls_failure_reading_the_answer_is_looked_up_not_sent_twice(
     assert [m["out_id"] for m in sms_fake.messages] == [delivery.id], attempts
     assert attempts == ["maybe_sent", "found_after_timeout"], attempts
     assert delivery.status == "sent"
+
+
+def test_a_send_found_by_look_up_is_tracked_at_the_provider_s_send_time(
+    make_fleet: MakeFleet, sms_fake: FakeDysmsapi
+) -> None:
+    # The answer to SendSms is lost (a stall past the read timeout), the look-up after the
+    # backoff finds it. The tracking API must say when Aliyun took the SMS (its SendDate), not
+    # when we happened to ask: a drill measures "provider accepted" from it, and the receipt
+    # reconciler picks the days to query from it.
+    sms_fake.script({"kind": "stall", "seconds": 1})
+    slow_retry = {**FAST_RETRY, "base_delay": "1500ms", "max_delay": "1500ms"}
+    fleet = make_fleet(config(aliyun(sms_fake), retry=slow_retry), SMS_ENV)
+    txid = fleet.intake.submit(Event(kind="alert", title="DiskFull", severity="critical"),
+                               Source.API).transaction_id
+    fleet.drain(timers_until=4)
+    [delivery] = transaction_view(fleet.deps.ledger, txid)["deliveries"]  # type: ignore[index]
+    assert [a["outcome"] for a in delivery["attempts"]] == ["maybe_sent", "found_after_timeout"]
+    [record] = sms_fake.messages
+    provider_sent = datetime.strptime(record["send_date"], "%Y-%m-%d %H:%M:%S").replace(
+        tzinfo=CHINA_TZ).timestamp()
+    assert delivery["sent_at"] == provider_sent
+
+
+# The console templates of templates/sms/alert.*.j2: the words outside ${...} are Aliyun's.
+ALERT_CONSOLE = {"zh-CN": "告警（${severity}）：${title}，${content}",
+                 "en": "[${severity}] ${title}: ${content}"}
+
+
+@pytest.mark.parametrize(("locale", "resolved_word"), [("zh-CN", "已恢复"), ("en", "RESOLVED")])
+def test_a_resolved_alert_sent_with_the_alert_template_reads_as_resolved(
+    make_fleet: MakeFleet, locale: str, resolved_word: str
+) -> None:
+    # An account with only the 'alert' TemplateCode sends a resolved alert with it. The phone
+    # shows the alert console template filled with the variables: they alone must say it is
+    # over, or the on-call reads "DiskFull" at 3 am as a new firing.
+    with FakeDysmsapi(*SMS_ENV.values(), templates={"SMS_1": ALERT_CONSOLE[locale]}) as fake:
+        cfg = config(aliyun(fake))
+        cfg["recipients"]["alice"]["locale"] = locale
+        fleet = make_fleet(cfg, SMS_ENV)
+        for kind in ("alert", "resolved"):
+            fleet.intake.submit(Event(kind=kind, title="DiskFull db-1", severity="critical",
+                                      body="disk 97%"), Source.API)
+            fleet.drain()
+        firing, resolved = (m["content"] for m in fake.messages)
+    assert resolved_word not in firing
+    assert resolved_word in resolved
