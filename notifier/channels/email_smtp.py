@@ -154,8 +154,14 @@ class SmtpEmail(Channel):
 
     @property
     def send_budget(self) -> float:
-        """The deadline for connect, EHLO, STARTTLS, AUTH and the message: four round trips."""
-        return send_budget(self._config.timeout, 4)
+        """The deadline for the whole session: `timeout` for each round trip it makes, so a
+        server answering every step in time is never cut off (after DATA that would be maybe
+        sent, and a second email): greeting, EHLO, MAIL, RCPT, DATA and the final dot; the TLS
+        handshake; STARTTLS with its EHLO again; AUTH (LOGIN: up to three)."""
+        config = self._config
+        trips = 6 + (config.tls != "none") + 2 * (config.tls == "starttls")
+        trips += 3 * (config.username is not None)
+        return send_budget(config.timeout, trips)
 
     async def _deliver(self, client: _SMTP, email: EmailMessage, to: str) -> None:
         config = self._config

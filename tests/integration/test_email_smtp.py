@@ -25,6 +25,7 @@ from tests.fakes.smtp import FakeSmtp
 from tests.integration.conftest import MakeFleet
 from tests.support.channel_calls import send_error, send_now
 from tests.support.servers import clean_env, free_port
+from tests.support.tcp_relay import SlowReplies
 
 PASSWORD = "hunter2-not-in-logs"
 SUBJECT = "【严重】磁盘告警 DiskFull on db-1"
@@ -517,3 +518,19 @@ def test_a_server_closing_at_rcpt_with_421_opens_the_email_breaker(
     assert "fallen_back" in [outcome for _, outcome in fleet.outcomes]
     breaker = fleet.deps.breaker_for("email:smtp", fleet.settings.channels["email"].breaker)
     assert breaker.status().state is BreakerState.OPEN
+
+
+def test_a_slow_server_answering_each_step_in_time_gets_its_email_once(
+    make_fake: Callable[..., FakeSmtp], channel_for: Factory
+) -> None:
+    # Every reply comes 0.4 s late, inside the 0.5 s timeout: a loaded relay, working. The
+    # whole send is six round trips (greeting, EHLO, MAIL, RCPT, DATA, the final dot); a budget
+    # of fewer cuts it off after DATA, as maybe sent, and the retry mails the person twice.
+    fake = make_fake()
+    relay = SlowReplies(("127.0.0.1", fake.port), 0.4)
+    try:
+        receipt = send(channel_for(fake, port=relay.port, timeout=0.5))
+    finally:
+        relay.close()
+    assert len(fake.messages) == 1
+    assert receipt.provider_message_id == fake.messages[0]["Message-ID"]

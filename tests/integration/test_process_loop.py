@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,27 +20,7 @@ from notifier.config import SmtpProvider
 from notifier.models import Outgoing, Rendered
 from tests.fakes.smtp import FakeSmtp
 from tests.support.servers import free_port
-from tests.support.tcp_relay import Forward, Relay
-
-
-class _SlowGreeting(Relay):
-    """A TCP proxy in front of the SMTP fake whose greeting arrives 0.6 s late (a loaded mail
-    server); everything else is forwarded as is."""
-
-    def __init__(self, upstream_port: int) -> None:
-        super().__init__(("127.0.0.1", upstream_port))
-
-    def forwarders(self, to_server: socket.socket, to_client: socket.socket
-                   ) -> tuple[Forward, Forward]:
-        first = threading.Event()
-
-        def reply(data: bytes) -> None:
-            if not first.is_set():
-                first.set()
-                time.sleep(0.6)
-            to_client.sendall(data)
-
-        return to_server.sendall, reply
+from tests.support.tcp_relay import SlowReplies
 
 
 @pytest.fixture
@@ -65,7 +42,7 @@ def test_a_send_cut_short_by_the_soft_time_limit_does_not_go_out_later(
 ) -> None:
     smtp = FakeSmtp()
     smtp.start()
-    proxy = _SlowGreeting(smtp.port)
+    proxy = SlowReplies(("127.0.0.1", smtp.port), 0.6, first_only=True)  # a loaded server
     loop = ProcessLoop()
     try:
         channel = SmtpEmail(

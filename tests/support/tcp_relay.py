@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 Forward = Callable[[bytes], None]
@@ -53,3 +54,31 @@ def _pump(src: socket.socket, dst: socket.socket, forward: Forward) -> None:
                 sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+class SlowReplies(Relay):
+    """A server that answers late: the first reply chunk after each request of the client (and
+    the greeting) is held `delay` seconds, the rest forwarded as is. `first_only`: only the
+    connection's first reply is late (a loaded server slow to greet)."""
+
+    def __init__(self, upstream: tuple[str, int], delay: float, *, first_only: bool = False) -> None:
+        super().__init__(upstream)
+        self.delay, self.first_only = delay, first_only
+
+    def forwarders(self, to_server: socket.socket, to_client: socket.socket
+                   ) -> tuple[Forward, Forward]:
+        owed = threading.Event()  # a reply is due late: the greeting, then one per request
+        owed.set()
+
+        def request(data: bytes) -> None:
+            if not self.first_only:
+                owed.set()
+            to_server.sendall(data)
+
+        def reply(data: bytes) -> None:
+            if owed.is_set():
+                owed.clear()
+                time.sleep(self.delay)
+            to_client.sendall(data)
+
+        return request, reply
