@@ -25,6 +25,7 @@ from typing import Any
 from alibabacloud_dysmsapi20170525 import models as sms_models
 from alibabacloud_dysmsapi20170525.client import Client
 from alibabacloud_tea_openapi.utils_models import Config
+from billiard.exceptions import SoftTimeLimitExceeded
 from darabonba.core import DaraCore
 from darabonba.runtime import RuntimeOptions
 
@@ -257,16 +258,33 @@ async def _checked(call: Callable[..., Any], *args: Any) -> Any:
     """One Dysmsapi call (a sync SDK method, run right here: see the module docstring), both
     error layers: SDK exceptions (gateway 4xx/5xx, transport) and a business `Code` other than
     OK in an HTTP 200 body become classified errors. The SDK enforces the connect and read
-    timeouts of the runtime options itself (requests' `timeout=(connect, read)`)."""
+    timeouts of the runtime options itself (requests' `timeout=(connect, read)`).
+
+    Celery's soft time limit, raised by a signal inside the blocking call, is not Aliyun's
+    answer and goes up as it is, as it does from the other channels (notifier.aio): the step
+    is out of time. Classified, a look-up would read it as "not found" and send again."""
     try:
         response = call(*args)
     except Exception as exc:
+        if (time_up := _soft_time_limit(exc)) is not None:
+            raise time_up from None
         raise classify_exception(exc) from exc
     body = response.body
     code = str(body.code or "") if body is not None else ""
     if code != "OK":
         raise classify_response(code, str(getattr(body, "message", "") or ""))
     return body
+
+
+def _soft_time_limit(exc: BaseException) -> BaseException | None:
+    """The soft time limit, if that is what `exc` is or wraps (the SDK wraps what its request
+    raised in UnretryableException.inner_exception)."""
+    seen: BaseException | None = exc
+    for _ in range(5):  # wrappers of wrappers, never a cycle
+        if seen is None or isinstance(seen, SoftTimeLimitExceeded):
+            return seen
+        seen = getattr(seen, "inner_exception", None) or seen.__cause__ or seen.__context__
+    return None
 
 
 def _forget_sessions() -> None:
