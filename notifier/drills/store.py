@@ -2,7 +2,9 @@
 
 Hash fields: `def` (the definition, JSON), `current` (index of the live phase, -1 before the
 first), `finished_at`, per phase `p<i>:started_at` / `p<i>:ended_at` / `p<i>:r<round>` (an
-escalation round fired), per phase and operator `p<i>|<op>|code`, `...|confirmed_at`,
+escalation round fired), per phase and timer round `p<i>:r<round>:failures` /
+`...:first_failed_at` (a step failing, being retried) and `...:given_up` (JSON: it was given
+up), per phase and operator `p<i>|<op>|code`, `...|confirmed_at`,
 `...|confirmed_via`, `...|confirmed_by`. Decisions that two processes could race on (starting a
 phase, the first confirmation, firing a round) are single atomic Redis operations.
 """
@@ -78,6 +80,10 @@ KEEP = 5000  # newest entries kept of a drill's sends and of its timeline
 
 def op_field(phase: int, operator: str, what: str) -> str:
     return f"p{phase}|{operator}|{what}"
+
+
+def step_field(phase: int, round_: int, what: str) -> str:
+    return f"p{phase}:r{round_}:{what}"
 
 
 class DrillStore:
@@ -172,6 +178,23 @@ class DrillStore:
         done = int(self._confirm(keys=[self.key(drill_id)],
                                  args=[*names, repr(at), via, by, f"p{phase}:ended_at"]))
         return None if done < 0 else bool(done)
+
+    def count_failure(self, drill_id: str, phase: int, round_: int, now: float
+                      ) -> tuple[int, float]:
+        """Count a failed run of a step: (failures so far, when the first of them happened)."""
+        key, since = self.key(drill_id), step_field(phase, round_, "first_failed_at")
+        pipe = self.redis.pipeline()  # MULTI: a concurrent run's count cannot interleave
+        pipe.hsetnx(key, since, repr(now))
+        pipe.hincrby(key, step_field(phase, round_, "failures"), 1)
+        pipe.hget(key, since)
+        _, failures, first = pipe.execute()
+        return int(failures), float(text(first))
+
+    def clear_failures(self, drill_id: str, phase: int, round_: int) -> None:
+        """A step completed: a later copy of it that fails starts a retry window of its own
+        instead of being given up at once for failures the completed run had outlived."""
+        self.redis.hdel(self.key(drill_id), *(step_field(phase, round_, what)
+                                              for what in ("failures", "first_failed_at")))
 
     def set(self, drill_id: str, **fields: str) -> None:
         self.redis.hset(self.key(drill_id), mapping=dict[Any, Any](fields))
