@@ -260,7 +260,10 @@ def _send(svc: DrillService, drill: Drill, phase: int, who: str, *, round_: int,
           event: Event) -> str | None:
     key = f"{TIMER_PREFIX}:{drill.id}:{phase}:{who}:{step}:{round_}"
     try:
-        txid = svc.intake.submit(event, Source.DRILL, idempotency_key=key).transaction_id
+        # The key holds as long as the drill: a step may run again long after this send (a
+        # retry, the scheduler back after an outage) and must find it, not page again.
+        txid = svc.intake.submit(event, Source.DRILL, idempotency_key=key,
+                                 idempotency_ttl=svc.store.ttl(drill)).transaction_id
     except InvalidEvent as exc:  # e.g. the operator was removed from the config since
         svc.store.log(drill, "send_failed", phase=phase, operator=who, round=round_, step=step,
                       detail=str(exc))

@@ -4,11 +4,13 @@ requests (4xx naming the problem, never a 500)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from notifier.api.app import create_app
@@ -19,10 +21,13 @@ from notifier.drills.model import DrillConflict, DrillSpec
 from notifier.drills.replies import Reply, apply_due, reply_inbox, store_replies
 from notifier.drills.report import build_report
 from notifier.drills.service import DrillService
+from notifier.ledger_keys import PREFIX
+from notifier.models import Event, Source
 from notifier.scheduler import TIMERS
 from tests.integration.conftest import MakeFleet
 from tests.support.inline import InlineFleet
 from tests.support.interleave import interleaved
+from tests.support.servers import wait_until
 
 CONFIG: dict[str, Any] = {
     "channels": {"sms": {"provider": "sandbox"}, "email": {"provider": "sandbox"}},
@@ -212,3 +217,35 @@ def test_an_api_confirmation_racing_the_finish_is_refused_not_counted(
     assert svc.store.field(drill.id, "p0|bob|confirmed_at") is None
     (_, bob) = build_report(svc, drill.id)["phases"][0]["operators"]
     assert bob["result"] == "missed"
+
+
+def test_a_drill_step_refired_after_the_idempotency_ttl_does_not_page_again(
+        make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({**CONFIG, "idempotency_ttl": "1s"})
+    svc = DrillService(fleet.settings, fleet.redis, fleet.intake, fleet.deps.ledger,
+                       fleet.deps.timers)
+    drill = svc.create(DrillSpec.model_validate({**SPEC, "start": True}))
+
+    def connection_lost() -> str:
+        raise redis.ConnectionError("failover")
+
+    # alice's announcement is accepted, and the answer is lost before the drill recorded it
+    # (bob's goes out and is recorded): the step is retried.
+    def alices(args: list[str]) -> bool:
+        return any('"kind":"drill"' in a and '"to":["alice"]' in a for a in args)
+
+    with interleaved(fleet.redis, alices, connection_lost, after=True):
+        assert fire_drill_timer(svc, f"{drill.id}:0:0") == "retry"
+    fleet.drain()
+    # The retry comes after the idempotency TTL (the scheduler or the workers were down that
+    # long): an ordinary event's idempotency key of the same age has expired by then.
+    fleet.intake.submit(Event(kind="alert", title="t", to=("carol",)), Source.API,
+                        idempotency_key="control")
+    wait_until(lambda: not fleet.redis.exists(
+        f"{PREFIX}idem:{hashlib.sha256(b'control').hexdigest()}"), timeout=10)
+    assert fire_drill_timer(svc, f"{drill.id}:0:0") == "announced"
+    fleet.drain()
+    assert sorted(sent_to(fleet, "sms")) == ["+8613800138000", "+8613900139000"], "paged twice"
+    alice, bob = build_report(svc, drill.id)["phases"][0]["operators"]
+    for op in (alice, bob):  # the report times the SMS that went out
+        assert op["accepted"]["status"] == "ok", op
