@@ -121,7 +121,7 @@ class Intake:
         if result.outcome is AcceptOutcome.CONFLICT:
             raise IdempotencyConflict(
                 f"Idempotency-Key was already used with a different body (transaction "
-                f"{result.transaction_id})"
+                f"{result.transaction_id})", result.transaction_id
             )
         return Accepted(result.transaction_id, suppressed=result.outcome is AcceptOutcome.DUPLICATE)
 

@@ -33,7 +33,7 @@ from notifier.drills import replies
 from notifier.drills.model import Drill, human_duration
 from notifier.drills.service import TIMER_PREFIX, DrillService
 from notifier.drills.store import op_field, step_field
-from notifier.errors import BrokerUnavailable, InvalidEvent
+from notifier.errors import BrokerUnavailable, IdempotencyConflict, InvalidEvent
 from notifier.models import Event, Source
 from notifier.pipeline.fanout import addresses
 
@@ -264,6 +264,10 @@ def _send(svc: DrillService, drill: Drill, phase: int, who: str, *, round_: int,
         # retry, the scheduler back after an outage) and must find it, not page again.
         txid = svc.intake.submit(event, Source.DRILL, idempotency_key=key,
                                  idempotency_ttl=svc.store.ttl(drill)).transaction_id
+    except IdempotencyConflict as exc:
+        # The key is this very send's: a run before this one sent it, with what the config
+        # said then (a deploy since changed the operator's channels). It went out: keep it.
+        txid = exc.transaction_id
     except InvalidEvent as exc:  # e.g. the operator was removed from the config since
         svc.store.log(drill, "send_failed", phase=phase, operator=who, round=round_, step=step,
                       detail=str(exc))

@@ -249,3 +249,37 @@ def test_a_drill_step_refired_after_the_idempotency_ttl_does_not_page_again(
     alice, bob = build_report(svc, drill.id)["phases"][0]["operators"]
     for op in (alice, bob):  # the report times the SMS that went out
         assert op["accepted"]["status"] == "ok", op
+
+
+def test_a_step_rerun_after_a_config_change_keeps_the_reminders_it_sent(
+        make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(CONFIG)
+    svc = DrillService(fleet.settings, fleet.redis, fleet.intake, fleet.deps.ledger,
+                       fleet.deps.timers)
+    drill = svc.create(DrillSpec.model_validate({**SPEC, "start": True}))
+    assert fire_drill_timer(svc, f"{drill.id}:0:0") == "announced"
+
+    def connection_lost() -> str:
+        raise redis.ConnectionError("failover")
+
+    def to_carol(args: list[str]) -> bool:
+        return any('"to":["carol"]' in a for a in args)
+
+    # The reminders go out; telling carol fails: the round is to run again.
+    with interleaved(fleet.redis, to_carol, connection_lost):
+        assert fire_drill_timer(svc, f"{drill.id}:0:1") == "retry"
+    # Meanwhile a deploy gives alice a push device: her reminder would now go out on push too.
+    pushed = {**CONFIG, "channels": {**CONFIG["channels"], "push": {"provider": "sandbox"}},
+              "recipients": {**CONFIG["recipients"],
+                             "alice": {**CONFIG["recipients"]["alice"], "push_tokens": ["tok-a"]}}}
+    deployed = make_fleet(pushed)
+    svc = DrillService(deployed.settings, deployed.redis, deployed.intake,
+                       deployed.deps.ledger, deployed.deps.timers)
+    assert fire_drill_timer(svc, f"{drill.id}:0:1") == "escalated"
+    (phase,) = build_report(svc, drill.id)["phases"][:1]
+    assert phase["failed_steps"] == []
+    assert [e["to"] for e in phase["escalation_recipients"]] == [["carol"]]
+    reminders = {op["operator"]: op["escalations"] for op in phase["operators"]}
+    assert [len(r) for r in reminders.values()] == [1, 1], reminders
+    assert svc.store.field(drill.id, "p0|alice|tx:escalation:1") == \
+        reminders["alice"][0]["transaction_id"]
