@@ -58,7 +58,7 @@ def fire_drill_timer(svc: DrillService, arg: str) -> str:
     """Run the step of timer `arg` ('<drill id>:<phase>:<round>'), then remove the timer: only
     now, so that the scheduler re-fires it if this raises half-way."""
     result = _step(svc, arg)
-    if result != RETRY:  # "retry" scheduled the timer again, for RETRY_IN from now
+    if result != RETRY:  # "retry" scheduled the timer again, for when it is to be retried
         svc.timer_done(arg)
     return result
 

@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from notifier.celery_app import CeleryPublisher, make_celery
+from notifier.channels.sandbox import outbox_key
 from notifier.drills.escalation import fire_drill_timer
 from notifier.drills.markdown import render_markdown
 from notifier.drills.model import DrillSpec
@@ -240,3 +241,30 @@ def test_a_drill_step_that_always_fails_is_given_up_and_the_drill_still_ends_wit
     assert any("announce" in f and "given up" in f for f in report["summary"]["flags"])
     assert "given up" in render_markdown(report)
     assert json.dumps(report)  # the report stays JSON for machines
+
+
+def test_a_control_queue_backlog_piles_up_one_copy_per_lease_and_the_copies_page_no_one_twice(
+        fleet: InlineFleet) -> None:
+    svc = drill_service(fleet)
+    drill = svc.create(DrillSpec.model_validate(SPEC))
+    publisher = ListPublisher()
+    scheduler = Scheduler(fleet.redis, publisher, timer_lease=0.05)
+
+    def copies_queued(n: int) -> Callable[[], bool]:
+        def check() -> bool:
+            scheduler.tick()
+            return len(publisher.tasks) >= n
+        return check
+
+    # No worker takes the control queue: every lease that runs out queues one more copy, and
+    # only of the one timer the phase has pending.
+    wait_until(copies_queued(4), timeout=10)
+    assert {args[0] for _task, args, _queue in publisher.tasks} == {timer_arg(drill.id, 0, 0)}
+    results = [fire_timer(fleet.deps, args[0]) for _task, args, _queue in publisher.tasks]
+    assert set(results) == {"announced"}
+    fleet.take_queued_dispatches()  # the workers' intake queued them on Redis
+    fleet.drain()
+    assert [s["step"] for s in svc.store.sends(drill.id)] == ["announce"]
+    assert fleet.redis.llen(outbox_key("sms")) == 1  # alice got one SMS
+    events = [e["event"] for e in svc.store.timeline(drill.id)]
+    assert events.count("announce") == 1
