@@ -43,7 +43,11 @@ class InvalidEvent(NotifierError):
 
 
 class IdempotencyConflict(NotifierError):
-    """The idempotency key was used before with a different body."""
+    """The idempotency key was used before with a different body, by `transaction_id`."""
+
+    def __init__(self, message: str, transaction_id: str = "") -> None:
+        super().__init__(message)
+        self.transaction_id = transaction_id
 
 
 class DeliveryError(NotifierError):

@@ -14,6 +14,7 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import NamedTuple
 
 import redis
@@ -120,16 +121,21 @@ class Intake:
         if result.outcome is AcceptOutcome.CONFLICT:
             raise IdempotencyConflict(
                 f"Idempotency-Key was already used with a different body (transaction "
-                f"{result.transaction_id})"
+                f"{result.transaction_id})", result.transaction_id
             )
         return Accepted(result.transaction_id, suppressed=result.outcome is AcceptOutcome.DUPLICATE)
 
     def submit(self, event: Event, source: Source, *, receiver: str = "",
-               dedup_key: str | None = None, idempotency_key: str | None = None) -> Accepted:
+               dedup_key: str | None = None, idempotency_key: str | None = None,
+               idempotency_ttl: float | None = None) -> Accepted:
+        """`idempotency_ttl`: how long the key holds, if not `idempotency_ttl` of the config
+        (a drill's sends: as long as the drill, which may re-run a step days later)."""
         call = self.prepare(event, source, receiver=receiver, dedup_key=dedup_key,
                             idempotency_key=idempotency_key)
+        policy = self.policy if idempotency_ttl is None else replace(
+            self.policy, idempotency_ttl=idempotency_ttl)
         with _broker_errors(idempotency_key):
-            [result] = self.ledger.accept(self.script_call([call]))
+            [result] = self.ledger.accept(script_call([call], policy))
         self.log_stored([call], [result])
         return self.conclude(result)
 

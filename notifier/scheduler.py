@@ -23,6 +23,9 @@ LEADER = "ntf:scheduler:leader"
 # How long a published TIMER task has to finish its step (and remove its timer) before the
 # timer fires again: longer than a step takes (task_time_limit, 60 s by default), far shorter
 # than the broker's visibility timeout, so a task that failed is retried within a minute.
+# While the control queue is backlogged, a waiting timer is published again each lease: one
+# copy a minute per live drill phase, each an idempotent re-run that sends nothing; not holding
+# it back is what re-publishes a copy that a failover lost (docs/drills.md).
 TIMER_LEASE = 60.0
 log = logging.getLogger(__name__)
 

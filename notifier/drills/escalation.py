@@ -2,10 +2,18 @@
 
 Timers fire at least once: the scheduler does not remove a drill timer when it publishes its
 task but leases it (due again a minute later), and the step removes it only once it has
-completed, so a step whose task failed (a Redis blip, a dead worker) runs again. Every step is
+completed, so a step whose task died (a dead worker) runs again. Every step is
 idempotent: each send goes through the intake with an
 idempotency key and is recorded once (HSETNX), and the set of operators a round escalates for
 is frozen by the first run of that round.
+
+A step that fails (raises, or Redis refuses a send) is retried with exponential backoff, each
+failure on the drill's timeline and in the log; it is given up once it has failed for as long
+as its phase's deadline (an hour at most), and at the latest when the next round is due, which
+then runs as if the step had completed: the next round re-sends to whoever has not confirmed,
+so a failing announcement never holds up the escalations or the record of misses. A given-up
+step is in the report. One recipient's failing send does not keep the step's other sends from
+going out.
 
 Each escalation round, at `started + deadline × round`, re-sends the SMS to every operator who
 has not confirmed, on every other channel they can be reached on too (same reply code, valid
@@ -18,19 +26,23 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 from notifier.drills import replies
 from notifier.drills.model import Drill, human_duration
 from notifier.drills.service import TIMER_PREFIX, DrillService
-from notifier.drills.store import op_field
-from notifier.errors import BrokerUnavailable, InvalidEvent
+from notifier.drills.store import op_field, step_field
+from notifier.errors import BrokerUnavailable, IdempotencyConflict, InvalidEvent
 from notifier.models import Event, Source
 from notifier.pipeline.fanout import addresses
 
 log = logging.getLogger(__name__)
-RETRY_IN = 5.0  # a step that could not publish is tried again this much later
+RETRY_IN = 5.0  # a step that failed is tried again this much later, doubled per failure...
+RETRY_CAP = 300.0  # ...up to this
+RETRY_WINDOW = 3600.0  # the longest a step is retried (shorter for a shorter phase deadline)
 RETRY = "retry"
+GIVEN_UP = "given_up"
 ESCALATION = "escalation"  # the `who` of sends to the escalation recipients
 
 
@@ -46,7 +58,7 @@ def fire_drill_timer(svc: DrillService, arg: str) -> str:
     """Run the step of timer `arg` ('<drill id>:<phase>:<round>'), then remove the timer: only
     now, so that the scheduler re-fires it if this raises half-way."""
     result = _step(svc, arg)
-    if result != RETRY:  # "retry" scheduled the timer again, for RETRY_IN from now
+    if result != RETRY:  # "retry" scheduled the timer again, for when it is to be retried
         svc.timer_done(arg)
     return result
 
@@ -61,21 +73,77 @@ def _step(svc: DrillService, arg: str) -> str:
         return "missing"
     if not svc.is_live(drill.id, phase):
         return "phase_over"  # a later phase started, or the drill finished
+    if svc.store.field(drill.id, step_field(phase, round_, GIVEN_UP)) is not None:
+        return GIVEN_UP  # a copy queued before it was given up: the next round took over
     try:
-        return _fire(svc, drill, phase, round_)
-    except BrokerUnavailable:
-        # Everything done so far is recorded and idempotent: run the whole step again later.
-        svc.schedule(drill, phase, round_, time.time() + RETRY_IN)
-        return RETRY
+        result = _fire(svc, drill, phase, round_)
+    except Exception as exc:  # whatever it is: retried with backoff, then given up
+        # Everything done so far is recorded and idempotent: the whole step runs again.
+        return _failed(svc, drill, phase, round_, exc)
+    if result != RETRY:
+        svc.store.clear_failures(drill.id, phase, round_)
+    return result
+
+
+def _failed(svc: DrillService, drill: Drill, phase: int, round_: int, exc: Exception) -> str:
+    """Retry the step with backoff, or give it up (see the module's docstring)."""
+    now = time.time()
+    failures, first = svc.store.count_failure(drill.id, phase, round_, now)
+    step, error = drill.step_name(round_), f"{type(exc).__name__}: {exc}"[:300]
+    give_up_at = first + min(drill.phases[phase].deadline, RETRY_WINDOW)
+    next_due = _round_due(svc, drill, phase, round_ + 1)
+    if next_due is not None:
+        give_up_at = min(give_up_at, next_due)
+    where = f"drill {drill.id} phase {phase} {step} (round {round_})"
+    if now >= give_up_at:
+        log.error("%s given up after %d failed attempt(s): %s", where, failures, error)
+        svc.store.set_once_logged(
+            drill, step_field(phase, round_, GIVEN_UP),
+            json.dumps({"at": now, "failures": failures, "error": error}), "step_given_up",
+            phase=phase, round=round_, step=step, failures=failures, error=error)
+        if next_due is not None:
+            svc.schedule(drill, phase, round_ + 1, next_due)
+        return GIVEN_UP
+    delay = min(RETRY_IN * 2 ** min(failures - 1, 16), RETRY_CAP)
+    retry_at = min(now + delay, give_up_at)  # the give-up is not put off by a long backoff
+    svc.store.log(drill, "step_failed", phase=phase, round=round_, step=step, failure=failures,
+                  error=error, retry_in=round(retry_at - now, 1))
+    log.warning("%s failed (%d), retrying in %.0f s: %s", where, failures, retry_at - now, error,
+                exc_info=not isinstance(exc, BrokerUnavailable))
+    svc.schedule(drill, phase, round_, retry_at)
+    return RETRY
+
+
+def _started(svc: DrillService, drill: Drill, phase: int) -> float:
+    return float(svc.store.field(drill.id, f"p{phase}:started_at") or time.time())
+
+
+def _round_due(svc: DrillService, drill: Drill, phase: int, round_: int) -> float | None:
+    """When round `round_` of the phase is due; None past the round that records the misses."""
+    if round_ > drill.escalation_rounds + 1:
+        return None
+    return _started(svc, drill, phase) + drill.phases[phase].deadline * round_
+
+
+def _send_all(sends: Sequence[Callable[[], object]]) -> None:
+    """Make every send even if one fails (one recipient's failure must not leave the others
+    unpaged), then raise the first failure, so that the step is retried for the failed ones
+    (the sends that went out are recorded: a retry repeats none)."""
+    failure: Exception | None = None
+    for send in sends:
+        try:
+            send()
+        except Exception as exc:  # raised below, once the others had their turn
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 def _fire(svc: DrillService, drill: Drill, phase: int, round_: int) -> str:
-    started = float(svc.store.field(drill.id, f"p{phase}:started_at") or time.time())
+    started = _started(svc, drill, phase)
     deadline = drill.phases[phase].deadline
     if round_ == 0:
-        for op in drill.operators:
-            _send(svc, drill, phase, op, round_=0, step="announce",
-                  event=_operator_event(svc, drill, phase, op, 0))
+        _send_all([partial(_page, svc, drill, phase, op, 0) for op in drill.operators])
         svc.schedule(drill, phase, 1, started + deadline)
         return "announced"
     # A reply that arrived before this round may still wait in the inbox (workers busy): apply
@@ -101,12 +169,13 @@ def _fire(svc: DrillService, drill: Drill, phase: int, round_: int) -> str:
         return "missed"
     if first_run:
         svc.store.log(drill, "escalation_round", phase=phase, round=round_, operators=frozen)
-    for op in pending:
-        _send(svc, drill, phase, op, round_=round_, step="escalation",
-              event=_operator_event(svc, drill, phase, op, round_))
+    sends: list[Callable[[], object]] = [partial(_page, svc, drill, phase, op, round_)
+                                         for op in pending]
     if drill.escalation:  # the frozen list: a re-run must send the very same event
-        _send(svc, drill, phase, ESCALATION, round_=round_, step="escalation_recipients",
-              event=_escalation_event(drill, phase, round_, frozen))
+        sends.append(partial(_send, svc, drill, phase, ESCALATION, round_=round_,
+                             step="escalation_recipients",
+                             event=_escalation_event(drill, phase, round_, frozen)))
+    _send_all(sends)
     svc.schedule(drill, phase, round_ + 1, started + deadline * (round_ + 1))
     return "escalated"
 
@@ -181,11 +250,24 @@ def _escalation_event(drill: Drill, phase: int, round_: int, pending: list[str])
     )
 
 
+def _page(svc: DrillService, drill: Drill, phase: int, op: str, round_: int) -> str | None:
+    """The operator's SMS of this round: the announcement, or an escalation reminder."""
+    return _send(svc, drill, phase, op, round_=round_, step=drill.step_name(round_),
+                 event=_operator_event(svc, drill, phase, op, round_))
+
+
 def _send(svc: DrillService, drill: Drill, phase: int, who: str, *, round_: int, step: str,
           event: Event) -> str | None:
     key = f"{TIMER_PREFIX}:{drill.id}:{phase}:{who}:{step}:{round_}"
     try:
-        txid = svc.intake.submit(event, Source.DRILL, idempotency_key=key).transaction_id
+        # The key holds as long as the drill: a step may run again long after this send (a
+        # retry, the scheduler back after an outage) and must find it, not page again.
+        txid = svc.intake.submit(event, Source.DRILL, idempotency_key=key,
+                                 idempotency_ttl=svc.store.ttl(drill)).transaction_id
+    except IdempotencyConflict as exc:
+        # The key is this very send's: a run before this one sent it, with what the config
+        # said then (a deploy since changed the operator's channels). It went out: keep it.
+        txid = exc.transaction_id
     except InvalidEvent as exc:  # e.g. the operator was removed from the config since
         svc.store.log(drill, "send_failed", phase=phase, operator=who, round=round_, step=step,
                       detail=str(exc))

@@ -88,6 +88,12 @@ class Drill:
     def phase_index(self, name: str) -> int | None:
         return next((i for i, p in enumerate(self.phases) if p.name == name), None)
 
+    def step_name(self, round_: int) -> str:
+        """What a phase's timer of round `round_` does (drills.escalation)."""
+        if round_ == 0:
+            return "announce"
+        return "escalation" if round_ <= self.escalation_rounds else "record misses"
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id, "name": self.name, "operators": list(self.operators),

@@ -11,12 +11,13 @@ channel carried it).
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 from notifier.drills.model import Drill
 from notifier.drills.service import DrillService
-from notifier.drills.store import op_field
+from notifier.drills.store import op_field, step_field
 from notifier.ledger import Ledger
 
 MEASURES = ("accepted", "delivered", "confirmed")
@@ -100,12 +101,23 @@ def build_report(svc: DrillService, drill_id: str, now: float | None = None) -> 
                 for s in sends if s["phase"] == i and s["step"] == "escalation_recipients"],
             "rejected_replies": sum(1 for e in timeline
                                     if e["event"] == "reply_rejected" and e.get("phase") == i),
+            "failed_steps": _failed_steps(drill, i, state),
         })
     return {
         "drill": drill.to_json(), "generated_at": at_now, "finished_at": finished,
         "targets": targets, "phases": phases, "summary": _summary(phases),
         "timeline": _timeline(drill, timeline, state),
     }
+
+
+def _failed_steps(drill: Drill, phase: int, state: dict[str, str]) -> list[dict[str, Any]]:
+    """The phase's timer steps that kept failing and were given up (drills.escalation)."""
+    out = []
+    for round_ in range(drill.escalation_rounds + 2):
+        raw = state.get(step_field(phase, round_, "given_up"))
+        if raw is not None:
+            out.append({"round": round_, "step": drill.step_name(round_), **json.loads(raw)})
+    return out
 
 
 def _result(confirmed_at: float | None, started: float | None, deadline: float, missed: bool,
@@ -121,6 +133,8 @@ def _summary(phases: list[dict[str, Any]]) -> dict[str, Any]:
     rows = [op for p in phases if p["started_at"] is not None for op in p["operators"]]
     flags = [f"{p['name']} / {op['operator']}: {LABELS[m]} {op[m]['status']}"
              for p in phases for op in p["operators"] for m in MEASURES if op[m]["flagged"]]
+    flags += [f"{p['name']}: {f['step']} (round {f['round']}) given up after {f['failures']} "
+              f"failed attempt(s): {f['error']}" for p in phases for f in p["failed_steps"]]
     misses = [f"{p['name']} / {op['operator']}" for p in phases for op in p["operators"]
               if op["result"] == "missed"]
     open_ = any(op["result"] == "pending" for op in rows)

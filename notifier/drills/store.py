@@ -2,7 +2,9 @@
 
 Hash fields: `def` (the definition, JSON), `current` (index of the live phase, -1 before the
 first), `finished_at`, per phase `p<i>:started_at` / `p<i>:ended_at` / `p<i>:r<round>` (an
-escalation round fired), per phase and operator `p<i>|<op>|code`, `...|confirmed_at`,
+escalation round fired), per phase and timer round `p<i>:r<round>:failures` /
+`...:first_failed_at` (a step failing, being retried) and `...:given_up` (JSON: it was given
+up), per phase and operator `p<i>|<op>|code`, `...|confirmed_at`,
 `...|confirmed_via`, `...|confirmed_by`. Decisions that two processes could race on (starting a
 phase, the first confirmation, firing a round) are single atomic Redis operations.
 """
@@ -80,6 +82,10 @@ def op_field(phase: int, operator: str, what: str) -> str:
     return f"p{phase}|{operator}|{what}"
 
 
+def step_field(phase: int, round_: int, what: str) -> str:
+    return f"p{phase}:r{round_}:{what}"
+
+
 class DrillStore:
     def __init__(self, client: redis.Redis, retention: float) -> None:
         self.redis = client
@@ -93,11 +99,12 @@ class DrillStore:
     def key(drill_id: str) -> str:
         return _PREFIX + drill_id
 
-    def _ttl(self, drill: Drill) -> int:
+    def ttl(self, drill: Drill) -> int:
+        """How long the drill's records live (after that its timers find it missing)."""
         return max(self.retention, int(drill.reply_code_ttl), 3600)
 
     def create(self, drill: Drill) -> None:
-        key, ttl = self.key(drill.id), self._ttl(drill)
+        key, ttl = self.key(drill.id), self.ttl(drill)
         pipe = self.redis.pipeline()
         pipe.hset(key, mapping={"def": json.dumps(drill.to_json(), ensure_ascii=False),
                                 "current": "-1"})
@@ -159,7 +166,7 @@ class DrillStore:
             entries.insert(0, send)
         return bool(self._set_once_append(
             keys=[key, *lists],
-            args=[name, value, self._ttl(drill), KEEP,
+            args=[name, value, self.ttl(drill), KEEP,
                   *(json.dumps(e, ensure_ascii=False) for e in entries)]))
 
     def confirm(self, drill_id: str, phase: int, operator: str, *, at: float, via: str,
@@ -172,6 +179,23 @@ class DrillStore:
         done = int(self._confirm(keys=[self.key(drill_id)],
                                  args=[*names, repr(at), via, by, f"p{phase}:ended_at"]))
         return None if done < 0 else bool(done)
+
+    def count_failure(self, drill_id: str, phase: int, round_: int, now: float
+                      ) -> tuple[int, float]:
+        """Count a failed run of a step: (failures so far, when the first of them happened)."""
+        key, since = self.key(drill_id), step_field(phase, round_, "first_failed_at")
+        pipe = self.redis.pipeline()  # MULTI: a concurrent run's count cannot interleave
+        pipe.hsetnx(key, since, repr(now))
+        pipe.hincrby(key, step_field(phase, round_, "failures"), 1)
+        pipe.hget(key, since)
+        _, failures, first = pipe.execute()
+        return int(failures), float(text(first))
+
+    def clear_failures(self, drill_id: str, phase: int, round_: int) -> None:
+        """A step completed: a later copy of it that fails starts a retry window of its own
+        instead of being given up at once for failures the completed run had outlived."""
+        self.redis.hdel(self.key(drill_id), *(step_field(phase, round_, what)
+                                              for what in ("failures", "first_failed_at")))
 
     def set(self, drill_id: str, **fields: str) -> None:
         self.redis.hset(self.key(drill_id), mapping=dict[Any, Any](fields))
@@ -193,7 +217,7 @@ class DrillStore:
         pipe = self.redis.pipeline()
         pipe.rpush(key, json.dumps(entry, ensure_ascii=False))
         pipe.ltrim(key, -KEEP, -1)
-        pipe.expire(key, self._ttl(drill))
+        pipe.expire(key, self.ttl(drill))
         pipe.execute()
 
     def active(self) -> list[str]:

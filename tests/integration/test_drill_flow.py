@@ -4,11 +4,13 @@ requests (4xx naming the problem, never a 500)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from notifier.api.app import create_app
@@ -19,10 +21,13 @@ from notifier.drills.model import DrillConflict, DrillSpec
 from notifier.drills.replies import Reply, apply_due, reply_inbox, store_replies
 from notifier.drills.report import build_report
 from notifier.drills.service import DrillService
+from notifier.ledger_keys import PREFIX
+from notifier.models import Event, Source
 from notifier.scheduler import TIMERS
 from tests.integration.conftest import MakeFleet
 from tests.support.inline import InlineFleet
 from tests.support.interleave import interleaved
+from tests.support.servers import wait_until
 
 CONFIG: dict[str, Any] = {
     "channels": {"sms": {"provider": "sandbox"}, "email": {"provider": "sandbox"}},
@@ -212,3 +217,69 @@ def test_an_api_confirmation_racing_the_finish_is_refused_not_counted(
     assert svc.store.field(drill.id, "p0|bob|confirmed_at") is None
     (_, bob) = build_report(svc, drill.id)["phases"][0]["operators"]
     assert bob["result"] == "missed"
+
+
+def test_a_drill_step_refired_after_the_idempotency_ttl_does_not_page_again(
+        make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({**CONFIG, "idempotency_ttl": "1s"})
+    svc = DrillService(fleet.settings, fleet.redis, fleet.intake, fleet.deps.ledger,
+                       fleet.deps.timers)
+    drill = svc.create(DrillSpec.model_validate({**SPEC, "start": True}))
+
+    def connection_lost() -> str:
+        raise redis.ConnectionError("failover")
+
+    # alice's announcement is accepted, and the answer is lost before the drill recorded it
+    # (bob's goes out and is recorded): the step is retried.
+    def alices(args: list[str]) -> bool:
+        return any('"kind":"drill"' in a and '"to":["alice"]' in a for a in args)
+
+    with interleaved(fleet.redis, alices, connection_lost, after=True):
+        assert fire_drill_timer(svc, f"{drill.id}:0:0") == "retry"
+    fleet.drain()
+    # The retry comes after the idempotency TTL (the scheduler or the workers were down that
+    # long): an ordinary event's idempotency key of the same age has expired by then.
+    fleet.intake.submit(Event(kind="alert", title="t", to=("carol",)), Source.API,
+                        idempotency_key="control")
+    wait_until(lambda: not fleet.redis.exists(
+        f"{PREFIX}idem:{hashlib.sha256(b'control').hexdigest()}"), timeout=10)
+    assert fire_drill_timer(svc, f"{drill.id}:0:0") == "announced"
+    fleet.drain()
+    assert sorted(sent_to(fleet, "sms")) == ["+8613800138000", "+8613900139000"], "paged twice"
+    alice, bob = build_report(svc, drill.id)["phases"][0]["operators"]
+    for op in (alice, bob):  # the report times the SMS that went out
+        assert op["accepted"]["status"] == "ok", op
+
+
+def test_a_step_rerun_after_a_config_change_keeps_the_reminders_it_sent(
+        make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(CONFIG)
+    svc = DrillService(fleet.settings, fleet.redis, fleet.intake, fleet.deps.ledger,
+                       fleet.deps.timers)
+    drill = svc.create(DrillSpec.model_validate({**SPEC, "start": True}))
+    assert fire_drill_timer(svc, f"{drill.id}:0:0") == "announced"
+
+    def connection_lost() -> str:
+        raise redis.ConnectionError("failover")
+
+    def to_carol(args: list[str]) -> bool:
+        return any('"to":["carol"]' in a for a in args)
+
+    # The reminders go out; telling carol fails: the round is to run again.
+    with interleaved(fleet.redis, to_carol, connection_lost):
+        assert fire_drill_timer(svc, f"{drill.id}:0:1") == "retry"
+    # Meanwhile a deploy gives alice a push device: her reminder would now go out on push too.
+    pushed = {**CONFIG, "channels": {**CONFIG["channels"], "push": {"provider": "sandbox"}},
+              "recipients": {**CONFIG["recipients"],
+                             "alice": {**CONFIG["recipients"]["alice"], "push_tokens": ["tok-a"]}}}
+    deployed = make_fleet(pushed)
+    svc = DrillService(deployed.settings, deployed.redis, deployed.intake,
+                       deployed.deps.ledger, deployed.deps.timers)
+    assert fire_drill_timer(svc, f"{drill.id}:0:1") == "escalated"
+    (phase,) = build_report(svc, drill.id)["phases"][:1]
+    assert phase["failed_steps"] == []
+    assert [e["to"] for e in phase["escalation_recipients"]] == [["carol"]]
+    reminders = {op["operator"]: op["escalations"] for op in phase["operators"]}
+    assert [len(r) for r in reminders.values()] == [1, 1], reminders
+    assert svc.store.field(drill.id, "p0|alice|tx:escalation:1") == \
+        reminders["alice"][0]["transaction_id"]
