@@ -260,10 +260,12 @@ def _send(svc: DrillService, drill: Drill, phase: int, who: str, *, round_: int,
           event: Event) -> str | None:
     key = f"{TIMER_PREFIX}:{drill.id}:{phase}:{who}:{step}:{round_}"
     try:
-        # The key holds as long as the drill: a step may run again long after this send (a
-        # retry, the scheduler back after an outage) and must find it, not page again.
+        # The key holds as long as the transaction it names (`retention`, not the day of
+        # idempotency_ttl): a step may run again long after this send (a retry, the scheduler
+        # back after an outage) and must find it, not page again. Not longer: a replay counts
+        # onto the transaction, which must still exist.
         txid = svc.intake.submit(event, Source.DRILL, idempotency_key=key,
-                                 idempotency_ttl=svc.store.ttl(drill)).transaction_id
+                                 idempotency_ttl=svc.store.retention).transaction_id
     except IdempotencyConflict as exc:
         # The key is this very send's: a run before this one sent it, with what the config
         # said then (a deploy since changed the operator's channels). It went out: keep it.

@@ -99,12 +99,11 @@ class DrillStore:
     def key(drill_id: str) -> str:
         return _PREFIX + drill_id
 
-    def ttl(self, drill: Drill) -> int:
-        """How long the drill's records live (after that its timers find it missing)."""
+    def _ttl(self, drill: Drill) -> int:
         return max(self.retention, int(drill.reply_code_ttl), 3600)
 
     def create(self, drill: Drill) -> None:
-        key, ttl = self.key(drill.id), self.ttl(drill)
+        key, ttl = self.key(drill.id), self._ttl(drill)
         pipe = self.redis.pipeline()
         pipe.hset(key, mapping={"def": json.dumps(drill.to_json(), ensure_ascii=False),
                                 "current": "-1"})
@@ -166,7 +165,7 @@ class DrillStore:
             entries.insert(0, send)
         return bool(self._set_once_append(
             keys=[key, *lists],
-            args=[name, value, self.ttl(drill), KEEP,
+            args=[name, value, self._ttl(drill), KEEP,
                   *(json.dumps(e, ensure_ascii=False) for e in entries)]))
 
     def confirm(self, drill_id: str, phase: int, operator: str, *, at: float, via: str,
@@ -217,7 +216,7 @@ class DrillStore:
         pipe = self.redis.pipeline()
         pipe.rpush(key, json.dumps(entry, ensure_ascii=False))
         pipe.ltrim(key, -KEEP, -1)
-        pipe.expire(key, self.ttl(drill))
+        pipe.expire(key, self._ttl(drill))
         pipe.execute()
 
     def active(self) -> list[str]:
