@@ -111,12 +111,18 @@ def build_report(svc: DrillService, drill_id: str, now: float | None = None) -> 
 
 
 def _failed_steps(drill: Drill, phase: int, state: dict[str, str]) -> list[dict[str, Any]]:
-    """The phase's timer steps that kept failing and were given up (drills.escalation)."""
+    """The phase's timer steps that kept failing and were given up, or are failing now and
+    being retried (drills.escalation): a live report must show a step that has not gone out."""
     out = []
     for round_ in range(drill.escalation_rounds + 2):
+        step = {"round": round_, "step": drill.step_name(round_)}
         raw = state.get(step_field(phase, round_, "given_up"))
+        failures = state.get(step_field(phase, round_, "failures"))
         if raw is not None:
-            out.append({"round": round_, "step": drill.step_name(round_), **json.loads(raw)})
+            out.append({**step, **json.loads(raw), "retrying": False})
+        elif failures is not None:
+            out.append({**step, "failures": int(failures), "retrying": True,
+                        "since": float(state[step_field(phase, round_, "first_failed_at")])})
     return out
 
 
@@ -133,8 +139,10 @@ def _summary(phases: list[dict[str, Any]]) -> dict[str, Any]:
     rows = [op for p in phases if p["started_at"] is not None for op in p["operators"]]
     flags = [f"{p['name']} / {op['operator']}: {LABELS[m]} {op[m]['status']}"
              for p in phases for op in p["operators"] for m in MEASURES if op[m]["flagged"]]
-    flags += [f"{p['name']}: {f['step']} (round {f['round']}) given up after {f['failures']} "
-              f"failed attempt(s): {f['error']}" for p in phases for f in p["failed_steps"]]
+    flags += [f"{p['name']}: {f['step']} (round {f['round']}) " + (
+        f"failing, retrying ({f['failures']} failed attempt(s) so far; see the timeline)"
+        if f["retrying"] else f"given up after {f['failures']} failed attempt(s): {f['error']}")
+        for p in phases for f in p["failed_steps"]]
     misses = [f"{p['name']} / {op['operator']}" for p in phases for op in p["operators"]
               if op["result"] == "missed"]
     open_ = any(op["result"] == "pending" for op in rows)

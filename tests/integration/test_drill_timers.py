@@ -202,6 +202,12 @@ def test_a_failing_drill_step_backs_off_and_the_failures_show(make_fleet: MakeFl
     # alice's failure kept nobody else unpaged: bob was announced, once.
     announced = [s["operator"] for s in svc.store.sends(drill.id) if s["step"] == "announce"]
     assert announced == ["bob"]
+    # The drill's live report says so now, not only once the step is given up: the drill lead
+    # watching it must see that alice was never announced to.
+    report = build_report(svc, drill.id)
+    (failing,) = report["phases"][0]["failed_steps"]
+    assert (failing["step"], failing["failures"], failing["retrying"]) == ("announce", 4, True)
+    assert any("announce" in f and "retrying" in f for f in report["summary"]["flags"])
 
 
 @pytest.mark.parametrize("error", ALWAYS_FAILING, ids=["refused-by-redis", "raises"])
