@@ -8,6 +8,7 @@ current master on (re)connect.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -44,7 +45,14 @@ def redacted(url: str) -> str:
     return ";".join(_redacted_one(part) for part in url.split(";"))
 
 
+# redis-py also takes the password as a query parameter (its documented form for unix sockets,
+# unix:///path.sock?password=...).
+_QUERY_PASSWORD = re.compile(r"(?<![^&])(password=)[^&]*")
+
+
 def _redacted_one(url: str) -> str:
+    base, mark, query = url.partition("?")
+    url = base + mark + _QUERY_PASSWORD.sub(r"\1***", query)
     parts = urlsplit(url)
     if parts.password is None:
         return url

@@ -18,7 +18,7 @@ from typing import Any
 
 from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateError, TemplateNotFound
 from jinja2 import TemplateSyntaxError as _SyntaxError
-from jinja2.runtime import Context
+from jinja2.runtime import Context, Macro
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from notifier.errors import ConfigError, PermanentError
@@ -62,6 +62,22 @@ def _locales(locale: str) -> list[str]:
     return list(dict.fromkeys((wanted, DEFAULT_LOCALE)))
 
 
+class _Environment(ImmutableSandboxedEnvironment):
+    """The sandbox, where a macro's output is escaped as its own template's output is.
+
+    Jinja marks what a macro returns as safe markup whenever the calling template autoescapes,
+    even when the macro's own template did not escape anything: `{% from "_lib/i18n.j2" import
+    severity_label %}` in an *.html.j2 template put a severity label's own markup into the
+    email. A macro from a template that is not autoescaped gives the caller a plain str, which
+    the caller escapes like any other value."""
+
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        result = super().call(__context, __obj, *args, **kwargs)
+        if isinstance(__obj, Macro) and not __obj._default_autoescape and __context.eval_ctx.autoescape:
+            return str(result)
+        return result
+
+
 class Renderer:
     """Renders messages from one template directory; safe to share between threads."""
 
@@ -71,7 +87,7 @@ class Renderer:
         if not directory.is_dir():
             raise ConfigError(f"templates: {directory} is not a directory")
         self.template_dir = directory.resolve()
-        self._env = ImmutableSandboxedEnvironment(
+        self._env = _Environment(
             loader=FileSystemLoader(self.template_dir),
             undefined=StrictUndefined,
             autoescape=lambda name: bool(name and name.endswith(".html.j2")),
