@@ -329,6 +329,7 @@ class Bench:
         data["public_url"] = f"http://127.0.0.1:{port}"
         cfg.write_text(yaml.safe_dump(data, allow_unicode=True), "utf-8")
         env = {"NOTIFIER_CONFIG": str(cfg), "NOTIFIER_API_TOKEN": TOKEN,
+               "NOTIFIER_CALLBACK_TOKEN": f"callback-{TOKEN}",
                "ALIBABA_CLOUD_ACCESS_KEY_ID": KEY_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": KEY_SECRET}
         me = ["-m", "notifier"]
         self.procs.python("api", *me, "api", "--port", str(port), "--workers", str(self.api_workers),

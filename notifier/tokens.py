@@ -31,6 +31,11 @@ def token_from_env(name: str) -> str | None:
 
 
 def check_tokens() -> None:
-    """ConfigError now for a token the API would refuse to start with."""
-    token_from_env(API_TOKEN_ENV)
-    token_from_env(CALLBACK_TOKEN_ENV)
+    """ConfigError now for a token the API would refuse to start with, and for an API locked
+    by its token whose provider callbacks would stay open: anyone could then post SMS replies
+    (confirming drill phases) and delivery receipts (closing a failed SMS as delivered)."""
+    api, callback = token_from_env(API_TOKEN_ENV), token_from_env(CALLBACK_TOKEN_ENV)
+    if api is not None and callback is None:
+        raise ConfigError(f"{CALLBACK_TOKEN_ENV}: unset while {API_TOKEN_ENV} is set, which would "
+                          f"leave the provider callbacks (/v1/callbacks/...) open to anyone; set "
+                          f"it, and add ?token= to the callback URLs (docs/drills.md)")

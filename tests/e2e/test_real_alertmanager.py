@@ -39,7 +39,8 @@ def service(tmp_path: Path) -> Iterator[tuple[Stack, FakeSmtp]]:
               "recipients": {"alice": {"email": "alice@example.com"}},
               "routes": [{"match": {"receiver": "notifier"}, "to": ["alice"],
                           "channels": ["email"]}]}
-    stack = Stack(tmp_path / "stack", server.url, config, env={"NOTIFIER_API_TOKEN": TOKEN})
+    stack = Stack(tmp_path / "stack", server.url, config, env={"NOTIFIER_API_TOKEN": TOKEN,
+                                                                  "NOTIFIER_CALLBACK_TOKEN": "cb-" + TOKEN})
     (tmp_path / "stack").mkdir()
     stack.start()
     yield stack, smtp

@@ -84,7 +84,8 @@ def service_config(fakes: dict[str, Any]) -> dict[str, Any]:
 def stack(fakes: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     server = RedisServer()
     server.start()
-    env = {"NOTIFIER_API_TOKEN": API_TOKEN, "ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID,
+    env = {"NOTIFIER_API_TOKEN": API_TOKEN, "NOTIFIER_CALLBACK_TOKEN": "e2e-callback-token",
+           "ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID,
            "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET, "NOTIFIER_LOG_LEVEL": "INFO"}
     # Two API processes on one port, as deployed on a multi-core host.
     running = Stack(tmp_path_factory.mktemp("stack"), server.url, service_config(fakes), env=env,

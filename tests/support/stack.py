@@ -1,6 +1,7 @@
 """The service as real processes: `notifier api`, `notifier worker`, `notifier scheduler`.
 
-    stack = Stack(tmp_path, redis_url, config_dict, env={"NOTIFIER_API_TOKEN": "t"})
+    stack = Stack(tmp_path, redis_url, config_dict, env={"NOTIFIER_API_TOKEN": "t",
+                                                               "NOTIFIER_CALLBACK_TOKEN": "c"})
     stack.start()             # waits for /readyz
     txid = stack.post("/v1/alertmanager", payload).json()["transaction_id"]
     view = stack.wait_final(txid)

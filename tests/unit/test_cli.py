@@ -55,6 +55,19 @@ def test_check_config_refuses_a_blank_token(tmp_path: Path, capsys: pytest.Captu
     assert main(["--config", write(tmp_path, VALID), "check-config"]) == 0  # unset: allowed
 
 
+def test_an_api_token_without_a_callback_token_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # With the API locked, open callbacks would let anyone post SMS replies (confirming drill
+    # phases for operators who never answered) and delivery receipts (closing an SMS as
+    # delivered that failed, or failing one that arrived, which pages on the fallback too).
+    monkeypatch.setenv("NOTIFIER_API_TOKEN", "api-token-0123")
+    monkeypatch.delenv("NOTIFIER_CALLBACK_TOKEN", raising=False)
+    assert main(["--config", write(tmp_path, VALID), "check-config"]) == 2
+    assert "NOTIFIER_CALLBACK_TOKEN: unset while NOTIFIER_API_TOKEN is set" in capsys.readouterr().err
+    monkeypatch.setenv("NOTIFIER_CALLBACK_TOKEN", "callback-token-0123")
+    assert main(["--config", write(tmp_path, VALID), "check-config"]) == 0
+
+
 def test_a_config_file_not_in_utf8_names_the_file(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     # Saved as GBK (a zh-CN Windows editor), the usual Chinese sign_name in it
