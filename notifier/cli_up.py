@@ -166,8 +166,10 @@ def _demo(base: str) -> bool:
             break
         time.sleep(0.2)
     print(render_timeline(view) + "\n")
-    print(f"see it again with: notifier status {txid}  (or GET {base}/v1/transactions/{txid})")
-    print("the sandbox outbox (what would have been sent): notifier outbox -v\n")
+    # Another shell has no NOTIFIER_CONFIG: name the config this tree runs on.
+    cli = f"notifier --config {STATE_DIR / 'notifier.yaml'}"
+    print(f"see it again with: {cli} status {txid}  (or GET {base}/v1/transactions/{txid})")
+    print(f"the sandbox outbox (what would have been sent): {cli} outbox -v\n")
     return view.get("status") == TxStatus.DELIVERED.value
 
 

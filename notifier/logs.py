@@ -66,6 +66,7 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # warnings.warn() output as JSON lines too (logger py.warnings)
     # Request lines of our own HTTP clients are noise, and may carry URLs with tokens. Celery's
     # two INFO lines per task ("received", "succeeded in") say less than our own line per
     # delivery step, which carries the transaction, and cost the worker a write each; a task
