@@ -1,0 +1,87 @@
+"""Nasty input on every endpoint: a clear 4xx naming the problem, never a 500, nothing stored.
+
+A table of the bodies that broke something (each row says what the sender saw before) and a few
+representative ones per endpoint. One app for the module, on the session's redis-server; each
+test starts from a flushed database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from notifier.api.app import create_app
+from notifier.config import settings_from_mapping
+from tests.support.servers import RedisServer
+
+TOKEN = "fuzz-api-token"
+CONFIG: dict[str, Any] = {
+    "channels": {"sms": {"provider": "sandbox"}, "email": {"provider": "sandbox"}},
+    "recipients": {"alice": {"phone": "+8613800138000", "email": "alice@example.com"},
+                   "bob": {"phone": "+8613900139000"}},
+    "groups": {"ops": ["alice", "bob"]},
+    "routes": [{"match": {}, "to": ["ops"], "channels": ["email"]}],
+    "max_body_bytes": 64 * 1024,
+}
+SPEC = {"name": "DR", "operators": ["ops"], "phases": ["p1", "p2"]}
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def api(redis_server: RedisServer) -> Iterator[TestClient]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NOTIFIER_API_TOKEN", TOKEN)
+        mp.delenv("NOTIFIER_CALLBACK_TOKEN", raising=False)
+        app = create_app(settings_from_mapping({**CONFIG, "redis_url": redis_server.url}))
+        with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+            yield client
+
+
+@pytest.fixture
+def drill(api: TestClient, redis_client: redis.Redis) -> str:
+    """A drill with its first phase live (the database is flushed before each test)."""
+    created = api.post("/v1/drills", json={**SPEC, "start": True})
+    assert created.status_code == 201, created.text
+    return str(created.json()["id"])
+
+
+# The JSON routes FastAPI serves (everything but the two ingest routes and the callbacks).
+FASTAPI_ROUTES = ["/v1/drills", "/v1/breakers/sms:sandbox", "/v1/drills/{drill}/confirm"]
+NOT_JSON = [
+    # Was 422 ["2: JSON decode error"]: a position, no word of what is wrong.
+    pytest.param(b"{not json", "not valid JSON", id="garbage"),
+    pytest.param(b'{"name": "DR"', "not valid JSON", id="truncated"),
+    pytest.param(b"{}garbage", "not valid JSON", id="trailing-data"),
+    pytest.param(b"\xff\xfe{}", "not valid JSON", id="not-utf8"),
+    pytest.param(b"   ", "empty", id="only-whitespace"),
+    # Was 400 "There was an error parsing the body": Python's json refuses it by raising a
+    # plain ValueError (4300-digit limit) or RecursionError, which FastAPI does not explain.
+    pytest.param(b"9" * 5000, "not valid JSON", id="5000-digit-integer"),
+    pytest.param(b"[" * 20_000 + b"]" * 20_000, "not valid JSON", id="nested-20000-deep"),
+]
+
+
+@pytest.mark.parametrize("raw, names", NOT_JSON)
+@pytest.mark.parametrize("route", FASTAPI_ROUTES)
+def test_a_body_that_is_not_json_is_a_400_saying_so(api: TestClient, drill: str, route: str,
+                                                    raw: bytes, names: str) -> None:
+    before = api.get(f"/v1/drills/{drill}").json()
+    response = api.post(route.format(drill=drill), content=raw, headers=JSON)
+    assert response.status_code == 400, response.text
+    assert names in response.text
+    assert [d["id"] for d in api.get("/v1/drills").json()] == [drill]  # no drill created
+    assert api.get(f"/v1/drills/{drill}").json() == before  # nobody confirmed
+
+
+def test_json_of_the_wrong_shape_still_names_the_field(api: TestClient, drill: str) -> None:
+    for route in FASTAPI_ROUTES:
+        response = api.post(route.format(drill=drill), content=b"[1, 2]", headers=JSON)
+        assert response.status_code == 422 and "body: Input should be" in response.text, route
+    missing = api.post("/v1/drills", json={"name": "x"})
+    assert missing.status_code == 422 and "operators: Field required" in missing.text
+    breaker = api.post("/v1/breakers/sms:sandbox", json={"action": "explode", "by": "me"})
+    assert breaker.status_code == 422 and "action:" in breaker.text
