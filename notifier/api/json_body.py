@@ -1,18 +1,23 @@
-"""JSON request bodies of the FastAPI routes: a body that is not JSON is a 400 saying why.
+"""JSON request bodies of the FastAPI routes, read as the ingest routes read theirs.
 
-FastAPI itself answers 422 ["2: JSON decode error"] (a character position, no reason) for a
-JSONDecodeError, and 400 "There was an error parsing the body" for what Python's json refuses by
-raising anything else (an integer past 4300 digits, nesting past the recursion limit, bytes that
-are no UTF-8 text). The ingest routes answer these as 400 "request body is not valid JSON: ...";
-these routes now do the same.
+FastAPI reads a body with Python's json and answers what that refuses with 422 ["2: JSON decode
+error"] (a character position, no reason) or 400 "There was an error parsing the body" (an
+integer past 4300 digits, nesting past the recursion limit). And Python's json reads a lone
+UTF-16 surrogate escape ("\\ud800") into a str that cannot be encoded as UTF-8: where a field
+passes it through unchecked (a union such as DrillSpec.phases' `PhaseIn | str`, a plain `str`),
+writing it to Redis or into a response failed with a 500.
+
+So these routes parse with pydantic's parser (jiter), as notifier.api.ingest does, which refuses
+a lone surrogate, and answer 400 "request body is not valid JSON: <why>" like the ingest routes.
+A UTF-8 byte order mark, which Python's json skipped, is still skipped.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import pydantic_core
 from fastapi import HTTPException, Request, Response
 from fastapi.routing import APIRoute
 
@@ -24,11 +29,8 @@ class _JSONBodyRequest(Request):
             if not raw.strip():
                 raise HTTPException(400, "request body is empty; expected JSON")
             try:
-                self._json = json.loads(raw)
-            except RecursionError:
-                raise HTTPException(400, "request body is not valid JSON: nested too deeply") from None
-            # JSONDecodeError and UnicodeDecodeError are ValueErrors, as is an integer past
-            # Python's 4300-digit limit.
+                self._json = pydantic_core.from_json(raw.removeprefix(b"\xef\xbb\xbf"))
+            # Also for nesting past its recursion limit, an integer past 4300 digits, invalid UTF-8.
             except ValueError as exc:
                 raise HTTPException(400, f"request body is not valid JSON: {exc}") from None
         return self._json
