@@ -163,3 +163,26 @@ def test_a_bad_record_is_dropped_and_the_good_one_beside_it_stored(
     assert mixed.status_code == 200, mixed.text
     assert mixed.json() == {"code": 0, "msg": "接收成功"}
     assert inbox.pending() == 1
+
+
+# Was 422 ["body: Input should be a valid dictionary or object to extract fields from"] for a
+# valid JSON body: FastAPI reads a body as JSON only when the Content-Type says so, and
+# `curl -d` sends application/x-www-form-urlencoded.
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+@pytest.mark.parametrize("route", FASTAPI_ROUTES)
+def test_a_json_body_sent_as_another_content_type_is_a_415_naming_it(
+        api: TestClient, drill: str, route: str, content_type: str | None) -> None:
+    body = {"/v1/drills": SPEC, "/v1/breakers/sms:sandbox": {"action": "open", "by": "me"},
+            "/v1/drills/{drill}/confirm": {"operator": "alice"}}[route]
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    before = api.get(f"/v1/drills/{drill}").json()
+    response = api.post(route.format(drill=drill), content=json.dumps(body).encode(),
+                        headers=headers)
+    assert response.status_code == 415, response.text
+    assert "Content-Type: application/json" in response.text
+    assert api.get(f"/v1/drills/{drill}").json() == before
+    assert [d["id"] for d in api.get("/v1/drills").json()] == [drill]
+    assert api.get("/v1/breakers").json()[0]["state"] == "closed"
+    wrong_token = api.post(route.format(drill=drill), content=b"{}", headers={
+        **headers, "Authorization": "Bearer nope"})
+    assert wrong_token.status_code == 401  # credentials are checked first
