@@ -68,7 +68,13 @@ def fastapi_app(settings: Settings) -> tuple[FastAPI, ApiState]:
                             headers={"Retry-After": RETRY_AFTER_SECONDS})
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI reads a body as JSON only when its Content-Type says so; otherwise the model
+        # is handed the raw bytes, and the 422 would blame the body's shape.
+        if any(e["loc"] == ("body",) and isinstance(e.get("input"), bytes) for e in exc.errors()):
+            got = request.headers.get("content-type", "none")
+            return JSONResponse({"detail": f"request body must be JSON sent with Content-Type: "
+                                           f"application/json (got {got!r})"}, status_code=415)
         return JSONResponse({"detail": field_errors(exc)}, status_code=422)
 
     @app.exception_handler(InvalidEvent)

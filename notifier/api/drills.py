@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from notifier.api.json_body import JSONBodyRoute
 from notifier.api.state import ApiState
 from notifier.drills.markdown import render_markdown
 from notifier.drills.model import DrillConflict, DrillInvalid, DrillNotFound, DrillSpec
@@ -47,7 +48,7 @@ def _mapped() -> Iterator[None]:
 
 
 def drills_router(state: ApiState, auth: Auth, _callback_auth: Auth) -> APIRouter:
-    router = APIRouter(dependencies=[Depends(auth)])
+    router = APIRouter(dependencies=[Depends(auth)], route_class=JSONBodyRoute)
     svc = DrillService(state.settings, state.redis, state.intake, state.ledger,
                        Timers(state.redis))
 

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, Field
 
+from notifier.api.json_body import JSONBodyRoute
 from notifier.api.state import ApiState
 from notifier.operations import BreakerControl, Unreplayable, replay_dead_letter
 
@@ -22,7 +23,7 @@ class BreakerCommand(BaseModel):
 
 
 def operations_router(state: ApiState, auth: Auth, _callback_auth: Auth) -> APIRouter:
-    router = APIRouter(dependencies=[Depends(auth)])
+    router = APIRouter(dependencies=[Depends(auth)], route_class=JSONBodyRoute)
     control = BreakerControl(state.redis, state.settings)
 
     @router.get("/v1/breakers")

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Annotated, Any
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,8 +42,10 @@ class SmsUpIn(BaseModel):
     phone_number: str = Field(min_length=1, max_length=32)
     content: str = Field(max_length=2000)
     send_time: str = Field(default="", max_length=32)
-    dest_code: str | int = ""
-    sequence_id: str | int = ""
+    # A bound makes pydantic check the text (a `str` in a union passes unchecked, so a lone
+    # surrogate got as far as storing the push, which failed: 500, and the push was lost).
+    dest_code: Annotated[str, Field(max_length=64)] | int = ""
+    sequence_id: Annotated[str, Field(max_length=64)] | int = ""
 
 
 @dataclass(frozen=True)
