@@ -36,6 +36,7 @@ from notifier.operations import BreakerControl, Unreplayable, replay_dead_letter
 from notifier.periodic import periodic_jobs
 from notifier.pipeline.reaper import reap
 from notifier.redis_conn import connect
+from notifier.redis_health import check_eviction_policy
 from notifier.scheduler import Scheduler
 from notifier.tasks_spec import ALL_QUEUES
 from notifier.timeline import render_timeline
@@ -83,6 +84,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
                           "--concurrency", str(args.concurrency), "--queues", args.queues,
                           "--loglevel", args.loglevel], dict(os.environ))
     app = create_worker_app(settings)
+    check_eviction_policy(_redis(settings))
     name = f"notifier-{socket.gethostname()}-{os.getpid()}"
     queues = args.queues.split(",")
     threading.Thread(target=beat_forever, args=(_redis(settings), name, queues),
@@ -99,6 +101,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_scheduler(args: argparse.Namespace, settings: Settings) -> int:
     client = _redis(settings)
+    check_eviction_policy(client)
     publisher = CeleryPublisher(make_celery(settings.redis_url, settings.redis_sentinel_master))
     ledger = Ledger(client, settings.retention)
 

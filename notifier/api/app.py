@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from notifier.api.views import transaction_view
 from notifier.config import Settings, load_settings
 from notifier.errors import BrokerUnavailable, IdempotencyConflict, InvalidEvent
 from notifier.logs import configure_logging
+from notifier.redis_health import check_eviction_policy
 
 # Routers of the other subsystems: each is make_router(state, auth, callback_auth) -> APIRouter.
 ROUTERS = [operations_router, callbacks_router, drills_router]
@@ -49,6 +51,7 @@ def fastapi_app(settings: Settings) -> tuple[FastAPI, ApiState]:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(check_eviction_policy, state.redis)
         yield
         await state.accept_batcher.aclose()
 

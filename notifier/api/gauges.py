@@ -13,6 +13,7 @@ from notifier.heartbeats import Heartbeats
 from notifier.ledger_keys import DEADLETTERS, OUTBOX
 from notifier.metrics import Gauges
 from notifier.operations import BreakerControl
+from notifier.redis_health import maxmemory_policy, writable
 from notifier.scheduler import TIMERS
 from notifier.tasks_spec import ALL_QUEUES
 
@@ -69,5 +70,19 @@ def workers(client: redis.Redis) -> list[Row]:
              {"queue": q}, float(alive[q])) for q in ALL_QUEUES]
 
 
+def redis_health(client: redis.Redis) -> list[Row]:
+    """Whether Redis takes writes (it answers reads at maxmemory, so notifier_redis_up stays 1
+    while every webhook gets a 503) and its maxmemory-policy (when INFO or CONFIG tells)."""
+    rows: list[Row] = [("notifier_redis_writable",
+                        "1 when Redis accepted a write during the scrape (0: refused, e.g. OOM).",
+                        {}, 1.0 if writable(client) else 0.0)]
+    policy = maxmemory_policy(client)
+    if policy is not None:
+        rows.append(("notifier_redis_maxmemory_policy",
+                     "1 for Redis' maxmemory-policy (notifier needs noeviction).",
+                     {"policy": policy}, 1.0))
+    return rows
+
+
 def fleet_gauges(settings: Settings) -> list[Gauges]:
-    return [backlog, breakers(settings), workers]
+    return [backlog, breakers(settings), workers, redis_health]
