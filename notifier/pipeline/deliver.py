@@ -26,9 +26,14 @@ from notifier.pipeline.batching import by_request
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.digest import NEVER_MERGED, hold
 from notifier.pipeline.outcomes import Outcomes
+from notifier.pipeline.redis_wait import until_redis_answers
 from notifier.pipeline.rollup import finish_final
 from notifier.ratelimit import Bucket, Decision
 from notifier.templates import TemplateContext
+
+# How long a send the provider took waits for Redis to record it (a failover, a restart). A step
+# already near its soft time limit may still be cut short first, and is then maybe sent.
+RECORD_WAIT = 20.0
 
 
 @dataclass(frozen=True)
@@ -195,14 +200,20 @@ def _send(deps: PipelineDeps, batch: list[Ready], one_text: bool) -> list[str]:
         error = MaybeSentError("unexpected", type(exc).__name__)
     else:
         latency = time.monotonic() - started
-        # One round trip for the breaker's success and every member's record.
-        pipe = deps.ledger.redis.pipeline()
-        breaker.record_success(permit, into=pipe)
-        results = [outcomes.sent(rec, provider.provider_name, receipt, latency=latency,
-                                 accepted_at=ready.tx.created_at, into=pipe, execute=False)
-                   for rec, ready in zip(members, batch, strict=True)]
-        pipe.execute()
-        return results
+
+        def record() -> list[str]:
+            # One round trip for the breaker's success and every member's record.
+            pipe = deps.ledger.redis.pipeline()
+            breaker.record_success(permit, into=pipe)
+            results = [outcomes.sent(rec, provider.provider_name, receipt, latency=latency,
+                                     accepted_at=ready.tx.created_at, into=pipe, execute=False)
+                       for rec, ready in zip(members, batch, strict=True)]
+            pipe.execute()
+            return results
+
+        # The provider has it: a record lost to a Redis blip would leave the delivery to be
+        # taken over as maybe sent, and sent again where there is no look-up (email, push).
+        return until_redis_answers(record, wait=RECORD_WAIT, what=f"recording {members[0].id}")
     elapsed = time.monotonic() - started
     if len(members) > 1 and error.recipient_scoped:
         # One bad or capped number refuses the whole request: send each half again (still

@@ -22,15 +22,11 @@ per message instead of one per event. A held claim waits at most the message's t
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import redis
-
 from notifier.channels.base import Channel
-from notifier.errors import BrokerUnavailable
 from notifier.ledger import DeliveryRecord, FanOut, TransactionRecord
 from notifier.ledger_rows import Unreadable
 from notifier.models import DeliveryStatus, TxStatus
@@ -39,6 +35,7 @@ from notifier.pipeline.deliver import Ready, prepare, send_prepared
 from notifier.pipeline.deps import PipelineDeps
 from notifier.pipeline.fanout import plan_deliveries
 from notifier.pipeline.outcomes import Outcomes
+from notifier.pipeline.redis_wait import until_redis_answers
 from notifier.pipeline.routing import plan_route
 from notifier.tasks_spec import DELIVER, DISPATCH, DISPATCH_QUEUE, deliver_queue
 
@@ -50,16 +47,11 @@ _RESUMABLE = (DeliveryStatus.QUEUED, DeliveryStatus.SENDING)
 # the queue as a new message, so a task never nears its time limit (celeryconfig: 60 s) however
 # slow the provider, and idle workers share the remainder.
 BATCH_BUDGET = 10.0
-# Redis (the ledger, or the broker on it) unreachable part-way through a message: its events may
-# be fanned out with some send tasks not published yet. Celery acks a failed task, so nothing
-# would run the message again and those deliveries would wait for the reaper (`reaper_after`).
-# Instead the message runs again (idempotent: the same token takes its own claims over) once
-# Redis answers, for up to OUTAGE_WAIT s from its start (with BATCH_BUDGET, inside the task's
-# 50 s soft time limit); a longer outage is left to the reaper as before.
-_OUTAGE = (redis.ConnectionError, redis.TimeoutError, BrokerUnavailable)
+# Redis (the ledger, or the broker on it) unavailable part-way through a message: its events
+# may be fanned out with some send tasks not published yet, and Celery acks a failed task, so
+# the message runs again once Redis answers (notifier.pipeline.redis_wait), for up to
+# OUTAGE_WAIT s from its start (with BATCH_BUDGET, inside the task's 50 s soft time limit).
 OUTAGE_WAIT = 20.0
-_PAUSES = (0.25, 2.0)  # the first wait for Redis, the longest (doubling in between)
-log = logging.getLogger(__name__)
 
 
 def inline_token(dispatch_task_id: str) -> str:
@@ -115,19 +107,10 @@ def dispatch_all(deps: PipelineDeps, txids: Sequence[str], token: str | None = N
     deliveries go out in turn (`token`, `may_inline`: see `dispatch`). Transactions past the
     budget are re-queued as one new message; they are fanned out already, so it only sends.
     Redis lost part-way: the message runs again once it is back (see OUTAGE_WAIT)."""
-    started = time.monotonic()
+    deadline = time.monotonic() + budget
     txids = list(dict.fromkeys(txids))  # a message naming one twice: once is enough
-    pause = _PAUSES[0]
-    while True:
-        try:
-            return _dispatch_once(deps, txids, token, may_inline, started + budget)
-        except _OUTAGE as exc:
-            if time.monotonic() + pause - started > outage_wait:
-                raise
-            log.warning("dispatch: Redis unreachable (%s); the message runs again in %.2fs",
-                        type(exc).__name__, pause)
-            time.sleep(pause)
-            pause = min(pause * 2, _PAUSES[1])
+    return until_redis_answers(lambda: _dispatch_once(deps, txids, token, may_inline, deadline),
+                               wait=outage_wait, what="dispatch")
 
 
 def _dispatch_once(deps: PipelineDeps, txids: list[str], token: str | None,
