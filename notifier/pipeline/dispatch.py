@@ -50,7 +50,12 @@ BATCH_BUDGET = 10.0
 # Redis (the ledger, or the broker on it) unavailable part-way through a message: its events
 # may be fanned out with some send tasks not published yet, and Celery acks a failed task, so
 # the message runs again once Redis answers (notifier.pipeline.redis_wait), for up to
-# OUTAGE_WAIT s from its start (with BATCH_BUDGET, inside the task's 50 s soft time limit).
+# OUTAGE_WAIT s from its start; a longer outage is left to the reaper as before. A run again
+# that starts past the message's budget starts no send of its own (a provider call may take
+# MAX_SEND_SECONDS, which fits the 50 s soft time limit only when it starts within the budget;
+# cut by that limit, a send is maybe sent, and an email went out twice): it queues its first
+# event's deliveries as tasks, which have time limits of their own, and takes up only the
+# claims this message holds (no other task may take those over before claim_lease).
 OUTAGE_WAIT = 20.0
 
 
@@ -109,14 +114,21 @@ def dispatch_all(deps: PipelineDeps, txids: Sequence[str], token: str | None = N
     Redis lost part-way: the message runs again once it is back (see OUTAGE_WAIT)."""
     deadline = time.monotonic() + budget
     txids = list(dict.fromkeys(txids))  # a message naming one twice: once is enough
-    return until_redis_answers(lambda: _dispatch_once(deps, txids, token, may_inline, deadline),
-                               wait=outage_wait, what="dispatch")
+    runs = 0
+
+    def run() -> list[str]:
+        nonlocal runs
+        runs += 1
+        return _dispatch_once(deps, txids, token, may_inline, deadline, again=runs > 1)
+
+    return until_redis_answers(run, wait=outage_wait, what="dispatch")
 
 
 def _dispatch_once(deps: PipelineDeps, txids: list[str], token: str | None,
-                   may_inline: Callable[[str], bool], deadline: float) -> list[str]:
+                   may_inline: Callable[[str], bool], deadline: float, *, again: bool) -> list[str]:
     """One run of a message; past `deadline` (its budget, counted from the first run) the rest
-    of its transactions go back on the queue as a new message."""
+    of its transactions go back on the queue as a new message, and a run `again` (see
+    OUTAGE_WAIT) sends nothing of the first one's but its own claims."""
     ready = _fan_out(deps, txids)
     done: list[str] = []
     held = _Held(deps)
@@ -129,7 +141,8 @@ def _dispatch_once(deps: PipelineDeps, txids: list[str], token: str | None,
             if isinstance(fanned, str):
                 done.append(fanned)
                 continue
-            done.append(_send(deps, fanned, token, may_inline, held))
+            late = again and time.monotonic() > deadline
+            done.append(_send(deps, fanned, token, may_inline, held, fresh=not late))
     finally:
         # Also when a later event failed (Celery acks a failed task: no redelivery): the held
         # ones are claimed by this message alone and would wait for the reaper's lease.
@@ -190,12 +203,13 @@ def _fan_out(deps: PipelineDeps, txids: Sequence[str]) -> dict[str, _Fanned | st
 
 
 def _send(deps: PipelineDeps, fanned: _Fanned, token: str | None,
-          may_inline: Callable[[str], bool], held: _Held) -> str:
+          may_inline: Callable[[str], bool], held: _Held, *, fresh: bool = True) -> str:
     """Queue a transaction's deliveries, or send them here: those this dispatch sends itself
     (see `inline_token`) with their batch; of those, what could share a request with other
-    events' messages joins `held` instead."""
+    events' messages joins `held` instead. Not `fresh`: only what this dispatch has claimed
+    already is sent here, the inline pick not claimed yet is queued like the others."""
     records, tx = fanned.records, fanned.tx
-    inline = _inline_pick(records, may_inline) if token is not None else None
+    inline = _inline_pick(records, may_inline) if token is not None and fresh else None
     outcomes = Outcomes(deps)
     sendable: list[DeliveryRecord] = []
     for record in fanned.queued:

@@ -100,3 +100,31 @@ def test_a_dispatch_that_loses_redis_part_way_finishes_once_it_is_back(
         ["13800138000", "13900139000"] * len(named))
     emails = fleet.redis.lrange(outbox_key("email"), 0, -1)
     assert len(emails) == 2 * len(named)
+
+
+def test_a_dispatch_run_again_past_its_budget_sends_nothing_itself(
+        fleet: InlineFleet, private_redis: RedisServer, sms_fake: FakeDysmsapi) -> None:
+    """The message's run after the outage starts past its budget (here 0 s; in production an
+    outage longer than BATCH_BUDGET): it must not start a send of its own, which could take
+    MAX_SEND_SECONDS more and run into Celery's soft time limit (cut mid-send: maybe sent, and
+    an email sent again). It queues the send as a deliver task, with a time limit of its own."""
+    named = accept_together(fleet, "DiskFull")
+    # the second email's deliver task fails: the SMS this dispatch sends itself is not sent yet
+    broker = OutageAtPublish(private_redis, "notifier.deliver", 2)
+    fleet.publisher = fleet.deps.publisher = broker
+    try:
+        dispatch_all(fleet.deps, named, inline_token("task-1"), budget=0.0)
+    finally:
+        if broker.restart is not None:
+            broker.restart.join()
+        broker.client.close()
+    assert broker.left <= 0  # the outage did happen
+    assert sms_fake.messages == []  # no send started by the run past its budget
+    # the SMS (both numbers, one request) this dispatch would have sent itself: a task now
+    [sms_task] = [args for _task, args, queue in broker.tasks if queue == "notifier.sms"]
+    assert len(sms_task) == 2
+    fleet.drain()
+    ledger = fleet.deps.ledger
+    assert [ledger.transaction(t).status for t in named] == ["delivered"]  # type: ignore[union-attr]
+    assert sorted(m["phone"] for m in sms_fake.messages) == ["13800138000", "13900139000"]
+    assert len(fleet.redis.lrange(outbox_key("email"), 0, -1)) == 2
