@@ -45,4 +45,10 @@ broker_connection_max_retries = None  # a worker waits for Redis to come back
 
 worker_hijack_root_logger = False
 worker_send_task_events = False
-worker_cancel_long_running_tasks_on_connection_loss = True
+# Celery's default to be (6.0) SIGTERMs every running late-acked task when the broker connection
+# drops, so that it runs once more instead of finishing unacknowledged. The broker is the
+# ledger's Redis: a failover then cut every send in flight, and a send the provider already took
+# was taken over as maybe sent and, on email or push, sent again. Our tasks are idempotent (the
+# claim of a finished delivery is DONE): they finish, wait for Redis to record what they did
+# (notifier.pipeline.redis_wait), and their redelivered message is a no-op.
+worker_cancel_long_running_tasks_on_connection_loss = False

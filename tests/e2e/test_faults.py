@@ -177,6 +177,31 @@ def breaker_state(stack: Stack, name: str) -> str:
     return "unknown"
 
 
+def test_a_redis_restart_mid_send_neither_cuts_the_send_nor_repeats_it(
+        tmp_path: Path, private_redis: RedisServer, stacks: list[Stack]) -> None:
+    # The broker is the ledger's Redis: when it restarts (a failover), the worker's consumer
+    # loses its connection. Celery then SIGTERMs every running task it acks late, unless told
+    # not to: a send cut after the mail server took the message is maybe sent, taken over
+    # after claim_lease and, email having no look-up, sent again.
+    with FakeSmtp() as smtp:
+        smtp.script("data", "", hang=1.5)  # queued; its 250 comes 1.5 s later (timeout: 2 s)
+        stack = Stack(tmp_path, private_redis.url, email_config(smtp.port))
+        stacks.append(stack.start())
+        intake = intake_for(settings_from_mapping(stack.config))
+        txid = intake.submit(Event(kind="alert", title="DiskFull"), Source.CLIENT).transaction_id
+        wait_until(lambda: len(smtp.messages) == 1, timeout=30)  # the send is under way
+        private_redis.stop()
+        time.sleep(1)
+        private_redis.start()
+        ledger = Ledger(redis.Redis.from_url(private_redis.url), 3600)
+        wait_all_final(ledger, [txid], timeout=60)
+        assert statuses(ledger, [txid]) == {"delivered": 1}
+        # Past claim_lease (10 s) and a reaper sweep: nothing was left to be taken over.
+        time.sleep(15)
+        assert len(smtp.messages) == 1
+        assert stack.procs["worker"].poll() is None
+
+
 def test_smtp_outage_retries_falls_back_and_breaker_opens_then_closes(
         tmp_path: Path, private_redis: RedisServer, stacks: list[Stack]) -> None:
     smtp = FakeSmtp()

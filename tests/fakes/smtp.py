@@ -48,7 +48,9 @@ TlsMode = Literal["none", "starttls", "tls"]
 
 @dataclass
 class Fault:
-    """The next command at `stage` is answered with `reply` (after `hang` seconds)."""
+    """The next command at `stage` is answered with `reply` (after `hang` seconds). At `data`,
+    an empty `reply` queues the message at once and answers 250 only after `hang` (a server
+    slow to confirm what it already has)."""
 
     stage: Stage
     reply: str
@@ -62,8 +64,9 @@ class _Handler:
 
     async def _fault(self, server: SMTP, stage: Stage) -> str | None:
         fault = self.fake._next_fault(stage)
-        if fault is None:
-            return None
+        return None if fault is None else await self._answer(server, fault)
+
+    async def _answer(self, server: SMTP, fault: Fault) -> str:
         if fault.hang:
             await asyncio.sleep(fault.hang)
         if fault.close and server.transport is not None:
@@ -92,13 +95,15 @@ class _Handler:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        reply = await self._fault(server, "data")
-        if reply is not None:
-            return reply
+        late = self.fake._next_fault("data")
+        if late is not None and late.reply:
+            return await self._answer(server, late)
         raw = envelope.original_content or b""
         parsed = BytesParser(policy=policy.default).parsebytes(raw)
         assert isinstance(parsed, EmailMessage)
         self.fake._record(parsed, envelope.mail_from or "", list(envelope.rcpt_tos))
+        if late is not None:  # queued; the answer comes late
+            await asyncio.sleep(late.hang)
         return "250 2.0.0 Ok: queued"
 
 
@@ -201,6 +206,11 @@ class FakeSmtp:
             self.messages.clear()
             self.envelopes.clear()
             self.logins.clear()
+
+    def faults_left(self) -> int:
+        """Scripted faults not taken yet (one taken is under way, or done)."""
+        with self._lock:
+            return len(self._faults)
 
     def _next_fault(self, stage: Stage) -> Fault | None:
         with self._lock:
