@@ -14,6 +14,9 @@ import logging
 import redis
 
 PROBE_KEY = "ntf:probe:writable"
+# A command refused (renamed, disabled), or an answer redis-py cannot read as one (a proxy, or
+# something that is not Redis, answering in its own way): the policy is not known.
+_NOT_TOLD = (redis.ResponseError, AttributeError, TypeError, ValueError)
 WANTED_POLICY = "noeviction"
 log = logging.getLogger(__name__)
 
@@ -25,11 +28,11 @@ def maxmemory_policy(client: redis.Redis) -> str | None:
         info = client.info("memory")
         if info.get("maxmemory_policy"):
             return str(info["maxmemory_policy"])
-    except redis.ResponseError:
+    except _NOT_TOLD:
         pass
     try:
         value = client.config_get("maxmemory-policy").get("maxmemory-policy")
-    except redis.ResponseError:
+    except _NOT_TOLD:
         return None
     return str(value) if value else None
 
