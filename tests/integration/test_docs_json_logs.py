@@ -13,22 +13,11 @@ import sys
 from pathlib import Path
 
 import httpx
-import yaml
 
+from tests.support.configs import sandbox_email_config
 from tests.support.servers import clean_env, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _config(tmp_path: Path, redis_url: str) -> Path:
-    config = tmp_path / "notifier.yaml"
-    config.write_text(yaml.safe_dump({
-        "redis_url": redis_url,
-        "channels": {"email": {"provider": "sandbox"}},
-        "recipients": {"alice": {"email": "alice@example.com"}},
-        "routes": [{"match": {}, "to": ["alice"], "channels": ["email"]}],
-    }), encoding="utf-8")
-    return config
 
 
 def _start(argv: list[str], config: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -63,7 +52,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def test_the_api_writes_uvicorns_warnings_as_json_lines(redis_url: str, tmp_path: Path) -> None:
     log = tmp_path / "api.log"
     port = free_port()
-    api = _start(["api", "--port", str(port)], _config(tmp_path, redis_url), log)
+    api = _start(["api", "--port", str(port)], sandbox_email_config(tmp_path, redis_url), log)
     try:
         def healthy() -> bool:
             try:
@@ -84,7 +73,7 @@ def test_the_api_writes_uvicorns_warnings_as_json_lines(redis_url: str, tmp_path
 def test_the_worker_writes_no_plain_text_banner(redis_url: str, tmp_path: Path) -> None:
     log = tmp_path / "worker.log"
     worker = _start(["worker", "--queues", "notifier.dispatch,notifier.email", "--concurrency", "1"],
-                    _config(tmp_path, redis_url), log)
+                    sandbox_email_config(tmp_path, redis_url), log)
     try:
         wait_until(lambda: " ready." in log.read_text(errors="replace"), timeout=60, interval=0.2)
         assert _not_json(log) == []

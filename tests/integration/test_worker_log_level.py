@@ -9,8 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
+from tests.support.configs import sandbox_email_config
 from tests.support.servers import clean_env, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,13 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_a_worker_started_as_the_unit_does_logs_each_delivery_with_its_transaction(
         redis_url: str, tmp_path: Path) -> None:
-    config = tmp_path / "notifier.yaml"
-    config.write_text(yaml.safe_dump({
-        "redis_url": redis_url,
-        "channels": {"email": {"provider": "sandbox"}},
-        "recipients": {"alice": {"email": "alice@example.com"}},
-        "routes": [{"match": {}, "to": ["alice"], "channels": ["email"]}],
-    }), encoding="utf-8")
+    config = sandbox_email_config(tmp_path, redis_url)
     # deploy/systemd/notifier-worker@.service: NOTIFIER_LOG_LEVEL=INFO, and
     # `notifier worker --queues ... --concurrency ...` with no --loglevel
     env = clean_env(NOTIFIER_CONFIG=str(config), NOTIFIER_LOG_LEVEL="INFO", PYTHONPATH=str(REPO))
