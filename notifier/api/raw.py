@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +16,9 @@ from starlette.types import Send
 from notifier.errors import BrokerUnavailable
 
 RETRY_AFTER_SECONDS = "1"  # what a 503 asks the sender to wait
+UNAVAILABLE_LOG_EVERY = 10.0
+_last_said = [-UNAVAILABLE_LOG_EVERY]  # when a 503's reason was last logged (monotonic)
+log = logging.getLogger(__name__)
 
 
 async def send_json(send: Send, status: int, payload: Any,
@@ -26,10 +31,20 @@ async def send_json(send: Send, status: int, payload: Any,
 
 
 def unavailable_detail(exc: redis.RedisError | BrokerUnavailable) -> str:
-    """The 503's detail when Redis cannot be reached: what failed, never where or with what."""
+    """The 503's detail when Redis cannot be reached: what failed, never where or with what.
+    Also said in the log, once per UNAVAILABLE_LOG_EVERY s per process: the reason for the
+    503s (a full Redis answers reads, so nothing else says it) without a line per request."""
     if isinstance(exc, redis.RedisError):
-        return f"redis unavailable ({type(exc).__name__}), retry"
-    return f"temporarily unavailable, retry: {exc}"
+        detail = f"redis unavailable ({type(exc).__name__}), retry"
+    else:
+        detail = f"temporarily unavailable, retry: {exc}"
+    now = time.monotonic()
+    if now - _last_said[0] >= UNAVAILABLE_LOG_EVERY:
+        _last_said[0] = now
+        # Redis' own words (e.g. "OOM command not allowed..."): a script's refusal is a plain
+        # ResponseError, whose name alone does not say why. No secret is in them.
+        log.warning("answering 503: %s: %s", detail, str(exc)[:200])
+    return detail
 
 
 def field_errors(exc: ValidationError | RequestValidationError) -> list[str]:

@@ -69,12 +69,12 @@ def scrape(server: RedisServer) -> dict[str, float]:
             for line in text.splitlines() if line and not line.startswith("#")}
 
 
-def test_a_redis_refusing_writes_answers_503s_and_shows_on_metrics(server: RedisServer,
-                                                                    client: redis.Redis) -> None:
+def test_a_redis_refusing_writes_answers_503s_and_shows_on_metrics(
+        server: RedisServer, client: redis.Redis, caplog: pytest.LogCaptureFixture) -> None:
     """Reads still work at maxmemory, so notifier_redis_up stays 1 and NotifierRedisDown never
     fires, while every webhook is answered 503: the SRE must see why."""
     app = create_app(settings_from_mapping({**CONFIG, "redis_url": server.url}))
-    with TestClient(app, raise_server_exceptions=False) as http:
+    with caplog.at_level(logging.WARNING), TestClient(app, raise_server_exceptions=False) as http:
         assert http.post("/v1/events", json={"title": "before", "body": "b"}).status_code == 202
         assert scrape(server)["notifier_redis_writable"] == 1.0
         full(client)
@@ -84,6 +84,9 @@ def test_a_redis_refusing_writes_answers_503s_and_shows_on_metrics(server: Redis
                            ("/v1/callbacks/aliyun/sms-report", REPORT)]:
             response = http.post(path, json=body)
             assert (response.status_code, response.headers.get("retry-after")) == (503, "1"), path
+        # The API's log says why, once for the three 503s (not a line per request in a storm).
+        said = [r.getMessage() for r in caplog.records if "answering 503" in r.getMessage()]
+        assert len(said) == 1 and "OOM command not allowed" in said[0], said
         metrics = scrape(server)
         assert metrics["notifier_redis_up"] == 1.0  # reads work: not "down"
         assert metrics["notifier_redis_writable"] == 0.0
