@@ -194,19 +194,20 @@ def _gateway_error(exc: AlibabaCloudException) -> DeliveryError:
     return classified(class_of(code, status), code, message)
 
 
-def _causes(exc: BaseException | None) -> Iterator[BaseException]:
-    """`exc` and what it was raised from or while handling (the SDK re-raises transport errors
-    as `RetryError(str(e))` inside its `except IOError`, so the original type is the context)."""
+def causes(exc: BaseException | None) -> Iterator[BaseException]:
+    """`exc` and what it wraps, was raised from or while handling (the SDK wraps what its
+    request raised in `UnretryableException.inner_exception`, and re-raises transport errors as
+    `RetryError(str(e))` inside its `except IOError`, so the original type is the context)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         yield exc
-        exc = exc.__cause__ or exc.__context__
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
 
 
 def _transport_error(inner: BaseException | None) -> DeliveryError:
     """No HTTP answer we could read: did the request leave this host?"""
-    chain = list(_causes(inner))
+    chain = list(causes(inner))
     text = _clean(str(inner)) if inner is not None else ""
     for exc in chain:
         if isinstance(exc, DaraValidateException | TeaValidateException):

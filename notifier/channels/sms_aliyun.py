@@ -29,7 +29,7 @@ from billiard.exceptions import SoftTimeLimitExceeded
 from darabonba.core import DaraCore
 from darabonba.runtime import RuntimeOptions
 
-from notifier.channels.aliyun_errors import classify_exception, classify_response
+from notifier.channels.aliyun_errors import causes, classify_exception, classify_response
 from notifier.channels.base import Channel, ChannelContext, ChannelLimits
 from notifier.config import AliyunSmsProvider, normalise_phone
 from notifier.errors import ConfigError, DeliveryError, PermanentError
@@ -266,7 +266,8 @@ async def _checked(call: Callable[..., Any], *args: Any) -> Any:
     try:
         response = call(*args)
     except Exception as exc:
-        if (time_up := _soft_time_limit(exc)) is not None:
+        time_up = next((e for e in causes(exc) if isinstance(e, SoftTimeLimitExceeded)), None)
+        if time_up is not None:  # (the SDK wraps it in UnretryableException)
             raise time_up from None
         raise classify_exception(exc) from exc
     body = response.body
@@ -274,17 +275,6 @@ async def _checked(call: Callable[..., Any], *args: Any) -> Any:
     if code != "OK":
         raise classify_response(code, str(getattr(body, "message", "") or ""))
     return body
-
-
-def _soft_time_limit(exc: BaseException) -> BaseException | None:
-    """The soft time limit, if that is what `exc` is or wraps (the SDK wraps what its request
-    raised in UnretryableException.inner_exception)."""
-    seen: BaseException | None = exc
-    for _ in range(5):  # wrappers of wrappers, never a cycle
-        if seen is None or isinstance(seen, SoftTimeLimitExceeded):
-            return seen
-        seen = getattr(seen, "inner_exception", None) or seen.__cause__ or seen.__context__
-    return None
 
 
 def _forget_sessions() -> None:
