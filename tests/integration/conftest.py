@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 
 from tests.fakes.dysmsapi import FakeDysmsapi
 from tests.support.inline import InlineFleet
@@ -41,3 +43,17 @@ def make_fleet(redis_url: str) -> Iterator[MakeFleet]:
     yield make
     for fleet in fleets:
         fleet.close()
+
+
+@pytest.fixture
+def soft_limit_in() -> Iterator[Callable[[float], Any]]:
+    """soft_limit_in(seconds): SIGALRM then raises SoftTimeLimitExceeded from a signal handler,
+    as billiard does for Celery's task_soft_time_limit (inside whatever call is running)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SoftTimeLimitExceeded()
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    yield lambda seconds: signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)

@@ -4,8 +4,6 @@ finding 2): the abandoned call must never resume during a later task and finish 
 from __future__ import annotations
 
 import asyncio
-import signal
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,20 +19,6 @@ from notifier.models import Outgoing, Rendered
 from tests.fakes.smtp import FakeSmtp
 from tests.support.servers import free_port
 from tests.support.tcp_relay import SlowReplies
-
-
-@pytest.fixture
-def soft_limit_in() -> Iterator[Any]:
-    """soft_limit_in(seconds): SIGALRM then raises SoftTimeLimitExceeded from a signal handler,
-    as billiard does for Celery's task_soft_time_limit."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise SoftTimeLimitExceeded()
-
-    previous = signal.signal(signal.SIGALRM, handler)
-    yield lambda seconds: signal.setitimer(signal.ITIMER_REAL, seconds)
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def test_a_send_cut_short_by_the_soft_time_limit_does_not_go_out_later(

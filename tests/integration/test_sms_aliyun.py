@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 import socket
 import subprocess
 import sys
 import time
 import traceback
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -219,24 +218,16 @@ def test_read_timeout_after_send_is_maybe_sent_and_lookup_finds_it(
 
 
 def test_soft_time_limit_mid_request_goes_up_and_the_next_send_is_clean(
-    fake: FakeDysmsapi, channel: AliyunSms
+    fake: FakeDysmsapi, channel: AliyunSms, soft_limit_in: Callable[[float], Any]
 ) -> None:
     # The SDK call runs on the worker's own thread, so Celery's soft time limit (a signal whose
     # handler raises SoftTimeLimitExceeded) lands inside the request itself, as here.
-    def soft_limit(_signum: int, _frame: object) -> None:
-        raise SoftTimeLimitExceeded()
-
     fake.script({"kind": "stall", "seconds": 0.4})  # below the 0.5 s read timeout
-    previous = signal.signal(signal.SIGALRM, soft_limit)
-    signal.setitimer(signal.ITIMER_REAL, 0.15)
-    try:
-        # Not classified here: the pipeline records whatever a send raises that is not a
-        # DeliveryError as maybe sent (the request had left: look it up, never resend).
-        with pytest.raises(SoftTimeLimitExceeded):
-            send_now(channel, outgoing(delivery_id="dlv-interrupted"))
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    soft_limit_in(0.15)
+    # Not classified here: the pipeline records whatever a send raises that is not a
+    # DeliveryError as maybe sent (the request had left: look it up, never resend).
+    with pytest.raises(SoftTimeLimitExceeded):
+        send_now(channel, outgoing(delivery_id="dlv-interrupted"))
     # The pooled keep-alive connection was cut mid-answer: the next request must not read the
     # stalled answer as its own.
     receipt = send_now(channel, outgoing(delivery_id="dlv-next"))
@@ -245,24 +236,16 @@ def test_soft_time_limit_mid_request_goes_up_and_the_next_send_is_clean(
 
 
 def test_soft_time_limit_mid_lookup_ends_the_step_instead_of_reading_as_not_found(
-    fake: FakeDysmsapi, channel: AliyunSms
+    fake: FakeDysmsapi, channel: AliyunSms, soft_limit_in: Callable[[float], Any]
 ) -> None:
     # A look-up that fails reads "not found" and the SMS is sent again (a possible duplicate
     # beats a lost alert). The soft time limit is not such a failure: the step is out of time,
     # and a fresh SendSms in the seconds before the hard kill is the one that could go out
     # twice. It must end the step; the delivery's next claim looks it up again.
-    def soft_limit(_signum: int, _frame: object) -> None:
-        raise SoftTimeLimitExceeded()
-
     fake.script({"kind": "stall", "seconds": 0.4, "action": "QuerySendDetails"})
-    previous = signal.signal(signal.SIGALRM, soft_limit)
-    signal.setitimer(signal.ITIMER_REAL, 0.15)
-    try:
-        with pytest.raises(SoftTimeLimitExceeded):
-            asyncio.run(channel.lookup(outgoing(delivery_id="dlv-looked-up"), time.time() - 60))
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    soft_limit_in(0.15)
+    with pytest.raises(SoftTimeLimitExceeded):
+        asyncio.run(channel.lookup(outgoing(delivery_id="dlv-looked-up"), time.time() - 60))
 
 
 def test_hang_is_maybe_sent_and_lookup_then_finds_nothing(
