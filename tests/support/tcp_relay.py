@@ -12,20 +12,17 @@ from collections.abc import Callable
 Forward = Callable[[bytes], None]
 
 
-class Relay:
-    """Listens on a free loopback port; each connection gets its own one to `upstream` and a
-    thread per direction, forwarding through `forwarders` (identity by default)."""
+class LoopbackServer:
+    """Listens on a free loopback port (`port`) until `close`; each connection is `serve`d in a
+    thread of its own. Subclasses say what serving one is."""
 
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
+    def __init__(self) -> None:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.server.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def forwarders(self, to_server: socket.socket, to_client: socket.socket
-                   ) -> tuple[Forward, Forward]:
-        """(what the client sends -> the server, what the server answers -> the client)."""
-        return to_server.sendall, to_client.sendall
+    def serve(self, client: socket.socket) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         self.server.close()
@@ -36,10 +33,27 @@ class Relay:
                 client, _ = self.server.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.upstream)
-            requests, replies = self.forwarders(upstream, client)
-            threading.Thread(target=_pump, args=(client, upstream, requests), daemon=True).start()
-            threading.Thread(target=_pump, args=(upstream, client, replies), daemon=True).start()
+            threading.Thread(target=self.serve, args=(client,), daemon=True).start()
+
+
+class Relay(LoopbackServer):
+    """Each connection gets its own one to `upstream` and a thread per direction, forwarding
+    through `forwarders` (identity by default)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        super().__init__()
+
+    def forwarders(self, to_server: socket.socket, to_client: socket.socket
+                   ) -> tuple[Forward, Forward]:
+        """(what the client sends -> the server, what the server answers -> the client)."""
+        return to_server.sendall, to_client.sendall
+
+    def serve(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(self.upstream)
+        requests, replies = self.forwarders(upstream, client)
+        threading.Thread(target=_pump, args=(client, upstream, requests), daemon=True).start()
+        _pump(upstream, client, replies)
 
 
 def _pump(src: socket.socket, dst: socket.socket, forward: Forward) -> None:

@@ -7,7 +7,6 @@ import ipaddress
 import os
 import socket
 import ssl
-import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
@@ -16,6 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+
+from tests.support.tcp_relay import LoopbackServer
 
 
 @lru_cache(maxsize=1)
@@ -56,7 +57,7 @@ def server_tls_context(directory: Path) -> ssl.SSLContext:
     return context
 
 
-class CorruptingTlsFront:
+class CorruptingTlsFront(LoopbackServer):
     """HTTPS in front of a plain-HTTP server on loopback (certificate: `server_tls_context`).
     Each request is forwarded whole and its answer relayed, except that the first `corrupt`
     answers are replaced by a TLS record nobody can decrypt: the server did the work, and the
@@ -67,22 +68,9 @@ class CorruptingTlsFront:
         self.corrupt = corrupt
         self.cert = directory / "cert.pem"
         self._context = server_tls_context(directory)
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def close(self) -> None:
-        self._server.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
+    def serve(self, client: socket.socket) -> None:
         raw = socket.socket(fileno=os.dup(client.fileno()))  # under the TLS layer
         try:
             with self._context.wrap_socket(client, server_side=True) as tls, \
