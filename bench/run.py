@@ -641,7 +641,7 @@ def machine() -> dict[str, Any]:
     redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True,
                                    check=False).stdout.strip()
     versions = {}
-    for dist in ("celery", "kombu", "redis", "uvicorn", "fastapi", "pydantic"):
+    for dist in ("celery", "kombu", "redis", "uvicorn", "httptools", "uvloop", "fastapi", "pydantic"):
         try:
             from importlib.metadata import version  # noqa: PLC0415
 

@@ -68,7 +68,8 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     # log_config=None: uvicorn's own lines (e.g. "Invalid HTTP request received.") go through
     # the root logger's JSON handler instead of its plain-text default config.
     options: dict[str, Any] = {"host": args.host, "port": args.port, "log_level": "warning",
-                               "log_config": None, "access_log": False, "proxy_headers": False}
+                               "log_config": None, "access_log": False, "proxy_headers": False,
+                               "http": "notifier.api.http_protocol:CoalescingHttpToolsProtocol"}
     check_tokens()  # here, not in each worker process building the app: one clear error
     if args.workers > 1:  # each process builds the app from NOTIFIER_CONFIG (set by main)
         uvicorn.run("notifier.api.app:app_from_environment", factory=True, workers=args.workers,
