@@ -58,7 +58,7 @@ class Plan:
     # reports its median round: one burst of either moved by ±10 % from run to run, and the
     # machine's speed drifts over a run's minutes, which a ratio of two phases measured two
     # minutes apart took in full.
-    sat_rounds: int = 3
+    sat_rounds: int = 5
     e2e_rate: float = 50.0  # events/s for the webhook -> provider latency target
     e2e_seconds: float = 30.0
     noop_tasks: int = 10000
