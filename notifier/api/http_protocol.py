@@ -7,7 +7,8 @@ separately. The API's answers are a few hundred bytes, so those calls were most 
 answering costs (bench/RESULTS.md: uvicorn's `send` was the largest item of the API's profile).
 Here a connection's writes wait in memory until the event loop's current iteration ends, and
 go out as one send(): the same bytes, in the same order, one call. Nothing waits longer than
-that iteration; closing a connection sends what is held first, and a response streaming more
+that iteration (so code that runs on after sending its answer without awaiting anything holds
+the answer back while it runs: the API has none); closing a connection sends what is held first, and a response streaming more
 than HOLD_AT_MOST in one iteration is handed on at once, so that the real transport's flow
 control (pause_writing once its buffer is full) still paces it.
 """
@@ -37,10 +38,11 @@ class CoalescingTransport:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
+        chunk = bytes(data)
         if not self._held:
             self._loop.call_soon(self.flush)
-        self._held.append(bytes(data))
-        self._held_bytes += len(data)
+        self._held.append(chunk)
+        self._held_bytes += len(chunk)
         if self._held_bytes > HOLD_AT_MOST:
             self.flush()
 
@@ -75,5 +77,14 @@ class CoalescingTransport:
 
 
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+    transport: CoalescingTransport  # type: ignore[assignment]
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
+    def eof_received(self) -> None:
+        # The client half-closed (or a TLS close_notify): the real transport closes itself next,
+        # past the wrapper, so an answer still held would be dropped. uvloop reads before it
+        # runs the loop's callbacks, so that can come between an answer and its flush.
+        self.transport.flush()
+        super().eof_received()

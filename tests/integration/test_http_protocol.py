@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -125,6 +126,8 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+    if scope["path"] == "/busy":  # the loop's turn goes on after the answer (other requests)
+        time.sleep(0.3)
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +135,7 @@ def server_port() -> Iterator[int]:
     port = free_port()
     config = uvicorn.Config(_app, host="127.0.0.1", port=port, log_config=None, access_log=False,
                             http="notifier.api.http_protocol:CoalescingHttpToolsProtocol")
+    assert config.loop == "auto"  # uvloop, installed with notifier: it reads before callbacks
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -166,3 +170,13 @@ def test_a_streamed_body_arrives_whole(server_port: int) -> None:
     head, _, body = answer.partition(b"\r\n\r\n")
     assert f"content-length: {STREAMED}".encode() in head
     assert body == b"s" * STREAMED
+
+
+def test_an_answer_reaches_a_client_that_half_closed_after_asking(server_port: int) -> None:
+    with socket.create_connection(("127.0.0.1", server_port), timeout=5) as sock:
+        sock.sendall(b"GET /busy HTTP/1.1\r\nhost: x\r\n\r\n")
+        time.sleep(0.1)  # the answer is written and held; the loop's turn is still busy
+        sock.shutdown(socket.SHUT_WR)  # read by the loop before the held answer's flush
+        answer = _read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+    assert answer.endswith(b'{"path":"/busy"}')
