@@ -616,10 +616,11 @@ def code_version() -> dict[str, Any]:
     """The commit measured, and whether the work tree differed from it."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True,
-                              check=False).stdout.strip()
+                              check=False).stdout
 
+    # Not stripped before splitting: a porcelain line starts with its status, " M" included.
     changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
-    return {"commit": git("rev-parse", "--short", "HEAD") or "unknown",
+    return {"commit": git("rev-parse", "--short", "HEAD").strip() or "unknown",
             "modified_files": changed}
 
 
