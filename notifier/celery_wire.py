@@ -3,7 +3,7 @@
 The API writes the dispatch message of an accepted event inside the same Lua script that stores
 the event, so "stored" and "queued" are one atomic step and one round trip. The bytes must be
 exactly what `Celery.send_task(name, args=..., queue=...)` LPUSHes on Redis (task protocol 2,
-JSON, body base64 as kombu's virtual transport encodes it); tests/unit/test_celery_wire.py
+JSON, body base64 as kombu's virtual transport encodes it); tests/integration/test_celery_wire.py
 compares the two, and every integration test has real workers consume these messages.
 """
 
@@ -40,7 +40,9 @@ class TaskMessages:
                 "eta": None, "expires": None, "group": None, "group_index": None, "retries": 0,
                 "timelimit": [None, None], "root_id": _MARK.format("id"), "parent_id": None,
                 "argsrepr": _MARK.format("argsrepr"), "kwargsrepr": "{}", "origin": origin,
-                "ignore_result": None, "replaced_task_nesting": 0, "stamped_headers": None,
+                # What send_task sends on celery 5.6 (5.7 sends None; pyproject keeps it < 5.7).
+                # Either way the task's own ignore_result (celeryconfig: True) decides.
+                "ignore_result": False, "replaced_task_nesting": 0, "stamped_headers": None,
                 "stamps": {},
             },
             "properties": {

@@ -8,9 +8,10 @@ answering costs (bench/RESULTS.md: uvicorn's `send` was the largest item of the 
 Here a connection's writes wait in memory until the event loop's current iteration ends, and
 go out as one send(): the same bytes, in the same order, one call. Nothing waits longer than
 that iteration (so code that runs on after sending its answer without awaiting anything holds
-the answer back while it runs: the API has none); closing a connection sends what is held first, and a response streaming more
-than HOLD_AT_MOST in one iteration is handed on at once, so that the real transport's flow
-control (pause_writing once its buffer is full) still paces it.
+the answer back while it runs: the API has none); closing a connection sends what is held
+first, and a response streaming more than HOLD_AT_MOST in one iteration is handed on at once,
+so that the real transport's flow control (pause_writing once its buffer is full) still paces
+it.
 """
 
 from __future__ import annotations
