@@ -42,6 +42,14 @@ if not current or tonumber(current) <= tonumber(ARGV[3]) then
   redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 end
 """
+# KEYS: the timer set. ARGV: member, due. Move a timer that is set to fire later than `due` to
+# `due`; one that is gone (its step completed and removed it) or due sooner stays as it is.
+_HASTEN = """
+local current = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if current and tonumber(current) > tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+end
+"""
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -68,6 +76,7 @@ class Timers:
         self._pop = client.register_script(_POP_DUE)
         self._settle = client.register_script(MOVE_IF_UNCHANGED)
         self._schedule_keep = client.register_script(_SCHEDULE_KEEP)
+        self._hasten = client.register_script(_HASTEN)
 
     def schedule(self, task: str, queue: str, arg: str, due: float, *, keep_existing: bool = False
                  ) -> None:
@@ -78,6 +87,10 @@ class Timers:
             self._schedule_keep(keys=[TIMERS], args=[member, repr(due), repr(time.time())])
         else:
             self.redis.zadd(TIMERS, {member: due})
+
+    def hasten(self, task: str, queue: str, arg: str, due: float) -> None:
+        """Fire an existing timer at `due` if it is set for later; never (re)creates one."""
+        self._hasten(keys=[TIMERS], args=[Timer(task, queue, arg, due).member, repr(due)])
 
     def cancel(self, task: str, queue: str, arg: str) -> None:
         self.redis.zrem(TIMERS, Timer(task, queue, arg, 0).member)

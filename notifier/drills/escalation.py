@@ -15,6 +15,19 @@ so a failing announcement never holds up the escalations or the record of misses
 step is in the report. One recipient's failing send does not keep the step's other sends from
 going out.
 
+A step whose worker dies mid-run (SIGKILL, the OOM killer, Celery's hard time limit) never gets
+to raise, so each attempt records its start on the drill (`p<i>:r<round>:attempt`, with a token)
+and clears it when it ends, completed or failed. An attempt that started more than
+`DrillService.attempt_limit` ago (the hard time limit and a margin: no task runs longer) and
+never ended died. The next copy of the step to run (the lease's re-fire, or Celery's redelivery
+of the killed task) counts it as a failed attempt, through the same backoff, timeline entry and
+give-up as a step that raised, so the next rounds still run. A copy that finds an attempt
+younger than that does not run the step: the attempt may still be running (a slow send), and
+a step that kills its worker would otherwise be re-run, uncounted, each time Celery redelivers
+it. It leaves the timer in place, brought forward to when that attempt must have ended, to look
+again then. Finding, replacing and counting a dead attempt is one atomic write: concurrent
+copies count a death once.
+
 Each escalation round, at `started + deadline × round`, re-sends the SMS to every operator who
 has not confirmed, on every other channel they can be reached on too (same reply code, valid
 for another reply_code_ttl from the reminder), and tells the drill's escalation recipients who
@@ -25,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -43,6 +57,7 @@ RETRY_CAP = 300.0  # ...up to this
 RETRY_WINDOW = 3600.0  # the longest a step is retried (shorter for a shorter phase deadline)
 RETRY = "retry"
 GIVEN_UP = "given_up"
+BUSY = "busy"  # another attempt at the step is running (or has not yet been found dead)
 ESCALATION = "escalation"  # the `who` of sends to the escalation recipients
 
 
@@ -58,9 +73,16 @@ def fire_drill_timer(svc: DrillService, arg: str) -> str:
     """Run the step of timer `arg` ('<drill id>:<phase>:<round>'), then remove the timer: only
     now, so that the scheduler re-fires it if this raises half-way."""
     result = _step(svc, arg)
-    if result != RETRY:  # "retry" scheduled the timer again, for when it is to be retried
+    # "retry" scheduled the timer again, for when it is to be retried; "busy" leaves it to the
+    # attempt that is running, which removes it once done, and fires again should that one die.
+    if result not in (RETRY, BUSY):
         svc.timer_done(arg)
     return result
+
+
+class AttemptDied(Exception):
+    """An attempt at a step started and never ended: its worker died (see the module's
+    docstring). Counted as a failure of the step, as if it had raised this."""
 
 
 def _step(svc: DrillService, arg: str) -> str:
@@ -75,20 +97,38 @@ def _step(svc: DrillService, arg: str) -> str:
         return "phase_over"  # a later phase started, or the drill finished
     if svc.store.field(drill.id, step_field(phase, round_, GIVEN_UP)) is not None:
         return GIVEN_UP  # a copy queued before it was given up: the next round took over
-    try:
-        result = _fire(svc, drill, phase, round_)
-    except Exception as exc:  # whatever it is: retried with backoff, then given up
-        # Everything done so far is recorded and idempotent: the whole step runs again.
-        return _failed(svc, drill, phase, round_, exc)
-    if result != RETRY:
-        svc.store.clear_failures(drill.id, phase, round_)
+    token, now = secrets.token_hex(8), time.time()
+    attempt = svc.store.begin_attempt(drill.id, phase, round_, token, now=now,
+                                      limit=svc.attempt_limit)
+    if attempt.outcome == BUSY:
+        # Look again once it must have ended: done, its timer is gone; dead, it is counted.
+        svc.hasten(drill, phase, round_, attempt.since + svc.attempt_limit)
+        return BUSY
+    completed = False
+    if attempt.outcome == "died":  # counted already (begin_attempt): retry or give it up
+        died = AttemptDied(f"the attempt started {now - attempt.since:.0f} s ago did not finish "
+                           "(its worker died, or was killed at the task time limit)")
+        result = _failed(svc, drill, phase, round_, died,
+                         counted=(attempt.failures, attempt.first))
+    else:
+        try:
+            result = _fire(svc, drill, phase, round_)
+            completed = result != RETRY
+        except Exception as exc:  # whatever it is: retried with backoff, then given up
+            # Everything done so far is recorded and idempotent: the whole step runs again.
+            result = _failed(svc, drill, phase, round_, exc)
+    # Not in a `finally`: an attempt cut short by SystemExit (the pool's SIGTERM at the hard
+    # time limit) did not end, and must be found dead.
+    svc.store.end_attempt(drill.id, phase, round_, token, completed=completed)
     return result
 
 
-def _failed(svc: DrillService, drill: Drill, phase: int, round_: int, exc: Exception) -> str:
-    """Retry the step with backoff, or give it up (see the module's docstring)."""
+def _failed(svc: DrillService, drill: Drill, phase: int, round_: int, exc: Exception, *,
+            counted: tuple[int, float] | None = None) -> str:
+    """Retry the step with backoff, or give it up (see the module's docstring). `counted`:
+    the failure was counted already (failures so far, when the first of them happened)."""
     now = time.time()
-    failures, first = svc.store.count_failure(drill.id, phase, round_, now)
+    failures, first = counted or svc.store.count_failure(drill.id, phase, round_, now)
     step, error = drill.step_name(round_), f"{type(exc).__name__}: {exc}"[:300]
     give_up_at = first + min(drill.phases[phase].deadline, RETRY_WINDOW)
     next_due = _round_due(svc, drill, phase, round_ + 1)
@@ -109,7 +149,7 @@ def _failed(svc: DrillService, drill: Drill, phase: int, round_: int, exc: Excep
     svc.store.log(drill, "step_failed", phase=phase, round=round_, step=step, failure=failures,
                   error=error, retry_in=round(retry_at - now, 1))
     log.warning("%s failed (%d), retrying in %.0f s: %s", where, failures, retry_at - now, error,
-                exc_info=not isinstance(exc, BrokerUnavailable))
+                exc_info=not isinstance(exc, (BrokerUnavailable, AttemptDied)))
     svc.schedule(drill, phase, round_, retry_at)
     return RETRY
 

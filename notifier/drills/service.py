@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 
+import celeryconfig
 from notifier.config import Settings
 from notifier.drills.codes import ReplyCodes
 from notifier.drills.model import (
@@ -31,6 +32,11 @@ from notifier.scheduler import Timer, Timers
 from notifier.tasks_spec import CONTROL_QUEUE, TIMER
 
 TIMER_PREFIX = "drill"
+# How long after it started an attempt at a drill step has ended, one way or another: the
+# worker's hard time limit (task_time_limit, NOTIFIER_TASK_TIME_LIMIT) kills a task that
+# outlives it; 10 s more for the pool to notice and for the clocks of different hosts. An
+# attempt older than this that never recorded its end died with its worker (drills.escalation).
+ATTEMPT_LIMIT = celeryconfig.task_time_limit + 10.0
 
 
 def timer_arg(drill_id: str, phase: int, round_: int) -> str:
@@ -48,12 +54,13 @@ class Confirmation:
 
 class DrillService:
     def __init__(self, settings: Settings, client: redis.Redis, intake: Intake, ledger: Ledger,
-                 timers: Timers) -> None:
+                 timers: Timers, *, attempt_limit: float = ATTEMPT_LIMIT) -> None:
         self.settings = settings
         self.redis = client
         self.intake = intake
         self.ledger = ledger
         self.timers = timers
+        self.attempt_limit = attempt_limit
         self.store = DrillStore(client, settings.retention)
         self.codes = ReplyCodes(client)
 
@@ -64,6 +71,10 @@ class DrillService:
 
     def schedule(self, drill: Drill, phase: int, round_: int, due: float) -> None:
         self.timers.schedule(TIMER, CONTROL_QUEUE, timer_arg(drill.id, phase, round_), due)
+
+    def hasten(self, drill: Drill, phase: int, round_: int, due: float) -> None:
+        """Fire the step's timer at `due` if it is set for later (and still set at all)."""
+        self.timers.hasten(TIMER, CONTROL_QUEUE, timer_arg(drill.id, phase, round_), due)
 
     def timer_done(self, arg: str) -> None:
         """Remove a fired timer ('<drill id>:<phase>:<round>') once its step has completed."""

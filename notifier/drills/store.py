@@ -3,16 +3,19 @@
 Hash fields: `def` (the definition, JSON), `current` (index of the live phase, -1 before the
 first), `finished_at`, per phase `p<i>:started_at` / `p<i>:ended_at` / `p<i>:r<round>` (an
 escalation round fired), per phase and timer round `p<i>:r<round>:failures` /
-`...:first_failed_at` (a step failing, being retried) and `...:given_up` (JSON: it was given
-up), per phase and operator `p<i>|<op>|code`, `...|confirmed_at`,
+`...:first_failed_at` (a step failing, being retried), `...:given_up` (JSON: it was given
+up) and `...:attempt` ("<started at> <token>": an attempt at the step that has not ended, running
+or dead), per phase and operator `p<i>|<op>|code`, `...|confirmed_at`,
 `...|confirmed_via`, `...|confirmed_by`. Decisions that two processes could race on (starting a
-phase, the first confirmation, firing a round) are single atomic Redis operations.
+phase, the first confirmation, firing a round, starting an attempt at a step) are single atomic
+Redis operations.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -75,6 +78,27 @@ for i = 2, #KEYS do
 end
 return 1
 """
+# KEYS: drill; ARGV: attempt field, failures field, first_failed_at field, now, token, limit.
+# One attempt at a step at a time: ours starts unless another started less than `limit` ago (it
+# may still be running). One that started longer ago never ended: its worker died. The one copy
+# that replaces it counts it as a failure, in the same write, so that it is counted once.
+_BEGIN_ATTEMPT = """
+local was = redis.call('HGET', KEYS[1], ARGV[1])
+local since = was and tonumber(string.match(was, '^%S+'))
+if since and tonumber(ARGV[4]) < since + tonumber(ARGV[6]) then return {'busy', was} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4] .. ' ' .. ARGV[5])
+if not since then return {'run'} end
+redis.call('HSETNX', KEYS[1], ARGV[3], ARGV[4])
+local failures = redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
+return {'died', was, failures, redis.call('HGET', KEYS[1], ARGV[3])}
+"""
+# KEYS: drill; ARGV: attempt field, token, then fields to delete. Our attempt ended; one that
+# took its place (ours was judged dead) is left alone.
+_END_ATTEMPT = """
+local was = redis.call('HGET', KEYS[1], ARGV[1])
+if was and string.match(was, '%S+$') == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+for i = 3, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
+"""
 KEEP = 5000  # newest entries kept of a drill's sends and of its timeline
 
 
@@ -86,6 +110,17 @@ def step_field(phase: int, round_: int, what: str) -> str:
     return f"p{phase}:r{round_}:{what}"
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """What `begin_attempt` found: `run` (ours started), `busy` (another one started at `since`
+    and may still be running: ours did not start) or `died` (one started at `since` never
+    ended; ours started, and that one was counted: `failures` so far, the first at `first`)."""
+    outcome: str
+    since: float = 0.0
+    failures: int = 0
+    first: float = 0.0
+
+
 class DrillStore:
     def __init__(self, client: redis.Redis, retention: float) -> None:
         self.redis = client
@@ -94,6 +129,8 @@ class DrillStore:
         self._finish = client.register_script(_FINISH)
         self._confirm = client.register_script(_CONFIRM)
         self._set_once_append = client.register_script(_SET_ONCE_APPEND)
+        self._begin_attempt = client.register_script(_BEGIN_ATTEMPT)
+        self._end_attempt = client.register_script(_END_ATTEMPT)
 
     @staticmethod
     def key(drill_id: str) -> str:
@@ -190,11 +227,31 @@ class DrillStore:
         _, failures, first = pipe.execute()
         return int(failures), float(text(first))
 
-    def clear_failures(self, drill_id: str, phase: int, round_: int) -> None:
-        """A step completed: a later copy of it that fails starts a retry window of its own
-        instead of being given up at once for failures the completed run had outlived."""
-        self.redis.hdel(self.key(drill_id), *(step_field(phase, round_, what)
-                                              for what in ("failures", "first_failed_at")))
+    def begin_attempt(self, drill_id: str, phase: int, round_: int, token: str, *, now: float,
+                      limit: float) -> Attempt:
+        """Record that attempt `token` at a step starts now, unless another one started less
+        than `limit` ago; count one that started before that and never ended as a failure."""
+        names = [step_field(phase, round_, what) for what in ("attempt", "failures",
+                                                               "first_failed_at")]
+        found = [text(x) if isinstance(x, bytes) else x for x in self._begin_attempt(
+            keys=[self.key(drill_id)], args=[*names, repr(now), token, repr(limit)])]
+        if found[0] == "run":
+            return Attempt("run")
+        since = float(str(found[1]).split(" ", 1)[0])
+        if found[0] == "busy":
+            return Attempt("busy", since)
+        return Attempt("died", since, int(found[2]), float(str(found[3])))
+
+    def end_attempt(self, drill_id: str, phase: int, round_: int, token: str, *,
+                    completed: bool) -> None:
+        """Attempt `token` ended (unless a copy took it for dead and replaced it). `completed`:
+        the step is done, its failures are forgotten, so that a later copy of it that fails
+        starts a retry window of its own instead of being given up at once for failures the
+        completed run had outlived."""
+        cleared = [step_field(phase, round_, what)
+                   for what in ("failures", "first_failed_at")] if completed else []
+        self._end_attempt(keys=[self.key(drill_id)],
+                          args=[step_field(phase, round_, "attempt"), token, *cleared])
 
     def set(self, drill_id: str, **fields: str) -> None:
         self.redis.hset(self.key(drill_id), mapping=dict[Any, Any](fields))

@@ -1,13 +1,17 @@
 """Drill timers and the scheduler on a real redis-server, pipeline inline (no Celery): a drill
 step whose task failed is fired again, a step that completed removes its timer, and the other
-timers (deliveries, digests) are still removed when they are published."""
+timers (deliveries, digests) are still removed when they are published. A step whose worker is
+killed mid-run (in a worker process of the test's own, SIGKILLed) counts as a failed attempt."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from multiprocessing.connection import Connection
 from typing import Any
 
 import pytest
@@ -19,7 +23,7 @@ from notifier.drills.escalation import fire_drill_timer
 from notifier.drills.markdown import render_markdown
 from notifier.drills.model import DrillSpec
 from notifier.drills.report import build_report
-from notifier.drills.service import DrillService, timer_arg
+from notifier.drills.service import ATTEMPT_LIMIT, DrillService, timer_arg
 from notifier.scheduler import TIMERS, Scheduler, Timer, Timers
 from notifier.tasks_spec import CONTROL_QUEUE, DELIVER, DIGEST, TIMER, deliver_queue
 from notifier.worker.timers import fire_timer
@@ -38,9 +42,9 @@ SPEC = {"name": "DR", "operators": ["alice"], "phases": ["primary stopped"],
         "escalation": ["carol"], "escalation_rounds": 1, "start": True}
 
 
-def drill_service(fleet: InlineFleet) -> DrillService:
+def drill_service(fleet: InlineFleet, attempt_limit: float = ATTEMPT_LIMIT) -> DrillService:
     return DrillService(fleet.settings, fleet.redis, fleet.intake, fleet.deps.ledger,
-                        fleet.deps.timers)
+                        fleet.deps.timers, attempt_limit=attempt_limit)
 
 
 def timers(client: redis.Redis) -> list[str]:
@@ -274,3 +278,214 @@ def test_a_control_queue_backlog_piles_up_one_copy_per_lease_and_the_copies_page
     assert fleet.redis.llen(outbox_key("sms")) == 1  # alice got one SMS
     events = [e["event"] for e in svc.store.timeline(drill.id)]
     assert events.count("announce") == 1
+
+
+def alices_announcement(args: list[str]) -> bool:
+    return alices_drill_sms(args) and '"body":""' in "".join(args)
+
+
+def _drill_worker(redis_url: str, config: dict[str, Any], attempt_limit: float,
+                  conn: Connection) -> None:
+    """A worker process: runs the drill timers' steps it is sent, as the TIMER task does, and
+    answers each with the step's result; running an announcement, it gets stuck at alice's send
+    (a provider, Redis, the machine hanging) and says so, until told to go on or killed."""
+    fleet = InlineFleet(redis_url, config)
+    svc = drill_service(fleet, attempt_limit)
+
+    def stuck() -> str:
+        conn.send("stuck")
+        conn.recv()
+        return "went on"
+
+    while (timer := conn.recv()) is not None:
+        hang: AbstractContextManager[Any] = (
+            interleaved(fleet.redis, alices_announcement, stuck) if timer.endswith(":0")
+            else nullcontext())
+        with hang:
+            conn.send(fire_drill_timer(svc, timer.partition(":")[2]))
+
+
+class DyingWorker:
+    """Drill steps run in a worker process of their own (spawned: its own Redis connections, as
+    a Celery worker's child), where `kill` SIGKILLs it mid-step, as the OOM killer does or the
+    pool at Celery's hard time limit; a killed one is replaced, as the pool replaces it."""
+
+    def __init__(self, redis_url: str, config: dict[str, Any], attempt_limit: float) -> None:
+        self.args = (redis_url, config, attempt_limit)
+        self.ctx = mp.get_context("spawn")
+        self.kills = 0
+        self._start()
+
+    def _start(self) -> None:
+        self.conn, theirs = self.ctx.Pipe()
+        self.proc = self.ctx.Process(target=_drill_worker, args=(*self.args, theirs),
+                                     daemon=True)
+        self.proc.start()
+
+    def fire(self, timer: str) -> str:
+        """The step's result, or "stuck" (it is still running, stuck at alice's send)."""
+        self.conn.send(timer)
+        return self._answer()
+
+    def go_on(self) -> str:
+        self.conn.send("go on")
+        return self._answer()
+
+    def _answer(self) -> str:
+        assert self.conn.poll(30), "the worker process did not answer"
+        answer: str = self.conn.recv()
+        return answer
+
+    def kill(self) -> None:
+        self.proc.kill()  # SIGKILL: no except, no finally, nothing more runs in it
+        self.proc.join(10)
+        self.kills += 1
+        self._start()
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.join(10)
+
+
+def test_a_drill_step_whose_worker_dies_every_time_is_counted_backed_off_and_given_up(
+        make_fleet: MakeFleet, redis_url: str) -> None:
+    limit = 3.0  # the worker's hard time limit and margin (ATTEMPT_LIMIT: 70 s by default)
+    fleet = make_fleet(TWO)
+    svc = drill_service(fleet, limit)
+    worker = DyingWorker(redis_url, TWO, limit)
+    try:
+        drill = svc.create(DrillSpec.model_validate(
+            {**SPEC, "operators": ["alice", "bob"],
+             "phases": [{"name": "primary stopped", "deadline": "10s"}]}))
+        publisher = ListPublisher()
+        scheduler = Scheduler(fleet.redis, publisher, timer_lease=0.2)
+        runs: list[tuple[float, int, str]] = []  # (when, round, result)
+
+        def run(arg: str, copy: str = "") -> None:
+            result = worker.fire(arg)
+            if result == "stuck":  # killed mid-step, every time
+                worker.kill()
+                result = "killed"
+            runs.append((time.time(), int(arg.rsplit(":", 1)[1]), copy + result))
+            if result == "killed" and not copy:
+                # Celery puts a killed worker's task back on the queue at once
+                # (task_reject_on_worker_lost): a copy of the step runs again right away.
+                run(arg, "redelivered: ")
+
+        def misses_recorded() -> bool:
+            scheduler.tick()
+            while publisher.tasks:
+                _task, [arg], _queue = publisher.tasks.pop(0)
+                run(arg)
+            return any(round_ == 2 and r == "missed" for _at, round_, r in runs)
+
+        wait_until(misses_recorded, timeout=60)
+    finally:
+        worker.close()
+    announce = [(at, result) for at, round_, result in runs if round_ == 0]
+    outcomes = [r for _at, r in announce if r != "busy"]
+    # Every attempt died; each death was counted once, by the first copy to find it past the
+    # time limit; the attempts were retried after a backoff, then given up. The copy Celery
+    # redelivered at once did not run the step again (it would have died too): the attempt
+    # might still have been running (busy), or, past the limit, it was counted.
+    assert outcomes[0] == "killed" and outcomes[-1] == "given_up", outcomes
+    redelivered = [r for r in outcomes if r.startswith("redelivered")]
+    assert len(redelivered) == worker.kills, outcomes
+    assert set(redelivered) <= {"redelivered: busy", "redelivered: retry"}, outcomes
+    assert len([r for r in outcomes if r.endswith("retry")]) == worker.kills - 1 >= 1, outcomes
+    timeline = svc.store.timeline(drill.id)
+    failed = [e for e in timeline if e["event"] == "step_failed"]
+    (given_up,) = [e for e in timeline if e["event"] == "step_given_up"]
+    assert [f["failure"] for f in failed] == list(range(1, worker.kills))
+    assert given_up["failures"] == worker.kills and given_up["step"] == "announce"
+    assert all("did not finish" in e["error"] for e in [*failed, given_up]), failed
+    # Backed off: the next attempt waited for the retry (5 s, unless the give-up comes sooner),
+    # not for the scheduler's 0.2 s lease.
+    assert failed[0]["retry_in"] >= 2.0, failed
+    retried_at = [at for at, r in announce if r.endswith("retry")]
+    killed_at = [at for at, r in announce if r == "killed"]
+    for f, at, next_attempt in zip(failed, retried_at, killed_at[1:], strict=True):
+        assert next_attempt - at >= f["retry_in"] - 0.5, (f, announce)
+    # The next rounds ran: alice and bob reminded, carol told, the misses recorded.
+    assert [r for _at, round_, r in runs if round_ > 0 and r != "busy"] == ["escalated",
+                                                                           "missed"], runs
+    assert timers(fleet.redis) == []
+    report = build_report(svc, drill.id)
+    (phase,) = report["phases"]
+    (failing,) = phase["failed_steps"]
+    assert (failing["round"], failing["step"], failing["failures"], failing["retrying"]) == (
+        0, "announce", worker.kills, False)
+    assert "did not finish" in failing["error"]
+    ops = {op["operator"]: op for op in phase["operators"]}
+    assert [len(op["escalations"]) for op in ops.values()] == [1, 1]
+    assert {op["result"] for op in ops.values()} == {"missed"}
+    assert [e["to"] for e in phase["escalation_recipients"]] == [["carol"]]
+    assert any("announce" in f and "given up" in f for f in report["summary"]["flags"])
+    assert "did not finish" in render_markdown(report)
+
+
+def test_a_slow_attempt_still_running_is_not_taken_for_dead_by_a_copy(
+        make_fleet: MakeFleet, redis_url: str) -> None:
+    limit = 5.0
+    fleet = make_fleet(TWO)
+    svc = drill_service(fleet, limit)
+    worker = DyingWorker(redis_url, TWO, limit)
+    try:
+        drill = svc.create(DrillSpec.model_validate({**SPEC, "operators": ["alice", "bob"]}))
+        publisher = ListPublisher()
+        scheduler = Scheduler(fleet.redis, publisher, timer_lease=0.2)
+        assert scheduler.tick() == 1
+        [(_task, [arg], _queue)] = publisher.tasks
+        assert worker.fire(arg) == "stuck"  # slow: stuck at alice's send, but alive
+        started = time.time()  # the attempt started before this
+        time.sleep(0.5)
+        assert scheduler.tick() == 1  # the lease ran out: a copy is published, and runs
+        (_task, [copy], _queue) = publisher.tasks[1]
+        assert fire_drill_timer(svc, copy.partition(":")[2]) == "busy"
+        assert fire_timer(fleet.deps, copy) == "busy"  # another worker's copy, the same
+        state = svc.store.state(drill.id)
+        assert not [e for e in svc.store.timeline(drill.id) if e["event"] == "step_failed"]
+        assert "p0:r0:failures" not in state
+        # The timer stays, to look again by the time the attempt must have ended, no later.
+        member = Timer(TIMER, CONTROL_QUEUE, arg, 0).member
+        assert fleet.redis.zscore(TIMERS, member) <= started + limit
+        assert worker.go_on() == "announced"
+    finally:
+        worker.close()
+    assert timers(fleet.redis) == [timer_arg(drill.id, 0, 1)]
+    assert "p0:r0:attempt" not in svc.store.state(drill.id)
+    assert not [e for e in svc.store.timeline(drill.id) if e["event"] == "step_failed"]
+    announced = [s["operator"] for s in svc.store.sends(drill.id) if s["step"] == "announce"]
+    assert announced == ["alice", "bob"]
+    assert fire_drill_timer(svc, f"{drill.id}:0:0") == "announced"  # a later copy: a re-run
+
+
+def test_copies_that_find_the_same_dead_attempt_count_it_once(make_fleet: MakeFleet,
+                                                               redis_url: str) -> None:
+    limit = 0.5
+    fleets = [make_fleet(TWO) for _ in range(4)]
+    svc = drill_service(fleets[0], limit)
+    worker = DyingWorker(redis_url, TWO, limit)
+    try:
+        drill = svc.create(DrillSpec.model_validate({**SPEC, "operators": ["alice", "bob"]}))
+        assert worker.fire(timer_arg(drill.id, 0, 0)) == "stuck"
+        worker.kill()
+    finally:
+        worker.close()
+    time.sleep(limit)
+    barrier = threading.Barrier(len(fleets))
+    results: list[str] = []
+
+    def copy(fleet: InlineFleet) -> None:
+        barrier.wait()
+        results.append(fire_drill_timer(drill_service(fleet, limit), f"{drill.id}:0:0"))
+
+    threads = [threading.Thread(target=copy, args=(f,)) for f in fleets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results.count("retry") == 1, results  # the one copy that found it dead
+    assert set(results) <= {"retry", "busy", "announced"}, results
+    failed = [e for e in svc.store.timeline(drill.id) if e["event"] == "step_failed"]
+    assert [f["failure"] for f in failed] == [1], failed
