@@ -1,8 +1,9 @@
 """The accept script's call: one round trip that stores events and queues their dispatch tasks.
 
 Built here as plain data so the synchronous ledger (the client, drills, replays: one event per
-call) and the API's batched asynchronous path (notifier.api.script_batch: every event accepted in
-the same event-loop iteration, up to MAX_EVENTS) run the very same script. A call queues one
+call) and the API's batched asynchronous path (notifier.api.script_batch: the events accepted in
+one event-loop iteration, or while the previous call was in flight, up to MAX_EVENTS) run the
+very same script. A call queues one
 dispatch message per EVENTS_PER_TASK of its events, so a burst of webhooks costs the worker
 fleet one Celery task per few events instead of one per event; an event the script did not
 store (a duplicate, a replay, a conflict) is named too and is skipped by the worker as missing.
