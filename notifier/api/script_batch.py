@@ -138,6 +138,9 @@ class ScriptBatcher(Generic[Item, Result]):
         queued, here.queued = here.queued, []
         if not queued:  # sent early, when it filled up
             return
+        if here.closing:
+            _fail(queued, redis.ConnectionError("the API is shutting down"))
+            return
         link = here.link
         if link is None or link.closed:
             link = here.link = _Link(here.loop, self.client)
@@ -158,12 +161,13 @@ class ScriptBatcher(Generic[Item, Result]):
             batch = queued[start:start + self.max_items]
             try:
                 keys, args = self.combine([item for item, _ in batch])
+                head = (len(keys), *keys, *args)
+                command = _pack(("EVALSHA", self.sha, *head))
             except Exception as exc:
                 _fail(batch, exc)
                 continue
-            head = (len(keys), *keys, *args)
             here.in_flight += 1  # settled exactly once: by its reply, or by the link failing
-            link.send(_pack(("EVALSHA", self.sha, *head)), functools.partial(self._settle, here, batch),
+            link.send(command, functools.partial(self._settle, here, batch),
                       fallback=functools.partial(_pack, ("EVAL", self.source, *head)))
         link.write_out()
 
@@ -197,6 +201,8 @@ class ScriptBatcher(Generic[Item, Result]):
     async def aclose(self) -> None:
         """Close this loop's connection (the app's shutdown)."""
         here = self._loops.pop(asyncio.get_running_loop(), None)
+        if here is not None:
+            here.closing = True
         if here is not None and here.link is not None:
             here.link.close()
 
@@ -214,6 +220,7 @@ class _PerLoop(Generic[Item, Result]):
         self.queued: list[tuple[Item, asyncio.Future[Result]]] = []
         self.flush_due = False  # a _flush is scheduled for this iteration's end
         self.in_flight = 0  # calls written and not yet answered (or failed)
+        self.closing = False  # aclose() ran: no new link, what is queued fails
 
 
 def _pack(command: tuple[str | bytes | int, ...]) -> bytes:
@@ -342,7 +349,7 @@ class _Link(asyncio.Protocol):
                 return
             if message.startswith("READONLY"):  # a demoted master: find the new one next call
                 readonly = redis.ReadOnlyError(message)
-                pending.settle(readonly)  # popped already: _fail only reaches those still owed
+                self.pending.appendleft(pending)  # closed before anyone settles: waiters use a new link
                 self._fail(readonly)
                 return
         pending.settle(reply)

@@ -78,3 +78,44 @@ def test_what_waited_for_a_failed_call_is_sent_and_answered_not_stranded(
     finally:
         relay.close()
     assert [type(o) for o in outcomes] == [redis.TimeoutError, redis.TimeoutError]
+
+
+def test_a_call_that_cannot_be_packed_fails_alone_and_does_not_hold_up_the_next(
+        redis_server: RedisServer) -> None:
+    async def scenario() -> tuple[BaseException | str, str]:
+        batcher: ScriptBatcher[Any, str] = ScriptBatcher(
+            redis.Redis(port=redis_server.port), ECHO, combine=lambda items: ([], items),
+            split=lambda _items, reply: [text(r) for r in reply], max_items=32)
+        try:
+            bad = batcher.run(None)  # not a value RESP can carry
+            [outcome] = await asyncio.gather(bad, return_exceptions=True)
+            good = await asyncio.wait_for(batcher.run("next"), 5)
+            return outcome, good
+        finally:
+            await batcher.aclose()
+
+    outcome, good = asyncio.run(scenario())
+    assert isinstance(outcome, TypeError)
+    assert good == "next"
+
+
+def test_closing_fails_what_waits_instead_of_opening_a_new_connection(
+        redis_server: RedisServer, late: SlowReplies) -> None:
+    async def scenario() -> tuple[list[BaseException | str], int]:
+        batcher = echo_batcher(late.port)
+        first = batcher.run("a")
+        await asyncio.sleep(0.05)  # in flight, its reply held
+        second = batcher.run("b")  # waits for it
+        await batcher.aclose()
+        outcomes = list(await asyncio.wait_for(
+            asyncio.gather(first, second, return_exceptions=True), 5))
+        await asyncio.sleep(0.1)
+        return outcomes, clients()
+
+    def clients() -> int:
+        return int(redis.Redis(port=redis_server.port).info("clients")["connected_clients"])
+
+    before = clients()
+    outcomes, after = asyncio.run(scenario())
+    assert [type(o) for o in outcomes] == [redis.ConnectionError, redis.ConnectionError]
+    assert after == before  # through the relay: nothing left connected once closed
