@@ -130,11 +130,14 @@ class ScriptBatcher(Generic[Item, Result]):
             self._flush(here)
         elif not here.flush_due and not here.in_flight:
             here.flush_due = True
-            loop.call_soon(self._flush, here)
+            loop.call_soon(self._flush_due, here)
         return future
 
-    def _flush(self, here: _PerLoop[Item, Result]) -> None:
+    def _flush_due(self, here: _PerLoop[Item, Result]) -> None:
         here.flush_due = False
+        self._flush(here)
+
+    def _flush(self, here: _PerLoop[Item, Result]) -> None:
         queued, here.queued = here.queued, []
         if not queued:  # sent early, when it filled up
             return
@@ -201,9 +204,10 @@ class ScriptBatcher(Generic[Item, Result]):
     async def aclose(self) -> None:
         """Close this loop's connection (the app's shutdown)."""
         here = self._loops.pop(asyncio.get_running_loop(), None)
-        if here is not None:
-            here.closing = True
-        if here is not None and here.link is not None:
+        if here is None:
+            return
+        here.closing = True
+        if here.link is not None:
             here.link.close()
 
 
@@ -218,7 +222,7 @@ class _PerLoop(Generic[Item, Result]):
         self.loop = loop
         self.link: _Link | None = None
         self.queued: list[tuple[Item, asyncio.Future[Result]]] = []
-        self.flush_due = False  # a _flush is scheduled for this iteration's end
+        self.flush_due = False  # a flush is scheduled for this iteration's end (_flush_due)
         self.in_flight = 0  # calls written and not yet answered (or failed)
         self.closing = False  # aclose() ran: no new link, what is queued fails
 
