@@ -20,7 +20,7 @@ import celeryconfig
 from notifier import cli_drill
 from notifier.api.app import create_app
 from notifier.api.auth import check_tokens
-from notifier.api.http_protocol import CoalescingHttpToolsProtocol
+from notifier.api.ingest_protocol import IngestHttpProtocol
 from notifier.api.views import transaction_view
 from notifier.celery_app import CeleryPublisher, make_celery
 from notifier.channels.base import ChannelContext
@@ -70,7 +70,7 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     # the root logger's JSON handler instead of its plain-text default config.
     options: dict[str, Any] = {"host": args.host, "port": args.port, "log_level": "warning",
                                "log_config": None, "access_log": False, "proxy_headers": False,
-                               "http": CoalescingHttpToolsProtocol}  # the class: uvicorn < 0.36 takes no path
+                               "http": IngestHttpProtocol}  # the class: uvicorn < 0.36 takes no path
     check_tokens()  # here, not in each worker process building the app: one clear error
     if args.workers > 1:  # each process builds the app from NOTIFIER_CONFIG (set by main)
         uvicorn.run("notifier.api.app:app_from_environment", factory=True, workers=args.workers,

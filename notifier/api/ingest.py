@@ -10,10 +10,17 @@ FastAPI. Behaviour is the API's contract: Bearer/Basic auth, 400 for a body that
 422 naming the field, 413 past max_body_bytes (as BodySizeLimit answers for the rest of the
 API), 503 with Retry-After when Redis is unreachable; the routes are documented in
 /openapi.json.
+
+A request is answered in three steps, each a plain call: `refuse` (on its headers), `submit`
+(its body: the answer, or the accept call's result to come) and `finish` (that result). The
+ASGI path below awaits between them; `notifier api` runs most ingest requests through the same
+three from its HTTP protocol instead (notifier.api.ingest_protocol), without an ASGI cycle.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +31,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from notifier.api.auth import CHALLENGE, UNAUTHORIZED, TokenAuth
 from notifier.api.first_pass import Decode, first_pass
-from notifier.api.limits import ClientGone, declared_too_large, read_body, reject_too_large
-from notifier.api.raw import RETRY_AFTER_SECONDS, field_errors, send_json, unavailable_detail
+from notifier.api.limits import ClientGone, declared_too_large, read_body, reject_too_large, too_large_answer
+from notifier.api.raw import RETRY_AFTER_SECONDS, Answer, field_errors, send_json, unavailable_detail
 from notifier.api.script_batch import ScriptBatcher
 from notifier.errors import BrokerUnavailable, IdempotencyConflict, InvalidEvent
 from notifier.intake import Intake
@@ -37,6 +44,7 @@ from notifier.sources import alertmanager_dedup_key, from_event_in
 
 IDEMPOTENCY_KEY_MAX = 200
 _RETRY = [(b"retry-after", RETRY_AFTER_SECONDS.encode())]
+_CHALLENGE = (CHALLENGE[0].lower().encode(), CHALLENGE[1].encode())
 
 
 class BadBody(Exception):
@@ -85,12 +93,9 @@ class IngestRoutes:
             return
         headers = dict(scope["headers"])
         too_large = declared_too_large(headers, self.max_bytes)
-        if too_large:
-            await reject_too_large(send, self.max_bytes)
-            return
-        if not self.auth.allows(headers.get(b"authorization", b"").decode("latin-1")):
-            challenge = (CHALLENGE[0].lower().encode(), CHALLENGE[1].encode())
-            await send_json(send, 401, {"detail": UNAUTHORIZED}, [challenge])
+        refused = self.refuse(headers, too_large)
+        if refused is not None:
+            await send_json(send, *refused)
             return
         try:
             body = await read_body(receive, None if too_large is False else self.max_bytes)
@@ -99,17 +104,38 @@ class IngestRoutes:
         if body is None:
             await reject_too_large(send, self.max_bytes)
             return
-        status, payload, extra = await self._accept(path, body, headers)
-        await send_json(send, status, payload, extra)
+        pending = self.submit(path, body, headers)
+        if isinstance(pending, tuple):
+            await send_json(send, *pending)
+            return
+        with contextlib.suppress(Exception):  # what it raised is answered by finish()
+            await pending
+        await send_json(send, *self.finish(path, pending))
 
-    async def _accept(self, path: str, body: bytes, headers: dict[bytes, bytes],
-                      ) -> tuple[int, dict[str, Any], list[tuple[bytes, bytes]]]:
+    def refuse(self, headers: dict[bytes, bytes], too_large: bool | None) -> Answer | None:
+        """The answer to a request refused on its headers alone (None: read its body)."""
+        if too_large:
+            return too_large_answer(self.max_bytes)
+        if not self.auth.allows(headers.get(b"authorization", b"").decode("latin-1")):
+            return 401, {"detail": UNAUTHORIZED}, [_CHALLENGE]
+        return None
+
+    def submit(self, path: str, body: bytes, headers: dict[bytes, bytes],
+               ) -> Answer | asyncio.Future[AcceptResult]:
+        """Validate the body and queue its accept call: the answer if it was refused, else the
+        call's result to come (passed to finish())."""
         spec = SPECS[path]
         try:
-            call = self.prepare[path](_parse(spec, body), body, headers)
-            accepted = self.intake.conclude(await self.batcher.run(call))
+            return self.batcher.run(self.prepare[path](_parse(spec, body), body, headers))
         except BadBody as exc:
             return exc.status, {"detail": exc.detail}, []
+        except (InvalidEvent, IdempotencyConflict) as exc:
+            return 422, {"detail": [str(exc)]}, []
+
+    def finish(self, path: str, accepted_call: asyncio.Future[AcceptResult]) -> Answer:
+        """The answer once the accept call is done."""
+        try:
+            accepted = self.intake.conclude(accepted_call.result())
         except (InvalidEvent, IdempotencyConflict) as exc:
             return 422, {"detail": [str(exc)]}, []
         # Redis unreachable (or its answer lost): the sender retries, and if the event was stored
@@ -119,7 +145,7 @@ class IngestRoutes:
         answer: dict[str, Any] = {"transaction_id": accepted.transaction_id}
         if accepted.suppressed:
             answer["suppressed"] = True
-        return spec.status, answer, []
+        return SPECS[path].status, answer, []
 
     def _alertmanager(self, webhook: WebhookFields, body: bytes,
                       _headers: dict[bytes, bytes]) -> AcceptCall:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from notifier.api.raw import send_json
+from notifier.api.raw import Answer, send_json
 
 
 def declared_too_large(headers: dict[bytes, bytes], max_bytes: int) -> bool | None:
@@ -17,8 +17,12 @@ def declared_too_large(headers: dict[bytes, bytes], max_bytes: int) -> bool | No
     return None
 
 
+def too_large_answer(max_bytes: int) -> Answer:
+    return 413, {"detail": f"request body larger than {max_bytes} bytes"}, []
+
+
 async def reject_too_large(send: Send, max_bytes: int) -> None:
-    await send_json(send, 413, {"detail": f"request body larger than {max_bytes} bytes"})
+    await send_json(send, *too_large_answer(max_bytes))
 
 
 class BodySizeLimit:

@@ -21,12 +21,22 @@ _last_said = [-UNAVAILABLE_LOG_EVERY]  # when a 503's reason was last logged (mo
 log = logging.getLogger(__name__)
 
 
-async def send_json(send: Send, status: int, payload: Any,
-                    headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+Header = tuple[bytes, bytes]
+# An answer: status, JSON payload, headers beyond content-type and content-length.
+Answer = tuple[int, Any, Sequence[Header]]
+
+
+def json_response(payload: Any, headers: Sequence[Header] = ()) -> tuple[list[Header], bytes]:
+    """An answer's headers and body, as both ways of answering send them (ASGI: send_json; the
+    HTTP protocol: notifier.api.ingest_protocol)."""
     body = orjson.dumps(payload)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()), *headers]})
+    return [(b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()), *headers], body
+
+
+async def send_json(send: Send, status: int, payload: Any, headers: Sequence[Header] = ()) -> None:
+    head, body = json_response(payload, headers)
+    await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -31,6 +31,7 @@ from notifier.schemas import AlertmanagerWebhook
 from notifier.sources import from_alertmanager
 from notifier.tasks_spec import DISPATCH_QUEUE
 from tests.support.inline import decode_task
+from tests.support.served import ServedClient, served_client
 from tests.support.servers import RedisServer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -50,14 +51,15 @@ def fixture(name: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def client(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+def client(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[ServedClient]:
+    """The API as `notifier api` serves it (the ingest routes' own HTTP path included)."""
     monkeypatch.setenv("NOTIFIER_API_TOKEN", TOKEN)
     app = create_app(settings_from_mapping({**CONFIG, "redis_url": redis_url}))
-    with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as test_client:
-        yield test_client
+    with served_client(app, headers={"Authorization": f"Bearer {TOKEN}"}) as served:
+        yield served
 
 
-def test_alertmanager_fixture_is_stored_and_its_dispatch_published(client: TestClient,
+def test_alertmanager_fixture_is_stored_and_its_dispatch_published(client: ServedClient,
                                                                     redis_client: Any) -> None:
     response = client.post("/v1/alertmanager", json=fixture("alertmanager-firing.json"))
     assert response.status_code == 200
@@ -76,7 +78,7 @@ def test_alertmanager_fixture_is_stored_and_its_dispatch_published(client: TestC
     assert [m["headers"]["argsrepr"] for m in queued] == [repr([txid])]
 
 
-def test_identical_resend_is_suppressed_and_points_at_the_original(client: TestClient) -> None:
+def test_identical_resend_is_suppressed_and_points_at_the_original(client: ServedClient) -> None:
     body = fixture("alertmanager-critical-truncated.json")
     first = client.post("/v1/alertmanager", json=body).json()
     again = client.post("/v1/alertmanager", json=body)
@@ -90,7 +92,7 @@ def test_identical_resend_is_suppressed_and_points_at_the_original(client: TestC
 
 
 def test_a_webhook_only_pydantic_accepts_is_accepted_and_dedups_with_its_strict_twin(
-        client: TestClient, redis_client: Any) -> None:
+        client: ServedClient, redis_client: Any) -> None:
     # truncatedAlerts as "1": the first-pass decoder refuses it (notifier.api.first_pass), the
     # model accepts it. It must be stored as any webhook, and be the same group for dedup.
     strict = fixture("alertmanager-critical-truncated.json")
@@ -103,7 +105,7 @@ def test_a_webhook_only_pydantic_accepts_is_accepted_and_dedups_with_its_strict_
     assert again == {"transaction_id": txid, "suppressed": True}
 
 
-def test_a_webhook_with_fields_beyond_the_model_is_accepted_and_readable(client: TestClient) -> None:
+def test_a_webhook_with_fields_beyond_the_model_is_accepted_and_readable(client: ServedClient) -> None:
     # Undeclared fields skip the first pass (notifier.api.first_pass): pydantic accepts them.
     body = fixture("alertmanager-firing.json")
     body["futureField"] = {"nested": [1, None]}
@@ -114,7 +116,7 @@ def test_a_webhook_with_fields_beyond_the_model_is_accepted_and_readable(client:
     assert view.status_code == 200 and view.json()["event"]["alerts"][0]["fingerprint"] == "cdb42a40decd3214"
 
 
-def test_a_damaged_transaction_is_shown_not_a_500_and_is_not_replayed(client: TestClient,
+def test_a_damaged_transaction_is_shown_not_a_500_and_is_not_replayed(client: ServedClient,
                                                                        redis_client: Any) -> None:
     # Damage, or a stored body a later schema no longer reads: dispatch fails it as a dead letter
     # (tests/integration/test_inline_dispatch.py); the operator must still see it.
@@ -132,7 +134,7 @@ def test_a_damaged_transaction_is_shown_not_a_500_and_is_not_replayed(client: Te
 
 
 def test_a_dead_letter_is_dropped_by_an_operator_or_once_its_transaction_expired(
-        client: TestClient, redis_client: Any) -> None:
+        client: ServedClient, redis_client: Any) -> None:
     ledger = Ledger(redis_client, retention=3600)
     stale, expired, kept = (client.post("/v1/events", json={"title": t, "to": ["oncall"]})
                             .json()["transaction_id"] for t in ("stale", "expired", "kept"))
@@ -177,7 +179,7 @@ def test_a_refused_replay_keeps_the_dead_letter_until_one_is_accepted(
     assert redis_client.llen(DISPATCH_QUEUE) == 2
 
 
-def test_changed_alert_set_is_a_new_notification(client: TestClient) -> None:
+def test_changed_alert_set_is_a_new_notification(client: ServedClient) -> None:
     body = fixture("alertmanager-critical-truncated.json")
     first = client.post("/v1/alertmanager", json=body).json()
     body["alerts"] = body["alerts"][:1]
@@ -185,7 +187,7 @@ def test_changed_alert_set_is_a_new_notification(client: TestClient) -> None:
     assert second["transaction_id"] != first["transaction_id"] and "suppressed" not in second
 
 
-def test_an_alert_that_fires_again_after_resolving_is_a_new_notification(client: TestClient) -> None:
+def test_an_alert_that_fires_again_after_resolving_is_a_new_notification(client: ServedClient) -> None:
     # Flapping within the dedup window: firing, resolved, then firing again (a new startsAt,
     # the same fingerprint). The third must page: its person's last message said RESOLVED.
     firing = fixture("alertmanager-firing.json")
@@ -219,7 +221,7 @@ def test_a_large_group_sent_as_the_readme_configures_alertmanager_is_accepted(
 
 
 @pytest.mark.parametrize("kind", ["drill", "digest"])
-def test_an_event_of_an_internal_kind_is_refused_naming_kind(client: TestClient, redis_client: Any,
+def test_an_event_of_an_internal_kind_is_refused_naming_kind(client: ServedClient, redis_client: Any,
                                                              kind: str) -> None:
     # A drill event needs the reply code only a drill gives it (it could never be rendered); a
     # digest one would pass for a merged digest. Drills submit theirs themselves (test_drill_flow).
@@ -229,7 +231,7 @@ def test_an_event_of_an_internal_kind_is_refused_naming_kind(client: TestClient,
     assert redis_client.llen(DISPATCH_QUEUE) == 0
 
 
-def test_events_idempotency_key(client: TestClient) -> None:
+def test_events_idempotency_key(client: ServedClient) -> None:
     event = {"title": "DiskFull on db-1", "severity": "critical", "body": "磁盘 97%"}
     first = client.post("/v1/events", json=event, headers={"Idempotency-Key": "k-1"})
     assert first.status_code == 202
@@ -275,14 +277,14 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(("path", "raw", "status", "names"), BAD_INPUTS)
-def test_bad_input_gets_a_4xx_naming_the_problem(client: TestClient, path: str, raw: bytes,
+def test_bad_input_gets_a_4xx_naming_the_problem(client: ServedClient, path: str, raw: bytes,
                                                  status: int, names: str) -> None:
     response = client.post(path, content=raw, headers={"Content-Type": "application/json"})
     assert response.status_code == status, response.text
     assert names in response.text
 
 
-def test_oversized_body_without_content_length_is_413(client: TestClient) -> None:
+def test_oversized_body_without_content_length_is_413(client: ServedClient) -> None:
     def chunks() -> Iterator[bytes]:
         for _ in range(100):
             yield b" " * 1024
@@ -292,7 +294,7 @@ def test_oversized_body_without_content_length_is_413(client: TestClient) -> Non
         assert response.status_code == 413 and "larger than" in response.text, path
 
 
-def test_auth_required_on_v1_bearer_or_basic(client: TestClient) -> None:
+def test_auth_required_on_v1_bearer_or_basic(client: ServedClient) -> None:
     body = fixture("alertmanager-firing.json")
     assert client.post("/v1/alertmanager", json=body, headers={"Authorization": ""}).status_code == 401
     wrong = client.post("/v1/alertmanager", json=body, headers={"Authorization": "Bearer nope"})
@@ -305,12 +307,12 @@ def test_auth_required_on_v1_bearer_or_basic(client: TestClient) -> None:
     assert client.get("/healthz", headers={"Authorization": ""}).status_code == 200
 
 
-def test_unknown_transaction_is_404(client: TestClient) -> None:
+def test_unknown_transaction_is_404(client: ServedClient) -> None:
     response = client.get("/v1/transactions/tx-nope")
     assert response.status_code == 404 and "tx-nope" in response.text
 
 
-def test_metrics_count_events_by_source_and_outcome(client: TestClient) -> None:
+def test_metrics_count_events_by_source_and_outcome(client: ServedClient) -> None:
     body = fixture("alertmanager-firing.json")
     client.post("/v1/alertmanager", json=body)
     client.post("/v1/alertmanager", json=body)
@@ -342,7 +344,7 @@ def test_redis_down_answers_503_and_nothing_is_half_accepted(monkeypatch: pytest
         server.close()
 
 
-def test_operators_force_breakers_and_it_is_recorded(client: TestClient) -> None:
+def test_operators_force_breakers_and_it_is_recorded(client: ServedClient) -> None:
     listed = {b["name"]: b for b in client.get("/v1/breakers").json()}
     assert set(listed) == {"sms:sandbox", "email:sandbox"}
     assert listed["sms:sandbox"]["state"] == "closed"
@@ -417,7 +419,7 @@ def test_every_v1_endpoint_in_the_openapi_spec_requires_credentials(
     assert checked >= 15  # ingest, tracking, operators, callbacks and drills are all there
 
 
-def test_accept_survives_redis_forgetting_its_scripts(client: TestClient,
+def test_accept_survives_redis_forgetting_its_scripts(client: ServedClient,
                                                       redis_client: redis.Redis) -> None:
     first = client.post("/v1/events", json={"title": "before"})
     redis_client.script_flush()  # what a Redis restart without persistence does to scripts

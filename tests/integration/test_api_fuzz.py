@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 import redis
-from fastapi.testclient import TestClient
 
 from notifier.api.app import create_app
 from notifier.config import settings_from_mapping
 from notifier.drills.replies import reply_inbox
 from notifier.receipts import receipt_inbox
+from tests.support.served import ServedClient, served_client
 from tests.support.servers import RedisServer
 
 TOKEN = "fuzz-api-token"
@@ -39,17 +39,18 @@ REPORT = json.loads((FIXTURES / "aliyun-sms-report.json").read_text())[0]
 
 
 @pytest.fixture(scope="module")
-def api(redis_server: RedisServer) -> Iterator[TestClient]:
+def api(redis_server: RedisServer) -> Iterator[ServedClient]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NOTIFIER_API_TOKEN", TOKEN)
         mp.delenv("NOTIFIER_CALLBACK_TOKEN", raising=False)
         app = create_app(settings_from_mapping({**CONFIG, "redis_url": redis_server.url}))
-        with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        # Served as `notifier api` serves it: the ingest routes' own HTTP path is fuzzed too.
+        with served_client(app, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
             yield client
 
 
 @pytest.fixture
-def drill(api: TestClient, redis_client: redis.Redis) -> str:
+def drill(api: ServedClient, redis_client: redis.Redis) -> str:
     """A drill with its first phase live (the database is flushed before each test)."""
     created = api.post("/v1/drills", json={**SPEC, "start": True})
     assert created.status_code == 201, created.text
@@ -74,7 +75,7 @@ NOT_JSON = [
 
 @pytest.mark.parametrize("raw, names", NOT_JSON)
 @pytest.mark.parametrize("route", FASTAPI_ROUTES)
-def test_a_body_that_is_not_json_is_a_400_saying_so(api: TestClient, drill: str, route: str,
+def test_a_body_that_is_not_json_is_a_400_saying_so(api: ServedClient, drill: str, route: str,
                                                     raw: bytes, names: str) -> None:
     before = api.get(f"/v1/drills/{drill}").json()
     response = api.post(route.format(drill=drill), content=raw, headers=JSON)
@@ -84,7 +85,7 @@ def test_a_body_that_is_not_json_is_a_400_saying_so(api: TestClient, drill: str,
     assert api.get(f"/v1/drills/{drill}").json() == before  # nobody confirmed
 
 
-def test_json_of_the_wrong_shape_still_names_the_field(api: TestClient, drill: str) -> None:
+def test_json_of_the_wrong_shape_still_names_the_field(api: ServedClient, drill: str) -> None:
     for route in FASTAPI_ROUTES:
         response = api.post(route.format(drill=drill), content=b"[1, 2]", headers=JSON)
         assert response.status_code == 422 and "body: Input should be" in response.text, route
@@ -115,7 +116,7 @@ SURROGATES = [
 
 @pytest.mark.parametrize("route, body", SURROGATES)
 def test_a_lone_surrogate_is_refused_as_invalid_json_and_nothing_is_stored(
-        api: TestClient, drill: str, route: str, body: str) -> None:
+        api: ServedClient, drill: str, route: str, body: str) -> None:
     before = api.get(f"/v1/drills/{drill}").json()
     response = api.post(route.format(drill=drill), content=body.encode(), headers=JSON)
     assert response.status_code == 400, response.text
@@ -125,7 +126,7 @@ def test_a_lone_surrogate_is_refused_as_invalid_json_and_nothing_is_stored(
     assert api.get("/v1/breakers").json()[0]["state"] == "closed"
 
 
-def test_a_body_with_a_utf8_bom_is_still_read(api: TestClient, redis_client: redis.Redis) -> None:
+def test_a_body_with_a_utf8_bom_is_still_read(api: ServedClient, redis_client: redis.Redis) -> None:
     response = api.post("/v1/drills", content=b"\xef\xbb\xbf" + json.dumps(SPEC).encode(),
                         headers=JSON)
     assert response.status_code == 201, response.text
@@ -148,7 +149,7 @@ PUSHES = [
 
 @pytest.mark.parametrize("push, good, field, value", PUSHES)
 def test_a_bad_record_is_dropped_and_the_good_one_beside_it_stored(
-        api: TestClient, redis_client: redis.Redis, push: str, good: dict[str, Any], field: str,
+        api: ServedClient, redis_client: redis.Redis, push: str, good: dict[str, Any], field: str,
         value: Any) -> None:
     url = f"/v1/callbacks/aliyun/{push}"
     inbox = (reply_inbox if push == "sms-up" else receipt_inbox)(redis_client, 3600)
@@ -171,7 +172,7 @@ def test_a_bad_record_is_dropped_and_the_good_one_beside_it_stored(
 @pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
 @pytest.mark.parametrize("route", FASTAPI_ROUTES)
 def test_a_json_body_sent_as_another_content_type_is_a_415_naming_it(
-        api: TestClient, drill: str, route: str, content_type: str | None) -> None:
+        api: ServedClient, drill: str, route: str, content_type: str | None) -> None:
     body = {"/v1/drills": SPEC, "/v1/breakers/sms:sandbox": {"action": "open", "by": "me"},
             "/v1/drills/{drill}/confirm": {"operator": "alice"}}[route]
     headers = {} if content_type is None else {"Content-Type": content_type}
