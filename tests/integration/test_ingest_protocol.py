@@ -233,7 +233,9 @@ def test_shutdown_answers_what_is_in_flight_then_closes(
             # a first call opens the link; the second request waits on Redis when shutdown begins
             assert ask(served, request("/v1/alertmanager", encoded(webhook("s1")), bearer())).status == 200
             sock.sendall(request("/v1/alertmanager", encoded(webhook("s2")), bearer()))
-            wait_until(lambda: served.server.server_state.total_requests >= 1)
+            wait_until(lambda: any(  # read, and waiting on Redis: not before shutdown begins
+                not getattr(c.cycle, "response_complete", True)
+                for c in served.server.server_state.connections))
             served.server.should_exit = True
             [answer] = read_answers(sock, 1)
             assert answer.status == 200 and answer.headers.get("connection") == "close"
