@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 
 import pytest
 import redis
 
+from notifier.logs import JsonFormatter
 from tests.support.servers import RedisServer
 
 for _proxy in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
     os.environ.pop(_proxy, None)  # the Aliyun SDK honours proxies and ignores NO_PROXY
+
+
+@pytest.fixture(autouse=True)
+def _cli_logging_undone() -> Iterator[None]:
+    """A test running the CLI's main() gets its process logging: a JSON handler on the stderr
+    pytest captured for that test, and closes after it. Left on the root logger, the next
+    line logged from a thread that outlives the test (the SMTP server's) fails to write."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in before and isinstance(handler.formatter, JsonFormatter):
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
