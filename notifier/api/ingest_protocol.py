@@ -33,7 +33,7 @@ from notifier.api.raw import Answer, json_response
 
 log = logging.getLogger(__name__)
 _PATHS = {path.encode(): path for path in SPECS}
-_ERROR: Answer = (500, {"detail": "Internal Server Error"}, [(b"connection", b"close")])
+_ERROR: Answer = (500, {"detail": "Internal Server Error"}, [])
 
 
 class _NoEvent:
@@ -114,8 +114,7 @@ class IngestHttpProtocol(CoalescingHttpToolsProtocol):
             pending = ingest.submit(request.path, bytes(request.body), request.headers) \
                 if answer is None else answer
         except Exception:
-            log.exception("ingest request failed")
-            pending = _ERROR
+            pending = self._failed(request)
         if isinstance(pending, tuple):
             # Not from inside the parser: the data it is reading may hold more requests, which
             # must queue behind this one (uvicorn's pipeline) before it completes, as they do
@@ -129,18 +128,22 @@ class IngestHttpProtocol(CoalescingHttpToolsProtocol):
         try:
             answer = ingest.finish(request.path, done)
         except Exception:
-            log.exception("ingest request failed")
-            answer = _ERROR
+            answer = self._failed(request)
         self._answer(request, answer)
+
+    @staticmethod
+    def _failed(request: _Request) -> Answer:
+        """A bug's answer: logged, 500, and the connection closed after it, as uvicorn does."""
+        log.exception("ingest request failed")
+        request.keep_alive = False
+        return _ERROR
 
     def _answer(self, request: _Request, answer: Answer) -> None:
         request.response_complete = True
         if request.disconnected:
             return
         status, payload, extra = answer
-        if answer is _ERROR:
-            request.keep_alive = False
-        elif not request.keep_alive:
+        if not request.keep_alive:  # shut down, or a bug's answer
             extra = [*extra, (b"connection", b"close")]
         headers, body = json_response(payload, extra)
         content = [STATUS_LINE[status]]

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import uvicorn
 
-from notifier.api.http_protocol import HOLD_AT_MOST, CoalescingTransport
-from tests.support.servers import free_port, wait_until
+from notifier.api.http_protocol import HOLD_AT_MOST, CoalescingHttpToolsProtocol, CoalescingTransport
+from tests.support.served import Served
 
 STREAMED = 1024 * 1024 + 17  # past HOLD_AT_MOST many times over, and not a round size
 
@@ -132,17 +130,10 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 @pytest.fixture(scope="module")
 def server_port() -> Iterator[int]:
-    port = free_port()
-    config = uvicorn.Config(_app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                            http="notifier.api.http_protocol:CoalescingHttpToolsProtocol")
-    assert config.loop == "auto"  # uvloop, installed with notifier: it reads before callbacks
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started)
-    yield port
-    server.should_exit = True
-    thread.join(10)
+    with Served(_app, http=CoalescingHttpToolsProtocol) as served:
+        # uvloop, installed with notifier: it reads before callbacks
+        assert served.server.config.loop == "auto"
+        yield served.port
 
 
 def _read_all(sock: socket.socket) -> bytes:

@@ -19,11 +19,12 @@ from tests.support.servers import free_port, wait_until
 
 class Served:
     def __init__(self, app: Any, **options: Any) -> None:
+        """`options`: more of uvicorn's (`http` replaces `notifier api`'s protocol)."""
         self.app = app
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(
             app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
-            proxy_headers=False, http=IngestHttpProtocol, **options))
+            proxy_headers=False, **{"http": IngestHttpProtocol, **options}))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> Served:
